@@ -1,0 +1,505 @@
+"""config.toml -> typed, frozen settings, validated in one place.
+
+Every mistake is reported with the file and the dotted key (``[[service]] #2 .rules``) so an
+operator can fix it without reading code. Secrets are never written in the file: ``${VAR}`` (or
+``${VAR:-default}``) is replaced from the environment, and a missing variable is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, Problem
+
+DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+IMAP_SECURITY = ("tls", "starttls", "none")
+SMTP_TLS = ("none", "starttls", "implicit")
+NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    data_dir: Path
+    rules_dir: Path
+    templates_dir: Path
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | human | json
+    retention_days: int = 30
+    regex_timeout_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    hostname: str = "localhost"
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_connections: int = 100
+    session_timeout_seconds: float = 300.0
+    tls: str = "none"  # none | starttls | implicit
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    require_auth: bool = False
+    auth_users_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PagerDutySettings:
+    events_url: str = DEFAULT_EVENTS_URL
+    timeout_seconds: float = 10.0
+    max_retry_hours: float = 24.0
+    rate_limit_per_minute: int = 0  # 0 = off; PagerDuty allows about 120/min per routing key
+    source: str = "email-gateway"
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    theme: str
+    to: tuple[str, ...]
+    on: tuple[str, ...] = ("trigger", "resolve")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    name: str
+    addresses: tuple[str, ...]
+    rules: tuple[Path, ...]
+    routing_key: str | None = None
+    allowed_senders: tuple[str, ...] = ()
+    notify: NotifySettings | None = None
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    name: str
+    host: str
+    service: str
+    username: str
+    port: int = 993
+    security: str = "tls"
+    password: str | None = None
+    oauth2_token: str | None = None
+    oauth2_token_command: str | None = None
+    folder: str = "INBOX"
+    after: str = "seen"  # seen | delete | move:<folder>
+    idle: bool = True
+    poll_seconds: float = 60.0
+    max_message_bytes: int = 10 * 1024 * 1024
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True)
+class OutgoingSettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    security: str = "none"  # tls | starttls | none
+    username: str | None = None
+    password: str | None = None
+    from_addr: str = "gateway@localhost"
+    timeout_seconds: float = 30.0
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    listen: str = ""  # empty = web listener off
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    gateway: GatewaySettings
+    smtp: SmtpSettings
+    pagerduty: PagerDutySettings
+    services: tuple[ServiceSettings, ...]
+    imap: tuple[ImapSettings, ...] = ()
+    outgoing: OutgoingSettings | None = None
+    web: WebSettings = field(default_factory=WebSettings)
+
+    def service(self, name: str) -> ServiceSettings:
+        for service in self.services:
+            if service.name == name:
+                return service
+        known = ", ".join(s.name for s in self.services)
+        raise KeyError(f"unknown service {name!r} (configured: {known})")
+
+    @property
+    def db_path(self) -> Path:
+        return self.gateway.data_dir / "gateway.sqlite3"
+
+
+def find_config_path(cli_value: str | None) -> Path:
+    """--config, else $GATEWAY_CONFIG, else ./config.toml."""
+    return Path(cli_value or os.environ.get("GATEWAY_CONFIG") or "config.toml")
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate config.toml; raises ConfigError with every problem found."""
+    reader = _Reader(path, os.environ if environ is None else environ)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(Problem(str(path), "config file not found")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(Problem(str(path), f"cannot read config file: {exc}")) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(Problem(str(path), f"TOML syntax error: {exc}", _toml_line(exc))) from None
+    config = reader.build(data)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config
+
+
+def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
+    match = re.search(r"line (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Reader:
+    """Walks the TOML tables, converting and collecting problems instead of stopping at one."""
+
+    def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.base = path.parent.resolve()
+        self.environ = environ
+        self.problems: list[Problem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(Problem(str(self.path), message, key=key))
+
+    def build(self, data: dict[str, Any]) -> Config:
+        self.check_keys("", data, {"gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web"})
+        gateway = self.gateway(self.table(data, "gateway"))
+        services = tuple(
+            self.service(i, t, gateway) for i, t in enumerate(self.array(data, "service"), 1)
+        )
+        self.check_services(services)
+        names = {s.name for s in services}
+        imap = tuple(self.imap(i, t, names) for i, t in enumerate(self.array(data, "imap"), 1))
+        outgoing = self.outgoing(data["outgoing"]) if "outgoing" in data else None
+        return Config(
+            path=self.path,
+            gateway=gateway,
+            smtp=self.smtp(self.table(data, "smtp")),
+            pagerduty=self.pagerduty(self.table(data, "pagerduty")),
+            services=services,
+            imap=imap,
+            outgoing=outgoing,
+            web=self.web(self.table(data, "web")),
+        )
+
+    # -- generic helpers -------------------------------------------------------------------
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(key, "must be a table")
+            return {}
+        return value
+
+    def array(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problem(key, f"must be an array of tables ([[{key}]])")
+            return []
+        return value
+
+    def check_keys(self, where: str, table: dict[str, Any], allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                self.problem(f"{where}.{key}".lstrip("."), f"unknown key (known: {known})")
+
+    def get(
+        self,
+        where: str,
+        table: dict[str, Any],
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        dotted = f"{where}.{key}"
+        if key not in table:
+            if required:
+                self.problem(dotted, "is required")
+            return default
+        value = self.expand(dotted, table[key])
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            self.problem(dotted, f"must be {_kind_name(kinds)}, not a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.problem(dotted, f"must be {_kind_name(kinds)}, got {type(value).__name__}")
+            return default
+        message = check(value) if check else None
+        if message:
+            self.problem(dotted, message)
+            return default
+        return value
+
+    def strings(self, where: str, table: dict[str, Any], key: str) -> tuple[str, ...]:
+        value = self.get(where, table, key, (list, str), [])
+        items = [value] if isinstance(value, str) else value
+        if not all(isinstance(v, str) for v in items):
+            self.problem(f"{where}.{key}", "must be a list of strings")
+            return ()
+        return tuple(self.expand(f"{where}.{key}", v) for v in items)
+
+    def expand(self, dotted: str, value: Any) -> Any:
+        """Replace ${VAR} from the environment; a missing variable is a config error."""
+        if not isinstance(value, str) or "${" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.environ:
+                return self.environ[name]
+            if default is not None:
+                return default
+            self.problem(dotted, f"environment variable {name} is not set")
+            return ""
+
+        return _ENV.sub(substitute, value)
+
+    def path_value(self, where: str, table: dict[str, Any], key: str, default: str | None) -> Path | None:
+        value = self.get(where, table, key, str, default)
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base / path
+
+    # -- sections --------------------------------------------------------------------------
+
+    def gateway(self, t: dict[str, Any]) -> GatewaySettings:
+        w = "gateway"
+        self.check_keys(w, t, {f.name for f in _fields(GatewaySettings)})
+        return GatewaySettings(
+            data_dir=self.path_value(w, t, "data_dir", "data"),
+            rules_dir=self.path_value(w, t, "rules_dir", "parsing_rules"),
+            templates_dir=self.path_value(w, t, "templates_dir", "templates"),
+            log_level=self.get(w, t, "log_level", str, "info", check=_one_of(LOG_LEVELS)),
+            log_format=self.get(w, t, "log_format", str, "auto", check=_one_of(("auto", "human", "json"))),
+            retention_days=self.get(w, t, "retention_days", int, 30, check=_at_least(0)),
+            regex_timeout_seconds=self.get(w, t, "regex_timeout_seconds", float, 0.5, check=_positive),
+        )
+
+    def smtp(self, t: dict[str, Any]) -> SmtpSettings:
+        w = "smtp"
+        self.check_keys(w, t, {f.name for f in _fields(SmtpSettings)})
+        listen = self.strings(w, t, "listen") or ("127.0.0.1:2525",)
+        for item in listen:
+            if _split_hostport(item) is None:
+                self.problem(f"{w}.listen", f"{item!r} is not host:port (IPv6 as [::1]:2525)")
+        settings = SmtpSettings(
+            listen=listen,
+            hostname=self.get(w, t, "hostname", str, "localhost"),
+            max_message_bytes=self.get(w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)),
+            max_connections=self.get(w, t, "max_connections", int, 100, check=_at_least(1)),
+            session_timeout_seconds=self.get(w, t, "session_timeout_seconds", float, 300.0, check=_positive),
+            tls=self.get(w, t, "tls", str, "none", check=_one_of(SMTP_TLS)),
+            tls_cert=self.path_value(w, t, "tls_cert", None),
+            tls_key=self.path_value(w, t, "tls_key", None),
+            require_tls=self.get(w, t, "require_tls", bool, False),
+            require_auth=self.get(w, t, "require_auth", bool, False),
+            auth_users_file=self.path_value(w, t, "auth_users_file", None),
+        )
+        if settings.tls != "none" and not (settings.tls_cert and settings.tls_key):
+            self.problem(f"{w}.tls", "TLS enabled, but tls_cert and tls_key are not both set")
+        if settings.require_tls and settings.tls == "none":
+            self.problem(f"{w}.require_tls", "require_tls needs tls = 'starttls' or 'implicit'")
+        if settings.require_auth and settings.auth_users_file is None:
+            self.problem(f"{w}.require_auth", "require_auth needs auth_users_file")
+        for key in ("tls_cert", "tls_key", "auth_users_file"):
+            value = getattr(settings, key)
+            if value is not None and not value.is_file():
+                self.problem(f"{w}.{key}", f"file not found: {value}")
+        return settings
+
+    def pagerduty(self, t: dict[str, Any]) -> PagerDutySettings:
+        w = "pagerduty"
+        self.check_keys(w, t, {f.name for f in _fields(PagerDutySettings)})
+        return PagerDutySettings(
+            events_url=self.get(w, t, "events_url", str, DEFAULT_EVENTS_URL, check=_url),
+            timeout_seconds=self.get(w, t, "timeout_seconds", float, 10.0, check=_positive),
+            max_retry_hours=self.get(w, t, "max_retry_hours", float, 24.0, check=_positive),
+            rate_limit_per_minute=self.get(w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)),
+            source=self.get(w, t, "source", str, "email-gateway"),
+        )
+
+    def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
+        w = f"service #{index}"
+        self.check_keys(w, t, {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"})
+        name = self.get(w, t, "name", str, f"service{index}", required=True)
+        w = f"service {name!r}"
+        rules = tuple(self.rule_path(w, gateway.rules_dir, r) for r in self.strings(w, t, "rules"))
+        if not rules:
+            self.problem(f"{w}.rules", "at least one rule file is required")
+        routing_key = self.get(w, t, "routing_key", str, None) or None
+        if routing_key is not None and len(routing_key) != 32:
+            self.problem(f"{w}.routing_key", "a PagerDuty integration key has 32 characters")
+        return ServiceSettings(
+            name=name,
+            addresses=tuple(a.lower() for a in self.strings(w, t, "addresses")),
+            rules=rules,
+            routing_key=routing_key,
+            allowed_senders=tuple(a.lower() for a in self.strings(w, t, "allowed_senders")),
+            notify=self.notify(w, t["notify"]) if "notify" in t else None,
+        )
+
+    def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else rules_dir / path
+        if not path.is_file():
+            self.problem(f"{where}.rules", f"rule file not found: {path}")
+        return path
+
+    def notify(self, where: str, t: Any) -> NotifySettings | None:
+        w = f"{where}.notify"
+        if not isinstance(t, dict):
+            self.problem(w, "must be a table { theme = ..., to = [...], on = [...] }")
+            return None
+        self.check_keys(w, t, {"theme", "to", "on"})
+        on = self.strings(w, t, "on") or ("trigger", "resolve")
+        for event in on:
+            if event not in NOTIFY_EVENTS:
+                self.problem(f"{w}.on", f"unknown event {event!r} (known: {', '.join(NOTIFY_EVENTS)})")
+        return NotifySettings(
+            theme=self.get(w, t, "theme", str, "incident_update", required=True),
+            to=self.strings(w, t, "to"),
+            on=on,
+        )
+
+    def check_services(self, services: tuple[ServiceSettings, ...]) -> None:
+        seen: set[str] = set()
+        for service in services:
+            if service.name in seen:
+                self.problem(f"service {service.name!r}.name", "duplicate service name")
+            seen.add(service.name)
+
+    def imap(self, index: int, t: dict[str, Any], services: set[str]) -> ImapSettings:
+        w = f"imap #{index}"
+        self.check_keys(w, t, {f.name for f in _fields(ImapSettings)})
+        name = self.get(w, t, "name", str, f"imap{index}", required=True)
+        w = f"imap {name!r}"
+        security = self.get(w, t, "security", str, "tls", check=_one_of(IMAP_SECURITY))
+        service = self.get(w, t, "service", str, "", required=True)
+        if service and service not in services:
+            self.problem(f"{w}.service", f"unknown service {service!r}")
+        settings = ImapSettings(
+            name=name,
+            host=self.get(w, t, "host", str, "", required=True),
+            service=service,
+            username=self.get(w, t, "username", str, "", required=True),
+            port=self.get(w, t, "port", int, 993 if security == "tls" else 143, check=_port),
+            security=security,
+            password=self.get(w, t, "password", str, None),
+            oauth2_token=self.get(w, t, "oauth2_token", str, None),
+            oauth2_token_command=self.get(w, t, "oauth2_token_command", str, None),
+            folder=self.get(w, t, "folder", str, "INBOX"),
+            after=self.get(w, t, "after", str, "seen", check=_imap_after),
+            idle=self.get(w, t, "idle", bool, True),
+            poll_seconds=self.get(w, t, "poll_seconds", float, 60.0, check=_positive),
+            max_message_bytes=self.get(w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)),
+            tls_verify=self.get(w, t, "tls_verify", bool, True),
+        )
+        credentials = [settings.password, settings.oauth2_token, settings.oauth2_token_command]
+        if sum(c is not None for c in credentials) != 1:
+            self.problem(w, "set exactly one of password, oauth2_token, oauth2_token_command")
+        return settings
+
+    def outgoing(self, t: Any) -> OutgoingSettings | None:
+        w = "outgoing"
+        if not isinstance(t, dict):
+            self.problem(w, "must be a table")
+            return None
+        self.check_keys(w, t, ({f.name for f in _fields(OutgoingSettings)} - {"from_addr"}) | {"from"})
+        security = self.get(w, t, "security", str, "none", check=_one_of(IMAP_SECURITY))
+        return OutgoingSettings(
+            host=self.get(w, t, "host", str, "127.0.0.1"),
+            port=self.get(w, t, "port", int, {"tls": 465, "starttls": 587}.get(security, 25), check=_port),
+            security=security,
+            username=self.get(w, t, "username", str, None),
+            password=self.get(w, t, "password", str, None),
+            from_addr=self.get(w, t, "from", str, "gateway@localhost"),
+            timeout_seconds=self.get(w, t, "timeout_seconds", float, 30.0, check=_positive),
+            tls_verify=self.get(w, t, "tls_verify", bool, True),
+        )
+
+    def web(self, t: dict[str, Any]) -> WebSettings:
+        w = "web"
+        self.check_keys(w, t, {"listen", "token"})
+        listen = self.get(w, t, "listen", str, "")
+        if listen and _split_hostport(listen) is None:
+            self.problem(f"{w}.listen", f"{listen!r} is not host:port")
+        return WebSettings(listen=listen, token=self.get(w, t, "token", str, None) or None)
+
+
+def _fields(cls: type) -> tuple[Any, ...]:
+    return cls.__dataclass_fields__.values()  # type: ignore[attr-defined]
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
+
+
+def _at_least(minimum: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= minimum else f"must be at least {minimum}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def _url(value: str) -> str | None:
+    return None if value.startswith(("http://", "https://")) else "must be an http(s) URL"
+
+
+def _imap_after(value: str) -> str | None:
+    if value in ("seen", "delete") or (value.startswith("move:") and len(value) > 5):
+        return None
+    return "must be 'seen', 'delete' or 'move:<folder>'"
+
+
+def _split_hostport(value: str) -> tuple[str, int] | None:
+    """'127.0.0.1:2525' / '[::1]:2525' / ':2525' -> (host, port); None if malformed."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not match:
+        return None
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    return (host, port) if 0 <= port < 65536 else None
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """Public form for listeners: config validation already guaranteed it parses."""
+    parsed = _split_hostport(value)
+    if parsed is None:
+        raise ValueError(f"not host:port: {value!r}")
+    return parsed

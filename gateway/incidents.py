@@ -1,0 +1,95 @@
+"""The local incident mirror: how a trigger / acknowledge / resolve changes one (service, key).
+
+Pure functions, so the semantics are testable without a database: a trigger for an open key is a
+duplicate (counted, and still forwarded with the same dedup_key, which PagerDuty dedups); an
+acknowledge or resolve with no open incident is recorded and harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gateway.store import Incident
+
+# outcome names, as stored on the job and shown by `gateway incidents` / the status page
+TRIGGERED = "triggered"
+DUPLICATE = "trigger_duplicate"
+ACKNOWLEDGED = "acknowledged"
+RESOLVED = "resolved"
+ACK_NO_INCIDENT = "acknowledge_no_open_incident"
+RESOLVE_NO_INCIDENT = "resolve_no_open_incident"
+
+
+def apply_action(
+    existing: Incident | None,
+    *,
+    service: str,
+    key: str,
+    action: str,
+    now: float,
+    summary: str = "",
+    message: int | None = None,
+    case_message_id: str = "",
+) -> tuple[Incident | None, str]:
+    """Return the incident after `action` and the outcome name; None if nothing to record."""
+    if action == "trigger":
+        return _trigger(existing, service, key, now, summary, message, case_message_id)
+    if existing is None or not existing.is_open:
+        outcome = ACK_NO_INCIDENT if action == "acknowledge" else RESOLVE_NO_INCIDENT
+        return existing, outcome
+    if action == "acknowledge":
+        changed = replace(
+            existing,
+            state="acknowledged",
+            acknowledge_count=existing.acknowledge_count + 1,
+            last_seen=now,
+            last_message=message,
+        )
+        return changed, ACKNOWLEDGED
+    if action == "resolve":
+        changed = replace(
+            existing,
+            state="resolved",
+            resolve_count=existing.resolve_count + 1,
+            last_seen=now,
+            resolved_at=now,
+            last_message=message,
+        )
+        return changed, RESOLVED
+    raise ValueError(f"unknown incident action {action!r}")
+
+
+def _trigger(
+    existing: Incident | None,
+    service: str,
+    key: str,
+    now: float,
+    summary: str,
+    message: int | None,
+    case_message_id: str,
+) -> tuple[Incident, str]:
+    if existing is not None and existing.is_open:
+        changed = replace(
+            existing,
+            trigger_count=existing.trigger_count + 1,
+            last_seen=now,
+            last_message=message,
+        )
+        return changed, DUPLICATE
+    opened = Incident(
+        service=service,
+        incident_key=key,
+        state="triggered",
+        summary=summary,
+        trigger_count=1,
+        acknowledge_count=0,
+        resolve_count=0,
+        times_opened=(existing.times_opened if existing else 0) + 1,
+        first_seen=existing.first_seen if existing else now,
+        last_seen=now,
+        opened_at=now,
+        resolved_at=None,
+        last_message=message,
+        case_message_id=case_message_id,
+    )
+    return opened, TRIGGERED

@@ -1,0 +1,155 @@
+"""Accept raw mail into the durable spool: shared by SMTP, IMAP and `gateway ingest`.
+
+A mail is *accepted* only when `Store.accept` has committed it. The `SpoolWriter` owns the one
+writing connection for acceptance and commits whatever has queued up while the previous commit
+was running in one transaction (group commit), so many concurrent SMTP sessions share each
+fsync instead of paying one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import StoreError
+from gateway.message import fingerprint
+from gateway.store import Accepted, IncomingMail, Store
+
+log = logging.getLogger(__name__)
+
+
+def incoming(
+    raw: bytes,
+    *,
+    source: str,
+    services: tuple[str, ...],
+    mail_from: str | None = None,
+    rcpt_tos: tuple[str, ...] = (),
+    peer: str = "",
+) -> IncomingMail:
+    """Wrap raw bytes with their duplicate-detection fingerprint.
+
+    Message-ID plus body hash identifies a redelivery (RFC 5321 §6.1); without a Message-ID only
+    byte-identical copies count as duplicates, so two different mails are never merged.
+    """
+    message_id, body_hash = fingerprint(raw)
+    if message_id:
+        key = f"id:{message_id}|{body_hash}"
+    else:
+        key = "raw:" + hashlib.sha256(raw).hexdigest()
+    return IncomingMail(
+        raw=raw,
+        source=source,
+        services=services,
+        fingerprint=key,
+        message_id=message_id,
+        mail_from=mail_from,
+        rcpt_tos=rcpt_tos,
+        peer=peer,
+    )
+
+
+def accept_now(store: Store, mail: IncomingMail) -> Accepted:
+    """Synchronous acceptance for one-shot callers (`gateway ingest`)."""
+    return store.accept([mail])[0]
+
+
+@dataclass(frozen=True)
+class _Request:
+    mail: IncomingMail
+    future: concurrent.futures.Future[Accepted]
+
+
+class SpoolWriter:
+    """One thread, one connection, batched commits; callers wait on a future per mail."""
+
+    def __init__(self, db_path: Path, *, max_batch: int = 512) -> None:
+        self._db_path = db_path
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._listeners: list[Callable[[], None]] = []
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from the writer thread) after every commit, e.g. to wake a worker."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def submit(self, mail: IncomingMail) -> concurrent.futures.Future[Accepted]:
+        future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
+        self._queue.put(_Request(mail, future))
+        return future
+
+    async def accept(self, mail: IncomingMail) -> Accepted:
+        return await asyncio.wrap_future(self.submit(mail))
+
+    def _run(self) -> None:
+        try:
+            store = Store(self._db_path)
+        except BaseException as exc:
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                batch, stopping = self._next_batch()
+                if batch:
+                    self._commit(store, batch)
+                if stopping:
+                    return
+        finally:
+            store.close()
+
+    def _next_batch(self) -> tuple[list[_Request], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _commit(self, store: Store, batch: list[_Request]) -> None:
+        try:
+            results = store.accept([r.mail for r in batch])
+        except StoreError as exc:
+            log.error("spool commit of %d message(s) failed: %s", len(batch), exc)
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        except Exception as exc:  # never leave a caller waiting forever
+            log.exception("unexpected spool failure")
+            for request in batch:
+                request.future.set_exception(StoreError(f"internal error: {exc}"))
+            return
+        for request, result in zip(batch, results, strict=True):
+            request.future.set_result(result)
+        for listener in self._listeners:
+            listener()

@@ -1,0 +1,52 @@
+"""Logging setup: human lines on a terminal, JSON lines under systemd or when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald / log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def choose_format(requested: str) -> str:
+    """'auto' means JSON under systemd (JOURNAL_STREAM set) or when stderr is not a terminal."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():
+        return "json"
+    return "human"
+
+
+def setup_logging(level: str = "info", fmt: str = "auto") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if choose_format(fmt) == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    # third-party chatter at info level hides our one-line-per-message log
+    for noisy in ("httpx", "httpcore", "mail.log"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,163 @@
+"""PagerDuty Events API v2: build the event JSON and send it.
+
+The outbox stores events *without* the routing key (it is a secret and may be rotated); the
+sender adds the key of the item's service at send time. Status mapping follows the documented
+contract: 2xx done, 400 rejected for good, 429 and 5xx (and network trouble) retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from gateway import __version__
+from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
+from gateway.store import OutboxItem
+
+CLIENT_NAME = "email-gateway"
+MAX_SUMMARY = 1024
+MAX_EVENT_BYTES = 512 * 1024
+ACTIONS = ("trigger", "acknowledge", "resolve")
+
+
+def build_event(
+    *,
+    action: str,
+    dedup_key: str,
+    summary: str = "",
+    severity: str = "critical",
+    source: str = CLIENT_NAME,
+    component: str = "",
+    rule: str = "",
+    timestamp: datetime | None = None,
+    details: Mapping[str, Any] | None = None,
+    links: list[dict[str, str]] | None = None,
+    client_url: str = "",
+) -> dict[str, Any]:
+    """An Events API v2 body minus `routing_key`; trigger-only fields only on triggers."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown event action {action!r}")
+    event: dict[str, Any] = {"event_action": action, "dedup_key": dedup_key[:255]}
+    if action != "trigger":
+        return event
+    payload: dict[str, Any] = {
+        "summary": (summary or dedup_key)[:MAX_SUMMARY],
+        "source": source,
+        "severity": severity,
+        "timestamp": (timestamp or datetime.now(UTC)).isoformat(),
+    }
+    if component:
+        payload["component"] = component
+    if rule:
+        payload["class"] = rule
+    if details:
+        payload["custom_details"] = dict(details)
+    event["payload"] = payload
+    event["client"] = CLIENT_NAME
+    if client_url:
+        event["client_url"] = client_url
+    if links:
+        event["links"] = [link for link in links if link.get("href")]
+    return _fit(event)
+
+
+def _fit(event: dict[str, Any]) -> dict[str, Any]:
+    """Keep the request under PagerDuty's 512 KB by shortening custom_details values."""
+    while len(json.dumps(event).encode()) > MAX_EVENT_BYTES - 1024:
+        details = event["payload"].get("custom_details") or {}
+        longest = max(details, key=lambda k: len(str(details[k])), default=None)
+        if longest is None or len(str(details[longest])) < 64:
+            event["payload"].pop("custom_details", None)
+            break
+        value = str(details[longest])
+        details[longest] = value[: len(value) // 2] + " [truncated]"
+    return event
+
+
+class RateLimiter:
+    """Client-side smoothing per routing key (off unless configured): N events per minute."""
+
+    def __init__(self, per_minute: int, clock: Any = time.monotonic) -> None:
+        self.interval = 60.0 / per_minute
+        self.clock = clock
+        self._next: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def wait(self, key: str) -> None:
+        async with self._lock:
+            now = self.clock()
+            slot = max(now, self._next.get(key, now))
+            self._next[key] = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+class PagerDutySender:
+    """Sends outbox items of kind 'pagerduty' to the Events API."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        events_url: str,
+        routing_keys: Mapping[str, str],
+        *,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.client = client
+        self.events_url = events_url
+        self.routing_keys = routing_keys
+        self.rate_limiter = rate_limiter
+
+    async def __call__(self, item: OutboxItem) -> str:
+        routing_key = self.routing_keys.get(item.service)
+        if not routing_key:
+            raise TemporaryDeliveryError(f"service {item.service!r} has no routing_key configured")
+        if self.rate_limiter is not None:
+            await self.rate_limiter.wait(routing_key)
+        body = {"routing_key": routing_key, **item.payload}
+        try:
+            response = await self.client.post(
+                self.events_url,
+                json=body,
+                headers={"User-Agent": f"{CLIENT_NAME}/{__version__}"},
+            )
+        except httpx.TimeoutException as exc:
+            raise TemporaryDeliveryError(f"timeout: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise TemporaryDeliveryError(f"connection error: {exc or type(exc).__name__}") from exc
+        return classify_response(response)
+
+
+def classify_response(response: httpx.Response) -> str:
+    """Map the Events API answer to done / retry / dead letter."""
+    text = response.text[:4000]
+    status = response.status_code
+    if 200 <= status < 300:
+        return text
+    if status == 429 or status >= 500 or status in (403, 404, 408):
+        raise TemporaryDeliveryError(
+            f"HTTP {status}: {text[:200]}", retry_after=_retry_after(response)
+        )
+    raise RejectedDeliveryError(f"HTTP {status}: {text[:200]}", response=text)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,302 @@
+"""Spool -> parse -> rules -> incident mirror -> outbox, one transaction per batch.
+
+A job (message, service) is decided exactly once: its decision, the incident change and the
+outbox item are committed together with the job's state, so a crash before the commit simply
+repeats the work and a crash after it never repeats it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway import incidents
+from gateway.config import PagerDutySettings, ServiceSettings
+from gateway.errors import RuleError, RuleEvaluationError
+from gateway.message import ParsedMail, parse_message
+from gateway.pagerduty import build_event
+from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
+from gateway.store import PendingJob, Store
+
+log = logging.getLogger(__name__)
+
+# outcomes that are not incident changes
+DISCARDED = "discarded"
+UNMATCHED = "unmatched"
+QUARANTINED = "quarantined"
+LOOP_IGNORED = "loop_ignored"
+
+
+@dataclass(frozen=True)
+class ServiceRuntime:
+    """What processing needs of one service: its settings and its compiled rules."""
+
+    settings: ServiceSettings
+    ruleset: Ruleset
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one job; logged as one line and returned to callers."""
+
+    job: int
+    message: int
+    service: str
+    source: str
+    outcome: str
+    reason: str
+    rule: str | None = None
+    action: str | None = None
+    incident_key: str | None = None
+    event: dict | None = None  # the PagerDuty event queued (or that would be sent)
+    queued: bool = False  # True when it went to the outbox (a routing key is configured)
+
+    def log_line(self) -> str:
+        return (
+            f"message={self.message} job={self.job} source={self.source} service={self.service}"
+            f" rule={self.rule!r} action={self.action} key={self.incident_key!r}"
+            f" outcome={self.outcome} reason={self.reason!r}"
+        )
+
+
+class Processor:
+    """Decides pending jobs. `services` may be swapped (hot reload) between batches."""
+
+    def __init__(
+        self,
+        store: Store,
+        services: Mapping[str, ServiceRuntime],
+        pagerduty: PagerDutySettings,
+        *,
+        regex_timeout: float = 0.5,
+        on_outbox: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.services = services
+        self.pagerduty = pagerduty
+        self.regex_timeout = regex_timeout
+        self.on_outbox = on_outbox
+        self.clock = clock
+
+    def process_pending(self, batch: int = 200) -> list[Outcome]:
+        """Decide up to `batch` pending jobs in one commit; returns their outcomes."""
+        jobs = self.store.pending_jobs(batch)
+        if not jobs:
+            return []
+        outcomes: list[Outcome] = []
+        with self.store.transaction():
+            for job in jobs:
+                outcomes.append(self._decide_safely(job))
+        for outcome in outcomes:
+            log.info("%s", outcome.log_line())
+        if self.on_outbox and any(o.queued for o in outcomes):
+            self.on_outbox()
+        return outcomes
+
+    def process_all(self) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        while batch := self.process_pending():
+            outcomes.extend(batch)
+        return outcomes
+
+    def _decide_safely(self, job: PendingJob) -> Outcome:
+        """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
+        try:
+            with self.store.db.atomic():
+                return self._decide(job)
+        except Exception as exc:
+            log.exception("job %d: internal error, quarantined", job.id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            return self._finish(job, QUARANTINED, reason)
+
+    def _decide(self, job: PendingJob) -> Outcome:
+        runtime = self.services.get(job.service)
+        if runtime is None:
+            return self._finish(job, QUARANTINED, f"service {job.service!r} is not configured")
+        mail = parse_message(job.raw, job.mail_from)
+        if mail.is_auto_reply or mail.is_bounce:
+            return self._finish(job, LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+        try:
+            decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
+        except RuleEvaluationError as exc:
+            return self._finish(job, QUARANTINED, str(exc), rule=exc.rule)
+        if decision.action == "discard" or decision.incident_key is None:
+            outcome = UNMATCHED if decision.unmatched else DISCARDED
+            return self._finish(job, outcome, decision.reason, decision=decision)
+        return self._act(job, runtime, mail, decision)
+
+    def _act(
+        self, job: PendingJob, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision
+    ) -> Outcome:
+        key = decision.incident_key
+        assert key is not None
+        now = self.clock()
+        existing = self.store.incident(job.service, key)
+        changed, outcome = incidents.apply_action(
+            existing,
+            service=job.service,
+            key=key,
+            action=decision.action,
+            now=now,
+            summary=decision.summary,
+            message=job.message,
+            case_message_id=mail.message_id,
+        )
+        if changed is not None:
+            self.store.save_incident(changed)
+        event = self._event(runtime, mail, decision)
+        queued = self._queue_event(job, runtime, event)
+        return self._finish(
+            job, outcome, decision.reason, decision=decision, event=event, queued=queued
+        )
+
+    def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
+        details = {
+            **decision.details,
+            "email_subject": mail.subject,
+            "email_from": mail.from_,
+            "email_message_id": mail.message_id,
+            "gateway_rule": decision.rule or "[unmatched]",
+        }
+        return build_event(
+            action=decision.action,
+            dedup_key=decision.incident_key or "",
+            summary=decision.summary,
+            severity=decision.severity,
+            source=self.pagerduty.source,
+            component=runtime.settings.name,
+            rule=decision.rule or "",
+            timestamp=mail.date,
+            details=details,
+            links=list(decision.links),
+        )
+
+    def _queue_event(self, job: PendingJob, runtime: ServiceRuntime, event: dict) -> bool:
+        """Outbox the event, or (embedded default, no routing key) record what would be sent."""
+        key = event["dedup_key"]
+        if runtime.settings.routing_key:
+            order_key = f"pagerduty:{job.service}:{key}"
+            self.store.add_outbox("pagerduty", job.service, order_key, event, job.id)
+            return True
+        self.store.log_event(
+            "would_send", service=job.service, message=job.message, incident_key=key,
+            detail=f"no routing_key: {event['event_action']} not sent",
+        )
+        log.info("service %s has no routing_key; would send %s", job.service, event)
+        return False
+
+    def _finish(
+        self,
+        job: PendingJob,
+        outcome: str,
+        reason: str,
+        *,
+        rule: str | None = None,
+        decision: Decision | None = None,
+        event: dict | None = None,
+        queued: bool = False,
+    ) -> Outcome:
+        fields: dict = {"rule": rule}
+        if decision is not None:
+            fields = {
+                "rule": decision.rule,
+                "action": decision.action,
+                "incident_key": decision.incident_key,
+                "summary": decision.summary,
+                "severity": decision.severity,
+                "details": dict(decision.details),
+                "trace": [dataclasses.asdict(step) for step in decision.trace],
+            }
+        self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
+        return Outcome(
+            job=job.id,
+            message=job.message,
+            service=job.service,
+            source=job.source,
+            outcome=outcome,
+            reason=reason,
+            rule=fields.get("rule"),
+            action=fields.get("action"),
+            incident_key=fields.get("incident_key"),
+            event=event,
+            queued=queued,
+        )
+
+
+def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRuntime]:
+    """Compile every service's rule files; RuleError lists all problems of all services."""
+    runtimes: dict[str, ServiceRuntime] = {}
+    problems = []
+    for settings in services:
+        try:
+            runtimes[settings.name] = ServiceRuntime(settings, load_ruleset(list(settings.rules)))
+        except RuleError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RuleError(problems)
+    return runtimes
+
+
+class ProcessorThread:
+    """Runs the processor on its own thread and connection; `wake()` after each spool commit."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        services: Mapping[str, ServiceRuntime],
+        pagerduty: PagerDutySettings,
+        *,
+        regex_timeout: float,
+        on_outbox: Callable[[], None] | None = None,
+        idle_poll: float = 1.0,
+    ) -> None:
+        self._db_path = db_path
+        self._args = (services, pagerduty, regex_timeout, on_outbox)
+        self._idle_poll = idle_poll
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="processor", daemon=True)
+        self.processor: Processor | None = None
+
+    def start(self) -> None:
+        services, pagerduty, regex_timeout, on_outbox = self._args
+        store = Store(self._db_path)
+        self.processor = Processor(
+            store, services, pagerduty, regex_timeout=regex_timeout, on_outbox=on_outbox
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def swap_services(self, services: Mapping[str, ServiceRuntime]) -> None:
+        """Hot reload: the next batch uses the new rules; a batch in progress keeps the old."""
+        assert self.processor is not None
+        self.processor.services = services
+
+    def stop(self) -> None:
+        """Finish the batch in progress (its commit included), then end."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.processor is not None:
+            self.processor.store.close()
+
+    def _run(self) -> None:
+        assert self.processor is not None
+        while not self._stop.is_set():
+            self._wake.wait(self._idle_poll)
+            self._wake.clear()
+            try:
+                while not self._stop.is_set() and self.processor.process_pending():
+                    pass
+            except Exception:  # store trouble: keep the jobs pending, try again shortly
+                log.exception("processing failed; will retry")
+                self._stop.wait(1.0)

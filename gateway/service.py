@@ -1,0 +1,116 @@
+"""`gateway serve`: wires spool writer, processor, outbox workers and listeners on one loop.
+
+Shutdown order matters for "nothing acknowledged is lost": stop accepting new sessions, let the
+sessions in flight finish (their 250 waits for the spool commit), stop the spool writer (it
+commits what is queued), then stop processing and delivery. Whatever is left pending resumes on
+the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import httpx
+
+from gateway.config import Config
+from gateway.imap import ImapPoller
+from gateway.intake import SpoolWriter
+from gateway.outbox import OutboxWorker, RetryPolicy
+from gateway.pagerduty import PagerDutySender, RateLimiter
+from gateway.processor import ProcessorThread, load_services
+from gateway.smtp import SmtpListener
+from gateway.store import StoreThread
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def run(config: Config) -> int:
+    """Blocking entry point; uses uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(Service(config).run())
+    return uvloop.run(Service(config).run())
+
+
+class Service:
+    """The running gateway; `stop()` (or SIGTERM/SIGINT) ends `run()` cleanly."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.smtp: SmtpListener | None = None
+        self.imap: list[ImapPoller] = []
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> int:
+        config = self.config
+        services = load_services(config.services)
+        spool = SpoolWriter(config.db_path)
+        spool.start()
+        outbox_store = StoreThread(config.db_path, "outbox")
+        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
+            pd_worker = self._pagerduty_worker(outbox_store, client)
+            processor = ProcessorThread(
+                config.db_path,
+                services,
+                config.pagerduty,
+                regex_timeout=config.gateway.regex_timeout_seconds,
+                on_outbox=pd_worker.wake,
+            )
+            processor.start()
+            spool.on_commit(processor.wake)
+            processor.wake()  # resume whatever a previous run left pending
+            tasks = [asyncio.create_task(pd_worker.run(self.stopping), name="pagerduty-outbox")]
+            pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
+            try:
+                self.smtp = SmtpListener(config.smtp, config.services, spool)
+                await self.smtp.start()
+                for poller in pollers:
+                    poller.start()
+                self.imap = pollers
+                self._install_signals()
+                self.ready.set()
+                log.info("gateway ready: smtp %s", ", ".join(config.smtp.listen))
+                await self.stopping.wait()
+                log.info("shutting down: no new sessions, finishing those in flight")
+            finally:
+                await self._shutdown(spool, processor, tasks)
+                outbox_store.close()
+        log.info("gateway stopped")
+        return 0
+
+    def _pagerduty_worker(self, store: StoreThread, client: httpx.AsyncClient) -> OutboxWorker:
+        pd = self.config.pagerduty
+        routing_keys = {s.name: s.routing_key for s in self.config.services if s.routing_key}
+        limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
+        sender = PagerDutySender(client, pd.events_url, routing_keys, rate_limiter=limiter)
+        policy = RetryPolicy(give_up_after=pd.max_retry_hours * 3600)
+        return OutboxWorker(store, "pagerduty", sender, policy)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+
+    async def _shutdown(
+        self, spool: SpoolWriter, processor: ProcessorThread, tasks: list[asyncio.Task]
+    ) -> None:
+        self.stopping.set()
+        if self.smtp is not None:
+            await self.smtp.close(SHUTDOWN_GRACE_SECONDS)
+        await asyncio.gather(*(asyncio.to_thread(poller.stop) for poller in self.imap))
+        await asyncio.to_thread(spool.stop)
+        await asyncio.to_thread(processor.stop)
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, SHUTDOWN_GRACE_SECONDS)

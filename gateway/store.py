@@ -1,0 +1,569 @@
+"""The only module that speaks SQL: spool, jobs and decisions, incidents, outbox, event log.
+
+SQLite (WAL, ``synchronous=FULL``) is the embedded backend. Other modules use the methods of
+`Store` and the record types below, never SQL, so a PostgreSQL backend can implement the same
+interface (outbox claimed with ``FOR UPDATE SKIP LOCKED``, dedup by unique constraints).
+
+One `Store` object per thread: SQLite connections must not be shared across threads. Writes that
+must be atomic together run inside ``with store.transaction():``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from gateway.errors import StoreError
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        peer TEXT NOT NULL DEFAULT '',
+        mail_from TEXT,
+        rcpt_tos TEXT NOT NULL DEFAULT '[]',
+        message_id TEXT NOT NULL DEFAULT '',
+        fingerprint TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        raw BLOB,
+        duplicate_of INTEGER REFERENCES messages(id)
+    );
+    CREATE INDEX messages_fingerprint ON messages(fingerprint);
+    CREATE INDEX messages_received ON messages(received_at);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        message INTEGER NOT NULL REFERENCES messages(id),
+        service TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        outcome TEXT,
+        rule TEXT,
+        action TEXT,
+        incident_key TEXT,
+        summary TEXT,
+        severity TEXT,
+        reason TEXT,
+        details TEXT,
+        trace TEXT,
+        decided_at REAL,
+        UNIQUE (service, fingerprint)
+    );
+    CREATE INDEX jobs_pending ON jobs(state, id);
+    CREATE TABLE incidents (
+        service TEXT NOT NULL,
+        incident_key TEXT NOT NULL,
+        state TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '',
+        trigger_count INTEGER NOT NULL DEFAULT 0,
+        acknowledge_count INTEGER NOT NULL DEFAULT 0,
+        resolve_count INTEGER NOT NULL DEFAULT 0,
+        times_opened INTEGER NOT NULL DEFAULT 0,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        opened_at REAL,
+        resolved_at REAL,
+        last_message INTEGER,
+        case_message_id TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (service, incident_key)
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL,
+        order_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        job INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        response TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX outbox_pending ON outbox(state, order_key, id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL DEFAULT '',
+        message INTEGER,
+        incident_key TEXT,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_at ON events(at);
+    CREATE TABLE imap_state (
+        account TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        last_uid INTEGER NOT NULL,
+        last_success REAL,
+        PRIMARY KEY (account, folder)
+    );
+    """,
+)
+
+T = TypeVar("T")
+
+OPEN_STATES = ("triggered", "acknowledged")
+
+
+@dataclass(frozen=True)
+class IncomingMail:
+    """Raw mail as an intake (SMTP, IMAP, CLI) hands it over, before it is durable."""
+
+    raw: bytes
+    source: str  # 'smtp', 'imap:<account>', 'cli'
+    services: tuple[str, ...]
+    fingerprint: str  # duplicate-detection key: Message-ID + body hash, or a hash of the raw bytes
+    message_id: str = ""
+    mail_from: str | None = None  # envelope sender; '' is the null sender of bounces
+    rcpt_tos: tuple[str, ...] = ()
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The durable outcome of accepting one mail: its spool id and whether it was a duplicate."""
+
+    id: int
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """One (message, service) pair waiting for a decision."""
+
+    id: int
+    message: int
+    service: str
+    raw: bytes
+    mail_from: str | None
+    source: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Incident:
+    service: str
+    incident_key: str
+    state: str
+    summary: str
+    trigger_count: int
+    acknowledge_count: int
+    resolve_count: int
+    times_opened: int
+    first_seen: float
+    last_seen: float
+    opened_at: float | None
+    resolved_at: float | None
+    last_message: int | None
+    case_message_id: str
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    kind: str  # 'pagerduty' | 'mail'
+    service: str
+    order_key: str
+    payload: dict[str, Any]
+    state: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str
+    response: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A decided (or pending) job, for listings and the status page."""
+
+    id: int
+    message: int
+    service: str
+    state: str
+    outcome: str | None
+    rule: str | None
+    action: str | None
+    incident_key: str | None
+    summary: str | None
+    reason: str | None
+    received_at: float
+    source: str
+    subject: str = ""
+
+
+class Store:
+    """A connection to the gateway's database, for use by one thread."""
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # check_same_thread=False: a Store may be created in one thread and then used only by
+            # the worker thread that owns it (e.g. a single-thread executor).
+            conn = sqlite3.connect(
+                str(path), timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        self.path = path
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE .. COMMIT; sqlite errors become StoreError (a transient failure)."""
+        if self.conn.in_transaction:
+            yield
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"database busy or unwritable: {exc}") from exc
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"database write failed: {exc}") from exc
+            raise
+
+    # -- acceptance (the spool) ------------------------------------------------------------
+
+    def accept(self, mails: Sequence[IncomingMail]) -> list[Accepted]:
+        """Durably store a batch of mails in one FULL-synchronous commit (group commit)."""
+        now = time.time()
+        results: list[Accepted] = []
+        with self.transaction():
+            for mail in mails:
+                results.append(self._accept_one(mail, now))
+        return results
+
+    def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
+        original = self._first_with_fingerprint(mail.fingerprint)
+        cursor = self.conn.execute(
+            "INSERT INTO messages (received_at, source, peer, mail_from, rcpt_tos, message_id,"
+            " fingerprint, size, raw, duplicate_of) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                now,
+                mail.source,
+                mail.peer,
+                mail.mail_from,
+                json.dumps(list(mail.rcpt_tos)),
+                mail.message_id,
+                mail.fingerprint,
+                len(mail.raw),
+                mail.raw,
+                None,
+            ),
+        )
+        message = cursor.lastrowid
+        assert message is not None
+        new_jobs = 0
+        for service in mail.services:
+            inserted = self.conn.execute(
+                "INSERT OR IGNORE INTO jobs (message, service, fingerprint) VALUES (?,?,?)",
+                (message, service, mail.fingerprint),
+            )
+            new_jobs += inserted.rowcount
+        if new_jobs == 0 and original is not None:
+            # Every service already has this mail: keep the record, drop the copy of the bytes.
+            self.conn.execute(
+                "UPDATE messages SET raw = NULL, duplicate_of = ? WHERE id = ?", (original, message)
+            )
+            self._event("duplicate", "", message, None, f"duplicate of message {original}", now)
+            return Accepted(message, original)
+        return Accepted(message, None)
+
+    def _first_with_fingerprint(self, fingerprint: str) -> int | None:
+        row = self.conn.execute(
+            "SELECT id FROM messages WHERE fingerprint = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1",
+            (fingerprint,),
+        ).fetchone()
+        return row[0] if row else None
+
+    # -- processing ------------------------------------------------------------------------
+
+    def pending_jobs(self, limit: int = 100) -> list[PendingJob]:
+        rows = self.conn.execute(
+            "SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at"
+            " FROM jobs j JOIN messages m ON m.id = j.message"
+            " WHERE j.state = 'pending' ORDER BY j.id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [PendingJob(r[0], r[1], r[2], r[3] or b"", r[4], r[5], r[6]) for r in rows]
+
+    def finish_job(
+        self,
+        job: int,
+        *,
+        outcome: str,
+        reason: str,
+        rule: str | None = None,
+        action: str | None = None,
+        incident_key: str | None = None,
+        summary: str | None = None,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        trace: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Record the decision; False if the job was already decided (never decide twice)."""
+        cursor = self.conn.execute(
+            "UPDATE jobs SET state='done', outcome=?, reason=?, rule=?, action=?, incident_key=?,"
+            " summary=?, severity=?, details=?, trace=?, decided_at=? WHERE id=? AND state='pending'",
+            (
+                outcome,
+                reason,
+                rule,
+                action,
+                incident_key,
+                summary,
+                severity,
+                json.dumps(details or {}),
+                json.dumps(trace or []),
+                time.time(),
+                job,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def incident(self, service: str, key: str) -> Incident | None:
+        row = self.conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE service=? AND incident_key=?",
+            (service, key),
+        ).fetchone()
+        return Incident(*row) if row else None
+
+    def save_incident(self, incident: Incident) -> None:
+        placeholders = ",".join("?" * len(_INCIDENT_FIELDS))
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({placeholders})",
+            tuple(getattr(incident, f) for f in _INCIDENT_FIELDS),
+        )
+
+    def incidents(self, *, open_only: bool = False, limit: int = 1000) -> list[Incident]:
+        where = "WHERE state IN ('triggered','acknowledged')" if open_only else ""
+        rows = self.conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents {where} ORDER BY last_seen DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Incident(*r) for r in rows]
+
+    def log_event(
+        self,
+        kind: str,
+        *,
+        service: str = "",
+        message: int | None = None,
+        incident_key: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self._event(kind, service, message, incident_key, detail, time.time())
+
+    def _event(
+        self, kind: str, service: str, message: int | None, key: str | None, detail: str, at: float
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO events (at, kind, service, message, incident_key, detail) VALUES (?,?,?,?,?,?)",
+            (at, kind, service, message, key, detail),
+        )
+
+    def events(self, *, message: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        where, args = ("WHERE message = ?", [message]) if message is not None else ("", [])
+        return list(
+            self.db.query(f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        )
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    def add_outbox(
+        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+    ) -> int:
+        now = time.time()
+        cursor = self.conn.execute(
+            "INSERT INTO outbox (kind, service, order_key, payload, job, created_at,"
+            " next_attempt_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            (kind, service, order_key, json.dumps(payload), job, now, now, now),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def due_outbox(self, now: float, limit: int = 100, kind: str | None = None) -> list[OutboxItem]:
+        """The oldest pending item of each order key, if it is due: per-key order is kept."""
+        kind_filter = "AND kind = ?" if kind else ""
+        args: list[Any] = [kind] if kind else []
+        rows = self.conn.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id IN ("
+            f"  SELECT MIN(id) FROM outbox WHERE state = 'pending' {kind_filter} GROUP BY order_key"
+            ") AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (*args, now, limit),
+        ).fetchall()
+        return [_outbox_item(r) for r in rows]
+
+    def next_outbox_due(self, kind: str | None = None) -> float | None:
+        """When the earliest pending item becomes due, so workers can sleep until then."""
+        kind_filter = "AND kind = ?" if kind else ""
+        row = self.conn.execute(
+            f"SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' {kind_filter}",
+            (kind,) if kind else (),
+        ).fetchone()
+        return row[0]
+
+    def outbox_done(self, item: int, response: str) -> None:
+        self._outbox_update(item, "done", response=response, error="")
+
+    def outbox_retry(self, item: int, next_attempt_at: float, error: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
+                " updated_at = ? WHERE id = ? AND state = 'pending'",
+                (next_attempt_at, error, time.time(), item),
+            )
+
+    def outbox_dead(self, item: int, error: str, response: str = "") -> None:
+        self._outbox_update(item, "dead", response=response, error=error)
+
+    def _outbox_update(self, item: int, state: str, *, response: str, error: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?, last_error = ?,"
+                " updated_at = ? WHERE id = ? AND state = 'pending'",
+                (state, response, error, time.time(), item),
+            )
+
+    def outbox(self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000) -> list[OutboxItem]:
+        marks = ",".join("?" * len(states))
+        rows = self.conn.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state IN ({marks}) ORDER BY id LIMIT ?",
+            (*states, limit),
+        ).fetchall()
+        return [_outbox_item(r) for r in rows]
+
+    def requeue_outbox(self, item: int | None = None) -> int:
+        """Put dead letters (one, or all with None) back in the queue; returns how many."""
+        now = time.time()
+        where, args = ("AND id = ?", (item,)) if item is not None else ("", ())
+        with self.transaction():
+            cursor = self.conn.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = ?, updated_at = ?,"
+                f" created_at = ? WHERE state = 'dead' {where}",
+                (now, now, now, *args),
+            )
+        return cursor.rowcount
+
+    def outbox_stats(self) -> tuple[int, float | None]:
+        """(pending count, created_at of the oldest pending item)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
+        ).fetchone()
+        return row[0], row[1]
+
+    # -- listings --------------------------------------------------------------------------
+
+    def jobs(self, *, outcomes: Sequence[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        where, args = "", []
+        if outcomes:
+            where = f"WHERE j.outcome IN ({','.join('?' * len(outcomes))})"
+            args = list(outcomes)
+        rows = self.conn.execute(
+            "SELECT j.id, j.message, j.service, j.state, j.outcome, j.rule, j.action,"
+            " j.incident_key, j.summary, j.reason, m.received_at, m.source"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {where} ORDER BY j.id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def job_detail(self, job: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM jobs WHERE id = ?", [job]))
+        if not rows:
+            return None
+        detail = rows[0]
+        detail["details"] = json.loads(detail["details"] or "{}")
+        detail["trace"] = json.loads(detail["trace"] or "[]")
+        return detail
+
+    def raw_message(self, message: int) -> bytes | None:
+        row = self.conn.execute("SELECT raw FROM messages WHERE id = ?", (message,)).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        """Totals for metrics and health: messages, duplicates, and jobs per outcome."""
+        counts = {
+            "messages": self.conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0],
+            "duplicates": self.conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE duplicate_of IS NOT NULL"
+            ).fetchone()[0],
+        }
+        for outcome, n in self.conn.execute(
+            "SELECT COALESCE(outcome, 'pending'), COUNT(*) FROM jobs GROUP BY 1"
+        ):
+            counts[f"jobs.{outcome}"] = n
+        return counts
+
+
+_INCIDENT_FIELDS = tuple(Incident.__dataclass_fields__)
+_INCIDENT_COLUMNS = ", ".join(_INCIDENT_FIELDS)
+_OUTBOX_FIELDS = tuple(OutboxItem.__dataclass_fields__)
+_OUTBOX_COLUMNS = ", ".join(_OUTBOX_FIELDS)
+
+
+def _outbox_item(row: Sequence[Any]) -> OutboxItem:
+    values = dict(zip(_OUTBOX_FIELDS, row, strict=True))
+    values["payload"] = json.loads(values["payload"])
+    return OutboxItem(**values)
+
+
+class StoreThread:
+    """Runs store calls on one dedicated thread, for asyncio code (the loop never blocks on fsync)."""
+
+    def __init__(self, db_path: Path, name: str = "store") -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._store = self._executor.submit(Store, db_path).result()
+
+    async def call(self, fn: Callable[[Store], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, self._store)
+
+    def close(self) -> None:
+        self._executor.submit(self._store.close).result()
+        self._executor.shutdown()

@@ -1,0 +1,178 @@
+"""Events API v2 body, status mapping, and the outbox worker's retries, order and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
+from gateway.outbox import OutboxWorker, RetryPolicy
+from gateway.pagerduty import PagerDutySender, RateLimiter, build_event, classify_response
+from gateway.store import Store, StoreThread
+from tests.conftest import ROUTING_KEY
+from tests.pdserver import PagerDutyStandIn, validate_event
+
+FAST = RetryPolicy(first_delay=0.01, max_delay=0.05, give_up_after=60)
+
+
+def test_trigger_event_follows_the_contract() -> None:
+    event = build_event(
+        action="trigger",
+        dedup_key="Printer on fire",
+        summary="x" * 2000,
+        severity="critical",
+        details={"case": "29"},
+        links=[{"href": "https://desk.example/29", "text": "Case"}, {"href": "", "text": "empty"}],
+    )
+    assert validate_event({"routing_key": ROUTING_KEY, **event}) is None
+    assert len(event["payload"]["summary"]) == 1024
+    assert event["payload"]["custom_details"] == {"case": "29"}
+    assert event["links"] == [{"href": "https://desk.example/29", "text": "Case"}]
+    assert event["client"] == "email-gateway"
+
+
+def test_resolve_event_is_minimal() -> None:
+    assert build_event(action="resolve", dedup_key="k") == {"event_action": "resolve", "dedup_key": "k"}
+
+
+def test_oversized_details_are_shortened_under_512kb() -> None:
+    event = build_event(action="trigger", dedup_key="k", summary="s", details={"body": "y" * 2_000_000})
+    assert len(json.dumps(event).encode()) < 512 * 1024
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error"),
+    [
+        pytest.param(202, {}, None, id="accepted"),
+        pytest.param(400, {}, RejectedDeliveryError, id="invalid-event"),
+        pytest.param(429, {"Retry-After": "7"}, TemporaryDeliveryError, id="rate-limited"),
+        pytest.param(500, {}, TemporaryDeliveryError, id="server-error"),
+        pytest.param(503, {}, TemporaryDeliveryError, id="unavailable"),
+    ],
+)
+def test_status_mapping(status: int, headers: dict, error: type | None) -> None:
+    response = httpx.Response(status, headers=headers, text='{"status":"x"}')
+    if error is None:
+        assert classify_response(response) == '{"status":"x"}'
+        return
+    with pytest.raises(error) as info:
+        classify_response(response)
+    if status == 429:
+        assert info.value.retry_after == 7.0
+
+
+def test_retry_after_is_honoured() -> None:
+    assert RetryPolicy(first_delay=0.01).delay(0, retry_after=30) >= 30
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy(first_delay=1, max_delay=60)
+    assert 0.5 <= policy.delay(0) <= 1
+    assert 4 <= policy.delay(3) <= 8
+    assert policy.delay(40) <= 60
+
+
+def test_network_errors_are_temporary() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def send() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+            sender = PagerDutySender(client, "http://pd/v2/enqueue", {"s": ROUTING_KEY})
+            await sender(_item("s"))
+
+    with pytest.raises(TemporaryDeliveryError, match="connection error"):
+        asyncio.run(send())
+
+
+def _item(service: str):
+    from gateway.store import OutboxItem
+
+    return OutboxItem(1, "pagerduty", service, "k", {"event_action": "resolve", "dedup_key": "k"},
+                      "pending", 0, time.time(), time.time(), "", "")
+
+
+def _queue(db: Path, *events: tuple[str, str]) -> None:
+    store = Store(db)
+    with store.transaction():
+        for action, key in events:
+            payload = build_event(action=action, dedup_key=key, summary=key)
+            store.add_outbox("pagerduty", "helpdesk", f"pagerduty:helpdesk:{key}", payload, None)
+    store.close()
+
+
+async def _drain(db: Path, pd: PagerDutyStandIn, seconds: float = 10.0) -> None:
+    store = StoreThread(db)
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            sender = PagerDutySender(client, pd.url, {"helpdesk": ROUTING_KEY})
+            worker = OutboxWorker(store, "pagerduty", sender, FAST)
+            deadline = time.time() + seconds
+            while time.time() < deadline:
+                await worker.run_once()
+                pending, _ = await store.call(lambda s: s.outbox_stats())
+                if not pending:
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        store.close()
+
+
+def test_500_then_202_delivers_once_in_order(tmp_path: Path, pd: PagerDutyStandIn) -> None:
+    db = tmp_path / "g.sqlite3"
+    _queue(db, ("trigger", "A"), ("resolve", "A"), ("trigger", "B"))
+    pd.fail_next(3, 500)
+    asyncio.run(_drain(db, pd))
+    actions = [(e["event_action"], e["dedup_key"]) for e in pd.events]
+    assert sorted(actions) == sorted([("trigger", "A"), ("resolve", "A"), ("trigger", "B")])
+    assert actions.index(("trigger", "A")) < actions.index(("resolve", "A"))
+    assert len(pd.requests) == 6  # 3 failures + 3 deliveries, nothing sent twice after a 202
+
+
+def test_400_is_a_dead_letter_with_the_response(tmp_path: Path, pd: PagerDutyStandIn) -> None:
+    db = tmp_path / "g.sqlite3"
+    store = Store(db)
+    with store.transaction():
+        store.add_outbox("pagerduty", "helpdesk", "k", {"event_action": "trigger", "dedup_key": "k"}, None)
+    asyncio.run(_drain(db, pd, seconds=2))
+    dead = store.outbox(("dead",))
+    assert len(dead) == 1 and dead[0].attempts == 1
+    assert "payload" in dead[0].response and "HTTP 400" in dead[0].last_error
+    assert len(pd.requests) == 1  # never retried
+
+
+def test_gives_up_after_the_configured_time(tmp_path: Path) -> None:
+    db = tmp_path / "g.sqlite3"
+    _queue(db, ("trigger", "A"))
+
+    async def run() -> None:
+        store = StoreThread(db)
+        clock = [time.time() + 7200]  # the item is two hours old
+
+        async def always_down(item):
+            raise TemporaryDeliveryError("HTTP 503")
+
+        worker = OutboxWorker(store, "pagerduty", always_down, RetryPolicy(give_up_after=3600),
+                              clock=lambda: clock[0])
+        await worker.run_once()
+        store.close()
+
+    asyncio.run(run())
+    dead = Store(db).outbox(("dead",))
+    assert len(dead) == 1 and dead[0].last_error.startswith("gave up after 1 attempts")
+
+
+def test_rate_limiter_spaces_events() -> None:
+    async def run() -> float:
+        limiter = RateLimiter(per_minute=600)  # one per 0.1 s
+        start = time.monotonic()
+        for _ in range(4):
+            await limiter.wait("key")
+        return time.monotonic() - start
+
+    assert asyncio.run(run()) >= 0.29
