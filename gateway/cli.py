@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, example: str):
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_text: str, example: str
+    ):
         p = sub.add_parser(
             name,
             help=help_text,
@@ -103,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender", default=None, help="envelope sender (empty string for bounces)")
     p.add_argument("--no-deliver", action="store_true", help="only accept; leave the rest to serve")
 
-    p = command("incidents", cmd_incidents, "list the local incident mirror", "gateway incidents --open")
+    p = command(
+        "incidents", cmd_incidents, "list the local incident mirror", "gateway incidents --open"
+    )
     p.add_argument("--open", action="store_true", help="only triggered/acknowledged incidents")
     p.add_argument("--service", help="only this service")
 
@@ -116,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcome", nargs="+", help="only these outcomes")
     p.add_argument("--limit", type=int, default=50)
 
-    p = command("outbox", cmd_outbox, "list pending and dead outbox items", "gateway outbox retry --all")
+    p = command(
+        "outbox", cmd_outbox, "list pending and dead outbox items", "gateway outbox retry --all"
+    )
     p.add_argument("action", nargs="?", choices=["list", "retry", "flush"], default="list")
     p.add_argument("id", nargs="?", type=int, help="item to retry")
     p.add_argument("--all", action="store_true", help="retry every dead letter")
@@ -243,7 +249,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             store, services, config.pagerduty, regex_timeout=config.gateway.regex_timeout_seconds
         ).process_all():
             print(f"{outcome.service}: {outcome.outcome} ({outcome.reason})")
-        asyncio.run(_deliver_due(config, deadline=time.time() + 2 * config.pagerduty.timeout_seconds))
+        asyncio.run(
+            _deliver_due(config, deadline=time.time() + 2 * config.pagerduty.timeout_seconds)
+        )
     except GatewayError as exc:  # accepted already: later processing retries
         print(f"warning: accepted, processing deferred: {exc}", file=sys.stderr)
     return EX_OK
@@ -294,8 +302,16 @@ def cmd_messages(args: argparse.Namespace) -> int:
     config = _config(args)
     store = Store(config.db_path)
     rows = [
-        [j.message, _when(j.received_at), j.source, j.service, j.outcome or "pending",
-         j.rule or "-", j.incident_key or "-", j.reason or ""]
+        [
+            j.message,
+            _when(j.received_at),
+            j.source,
+            j.service,
+            j.outcome or "pending",
+            j.rule or "-",
+            j.incident_key or "-",
+            j.reason or "",
+        ]
         for j in store.jobs(outcomes=args.outcome, limit=args.limit)
     ]
     headers = ["message", "received", "source", "service", "outcome", "rule", "key", "reason"]
@@ -315,12 +331,30 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if args.action == "flush":
         asyncio.run(_deliver_due(config, deadline=time.time() + 60))
     rows = [
-        [o.id, o.kind, o.service, o.state, o.attempts, _when(o.created_at),
-         _when(o.next_attempt_at) if o.state == "pending" else "-",
-         (o.last_error or "")[:80], _describe(o.payload)]
+        [
+            o.id,
+            o.kind,
+            o.service,
+            o.state,
+            o.attempts,
+            _when(o.created_at),
+            _when(o.next_attempt_at) if o.state == "pending" else "-",
+            (o.last_error or "")[:80],
+            _describe(o.payload),
+        ]
         for o in store.outbox()
     ]
-    headers = ["id", "kind", "service", "state", "attempts", "created", "next try", "last error", "item"]
+    headers = [
+        "id",
+        "kind",
+        "service",
+        "state",
+        "attempts",
+        "created",
+        "next try",
+        "last error",
+        "item",
+    ]
     _print_table(rows, headers, "outbox is empty")
     return EX_OK
 

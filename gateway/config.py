@@ -153,7 +153,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(Problem(str(path), f"cannot read config file: {exc}")) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(Problem(str(path), f"TOML syntax error: {exc}", _toml_line(exc))) from None
+        raise ConfigError(
+            Problem(str(path), f"TOML syntax error: {exc}", _toml_line(exc))
+        ) from None
     config = reader.build(data)
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -181,7 +183,9 @@ class _Reader:
         self.problems.append(Problem(str(self.path), message, key=key))
 
     def build(self, data: dict[str, Any]) -> Config:
-        self.check_keys("", data, {"gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web"})
+        self.check_keys(
+            "", data, {"gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web"}
+        )
         gateway = self.gateway(self.table(data, "gateway"))
         services = tuple(
             self.service(i, t, gateway) for i, t in enumerate(self.array(data, "service"), 1)
@@ -279,7 +283,9 @@ class _Reader:
 
         return _ENV.sub(substitute, value)
 
-    def path_value(self, where: str, table: dict[str, Any], key: str, default: str | None) -> Path | None:
+    def path_value(
+        self, where: str, table: dict[str, Any], key: str, default: str | None
+    ) -> Path | None:
         value = self.get(where, table, key, str, default)
         if value is None:
             return None
@@ -296,9 +302,13 @@ class _Reader:
             rules_dir=self.path_value(w, t, "rules_dir", "parsing_rules"),
             templates_dir=self.path_value(w, t, "templates_dir", "templates"),
             log_level=self.get(w, t, "log_level", str, "info", check=_one_of(LOG_LEVELS)),
-            log_format=self.get(w, t, "log_format", str, "auto", check=_one_of(("auto", "human", "json"))),
+            log_format=self.get(
+                w, t, "log_format", str, "auto", check=_one_of(("auto", "human", "json"))
+            ),
             retention_days=self.get(w, t, "retention_days", int, 30, check=_at_least(0)),
-            regex_timeout_seconds=self.get(w, t, "regex_timeout_seconds", float, 0.5, check=_positive),
+            regex_timeout_seconds=self.get(
+                w, t, "regex_timeout_seconds", float, 0.5, check=_positive
+            ),
         )
 
     def smtp(self, t: dict[str, Any]) -> SmtpSettings:
@@ -311,9 +321,13 @@ class _Reader:
         settings = SmtpSettings(
             listen=listen,
             hostname=self.get(w, t, "hostname", str, "localhost"),
-            max_message_bytes=self.get(w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)),
+            max_message_bytes=self.get(
+                w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)
+            ),
             max_connections=self.get(w, t, "max_connections", int, 100, check=_at_least(1)),
-            session_timeout_seconds=self.get(w, t, "session_timeout_seconds", float, 300.0, check=_positive),
+            session_timeout_seconds=self.get(
+                w, t, "session_timeout_seconds", float, 300.0, check=_positive
+            ),
             tls=self.get(w, t, "tls", str, "none", check=_one_of(SMTP_TLS)),
             tls_cert=self.path_value(w, t, "tls_cert", None),
             tls_key=self.path_value(w, t, "tls_key", None),
@@ -340,13 +354,17 @@ class _Reader:
             events_url=self.get(w, t, "events_url", str, DEFAULT_EVENTS_URL, check=_url),
             timeout_seconds=self.get(w, t, "timeout_seconds", float, 10.0, check=_positive),
             max_retry_hours=self.get(w, t, "max_retry_hours", float, 24.0, check=_positive),
-            rate_limit_per_minute=self.get(w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)),
+            rate_limit_per_minute=self.get(
+                w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)
+            ),
             source=self.get(w, t, "source", str, "email-gateway"),
         )
 
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
         w = f"service #{index}"
-        self.check_keys(w, t, {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"})
+        self.check_keys(
+            w, t, {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
+        )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
         rules = tuple(self.rule_path(w, gateway.rules_dir, r) for r in self.strings(w, t, "rules"))
@@ -380,7 +398,9 @@ class _Reader:
         on = self.strings(w, t, "on") or ("trigger", "resolve")
         for event in on:
             if event not in NOTIFY_EVENTS:
-                self.problem(f"{w}.on", f"unknown event {event!r} (known: {', '.join(NOTIFY_EVENTS)})")
+                self.problem(
+                    f"{w}.on", f"unknown event {event!r} (known: {', '.join(NOTIFY_EVENTS)})"
+                )
         return NotifySettings(
             theme=self.get(w, t, "theme", str, "incident_update", required=True),
             to=self.strings(w, t, "to"),
@@ -417,7 +437,9 @@ class _Reader:
             after=self.get(w, t, "after", str, "seen", check=_imap_after),
             idle=self.get(w, t, "idle", bool, True),
             poll_seconds=self.get(w, t, "poll_seconds", float, 60.0, check=_positive),
-            max_message_bytes=self.get(w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)),
+            max_message_bytes=self.get(
+                w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)
+            ),
             tls_verify=self.get(w, t, "tls_verify", bool, True),
         )
         credentials = [settings.password, settings.oauth2_token, settings.oauth2_token_command]
@@ -430,11 +452,15 @@ class _Reader:
         if not isinstance(t, dict):
             self.problem(w, "must be a table")
             return None
-        self.check_keys(w, t, ({f.name for f in _fields(OutgoingSettings)} - {"from_addr"}) | {"from"})
+        self.check_keys(
+            w, t, ({f.name for f in _fields(OutgoingSettings)} - {"from_addr"}) | {"from"}
+        )
         security = self.get(w, t, "security", str, "none", check=_one_of(IMAP_SECURITY))
         return OutgoingSettings(
             host=self.get(w, t, "host", str, "127.0.0.1"),
-            port=self.get(w, t, "port", int, {"tls": 465, "starttls": 587}.get(security, 25), check=_port),
+            port=self.get(
+                w, t, "port", int, {"tls": 465, "starttls": 587}.get(security, 25), check=_port
+            ),
             security=security,
             username=self.get(w, t, "username", str, None),
             password=self.get(w, t, "password", str, None),
@@ -457,7 +483,13 @@ def _fields(cls: type) -> tuple[Any, ...]:
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 

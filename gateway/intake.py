@@ -40,10 +40,7 @@ def incoming(
     byte-identical copies count as duplicates, so two different mails are never merged.
     """
     message_id, body_hash = fingerprint(raw)
-    if message_id:
-        key = f"id:{message_id}|{body_hash}"
-    else:
-        key = "raw:" + hashlib.sha256(raw).hexdigest()
+    key = f"id:{message_id}|{body_hash}" if message_id else "raw:" + hashlib.sha256(raw).hexdigest()
     return IncomingMail(
         raw=raw,
         source=source,

@@ -112,7 +112,8 @@ class OutboxWorker:
             await self._retry_or_give_up(item, exc)
         except RejectedDeliveryError as exc:
             log.error("%s #%d rejected, dead letter: %s", self.kind, item.id, exc)
-            await self.store.call(lambda s: s.outbox_dead(item.id, str(exc), exc.response))
+            error, answer = str(exc), exc.response
+            await self.store.call(lambda s: s.outbox_dead(item.id, error, answer))
         except Exception as exc:  # a bug in a sender must not stop the worker
             log.exception("%s #%d: unexpected delivery error", self.kind, item.id)
             await self._retry_or_give_up(item, TemporaryDeliveryError(f"internal error: {exc}"))

@@ -185,7 +185,10 @@ class Processor:
             self.store.add_outbox("pagerduty", job.service, order_key, event, job.id)
             return True
         self.store.log_event(
-            "would_send", service=job.service, message=job.message, incident_key=key,
+            "would_send",
+            service=job.service,
+            message=job.message,
+            incident_key=key,
             detail=f"no routing_key: {event['event_action']} not sent",
         )
         log.info("service %s has no routing_key; would send %s", job.service, event)

@@ -216,8 +216,8 @@ class Store:
     """A connection to the gateway's database, for use by one thread."""
 
     def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread=False: a Store may be created in one thread and then used only by
             # the worker thread that owns it (e.g. a single-thread executor).
             conn = sqlite3.connect(
@@ -226,7 +226,7 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self.path = path
         self.conn = conn
@@ -471,7 +471,9 @@ class Store:
                 (state, response, error, time.time(), item),
             )
 
-    def outbox(self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000) -> list[OutboxItem]:
+    def outbox(
+        self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000
+    ) -> list[OutboxItem]:
         marks = ",".join("?" * len(states))
         rows = self.conn.execute(
             f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state IN ({marks}) ORDER BY id LIMIT ?",

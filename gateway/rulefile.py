@@ -1,0 +1,594 @@
+"""Operator rule files (TOML) -> a validated, compiled Ruleset.
+
+Every problem in every file is collected before raising one RuleError, and each names the file
+and the line of the offending rule or key. tomllib reports no positions, so `_Locator` finds
+them by scanning the source text (headers, `key =` lines, items of inline arrays).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import regex
+from jinja2 import meta
+
+from gateway.errors import Problem, RuleError
+from gateway.message import FIELDS
+from gateway.rules import (
+    ACTIONS,
+    ENV,
+    OPS,
+    SEVERITIES,
+    TEMPLATE_NAMES,
+    Condition,
+    Extractor,
+    Link,
+    Rule,
+    Ruleset,
+    compile_regex,
+    is_template,
+)
+
+TOP_KEYS = ("rule", "unmatched", "keys")
+RULE_KEYS = (
+    "name",
+    "enabled",
+    "match",
+    "conditions",
+    "action",
+    "incident_key",
+    "summary",
+    "severity",
+    "details",
+    "links",
+)
+CONDITION_KEYS = ("field", "op", "value", "ignore_case")
+EXTRACTOR_KEYS = ("field", "regex", "between", "after", "before", "ignore_case")
+EXTRACTOR_HOWS = ("regex", "between", "after", "before")
+LINK_KEYS = ("href", "text")
+UNMATCHED_KEYS = ("action", "summary", "severity")
+KEYS_KEYS = ("strip_tags",)
+_HEADER_NAME = re.compile(r"^[ \t]*\[(\[)?[ \t]*([A-Za-z0-9_.\"' -]+?)[ \t]*\]\]?[ \t]*(?:#.*)?$")
+_HEADER_FIELD = re.compile(r"^[A-Za-z0-9-]+$")
+_TOML_LINE = re.compile(r"at line (\d+)")
+
+Path_ = tuple[str | int, ...]
+
+
+class _Locator:
+    """Line numbers (1-based) for parts of a TOML document, found by scanning its text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.lines = text.split("\n")
+        self.starts = [0]
+        for line in self.lines[:-1]:
+            self.starts.append(self.starts[-1] + len(line) + 1)
+        self.headers: list[tuple[int, str]] = []  # (line index, dotted name)
+        for index, line in enumerate(self.lines):
+            found = _HEADER_NAME.match(line)
+            if found:
+                name = re.sub(r"[ \t]*\.[ \t]*", ".", found.group(2)).replace('"', "")
+                self.headers.append((index, name.replace("'", "")))
+
+    def span(self, name: str, nth: int = 0) -> tuple[int, int] | None:
+        """Line-index span of the nth `[name]`/`[[name]]` table, sub-tables included."""
+        starts = [i for i, header in self.headers if header == name]
+        if nth >= len(starts):
+            return None
+        start = starts[nth]
+        for index, header in self.headers:
+            if index > start and not header.startswith(name + "."):
+                return start, index
+        return start, len(self.lines)
+
+    def top(self, key: str) -> int | None:
+        """Line of a top-level key or table."""
+        for index, header in self.headers:
+            if header == key or header.startswith(key + "."):
+                return index + 1
+        end = self.headers[0][0] if self.headers else len(self.lines)
+        found = self._key(key, 0, end)
+        return None if found is None else found + 1
+
+    def locate(self, span: tuple[int, int] | None, path: Path_) -> int | None:
+        """Line of a nested key/array item: ('conditions', 0, 'op'), ('details', 'case')."""
+        if span is None:
+            return self.top(str(path[0])) if path and isinstance(path[0], str) else None
+        line, end = span
+        array_header: str | None = None
+        for part in path:
+            if isinstance(part, int):
+                line = self._item(line, part, end, array_header)
+                continue
+            found = self._key(part, line, end)
+            array_header = None
+            if found is None:
+                found, array_header = self._subheader(part, line, end)
+            if found is None:
+                break
+            line = found
+            rest = self.lines[line].split("=", 1)[-1].lstrip()
+            if array_header is None and rest.startswith("{"):
+                end = line + 1  # inline table: nested keys are on this line
+        return line + 1
+
+    def _key(self, key: str, start: int, end: int) -> int | None:
+        pattern = re.compile(r"(?:^|[\s{,])[\"']?" + re.escape(key) + r"[\"']?\s*=(?!=)")
+        for index in range(start, min(end, len(self.lines))):
+            line = self.lines[index]
+            if not line.lstrip().startswith("#") and pattern.search(line):
+                return index
+        return None
+
+    def _subheader(self, key: str, start: int, end: int) -> tuple[int | None, str | None]:
+        for index, header in self.headers:
+            if start <= index < end and header.split(".")[-1] == key:
+                return index, header
+        return None, None
+
+    def _item(self, line: int, nth: int, end: int, array_header: str | None) -> int:
+        """Line of the nth item of an array: `[[x.y]]` headers or an inline `[...]`."""
+        if array_header is not None:
+            found = [i for i, h in self.headers if h == array_header and line <= i < end]
+            return found[nth] if nth < len(found) else line
+        text = self.text
+        pos = text.find("[", text.find("=", self.starts[line]))
+        if pos < 0:
+            return line
+        return self._scan_items(pos, nth, line)
+
+    def _scan_items(self, pos: int, nth: int, fallback: int) -> int:
+        text, depth, expecting, count = self.text, 0, True, -1
+        while pos < len(text):
+            char = text[pos]
+            if depth == 1 and expecting and char not in " \t\r\n,]#":
+                count, expecting = count + 1, False
+                if count == nth:
+                    return bisect.bisect_right(self.starts, pos) - 1
+            if char in "\"'":
+                pos = _skip_string(text, pos)
+                continue
+            if char == "#":
+                pos = text.find("\n", pos)
+                pos = len(text) if pos < 0 else pos
+                continue
+            if char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    break
+            elif char == "," and depth == 1:
+                expecting = True
+            pos += 1
+        return fallback
+
+
+def _skip_string(text: str, pos: int) -> int:
+    """Index just after the TOML string starting at pos (basic, literal, multi-line)."""
+    quote = text[pos]
+    if text.startswith(quote * 3, pos):
+        end = text.find(quote * 3, pos + 3)
+        return len(text) if end < 0 else end + 3
+    index = pos + 1
+    while index < len(text) and text[index] != "\n":
+        if quote == '"' and text[index] == "\\":
+            index += 2
+            continue
+        if text[index] == quote:
+            return index + 1
+        index += 1
+    return index
+
+
+class _Checker:
+    """Validation of one file: collects problems, locating each in the source text."""
+
+    def __init__(self, file: str, text: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.loc = _Locator(text)
+        self.problems = problems
+
+    def add(self, message: str, line: int | None, key: str | None = None) -> None:
+        self.problems.append(Problem(self.file, message, line, key))
+
+
+class _Scope:
+    """A table being validated (a rule, [unmatched], [keys]): locates its keys by path."""
+
+    def __init__(self, chk: _Checker, span: tuple[int, int] | None, label: str) -> None:
+        self.chk = chk
+        self.span = span
+        self.label = label
+
+    @property
+    def line(self) -> int | None:
+        return None if self.span is None else self.span[0] + 1
+
+    def at(self, *path: str | int) -> int | None:
+        return self.chk.loc.locate(self.span, path) or self.line
+
+    def add(self, message: str, *path: str | int) -> None:
+        where = "".join(f"[{p + 1}]" if isinstance(p, int) else f".{p}" for p in path)
+        self.chk.add(message, self.at(*path), f"{self.label}{where}" if path else self.label)
+
+    def unknown(self, table: dict[str, Any], allowed: tuple[str, ...], *path: str | int) -> None:
+        for key in table:
+            if key not in allowed:
+                self.add(f"unknown key {key!r}; allowed: {', '.join(allowed)}", *path, key)
+
+    def string(self, table: dict[str, Any], key: str, *path: str | int) -> str | None:
+        value = table.get(key)
+        if value is not None and not isinstance(value, str):
+            self.add(f"{key} must be a string, not {type(value).__name__}", *path, key)
+            return None
+        return value
+
+    def boolean(self, table: dict[str, Any], key: str, *path: str | int) -> bool:
+        value = table.get(key, key == "enabled")  # enabled defaults to true, flags to false
+        if not isinstance(value, bool):
+            self.add(f"{key} must be true or false", *path, key)
+            return False
+        return value
+
+    def field(self, value: Any, *path: str | int) -> bool:
+        if isinstance(value, str) and (
+            value in FIELDS
+            or (value.startswith("headers.") and _HEADER_FIELD.match(value[len("headers.") :]))
+        ):
+            return True
+        allowed = ", ".join(FIELDS) + ", headers.<Name>"
+        self.add(f"unknown field {value!r}; use one of {allowed}", *path, "field")
+        return False
+
+    def regex(self, pattern: str, ignore_case: bool, *path: str | int) -> bool:
+        try:
+            compile_regex(pattern, ignore_case)
+        except regex.error as exc:
+            self.add(f"bad regex '{pattern}': {exc}", *path)
+            return False
+        return True
+
+    def template(self, source: str, *path: str | int) -> bool:
+        line = self.at(*path)
+        if line is not None and re.search(r"(\"\"\"|''')\s*$", self.chk.loc.lines[line - 1]):
+            line += 1  # a multi-line string starts on the next line
+        try:
+            names = meta.find_undeclared_variables(ENV.parse(source))
+        except jinja2.TemplateSyntaxError as exc:
+            where = None if line is None else line + (exc.lineno or 1) - 1
+            self.chk.add(f"bad template: {exc.message}", where, self._key(path))
+            return False
+        unknown = sorted(names - set(TEMPLATE_NAMES) - set(ENV.globals))
+        if unknown:
+            self.add(
+                f"unknown template variable(s) {', '.join(unknown)}; "
+                f"available: {', '.join(TEMPLATE_NAMES)}",
+                *path,
+            )
+            return False
+        return True
+
+    def _key(self, path: tuple[str | int, ...]) -> str:
+        return self.label + "".join(f"[{p + 1}]" if isinstance(p, int) else f".{p}" for p in path)
+
+    def severity(self, table: dict[str, Any], default: str) -> str:
+        value = self.string(table, "severity")
+        if value is None:
+            return default
+        if is_template(value):
+            self.template(value, "severity")
+        elif value not in SEVERITIES:
+            self.add(
+                f"invalid severity {value!r}; use {', '.join(SEVERITIES)} or a {{{{ template }}}}",
+                "severity",
+            )
+        return value
+
+    def summary(self, table: dict[str, Any], default: str) -> str:
+        value = self.string(table, "summary")
+        if value is None:
+            return default
+        self.template(value, "summary")
+        return value
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
+    path: tuple[str | int, ...] = ("conditions", number)
+    if not isinstance(raw, dict):
+        scope.add("a condition must be a table like { field = ..., op = ..., value = ... }", *path)
+        return None
+    before = len(scope.chk.problems)
+    scope.unknown(raw, CONDITION_KEYS, *path)
+    op = raw.get("op")
+    if op not in OPS:
+        what = "missing op" if op is None else f"unknown op {op!r}"
+        scope.add(f"{what}; use one of {', '.join(OPS)}", *path, *(("op",) if op else ()))
+    ignore_case = scope.boolean(raw, "ignore_case", *path)
+    if op == "always":
+        ok = len(scope.chk.problems) == before
+        return Condition(field="subject", op=op, line=scope.at(*path)) if ok else None
+    if "field" not in raw:
+        scope.add("missing field", *path)
+    else:
+        scope.field(raw["field"], *path)
+    value = scope.string(raw, "value", *path)
+    if "value" not in raw and op in OPS:
+        scope.add(f"missing value (required for op {op!r})", *path)
+    elif op in ("matches", "not_matches") and value is not None:
+        scope.regex(value, ignore_case, *path, "value")
+    if len(scope.chk.problems) > before or value is None:
+        return None
+    return Condition(raw["field"], op, value, ignore_case, scope.at(*path))
+
+
+def _extractor(scope: _Scope, raw: Any, *path: str | int) -> Extractor | None:
+    """An extractor table, or a bare field name as shorthand for the whole field."""
+    if isinstance(raw, str):
+        raw = {"field": raw}
+    if not isinstance(raw, dict):
+        scope.add("must be a table like { field = ..., regex = ... }", *path)
+        return None
+    ok = len(scope.chk.problems)
+    scope.unknown(raw, EXTRACTOR_KEYS, *path)
+    hows = [h for h in EXTRACTOR_HOWS if h in raw]
+    if len(hows) > 1:
+        scope.add(f"use at most one of regex, between, after, before (got {hows})", *path)
+    ignore_case = scope.boolean(raw, "ignore_case", *path)
+    if "field" not in raw:
+        scope.add("missing field", *path)
+    else:
+        scope.field(raw["field"], *path)
+    for how in ("regex", "after", "before"):
+        value = scope.string(raw, how, *path)
+        if value == "":
+            scope.add(f"{how} must not be empty", *path, how)
+    if isinstance(raw.get("regex"), str):
+        scope.regex(raw["regex"], ignore_case, *path, "regex")
+    between = raw.get("between")
+    if between is not None and not (
+        isinstance(between, list)
+        and len(between) == 2
+        and all(isinstance(b, str) and b for b in between)
+    ):
+        scope.add('between must be two non-empty strings, e.g. ["Case #", " "]', *path, "between")
+    if len(scope.chk.problems) > ok:
+        return None
+    return Extractor(
+        field=raw["field"],
+        regex=raw.get("regex"),
+        between=tuple(between) if between else None,
+        after=raw.get("after"),
+        before=raw.get("before"),
+        ignore_case=ignore_case,
+    )
+
+
+def _details(scope: _Scope, raw: Any) -> tuple[tuple[str, Extractor | str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        scope.add("details must be a table of name = template or extractor", "details")
+        return ()
+    result: list[tuple[str, Extractor | str]] = []
+    for name, spec in raw.items():
+        if isinstance(spec, str):
+            if scope.template(spec, "details", name):
+                result.append((name, spec))
+        elif (extractor := _extractor(scope, spec, "details", name)) is not None:
+            result.append((name, extractor))
+    return tuple(result)
+
+
+def _links(scope: _Scope, raw: Any) -> tuple[Link, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        scope.add("links must be a list of { href = ..., text = ... }", "links")
+        return ()
+    result = []
+    for number, link in enumerate(raw):
+        path = ("links", number)
+        if not isinstance(link, dict) or not isinstance(link.get("href"), str):
+            scope.add("a link must be a table with a string href (and optional text)", *path)
+            continue
+        scope.unknown(link, LINK_KEYS, *path)
+        text = scope.string(link, "text", *path) or ""
+        if scope.template(link["href"], *path, "href") and scope.template(text, *path, "text"):
+            result.append(Link(link["href"], text))
+    return tuple(result)
+
+
+def _conditions(scope: _Scope, raw: Any) -> tuple[Condition, ...]:
+    if raw is None:
+        scope.add('missing conditions; use [{ op = "always" }] to match every message')
+        return ()
+    if not isinstance(raw, list) or not raw:
+        scope.add('conditions must be a non-empty list; [{ op = "always" }] matches all')
+        return ()
+    built = [_condition(scope, item, number) for number, item in enumerate(raw)]
+    return tuple(c for c in built if c is not None)
+
+
+def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | None:
+    span = chk.loc.span("rule", index)
+    name = raw.get("name") if isinstance(raw, dict) else None
+    label = f"rule {name!r}" if isinstance(name, str) and name else f"rule #{index + 1}"
+    scope = _Scope(chk, span, label)
+    if not isinstance(raw, dict):
+        scope.add("[[rule]] must be a table")
+        return None
+    before = len(chk.problems)
+    scope.unknown(raw, RULE_KEYS)
+    _rule_name(scope, name, names)
+    action = raw.get("action")
+    if action not in ACTIONS:
+        what = "missing action" if action is None else f"unknown action {action!r}"
+        scope.add(f"{what}; use one of {', '.join(ACTIONS)}", *(("action",) if action else ()))
+    match = raw.get("match", "all")
+    if match not in ("all", "any"):
+        scope.add(f'match must be "all" or "any", not {match!r}', "match")
+    enabled = scope.boolean(raw, "enabled")
+    conditions = _conditions(scope, raw.get("conditions"))
+    key = _extractor(scope, raw.get("incident_key", "subject"), "incident_key")
+    summary = scope.summary(raw, "{{ subject }}")
+    severity = scope.severity(raw, "critical")
+    details, links = _details(scope, raw.get("details")), _links(scope, raw.get("links"))
+    if len(chk.problems) > before or key is None:
+        return None
+    return Rule(
+        name=name,
+        conditions=conditions,
+        action=action,
+        match=match,
+        incident_key=key,
+        summary=summary,
+        severity=severity,
+        details=details,
+        links=links,
+        enabled=enabled,
+        file=chk.file,
+        line=scope.line,
+    )
+
+
+def _rule_name(scope: _Scope, name: Any, names: dict[str, str]) -> None:
+    """Names must be present and unique across all of a service's files (traces use them)."""
+    if not isinstance(name, str) or not name.strip():
+        if name is None:
+            scope.add("missing name")
+        else:
+            scope.add("name must be a non-empty string", "name")
+        return
+    first = names.get(name.casefold())
+    if first is not None:
+        scope.add(f"duplicate rule name {name!r} (first defined at {first})", "name")
+    else:
+        names[name.casefold()] = f"{scope.chk.file}:{scope.line}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _Collected:
+    """What the files contribute to one Ruleset."""
+
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.names: dict[str, str] = {}
+        self.unmatched: dict[str, Any] | None = None
+        self.unmatched_at = ""
+        self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
+        self.tags: list[str] = []
+
+
+def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
+    scope = _Scope(chk, chk.loc.span("unmatched"), "unmatched")
+    if out.unmatched is not None:
+        scope.add(f"[unmatched] is already defined at {out.unmatched_at}; keep only one")
+        return
+    if not isinstance(raw, dict):
+        scope.add("[unmatched] must be a table")
+        return
+    out.unmatched, out.unmatched_at = raw, f"{chk.file}:{scope.line}"
+    scope.unknown(raw, UNMATCHED_KEYS)
+    action = raw.get("action", "discard")
+    if action not in ("discard", "trigger"):
+        scope.add(f'action must be "discard" or "trigger", not {action!r}', "action")
+    out.unmatched_values = (
+        action,
+        scope.summary(raw, "{{ subject }}"),
+        scope.severity(raw, "warning"),
+    )
+
+
+def _keys(chk: _Checker, raw: Any, out: _Collected) -> None:
+    scope = _Scope(chk, chk.loc.span("keys"), "keys")
+    if not isinstance(raw, dict):
+        scope.add("[keys] must be a table")
+        return
+    scope.unknown(raw, KEYS_KEYS)
+    tags = raw.get("strip_tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
+        scope.add('strip_tags must be a list of non-empty strings, e.g. ["[Desk]"]', "strip_tags")
+        return
+    out.tags.extend(t for t in tags if t not in out.tags)
+
+
+def _check_file(path: Path, problems: list[Problem], out: _Collected) -> None:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        problems.append(Problem(file, f"cannot read rule file: {exc.strerror or exc}"))
+        return
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(file, f"rule file is not UTF-8: {exc}"))
+        return
+    except tomllib.TOMLDecodeError as exc:
+        found = _TOML_LINE.search(str(exc))
+        line = int(found.group(1)) if found else None
+        problems.append(Problem(file, f"TOML syntax error: {exc}", line))
+        return
+    chk = _Checker(file, text, problems)
+    _sections(chk, data, out)
+
+
+_SECTIONS: dict[str, Callable[[_Checker, Any, _Collected], None]] = {
+    "unmatched": _unmatched,
+    "keys": _keys,
+}
+
+
+def _sections(chk: _Checker, data: dict[str, Any], out: _Collected) -> None:
+    for key, value in data.items():
+        if key == "rule":
+            _rules(chk, value, out)
+        elif key in _SECTIONS:
+            _SECTIONS[key](chk, value, out)
+        else:
+            chk.add(
+                f"unknown top-level key {key!r}; allowed: {', '.join(TOP_KEYS)}",
+                chk.loc.top(key),
+                key,
+            )
+
+
+def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
+    if not isinstance(value, list):
+        chk.add("rules are written [[rule]] (double brackets), one per rule", chk.loc.top("rule"))
+        return
+    for index, raw in enumerate(value):
+        rule = _rule(chk, index, raw, out.names)
+        if rule is not None:
+            out.rules.append(rule)
+
+
+def load_rule_files(paths: list[Path]) -> Ruleset:
+    """Validate every file, then raise one RuleError with all problems, or return the Ruleset."""
+    problems: list[Problem] = []
+    out = _Collected()
+    for path in paths:
+        _check_file(Path(path), problems, out)
+    if problems:
+        raise RuleError(problems)
+    action, summary, severity = out.unmatched_values
+    return Ruleset(
+        rules=tuple(out.rules),
+        unmatched_action=action,
+        unmatched_summary=summary,
+        unmatched_severity=severity,
+        strip_tags=tuple(out.tags),
+        files=tuple(str(p) for p in paths),
+    )
