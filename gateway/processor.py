@@ -7,17 +7,24 @@ repeats the work and a crash after it never repeats it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
+import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from gateway import incidents
 from gateway.config import PagerDutySettings, ServiceSettings
-from gateway.errors import RuleError, RuleEvaluationError
+from gateway.errors import ConfigError, RuleError, RuleEvaluationError
 from gateway.message import ParsedMail, parse_message
 from gateway.pagerduty import build_event
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
@@ -191,7 +198,7 @@ class Processor:
             incident_key=key,
             detail=f"no routing_key: {event['event_action']} not sent",
         )
-        log.info("service %s has no routing_key; would send %s", job.service, event)
+        log.info("service %s has no routing_key; would send %s", job.service, json.dumps(event))
         return False
 
     def _finish(
@@ -246,60 +253,146 @@ def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRun
     return runtimes
 
 
-class ProcessorThread:
-    """Runs the processor on its own thread and connection; `wake()` after each spool commit."""
+class ProcessorProcess:
+    """Runs the processor in a child process, woken after each spool commit.
 
-    def __init__(
-        self,
-        db_path: Path,
-        services: Mapping[str, ServiceRuntime],
-        pagerduty: PagerDutySettings,
-        *,
-        regex_timeout: float,
-        on_outbox: Callable[[], None] | None = None,
-        idle_poll: float = 1.0,
-    ) -> None:
-        self._db_path = db_path
-        self._args = (services, pagerduty, regex_timeout, on_outbox)
-        self._idle_poll = idle_poll
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="processor", daemon=True)
-        self.processor: Processor | None = None
+    Parsing and rules are CPU work; in their own process they use the second core instead of
+    competing with the SMTP listener for the GIL, and a crash there cannot take the listener
+    down (the supervisor restarts it; pending jobs simply wait in the spool).
+    """
+
+    def __init__(self, config_path: Path, *, on_outbox: Callable[[], None]) -> None:
+        self.config_path = config_path
+        self.on_outbox = on_outbox
+        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
+        self._process: BaseProcess | None = None
+        self._to_child: Connection | None = None
+        self._from_child: Connection | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.restarts = 0
 
     def start(self) -> None:
-        services, pagerduty, regex_timeout, on_outbox = self._args
-        store = Store(self._db_path)
-        self.processor = Processor(
-            store, services, pagerduty, regex_timeout=regex_timeout, on_outbox=on_outbox
+        parent_in, child_out = self._context.Pipe(duplex=False)
+        child_in, parent_out = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_processor_main,
+            args=(str(self.config_path), child_in, child_out),
+            name="gateway-processor",
+            daemon=True,
         )
-        self._thread.start()
+        process.start()
+        child_in.close()
+        child_out.close()
+        with self._lock:
+            self._process, self._to_child, self._from_child = process, parent_out, parent_in
+        self._send("wake")  # resume whatever a previous run left pending
 
     def wake(self) -> None:
-        self._wake.set()
+        """Thread-safe; called by the spool writer after every commit."""
+        self._send("wake")
 
-    def swap_services(self, services: Mapping[str, ServiceRuntime]) -> None:
-        """Hot reload: the next batch uses the new rules; a batch in progress keeps the old."""
-        assert self.processor is not None
-        self.processor.services = services
+    def reload(self) -> None:
+        self._send("reload")
 
-    def stop(self) -> None:
-        """Finish the batch in progress (its commit included), then end."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self.processor is not None:
-            self.processor.store.close()
-
-    def _run(self) -> None:
-        assert self.processor is not None
-        while not self._stop.is_set():
-            self._wake.wait(self._idle_poll)
-            self._wake.clear()
+    def _send(self, message: str) -> None:
+        with self._lock:
+            if self._to_child is None:
+                return
             try:
-                while not self._stop.is_set() and self.processor.process_pending():
-                    pass
-            except Exception:  # store trouble: keep the jobs pending, try again shortly
-                log.exception("processing failed; will retry")
-                self._stop.wait(1.0)
+                self._to_child.send(message)
+            except OSError:
+                pass  # the child is gone; the supervisor restarts it and it rescans the spool
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Forward the child's "outbox has items" notes to `on_outbox` on the event loop."""
+        assert self._from_child is not None
+        loop.add_reader(self._from_child.fileno(), self._drain_notes)
+
+    def _drain_notes(self) -> None:
+        connection = self._from_child
+        try:
+            while connection is not None and connection.poll():
+                connection.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(connection.fileno())
+        self.on_outbox()
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Restart the child if it dies (with a pause, so a crash loop does not spin)."""
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            process = self._process
+            if process is not None and not process.is_alive() and not self._stopping:
+                log.error("processor process exited with %s; restarting", process.exitcode)
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(self._from_child.fileno())  # type: ignore[union-attr]
+                self.restarts += 1
+                self.start()
+                self.attach(loop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0 if self.restarts < 5 else 5.0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the child finish its batch (commit included) and exit."""
+        self._stopping = True
+        self._send("stop")
+        process = self._process
+        if process is None:
+            return
+        process.join(timeout)
+        if process.is_alive():
+            log.error("processor did not stop within %.0fs; killing it", timeout)
+            process.kill()
+            process.join(5)
+
+
+def _processor_main(config_path: str, inbox: Connection, notes: Connection) -> None:
+    """Child process entry point: decide pending jobs whenever woken (or every second)."""
+    from gateway.config import load_config
+    from gateway.logs import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    config = load_config(Path(config_path))
+    setup_logging(config.gateway.log_level, config.gateway.log_format)
+    store = Store(config.db_path)
+    processor = Processor(
+        store,
+        load_services(config.services),
+        config.pagerduty,
+        regex_timeout=config.gateway.regex_timeout_seconds,
+        on_outbox=lambda: notes.send(1),
+    )
+    while True:
+        messages = _receive(inbox, timeout=1.0)
+        if "reload" in messages:
+            _reload(processor, Path(config_path))
+        while processor.process_pending():
+            pass
+        if "stop" in messages:
+            store.close()
+            return
+
+
+def _receive(inbox: Connection, timeout: float) -> set[str]:
+    messages: set[str] = set()
+    try:
+        if inbox.poll(timeout):
+            while inbox.poll():
+                messages.add(inbox.recv())
+    except (EOFError, OSError):
+        messages.add("stop")  # the parent is gone
+    return messages
+
+
+def _reload(processor: Processor, config_path: Path) -> None:
+    """Swap in new rules between batches; on any error keep the last good ones."""
+    from gateway.config import load_config
+
+    try:
+        config = load_config(config_path)
+        processor.services = load_services(config.services)
+    except (ConfigError, RuleError) as exc:
+        log.error("reload refused, keeping the last good rules:\n%s", exc)
+        return
+    log.info("rules reloaded: %s", ", ".join(processor.services))

@@ -20,7 +20,7 @@ from gateway.imap import ImapPoller
 from gateway.intake import SpoolWriter
 from gateway.outbox import OutboxWorker, RetryPolicy
 from gateway.pagerduty import PagerDutySender, RateLimiter
-from gateway.processor import ProcessorThread, load_services
+from gateway.processor import ProcessorProcess, load_services
 from gateway.smtp import SmtpListener
 from gateway.store import StoreThread
 
@@ -53,23 +53,20 @@ class Service:
 
     async def run(self) -> int:
         config = self.config
-        services = load_services(config.services)
+        load_services(config.services)  # fail fast, with file:line errors, before listening
         spool = SpoolWriter(config.db_path)
         spool.start()
         outbox_store = StoreThread(config.db_path, "outbox")
         async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
             pd_worker = self._pagerduty_worker(outbox_store, client)
-            processor = ProcessorThread(
-                config.db_path,
-                services,
-                config.pagerduty,
-                regex_timeout=config.gateway.regex_timeout_seconds,
-                on_outbox=pd_worker.wake,
-            )
+            processor = ProcessorProcess(config.path, on_outbox=pd_worker.wake)
             processor.start()
+            processor.attach(asyncio.get_running_loop())
             spool.on_commit(processor.wake)
-            processor.wake()  # resume whatever a previous run left pending
-            tasks = [asyncio.create_task(pd_worker.run(self.stopping), name="pagerduty-outbox")]
+            tasks = [
+                asyncio.create_task(pd_worker.run(self.stopping), name="pagerduty-outbox"),
+                asyncio.create_task(processor.supervise(self.stopping), name="processor"),
+            ]
             pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
             try:
                 self.smtp = SmtpListener(config.smtp, config.services, spool)
@@ -103,7 +100,7 @@ class Service:
                 loop.add_signal_handler(sig, self.stop)
 
     async def _shutdown(
-        self, spool: SpoolWriter, processor: ProcessorThread, tasks: list[asyncio.Task]
+        self, spool: SpoolWriter, processor: ProcessorProcess, tasks: list[asyncio.Task]
     ) -> None:
         self.stopping.set()
         if self.smtp is not None:

@@ -80,7 +80,7 @@ def write_config(
 [gateway]
 data_dir = "data"
 rules_dir = "{RULES_DIR.as_posix()}"
-templates_dir = "{(ROOT / 'templates').as_posix()}"
+templates_dir = "{(ROOT / "templates").as_posix()}"
 log_level = "info"
 log_format = "human"
 

@@ -78,7 +78,9 @@ class PagerDutyStandIn:
 
     def fail_next(self, count: int, status: int = 500, **headers: str) -> None:
         with self.lock:
-            self.script.extend(Scripted(status, '{"status":"error"}', headers) for _ in range(count))
+            self.script.extend(
+                Scripted(status, '{"status":"error"}', headers) for _ in range(count)
+            )
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Block until `count` events were accepted (or fail the test at the deadline)."""
@@ -103,18 +105,26 @@ class PagerDutyStandIn:
                 return scripted.status, scripted.body, scripted.headers
             error = validate_event(event)
             if error:
-                body = {"status": "invalid event", "message": "Event object is invalid", "errors": [error]}
+                body = {
+                    "status": "invalid event",
+                    "message": "Event object is invalid",
+                    "errors": [error],
+                }
                 return 400, json.dumps(body), {}
             self.events.append(event)
             self.cond.notify_all()
-        answer = {"status": "success", "message": "Event processed", "dedup_key": event.get("dedup_key")}
+        answer = {
+            "status": "success",
+            "message": "Event processed",
+            "dedup_key": event.get("dedup_key"),
+        }
         return 202, json.dumps(answer), {}
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 status, text, headers = standin._answer(self.rfile.read(length))
                 data = text.encode()

@@ -60,17 +60,43 @@ def test_env_default_syntax(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
-        pytest.param('[smtp]\nlisten_port = 25\n', "[smtp.listen_port]: unknown key", id="unknown-key"),
-        pytest.param('[smtp]\nmax_connections = "many"\n', "[smtp.max_connections]: must be an integer", id="wrong-type"),
-        pytest.param('[gateway]\nlog_level = "loud"\n', "[gateway.log_level]: must be one of", id="bad-choice"),
-        pytest.param('[smtp]\nlisten = ["localhost"]\n', "[smtp.listen]: 'localhost' is not host:port", id="bad-listen"),
-        pytest.param('[pagerduty]\nevents_url = "ftp://x"\n', "[pagerduty.events_url]: must be an http(s) URL", id="bad-url"),
-        pytest.param('[bogus]\n', "[bogus]: unknown key", id="unknown-table"),
-        pytest.param('[smtp]\ntls = "starttls"\n', "[smtp.tls]: TLS enabled, but tls_cert and tls_key", id="tls-without-cert"),
+        pytest.param(
+            "[smtp]\nlisten_port = 25\n", "[smtp.listen_port]: unknown key", id="unknown-key"
+        ),
+        pytest.param(
+            '[smtp]\nmax_connections = "many"\n',
+            "[smtp.max_connections]: must be an integer",
+            id="wrong-type",
+        ),
+        pytest.param(
+            '[gateway]\nlog_level = "loud"\n',
+            "[gateway.log_level]: must be one of",
+            id="bad-choice",
+        ),
+        pytest.param(
+            '[smtp]\nlisten = ["localhost"]\n',
+            "[smtp.listen]: 'localhost' is not host:port",
+            id="bad-listen",
+        ),
+        pytest.param(
+            '[pagerduty]\nevents_url = "ftp://x"\n',
+            "[pagerduty.events_url]: must be an http(s) URL",
+            id="bad-url",
+        ),
+        pytest.param("[bogus]\n", "[bogus]: unknown key", id="unknown-table"),
+        pytest.param(
+            '[smtp]\ntls = "starttls"\n',
+            "[smtp.tls]: TLS enabled, but tls_cert and tls_key",
+            id="tls-without-cert",
+        ),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path: Path, snippet: str, expected: str) -> None:
-    body = MINIMAL.replace("[gateway]\n", "[gateway_]\n") if snippet.startswith("[gateway]") else MINIMAL
+    body = (
+        MINIMAL.replace("[gateway]\n", "[gateway_]\n")
+        if snippet.startswith("[gateway]")
+        else MINIMAL
+    )
     body = body.replace("[gateway_]\n", "")
     path = write(tmp_path, snippet + body)
     with pytest.raises(ConfigError) as info:
@@ -82,8 +108,9 @@ def test_missing_env_var_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + 'routing_key = "${PD_ROUTING_KEY}"\n')
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
-    assert "[service 'helpdesk'.routing_key]: environment variable PD_ROUTING_KEY is not set" in str(
-        info.value
+    assert (
+        "[service 'helpdesk'.routing_key]: environment variable PD_ROUTING_KEY is not set"
+        in str(info.value)
     )
 
 
@@ -104,7 +131,7 @@ def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
 
 
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
-    path = write(tmp_path, '[smtp]\nmax_connections = 0\nhostname = 5\n' + MINIMAL)
+    path = write(tmp_path, "[smtp]\nmax_connections = 0\nhostname = 5\n" + MINIMAL)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert len(info.value.problems) == 2

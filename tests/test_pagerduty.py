@@ -37,11 +37,16 @@ def test_trigger_event_follows_the_contract() -> None:
 
 
 def test_resolve_event_is_minimal() -> None:
-    assert build_event(action="resolve", dedup_key="k") == {"event_action": "resolve", "dedup_key": "k"}
+    assert build_event(action="resolve", dedup_key="k") == {
+        "event_action": "resolve",
+        "dedup_key": "k",
+    }
 
 
 def test_oversized_details_are_shortened_under_512kb() -> None:
-    event = build_event(action="trigger", dedup_key="k", summary="s", details={"body": "y" * 2_000_000})
+    event = build_event(
+        action="trigger", dedup_key="k", summary="s", details={"body": "y" * 2_000_000}
+    )
     assert len(json.dumps(event).encode()) < 512 * 1024
 
 
@@ -93,8 +98,19 @@ def test_network_errors_are_temporary() -> None:
 def _item(service: str):
     from gateway.store import OutboxItem
 
-    return OutboxItem(1, "pagerduty", service, "k", {"event_action": "resolve", "dedup_key": "k"},
-                      "pending", 0, time.time(), time.time(), "", "")
+    return OutboxItem(
+        1,
+        "pagerduty",
+        service,
+        "k",
+        {"event_action": "resolve", "dedup_key": "k"},
+        "pending",
+        0,
+        time.time(),
+        time.time(),
+        "",
+        "",
+    )
 
 
 def _queue(db: Path, *events: tuple[str, str]) -> None:
@@ -138,7 +154,9 @@ def test_400_is_a_dead_letter_with_the_response(tmp_path: Path, pd: PagerDutySta
     db = tmp_path / "g.sqlite3"
     store = Store(db)
     with store.transaction():
-        store.add_outbox("pagerduty", "helpdesk", "k", {"event_action": "trigger", "dedup_key": "k"}, None)
+        store.add_outbox(
+            "pagerduty", "helpdesk", "k", {"event_action": "trigger", "dedup_key": "k"}, None
+        )
     asyncio.run(_drain(db, pd, seconds=2))
     dead = store.outbox(("dead",))
     assert len(dead) == 1 and dead[0].attempts == 1
@@ -157,8 +175,9 @@ def test_gives_up_after_the_configured_time(tmp_path: Path) -> None:
         async def always_down(item):
             raise TemporaryDeliveryError("HTTP 503")
 
-        worker = OutboxWorker(store, "pagerduty", always_down, RetryPolicy(give_up_after=3600),
-                              clock=lambda: clock[0])
+        worker = OutboxWorker(
+            store, "pagerduty", always_down, RetryPolicy(give_up_after=3600), clock=lambda: clock[0]
+        )
         await worker.run_once()
         store.close()
 

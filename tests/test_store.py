@@ -11,7 +11,9 @@ import pytest
 from gateway.store import IncomingMail, Store
 
 
-def mail(fingerprint: str, services: tuple[str, ...] = ("helpdesk",), raw: bytes = b"x") -> IncomingMail:
+def mail(
+    fingerprint: str, services: tuple[str, ...] = ("helpdesk",), raw: bytes = b"x"
+) -> IncomingMail:
     return IncomingMail(raw=raw, source="test", services=services, fingerprint=fingerprint)
 
 
