@@ -13,7 +13,7 @@ from aiosmtpd.smtp import SMTP
 
 
 class NullHandler:
-    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope) -> str:
         return "250 2.0.0 Ok: discarded"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BareSmtpd, smtp_source  # noqa: E402
-from gateway.message import parse_message  # noqa: E402
-from gateway.rules import evaluate, load_ruleset  # noqa: E402
+from bench.common import BareSmtpd, smtp_source
+from gateway.message import parse_message
+from gateway.rules import evaluate, load_ruleset
 
 ROW = (
     '<tr><td style="padding:4px;font-family:Arial,sans-serif;color:#333">{label}</td>'

@@ -299,10 +299,9 @@ class ProcessorProcess:
         with self._lock:
             if self._to_child is None:
                 return
-            try:
+            # if the child is gone, the supervisor restarts it and it rescans the spool
+            with contextlib.suppress(OSError):
                 self._to_child.send(message)
-            except OSError:
-                pass  # the child is gone; the supervisor restarts it and it rescans the spool
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Forward the child's "outbox has items" notes to `on_outbox` on the event loop."""
