@@ -9,25 +9,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 from tabulate import tabulate
 
-from gateway import __version__, intake
+from gateway import __version__, delivery, intake
 from gateway.config import Config, find_config_path, load_config
-from gateway.errors import ConfigError, GatewayError, RuleError, StoreError
+from gateway.errors import ConfigError, GatewayError, RuleError, StoreError, ThemeError
 from gateway.logs import setup_logging
 from gateway.message import parse_message
-from gateway.outbox import OutboxWorker, RetryPolicy
-from gateway.pagerduty import PagerDutySender, RateLimiter
+from gateway.notifications import build_notifier
 from gateway.processor import Processor, load_services
 from gateway.rules import evaluate, load_ruleset
-from gateway.store import Store, StoreThread
+from gateway.store import Store
 
 EX_OK, EX_USAGE, EX_TEMPFAIL = 0, 1, 75
 
@@ -39,12 +37,14 @@ class UsageError(GatewayError):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_format:  # through the environment so the processor child process follows
+        os.environ["GATEWAY_LOG_FORMAT"] = args.log_format
     if not hasattr(args, "handler"):
         parser.print_help()
         return EX_USAGE
     try:
         return args.handler(args)
-    except (ConfigError, RuleError) as exc:
+    except (ConfigError, RuleError, ThemeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
     except (UsageError, KeyError) as exc:
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     parser.add_argument(
         "--config", help="config file (default: $GATEWAY_CONFIG, else ./config.toml)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "human", "json"],
+        help="override [gateway] log_format (auto: JSON lines under systemd or when piped)",
     )
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -106,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-deliver", action="store_true", help="only accept; leave the rest to serve")
 
     p = command(
+        "imap-once",
+        cmd_imap_once,
+        "fetch new mail from one [[imap]] account once (for cron), process and deliver it",
+        "gateway imap-once desk-mailbox",
+    )
+    p.add_argument("name", help="the name of an [[imap]] account in the config")
+    p.add_argument("--no-deliver", action="store_true", help="only accept; leave the rest to serve")
+
+    p = command(
         "incidents", cmd_incidents, "list the local incident mirror", "gateway incidents --open"
     )
     p.add_argument("--open", action="store_true", help="only triggered/acknowledged incidents")
@@ -126,6 +140,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "retry", "flush"], default="list")
     p.add_argument("id", nargs="?", type=int, help="item to retry")
     p.add_argument("--all", action="store_true", help="retry every dead letter")
+
+    p = command(
+        "render",
+        cmd_render,
+        "print the email a notification theme renders for a case (JSON)",
+        "gateway render case_new --case tests/fixtures/case29.json",
+    )
+    p.add_argument("theme", help="theme name (a folder in templates_dir)")
+    p.add_argument("--case", required=True, type=Path, help="the context, a JSON object")
+    p.add_argument("--to", help="override the To address")
+    p.add_argument("--templates", type=Path, help="templates directory instead of the config's")
+
+    p = command(
+        "notify",
+        cmd_notify,
+        "render a theme for a case and send it through [outgoing] (via the outbox)",
+        "gateway notify case_new --case tests/fixtures/case29.json --to desk@localhost",
+    )
+    p.add_argument("theme", help="theme name (a folder in templates_dir)")
+    p.add_argument("--case", required=True, type=Path, help="the context, a JSON object")
+    p.add_argument("--to", help="override the To address (and the recipient)")
+
+    # -- SMTP AUTH users file (gateway/auth.py) --
+    p = command(
+        "hash-password",
+        cmd_hash_password,
+        "hash a password for the SMTP users file (prompted, or one line on stdin)",
+        "gateway hash-password helpdesk >> /etc/gateway/smtp-users",
+    )
+    p.add_argument("user", nargs="?", help="print USER:HASH, a complete users-file line")
+    p.add_argument("--scheme", choices=["scrypt", "bcrypt"], default="scrypt")
+
+    # -- operations (gateway/retention.py, gateway/replay.py) --
+    p = command(
+        "purge",
+        cmd_purge,
+        "delete stored mail, decisions and events older than retention_days"
+        " (open incidents, pending jobs and outbox items are kept)",
+        "gateway purge --dry-run",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--days", type=int, help="override [gateway] retention_days")
+
+    p = command(
+        "replay",
+        cmd_replay,
+        "re-run stored mail through the current or candidate rules and show what would change;"
+        " never sends or changes anything",
+        "gateway replay --since 2h --rules /tmp/new-rules/",
+    )
+    p.add_argument("--since", default="24h", help="how far back: 30m, 2h, 7d or an ISO date")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        type=Path,
+        help="candidate rules: a directory (each service's file names) or files (all services)",
+    )
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--all", action="store_true", help="also list messages that would not change")
+    p.add_argument(
+        "--dry-run", action="store_true", help="accepted for clarity: replay never acts anyway"
+    )
     return parser
 
 
@@ -169,10 +245,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from gateway import themes
+
     config = _config(args)
     services = load_services(config.services)
+    problems = themes.check(config.gateway.templates_dir)
+    if problems:
+        raise ThemeError(problems)
     rules = sum(len(s.ruleset.rules) for s in services.values())
-    print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s)")
+    count = len(themes.Themes(config.gateway.templates_dir).names())
+    print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
     return EX_OK
 
 
@@ -244,36 +326,56 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(f"accepted as message {accepted.id}")
     if args.no_deliver:
         return EX_OK
-    try:
-        for outcome in Processor(
-            store, services, config.pagerduty, regex_timeout=config.gateway.regex_timeout_seconds
-        ).process_all():
-            print(f"{outcome.service}: {outcome.outcome} ({outcome.reason})")
-        asyncio.run(
-            _deliver_due(config, deadline=time.time() + 2 * config.pagerduty.timeout_seconds)
-        )
-    except GatewayError as exc:  # accepted already: later processing retries
-        print(f"warning: accepted, processing deferred: {exc}", file=sys.stderr)
+    _process_and_deliver(config, services, store)
     return EX_OK
 
 
-async def _deliver_due(config: Config, deadline: float) -> None:
-    store = StoreThread(config.db_path)
-    routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
-    limiter = (
-        RateLimiter(config.pagerduty.rate_limit_per_minute)
-        if config.pagerduty.rate_limit_per_minute
-        else None
-    )
+def _process_and_deliver(config: Config, services, store: Store) -> None:
+    """After acceptance: decide, then try to deliver once. Failures only defer the work (the
+    mail is durable): `gateway serve` or `gateway outbox flush` picks it up later."""
     try:
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            sender = PagerDutySender(
-                client, config.pagerduty.events_url, routing_keys, rate_limiter=limiter
-            )
-            policy = RetryPolicy(give_up_after=config.pagerduty.max_retry_hours * 3600)
-            await OutboxWorker(store, "pagerduty", sender, policy).run_until_idle(deadline)
-    finally:
-        store.close()
+        processor = Processor(
+            store,
+            services,
+            config.pagerduty,
+            regex_timeout=config.gateway.regex_timeout_seconds,
+            notifier=build_notifier(config),
+        )
+        for outcome in processor.process_all():
+            print(f"{outcome.service}: {outcome.outcome} ({outcome.reason})")
+        asyncio.run(delivery.deliver_due(config, 2 * config.pagerduty.timeout_seconds))
+    except GatewayError as exc:
+        print(f"warning: accepted, processing deferred: {exc}", file=sys.stderr)
+
+
+def cmd_imap_once(args: argparse.Namespace) -> int:
+    """One IMAP fetch cycle, then process and deliver like `ingest`; 75 if the mailbox failed."""
+    from gateway import imap  # imported lazily: only this command and serve need imapclient
+
+    config = _config(args)
+    services = load_services(config.services)
+    _setup_logging(config, "warning")
+    account = next((a for a in config.imap if a.name == args.name), None)
+    if account is None:
+        known = ", ".join(a.name for a in config.imap) or "none"
+        raise UsageError(f"unknown imap account {args.name!r} (configured: {known})")
+    store = Store(config.db_path)
+    try:
+        result = imap.run_once(account, store)
+    except imap.ImapAuthError as exc:
+        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except (imap.ImapError, OSError, imap.IMAPClient.Error) as exc:
+        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(
+        f"{account.name}: accepted {result.accepted} message(s) ({result.duplicates} duplicate),"
+        f" {result.oversize} left in place as too big"
+    )
+    if args.no_deliver:
+        return EX_OK
+    _process_and_deliver(config, services, store)
+    return EX_OK
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
@@ -329,7 +431,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         print(f"re-queued {count} item(s)")
         return EX_OK if count or args.all else EX_USAGE
     if args.action == "flush":
-        asyncio.run(_deliver_due(config, deadline=time.time() + 60))
+        asyncio.run(delivery.deliver_due(config, 60))
     rows = [
         [
             o.id,
@@ -359,10 +461,139 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _render_case(args: argparse.Namespace, directory: Path, default_from: str):
+    """Render args.theme with args.case; theme problems become one clear error (exit 1)."""
+    from gateway import themes
+
+    try:
+        context = themes.load_context(args.case)
+        msg = themes.Themes(directory).render(args.theme, context, default_from=default_from)
+        if args.to:
+            themes.replace_header(msg, "To", args.to)
+    except themes.ThemeError as exc:
+        raise UsageError(str(exc)) from None
+    return msg
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from gateway.config import OutgoingSettings
+    from gateway.themes import POLICY
+
+    config = None if args.templates else _config(args)
+    directory = args.templates or config.gateway.templates_dir
+    outgoing = (config.outgoing if config else None) or OutgoingSettings()
+    msg = _render_case(args, directory, outgoing.from_addr)
+    sys.stdout.write(msg.as_string(policy=POLICY.clone(linesep="\n")))
+    return EX_OK
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    from gateway import mailer
+
+    config = _config(args)
+    if config.outgoing is None:
+        raise UsageError(f"{config.path}: no [outgoing] section (set host, port and from)")
+    _setup_logging(config, "warning")
+    msg = _render_case(args, config.gateway.templates_dir, config.outgoing.from_addr)
+    store = Store(config.db_path)
+    try:
+        sender = mailer.envelope_sender(config.outgoing.from_addr)
+        item = mailer.queue_mail(store, msg, mail_from=sender)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    asyncio.run(delivery.deliver_due(config, 2 * config.outgoing.timeout_seconds))
+    left = {o.id: o for o in store.outbox(("pending", "dead"), limit=100_000)}.get(item)
+    if left is None:
+        print(f"sent {msg['Message-ID']} to {', '.join(mailer.recipients(msg))}")
+        return EX_OK
+    if left.state == "dead":
+        print(f"error: relay refused outbox item {item}: {left.last_error}", file=sys.stderr)
+        return EX_USAGE
+    print(
+        f"queued as outbox item {item}, not delivered yet ({left.last_error}); "
+        "`gateway serve` retries it",
+        file=sys.stderr,
+    )
+    return EX_OK
+
+
 def _describe(payload: dict) -> str:
     if "event_action" in payload:
         return f"{payload['event_action']} {payload.get('dedup_key', '')}"[:60]
     return str(payload.get("subject", ""))[:60]
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Read the password without echo on a terminal; a pipe gives one line (for scripts)."""
+    import getpass
+
+    from gateway.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("empty password")
+    if args.user and ":" in args.user:
+        raise UsageError("a user name cannot contain ':'")
+    try:
+        hashed = hash_password(password, args.scheme)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.user}:{hashed}" if args.user else hashed)
+    return EX_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from gateway import retention
+
+    config = _config(args)
+    days = config.gateway.retention_days if args.days is None else args.days
+    if days <= 0:
+        print("retention_days is 0: everything is kept, nothing to purge")
+        return EX_OK
+    store = Store(config.db_path)
+    if args.dry_run:
+        counts = retention.plan(store, days)
+        print(f"would delete (older than {days} days): {retention.describe(counts)}")
+        return EX_OK
+    counts = retention.purge(store, days)
+    print(f"deleted (older than {days} days): {retention.describe(counts)}")
+    return EX_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway import replay
+
+    config = _config(args)
+    try:
+        since = replay.parse_since(args.since)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    services = load_services(config.services)
+    if args.rules:
+        services = replay.candidate_rules(args.rules, services)
+    if args.service:
+        config.service(args.service)  # KeyError names the configured services
+    results = replay.replay(
+        Store(config.db_path),
+        services,
+        since,
+        regex_timeout=config.gateway.regex_timeout_seconds,
+        only_service=args.service,
+    )
+    rows = [
+        [r.message, _when(r.received_at), r.service, r.subject[:50], str(r.old), str(r.new)]
+        for r in results
+        if r.changed or args.all
+    ]
+    headers = ["message", "received", "service", "subject", "stored decision", "would now be"]
+    _print_table(rows, headers, "no differences")
+    print(replay.summary(results))
+    return EX_OK
 
 
 if __name__ == "__main__":

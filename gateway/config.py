@@ -109,8 +109,10 @@ class OutgoingSettings:
 
 @dataclass(frozen=True)
 class WebSettings:
-    listen: str = ""  # empty = web listener off
-    token: str | None = None
+    listen: str = "127.0.0.1:8025"  # loopback by default; "" = web listener off
+    token: str | None = None  # required by the status page's retry button
+    outbox_max_age_seconds: float = 900.0  # /healthz fails when a pending item is older
+    imap_max_silence_seconds: float = 900.0  # /healthz fails when a mailbox is silent longer
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,11 @@ class _Reader:
         names = {s.name for s in services}
         imap = tuple(self.imap(i, t, names) for i, t in enumerate(self.array(data, "imap"), 1))
         outgoing = self.outgoing(data["outgoing"]) if "outgoing" in data else None
+        for service in services:
+            if service.notify is not None and outgoing is None:
+                self.problem(f"service {service.name!r}.notify", "needs an [outgoing] relay")
+            if service.notify is not None and not service.notify.to:
+                self.problem(f"service {service.name!r}.notify.to", "at least one address")
         return Config(
             path=self.path,
             gateway=gateway,
@@ -471,11 +478,20 @@ class _Reader:
 
     def web(self, t: dict[str, Any]) -> WebSettings:
         w = "web"
-        self.check_keys(w, t, {"listen", "token"})
-        listen = self.get(w, t, "listen", str, "")
+        self.check_keys(w, t, {f.name for f in _fields(WebSettings)})
+        listen = self.get(w, t, "listen", str, WebSettings.listen)
         if listen and _split_hostport(listen) is None:
             self.problem(f"{w}.listen", f"{listen!r} is not host:port")
-        return WebSettings(listen=listen, token=self.get(w, t, "token", str, None) or None)
+        return WebSettings(
+            listen=listen,
+            token=self.get(w, t, "token", str, None) or None,
+            outbox_max_age_seconds=self.get(
+                w, t, "outbox_max_age_seconds", float, 900.0, check=_positive
+            ),
+            imap_max_silence_seconds=self.get(
+                w, t, "imap_max_silence_seconds", float, 900.0, check=_positive
+            ),
+        )
 
 
 def _fields(cls: type) -> tuple[Any, ...]:

@@ -1,9 +1,13 @@
 """The outbox worker: delivers durable outbox items (PagerDuty events, mail) with retries.
 
 Items were written in the same transaction as the decision that caused them, so a crash between
-decision and delivery only delays delivery. Per order key only the oldest pending item is ever in
-flight, so a resolve never overtakes its trigger. Temporary failures back off exponentially with
-jitter until `give_up_after`; rejected items become dead letters with the receiver's answer.
+decision and delivery only delays delivery (at-least-once; PagerDuty dedups by dedup_key). Each
+attempt holds a lease on its item, so several workers (serve, `outbox flush`) never send one
+item twice, and an item whose worker died becomes due again when the lease runs out. Per
+order key only the oldest pending item is ever in flight, so a resolve never overtakes its
+trigger; different keys are delivered concurrently and a slow one holds up no other. Results are
+committed in batches, one fsync per batch. Temporary failures back off exponentially with jitter
+until `give_up_after`; rejected items become dead letters with the receiver's answer.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.store import OutboxItem, StoreThread
+from gateway.store import OutboxItem, OutboxResult, StoreThread
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ Sender = Callable[[OutboxItem], Awaitable[str]]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter: delay = random(0.5..1) * min(max, first * 2^n)."""
+    """Exponential backoff with jitter: delay = random(0.5..1) * min(max, first * 2^n)."""
 
     first_delay: float = 1.0
     max_delay: float = 300.0
@@ -50,6 +54,7 @@ class OutboxWorker:
         policy: RetryPolicy,
         *,
         concurrency: int = 16,
+        lease_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -57,7 +62,10 @@ class OutboxWorker:
         self.send = send
         self.policy = policy
         self.concurrency = concurrency
+        self.lease_seconds = lease_seconds  # longer than any one attempt can take
         self.clock = clock
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._results: list[OutboxResult] = []
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -66,36 +74,72 @@ class OutboxWorker:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def run_once(self) -> int:
-        """Attempt every item that is due now; returns how many were attempted."""
-        now = self.clock()
-        items = await self.store.call(lambda s: s.due_outbox(now, self.concurrency, self.kind))
-        await asyncio.gather(*(self._deliver(item) for item in items))
-        return len(items)
-
-    async def run_until_idle(self, deadline: float) -> None:
-        """Deliver until nothing is due or the deadline passes (used by one-shot commands)."""
-        while self.clock() < deadline and await self.run_once():
-            pass
-
     async def run(self, stop: asyncio.Event, max_sleep: float = 5.0) -> None:
-        """Deliver until `stop` is set; sleeps until the next item is due or `wake()`."""
+        """Deliver until `stop` is set, then let the attempts in flight finish and record them."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         while not stop.is_set():
             self._wake.clear()
             try:
-                attempted = await self.run_once()
+                await self._flush()
+                started = await self._start_due()
             except Exception:
                 log.exception("%s outbox: store error, retrying shortly", self.kind)
-                attempted = 0
+                started = 0
                 await asyncio.sleep(1.0)
-            if attempted:
-                continue
-            await self._sleep(stop, max_sleep)
+            if not started:
+                await self._sleep(stop, max_sleep)
+        await self._drain()
+
+    async def run_until_idle(self, deadline: float) -> None:
+        """One-shot commands: try each due item once (a failure waits for its backoff, in
+        `serve`), following each key's queue after successes, until the deadline."""
+        tried: set[int] = set()
+        while self.clock() < deadline:
+            started = await self._start_due(exclude=tried)
+            tried.update(self._in_flight)
+            if not started and not self._in_flight:
+                break
+            await asyncio.wait(list(self._in_flight.values()), return_when="FIRST_COMPLETED")
+            await self._flush()
+        await self._drain()
+
+    async def run_once(self) -> int:
+        """Attempt every item that is due now and record the results; returns how many."""
+        started = await self._start_due()
+        await self._drain()
+        return started
+
+    async def _start_due(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
+        capacity = self.concurrency - len(self._in_flight)
+        if capacity <= 0:
+            return 0
+        now, lease, skip = self.clock(), self.lease_seconds, sorted(exclude)
+        items = await self.store.call(
+            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip)
+        )
+        for item in items:
+            self._in_flight[item.id] = asyncio.create_task(self._attempt(item))
+        return len(items)
+
+    async def _flush(self) -> None:
+        """Commit finished attempts; only then may their keys' next items be started."""
+        if not self._results:
+            return
+        results, self._results = self._results, []
+        await self.store.call(lambda s: s.record_outbox(results))
+        for result in results:
+            self._in_flight.pop(result.id, None)
+
+    async def _drain(self) -> None:
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight.values())
+        await self._flush()
 
     async def _sleep(self, stop: asyncio.Event, max_sleep: float) -> None:
         assert self._wake is not None
+        if self._results:
+            return
         due = await self.store.call(lambda s: s.next_outbox_due(self.kind))
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -105,36 +149,38 @@ class OutboxWorker:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _deliver(self, item: OutboxItem) -> None:
+    async def _attempt(self, item: OutboxItem) -> None:
+        self._results.append(await self._deliver(item))
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _deliver(self, item: OutboxItem) -> OutboxResult:
         try:
             response = await self.send(item)
         except TemporaryDeliveryError as exc:
-            await self._retry_or_give_up(item, exc)
+            return self._retry_or_give_up(item, exc)
         except RejectedDeliveryError as exc:
             log.error("%s #%d rejected, dead letter: %s", self.kind, item.id, exc)
-            error, answer = str(exc), exc.response
-            await self.store.call(lambda s: s.outbox_dead(item.id, error, answer))
+            return OutboxResult(item.id, "dead", response=exc.response, error=str(exc))
         except Exception as exc:  # a bug in a sender must not stop the worker
             log.exception("%s #%d: unexpected delivery error", self.kind, item.id)
-            await self._retry_or_give_up(item, TemporaryDeliveryError(f"internal error: {exc}"))
-        else:
-            log.info("%s #%d delivered (%s)", self.kind, item.id, item.order_key)
-            await self.store.call(lambda s: s.outbox_done(item.id, response))
+            return self._retry_or_give_up(item, TemporaryDeliveryError(f"internal error: {exc}"))
+        log.info("%s #%d delivered (%s)", self.kind, item.id, item.order_key)
+        return OutboxResult(item.id, "done", response=response)
 
-    async def _retry_or_give_up(self, item: OutboxItem, exc: TemporaryDeliveryError) -> None:
+    def _retry_or_give_up(self, item: OutboxItem, exc: TemporaryDeliveryError) -> OutboxResult:
         now = self.clock()
         if now - item.created_at >= self.policy.give_up_after:
             message = f"gave up after {item.attempts + 1} attempts: {exc}"
             log.error("%s #%d %s", self.kind, item.id, message)
-            await self.store.call(lambda s: s.outbox_dead(item.id, message))
-            return
-        next_at = now + self.policy.delay(item.attempts, exc.retry_after)
+            return OutboxResult(item.id, "dead", error=message)
+        delay = self.policy.delay(item.attempts, exc.retry_after)
         log.warning(
             "%s #%d attempt %d failed (%s); retry in %.1fs",
             self.kind,
             item.id,
             item.attempts + 1,
             exc,
-            next_at - now,
+            delay,
         )
-        await self.store.call(lambda s: s.outbox_retry(item.id, next_at, str(exc)))
+        return OutboxResult(item.id, "pending", error=str(exc), next_attempt_at=now + delay)

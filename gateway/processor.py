@@ -24,8 +24,9 @@ from pathlib import Path
 
 from gateway import incidents
 from gateway.config import PagerDutySettings, ServiceSettings
-from gateway.errors import ConfigError, RuleError, RuleEvaluationError
+from gateway.errors import ConfigError, RuleError, RuleEvaluationError, ThemeError
 from gateway.message import ParsedMail, parse_message
+from gateway.notifications import Notifier, build_notifier
 from gateway.pagerduty import build_event
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
 from gateway.store import PendingJob, Store
@@ -70,6 +71,20 @@ class Outcome:
             f" outcome={self.outcome} reason={self.reason!r}"
         )
 
+    def log_fields(self) -> dict[str, object]:
+        """The same facts as structured fields, for JSON logs (`extra=`)."""
+        return {
+            "message_id": self.message,
+            "job": self.job,
+            "source": self.source,
+            "service": self.service,
+            "rule": self.rule,
+            "action": self.action,
+            "key": self.incident_key,
+            "outcome": self.outcome,
+            "reason": self.reason,
+        }
+
 
 class Processor:
     """Decides pending jobs. `services` may be swapped (hot reload) between batches."""
@@ -82,9 +97,11 @@ class Processor:
         *,
         regex_timeout: float = 0.5,
         on_outbox: Callable[[], None] | None = None,
+        notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.notifier = notifier
         self.services = services
         self.pagerduty = pagerduty
         self.regex_timeout = regex_timeout
@@ -101,7 +118,7 @@ class Processor:
             for job in jobs:
                 outcomes.append(self._decide_safely(job))
         for outcome in outcomes:
-            log.info("%s", outcome.log_line())
+            log.info("%s", outcome.log_line(), extra=outcome.log_fields())
         if self.on_outbox and any(o.queued for o in outcomes):
             self.on_outbox()
         return outcomes
@@ -155,13 +172,21 @@ class Processor:
             message=job.message,
             case_message_id=mail.message_id,
         )
+        queued = False
         if changed is not None:
             self.store.save_incident(changed)
+            queued = self._notify(job, runtime, outcome, changed)
         event = self._event(runtime, mail, decision)
-        queued = self._queue_event(job, runtime, event)
+        queued = self._queue_event(job, runtime, event) or queued
         return self._finish(
             job, outcome, decision.reason, decision=decision, event=event, queued=queued
         )
+
+    def _notify(self, job: PendingJob, runtime: ServiceRuntime, outcome: str, incident) -> bool:
+        notify = runtime.settings.notify
+        if notify is None or self.notifier is None:
+            return False
+        return self.notifier.queue(self.store, notify, outcome, incident, job.id) is not None
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
         details = {
@@ -361,6 +386,7 @@ def _processor_main(config_path: str, inbox: Connection, notes: Connection) -> N
         config.pagerduty,
         regex_timeout=config.gateway.regex_timeout_seconds,
         on_outbox=lambda: notes.send(1),
+        notifier=build_notifier(config),
     )
     while True:
         messages = _receive(inbox, timeout=1.0)
@@ -390,8 +416,10 @@ def _reload(processor: Processor, config_path: Path) -> None:
 
     try:
         config = load_config(config_path)
-        processor.services = load_services(config.services)
-    except (ConfigError, RuleError) as exc:
+        services = load_services(config.services)
+        notifier = build_notifier(config)
+    except (ConfigError, RuleError, ThemeError) as exc:
         log.error("reload refused, keeping the last good rules:\n%s", exc)
         return
+    processor.services, processor.notifier = services, notifier
     log.info("rules reloaded: %s", ", ".join(processor.services))

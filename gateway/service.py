@@ -15,11 +15,12 @@ import signal
 
 import httpx
 
+from gateway import delivery
 from gateway.config import Config
 from gateway.imap import ImapPoller
 from gateway.intake import SpoolWriter
-from gateway.outbox import OutboxWorker, RetryPolicy
-from gateway.pagerduty import PagerDutySender, RateLimiter
+from gateway.notifications import build_notifier
+from gateway.operations import Operations
 from gateway.processor import ProcessorProcess, load_services
 from gateway.smtp import SmtpListener
 from gateway.store import StoreThread
@@ -47,6 +48,7 @@ class Service:
         self.ready = asyncio.Event()
         self.smtp: SmtpListener | None = None
         self.imap: list[ImapPoller] = []
+        self.ops: Operations | None = None  # notify, reload, web, retention
 
     def stop(self) -> None:
         self.stopping.set()
@@ -54,19 +56,24 @@ class Service:
     async def run(self) -> int:
         config = self.config
         load_services(config.services)  # fail fast, with file:line errors, before listening
+        build_notifier(config)  # the same for notification themes
         spool = SpoolWriter(config.db_path)
         spool.start()
         outbox_store = StoreThread(config.db_path, "outbox")
         async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            pd_worker = self._pagerduty_worker(outbox_store, client)
-            processor = ProcessorProcess(config.path, on_outbox=pd_worker.wake)
+            workers = [delivery.pagerduty_worker(outbox_store, client, config)]
+            workers += filter(None, [delivery.mail_worker(outbox_store, config)])
+            processor = ProcessorProcess(
+                config.path, on_outbox=lambda: [worker.wake() for worker in workers]
+            )
             processor.start()
             processor.attach(asyncio.get_running_loop())
             spool.on_commit(processor.wake)
             tasks = [
-                asyncio.create_task(pd_worker.run(self.stopping), name="pagerduty-outbox"),
-                asyncio.create_task(processor.supervise(self.stopping), name="processor"),
+                asyncio.create_task(worker.run(self.stopping), name=f"{worker.kind}-outbox")
+                for worker in workers
             ]
+            tasks.append(asyncio.create_task(processor.supervise(self.stopping), name="processor"))
             pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
             try:
                 self.smtp = SmtpListener(config.smtp, config.services, spool)
@@ -75,6 +82,8 @@ class Service:
                     poller.start()
                 self.imap = pollers
                 self._install_signals()
+                self.ops = Operations(config, self, processor=processor, workers=workers)
+                await self.ops.start()  # READY=1: the listeners are bound
                 self.ready.set()
                 log.info("gateway ready: smtp %s", ", ".join(config.smtp.listen))
                 await self.stopping.wait()
@@ -84,14 +93,6 @@ class Service:
                 outbox_store.close()
         log.info("gateway stopped")
         return 0
-
-    def _pagerduty_worker(self, store: StoreThread, client: httpx.AsyncClient) -> OutboxWorker:
-        pd = self.config.pagerduty
-        routing_keys = {s.name: s.routing_key for s in self.config.services if s.routing_key}
-        limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
-        sender = PagerDutySender(client, pd.events_url, routing_keys, rate_limiter=limiter)
-        policy = RetryPolicy(give_up_after=pd.max_retry_hours * 3600)
-        return OutboxWorker(store, "pagerduty", sender, policy)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,6 +104,8 @@ class Service:
         self, spool: SpoolWriter, processor: ProcessorProcess, tasks: list[asyncio.Task]
     ) -> None:
         self.stopping.set()
+        if self.ops is not None:
+            await self.ops.close()  # STOPPING=1
         if self.smtp is not None:
             await self.smtp.close(SHUTDOWN_GRACE_SECONDS)
         await asyncio.gather(*(asyncio.to_thread(poller.stop) for poller in self.imap))

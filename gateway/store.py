@@ -114,6 +114,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (account, folder)
     );
     """,
+    # 2: operations. `heartbeat` is what /healthz writes to prove the store takes commits;
+    # `metric_offsets` keeps counters monotonic when retention deletes the rows they count.
+    """
+    CREATE TABLE heartbeat (name TEXT PRIMARY KEY, at REAL NOT NULL);
+    CREATE TABLE metric_offsets (
+        metric TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '[]',
+        value REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (metric, labels)
+    );
+    """,
 )
 
 T = TypeVar("T")
@@ -194,6 +205,17 @@ class OutboxItem:
 
 
 @dataclass(frozen=True)
+class OutboxResult:
+    """The result of one delivery attempt: done, dead, or pending again (retry at a time)."""
+
+    id: int
+    state: str  # 'done' | 'dead' | 'pending'
+    response: str = ""
+    error: str = ""
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True)
 class JobRecord:
     """A decided (or pending) job, for listings and the status page."""
 
@@ -249,10 +271,22 @@ class Store:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE .. COMMIT; sqlite errors become StoreError (a transient failure)."""
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE .. COMMIT; sqlite errors become StoreError (a transient failure).
+
+        `durable=False` skips the fsync for bookkeeping whose loss in a power cut is harmless
+        (leases); the next durable commit on this connection syncs it anyway.
+        """
         if self.conn.in_transaction:
             yield
+            return
+        if not durable:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.transaction():
+                    yield
+            finally:
+                self.conn.execute("PRAGMA synchronous=FULL")
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -428,17 +462,45 @@ class Store:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def due_outbox(self, now: float, limit: int = 100, kind: str | None = None) -> list[OutboxItem]:
-        """The oldest pending item of each order key, if it is due: per-key order is kept."""
+    def due_outbox(
+        self,
+        now: float,
+        limit: int = 100,
+        kind: str | None = None,
+        exclude: Sequence[int] = (),
+    ) -> list[OutboxItem]:
+        """The oldest pending item of each order key, if it is due: per-key order is kept.
+
+        `exclude`d items (already tried by this caller) also hold back the rest of their key.
+        """
         kind_filter = "AND kind = ?" if kind else ""
+        skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
         args: list[Any] = [kind] if kind else []
         rows = self.conn.execute(
             f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id IN ("
             f"  SELECT MIN(id) FROM outbox WHERE state = 'pending' {kind_filter} GROUP BY order_key"
-            ") AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (*args, now, limit),
+            f") AND next_attempt_at <= ? {skip} ORDER BY next_attempt_at, id LIMIT ?",
+            (*args, now, *exclude, limit),
         ).fetchall()
         return [_outbox_item(r) for r in rows]
+
+    def claim_outbox(
+        self,
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int] = (),
+    ) -> list[OutboxItem]:
+        """Take due items for `lease_seconds` so no other worker (process or host) sends them
+        too; a worker that dies mid-attempt loses the lease and the item becomes due again."""
+        with self.transaction(durable=False):
+            items = self.due_outbox(now, limit, kind, exclude)
+            self.conn.executemany(
+                "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
+                [(now + lease_seconds, item.id) for item in items],
+            )
+        return items
 
     def next_outbox_due(self, kind: str | None = None) -> float | None:
         """When the earliest pending item becomes due, so workers can sleep until then."""
@@ -450,26 +512,27 @@ class Store:
         return row[0]
 
     def outbox_done(self, item: int, response: str) -> None:
-        self._outbox_update(item, "done", response=response, error="")
+        self.record_outbox([OutboxResult(item, "done", response=response)])
 
     def outbox_retry(self, item: int, next_attempt_at: float, error: str) -> None:
-        with self.transaction():
-            self.conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
-                " updated_at = ? WHERE id = ? AND state = 'pending'",
-                (next_attempt_at, error, time.time(), item),
-            )
+        self.record_outbox(
+            [OutboxResult(item, "pending", error=error, next_attempt_at=next_attempt_at)]
+        )
 
     def outbox_dead(self, item: int, error: str, response: str = "") -> None:
-        self._outbox_update(item, "dead", response=response, error=error)
+        self.record_outbox([OutboxResult(item, "dead", response=response, error=error)])
 
-    def _outbox_update(self, item: int, state: str, *, response: str, error: str) -> None:
+    def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+        """Apply delivery attempts' results in one commit (one fsync for a whole batch)."""
+        now = time.time()
         with self.transaction():
-            self.conn.execute(
-                "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?, last_error = ?,"
-                " updated_at = ? WHERE id = ? AND state = 'pending'",
-                (state, response, error, time.time(), item),
-            )
+            for r in results:
+                self.conn.execute(
+                    "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?,"
+                    " last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
+                    " updated_at = ? WHERE id = ? AND state = 'pending'",
+                    (r.state, r.response, r.error, r.next_attempt_at, now, r.id),
+                )
 
     def outbox(
         self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000
@@ -499,6 +562,248 @@ class Store:
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
         ).fetchone()
         return row[0], row[1]
+
+    # -- IMAP positions --------------------------------------------------------------------
+
+    def imap_position(self, account: str, folder: str) -> tuple[int, int] | None:
+        """(UIDVALIDITY, last processed UID) of a mailbox folder, or None if never polled."""
+        row = self.conn.execute(
+            "SELECT uidvalidity, last_uid FROM imap_state WHERE account = ? AND folder = ?",
+            (account, folder),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def save_imap_position(
+        self, account: str, folder: str, uidvalidity: int, last_uid: int
+    ) -> None:
+        """Advance the position; called only after the batch was committed and marked/moved."""
+        self.conn.execute(
+            "INSERT INTO imap_state (account, folder, uidvalidity, last_uid) VALUES (?,?,?,?)"
+            " ON CONFLICT (account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity,"
+            " last_uid = excluded.last_uid",
+            (account, folder, uidvalidity, last_uid),
+        )
+
+    def mark_imap_success(self, account: str, folder: str, at: float | None = None) -> None:
+        """Record a completed fetch cycle (for health: when did this mailbox last answer?)."""
+        self.conn.execute(
+            "UPDATE imap_state SET last_success = ? WHERE account = ? AND folder = ?",
+            (time.time() if at is None else at, account, folder),
+        )
+
+    def imap_states(self) -> list[dict[str, Any]]:
+        """Every polled (account, folder) with its position and last successful cycle."""
+        return list(self.db.query("SELECT * FROM imap_state ORDER BY account, folder"))
+
+    # -- operations (web, metrics, retention) ----------------------------------------------
+
+    # Counter queries: label columns, then the value. {m} {j} {o} restrict messages, jobs and
+    # outbox rows: "1" for the live totals, the purge selection for retention's offsets.
+    _COUNTER_QUERIES = (
+        ("accepted", "SELECT COUNT(*) FROM messages m WHERE {m}"),
+        ("duplicates", "SELECT COUNT(*) FROM messages m WHERE m.duplicate_of IS NOT NULL AND {m}"),
+        (
+            "decisions",
+            "SELECT j.service, j.outcome, COUNT(*) FROM jobs j WHERE j.state = 'done' AND {j}"
+            " GROUP BY 1, 2",
+        ),
+        (
+            "rule_matches",
+            "SELECT j.service, j.rule, COUNT(*) FROM jobs j WHERE j.state = 'done'"
+            " AND j.rule IS NOT NULL AND j.outcome <> 'quarantined' AND {j} GROUP BY 1, 2",
+        ),
+        (
+            "outbox_done",
+            "SELECT o.kind, COUNT(*) FROM outbox o WHERE o.state = 'done' AND {o} GROUP BY 1",
+        ),
+        (
+            "outbox_retries",
+            "SELECT o.kind, SUM(CASE WHEN o.state = 'pending' THEN o.attempts"
+            " ELSE MAX(o.attempts - 1, 0) END) FROM outbox o WHERE {o} GROUP BY 1",
+        ),
+    )
+    # Old mail that nothing still needs (args: cutoff, cutoff, limit).
+    _PURGEABLE_MESSAGES = (
+        "SELECT m.id FROM messages m WHERE m.received_at < ? AND m.duplicate_of IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.message = m.id AND j.state <> 'done')"
+        " AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.last_message = m.id"
+        "   AND i.state IN ('triggered', 'acknowledged'))"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j JOIN outbox o ON o.job = j.id"
+        "   WHERE j.message = m.id AND o.state <> 'done')"
+        " AND NOT EXISTS (SELECT 1 FROM messages d WHERE d.duplicate_of = m.id"
+        "   AND d.received_at >= ?)"
+        " ORDER BY m.id LIMIT ?"
+    )
+    _PURGEABLE_INCIDENTS = (
+        "SELECT rowid FROM incidents WHERE state NOT IN ('triggered', 'acknowledged')"
+        " AND last_seen < ? LIMIT ?"
+    )
+
+    def heartbeat(self, name: str = "healthz") -> float:
+        """Commit one tiny row: proves the database still takes writes (for /healthz)."""
+        now = time.time()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO heartbeat (name, at) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET at = excluded.at",
+                (name, now),
+            )
+        return now
+
+    def metric_totals(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """Counters: what the rows count now plus what retention purged before (monotonic)."""
+        totals: dict[tuple[str, tuple[str, ...]], float] = {}
+        for metric, sql in self._COUNTER_QUERIES:
+            for row in self.conn.execute(sql.format(m="1", j="1", o="1")):
+                key = (metric, tuple(str(v) for v in row[:-1]))
+                totals[key] = totals.get(key, 0) + (row[-1] or 0)
+        for metric, labels, value in self.conn.execute(
+            "SELECT metric, labels, value FROM metric_offsets"
+        ):
+            key = (metric, tuple(json.loads(labels)))
+            totals[key] = totals.get(key, 0) + value
+        return [(metric, labels, value) for (metric, labels), value in sorted(totals.items())]
+
+    def metric_gauges(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """Current levels: outbox depth/oldest/dead per kind, pending jobs, open incidents."""
+        gauges: list[tuple[str, tuple[str, ...], float]] = []
+        for kind, pending, oldest, dead in self.conn.execute(
+            "SELECT kind, SUM(state = 'pending'), MIN(CASE WHEN state = 'pending'"
+            " THEN created_at END), SUM(state = 'dead') FROM outbox GROUP BY kind"
+        ):
+            gauges += [("outbox_depth", (kind,), pending), ("outbox_dead", (kind,), dead)]
+            if oldest is not None:
+                gauges.append(("outbox_oldest_created", (kind,), oldest))
+        pending_jobs = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
+        gauges.append(("jobs_pending", (), pending_jobs.fetchone()[0]))
+        for service, count in self.conn.execute(
+            "SELECT service, COUNT(*) FROM incidents WHERE state IN ('triggered','acknowledged')"
+            " GROUP BY service"
+        ):
+            gauges.append(("incidents_open", (service,), count))
+        return gauges
+
+    def decided_latencies(self, after_job: int, limit: int = 5000) -> list[tuple[int, float]]:
+        """(job id, seconds from acceptance to decision) of jobs decided after `after_job`."""
+        return self.conn.execute(
+            "SELECT j.id, j.decided_at - m.received_at FROM jobs j JOIN messages m"
+            " ON m.id = j.message WHERE j.id > ? AND j.state = 'done' ORDER BY j.id LIMIT ?",
+            (after_job, limit),
+        ).fetchall()
+
+    def last_decided_job(self) -> int:
+        row = self.conn.execute("SELECT MAX(id) FROM jobs WHERE state = 'done'").fetchone()
+        return row[0] or 0
+
+    def recent_jobs(
+        self, limit: int = 50, head_bytes: int = 16384
+    ) -> list[tuple[JobRecord, bytes]]:
+        """Newest jobs with the first bytes of their mail (enough for the Subject header)."""
+        rows = self.conn.execute(
+            "SELECT j.id, j.message, j.service, j.state, j.outcome, j.rule, j.action,"
+            " j.incident_key, j.summary, j.reason, m.received_at, m.source, substr(m.raw, 1, ?)"
+            " FROM jobs j JOIN messages m ON m.id = j.message ORDER BY j.id DESC LIMIT ?",
+            (head_bytes, limit),
+        ).fetchall()
+        return [(JobRecord(*r[:12]), bytes(r[12] or b"")) for r in rows]
+
+    def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Decided jobs of mail received since `since` whose raw bytes are still stored."""
+        return list(
+            self.db.query(
+                "SELECT j.id AS job, j.message, j.service, j.outcome, j.rule, j.action,"
+                " j.incident_key, m.raw, m.mail_from, m.received_at FROM jobs j"
+                " JOIN messages m ON m.id = j.message WHERE m.received_at >= ?"
+                " AND j.state = 'done' AND m.raw IS NOT NULL ORDER BY j.id LIMIT ?",
+                [since, limit],
+            )
+        )
+
+    def purge_plan(self, cutoff: float) -> dict[str, int]:
+        """What `purge(cutoff)` would delete, changing nothing (for `gateway purge --dry-run`)."""
+        self._select_purge(cutoff, -1)
+        try:
+            return self._purge_counts(cutoff, -1)
+        finally:
+            self.conn.execute("DELETE FROM temp.purge_messages")
+            self.conn.execute("DELETE FROM temp.purge_outbox")
+
+    def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
+        """Delete one batch of rows older than `cutoff`; call until it returns all zeros.
+
+        Kept whatever its age: mail with a pending job, the last message of an open incident,
+        mail whose PagerDuty/mail item is still pending or dead, pending and dead outbox items,
+        open incidents. Counters lost with the rows are added to `metric_offsets` first.
+        """
+        with self.transaction():
+            self._select_purge(cutoff, batch)
+            counts = self._purge_counts(cutoff, batch)
+            self._save_metric_offsets()
+            self._delete_purged(cutoff, batch)
+        return counts
+
+    def _select_purge(self, cutoff: float, limit: int) -> None:
+        for table in ("purge_messages", "purge_outbox"):
+            self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY)")
+            self.conn.execute(f"DELETE FROM temp.{table}")
+        self.conn.execute(
+            f"INSERT INTO temp.purge_messages {self._PURGEABLE_MESSAGES}", (cutoff, cutoff, limit)
+        )
+        self.conn.execute(  # duplicates go with their original (all older than the cutoff)
+            "INSERT OR IGNORE INTO temp.purge_messages SELECT id FROM messages"
+            " WHERE duplicate_of IN (SELECT id FROM temp.purge_messages)"
+        )
+        self.conn.execute(
+            "INSERT INTO temp.purge_outbox SELECT id FROM outbox WHERE state = 'done'"
+            " AND updated_at < ? ORDER BY id LIMIT ?",
+            (cutoff, limit),
+        )
+
+    def _purge_counts(self, cutoff: float, limit: int) -> dict[str, int]:
+        def count(sql: str, *args: Any) -> int:
+            return self.conn.execute(sql, args).fetchone()[0]
+
+        return {
+            "messages": count("SELECT COUNT(*) FROM temp.purge_messages"),
+            "jobs": count(
+                "SELECT COUNT(*) FROM jobs WHERE message IN (SELECT id FROM temp.purge_messages)"
+            ),
+            "outbox": count("SELECT COUNT(*) FROM temp.purge_outbox"),
+            "events": count(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE at < ? LIMIT ?)", cutoff, limit
+            ),
+            "incidents": count(
+                f"SELECT COUNT(*) FROM ({self._PURGEABLE_INCIDENTS})", cutoff, limit
+            ),
+        }
+
+    def _save_metric_offsets(self) -> None:
+        m = "m.id IN (SELECT id FROM temp.purge_messages)"
+        j = "j.message IN (SELECT id FROM temp.purge_messages)"
+        o = "o.id IN (SELECT id FROM temp.purge_outbox)"
+        for metric, sql in self._COUNTER_QUERIES:
+            for row in self.conn.execute(sql.format(m=m, j=j, o=o)).fetchall():
+                if not row[-1]:
+                    continue
+                self.conn.execute(
+                    "INSERT INTO metric_offsets (metric, labels, value) VALUES (?, ?, ?)"
+                    " ON CONFLICT (metric, labels) DO UPDATE SET value = value + excluded.value",
+                    (metric, json.dumps([str(v) for v in row[:-1]]), row[-1]),
+                )
+
+    def _delete_purged(self, cutoff: float, limit: int) -> None:
+        selected = "(SELECT id FROM temp.purge_messages)"
+        self.conn.execute(f"DELETE FROM jobs WHERE message IN {selected}")
+        self.conn.execute(f"DELETE FROM messages WHERE id IN {selected}")
+        self.conn.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM temp.purge_outbox)")
+        self.conn.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? LIMIT ?)",
+            (cutoff, limit),
+        )
+        self.conn.execute(
+            f"DELETE FROM incidents WHERE rowid IN ({self._PURGEABLE_INCIDENTS})",
+            (cutoff, limit),
+        )
 
     # -- listings --------------------------------------------------------------------------
 

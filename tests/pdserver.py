@@ -51,6 +51,11 @@ def validate_event(event: Any) -> str | None:
     return None
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # http.server's backlog of 5 drops SYNs under concurrent load
+    daemon_threads = True
+
+
 class PagerDutyStandIn:
     """Start with `start()`; `url` is the events endpoint; `events` the accepted ones."""
 
@@ -60,7 +65,7 @@ class PagerDutyStandIn:
         self.script: list[Scripted] = []
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _Server(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -124,6 +129,9 @@ class PagerDutyStandIn:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like the real API
+            disable_nagle_algorithm = True  # headers and body are separate writes
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 status, text, headers = standin._answer(self.rfile.read(length))

@@ -1,0 +1,72 @@
+"""Incident changes -> `incident_update` mail to the helpdesk, queued in the durable outbox.
+
+Runs inside the processor's transaction, so the mail is committed together with the decision
+that caused it. A theme that fails to render must not block paging: it is logged and recorded
+as an event, and the decision still commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gateway import incidents, mailer, themes
+from gateway.config import Config, NotifySettings, OutgoingSettings
+from gateway.errors import ThemeError
+from gateway.store import Incident, Store
+
+log = logging.getLogger(__name__)
+
+# incident outcome -> the event name services subscribe to in `notify.on`
+EVENTS = {
+    incidents.TRIGGERED: "trigger",
+    incidents.DUPLICATE: "duplicate",
+    incidents.ACKNOWLEDGED: "acknowledge",
+    incidents.RESOLVED: "resolve",
+}
+
+
+@dataclass(frozen=True)
+class Notifier:
+    """Renders and queues notification mail for services that configured `notify`."""
+
+    themes: themes.Themes
+    outgoing: OutgoingSettings
+
+    def queue(
+        self, store: Store, notify: NotifySettings, outcome: str, incident: Incident, job: int
+    ) -> int | None:
+        """Queue the mail if `outcome` is one the service subscribed to; returns the item id."""
+        event = EVENTS.get(outcome)
+        if event is None or event not in notify.on:
+            return None
+        context = themes.incident_context(
+            event, incident, to=notify.to, from_addr=self.outgoing.from_addr
+        )
+        try:
+            msg = self.themes.render(notify.theme, context, default_from=self.outgoing.from_addr)
+        except ThemeError as exc:
+            log.error("notification for %s not sent: %s", incident.incident_key, exc)
+            store.log_event(
+                "notify_failed",
+                service=incident.service,
+                incident_key=incident.incident_key,
+                detail=str(exc),
+            )
+            return None
+        return mailer.queue_mail(
+            store,
+            msg,
+            mail_from=mailer.envelope_sender(self.outgoing.from_addr),
+            rcpt_tos=list(notify.to),
+            service=incident.service,
+            order_key=f"mail:{incident.service}:{incident.incident_key}",
+            job=job,
+        )
+
+
+def build_notifier(config: Config) -> Notifier | None:
+    """A Notifier when some service wants notifications; ThemeError if the themes are broken."""
+    if config.outgoing is None or not any(s.notify for s in config.services):
+        return None
+    return Notifier(themes.Themes(config.gateway.templates_dir), config.outgoing)
