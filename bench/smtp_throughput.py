@@ -61,12 +61,13 @@ routing_key = "{ROUTING_KEY}"
         self.config = config
 
     def __enter__(self) -> GatewayServer:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"],
-            stdout=subprocess.DEVNULL,
-            stderr=open(Path(self.tmp.name) / "log", "wb"),  # noqa: SIM115
-            cwd=ROOT,
-        )
+        with open(Path(self.tmp.name) / "log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=ROOT,
+            )
         wait_for_port(self.port)
         return self
 
@@ -105,7 +106,7 @@ def latency(port: int, pd: PagerDutyStandIn, count: int, rate: float = 100.0) ->
     lock = threading.Lock()
     original = pd._answer
 
-    def recording(body: bytes):  # noqa: ANN202
+    def recording(body: bytes):
         now = time.time()
         answer = original(body)
         import json
@@ -160,7 +161,7 @@ def big_messages(port: int, clients: int = 16, size: int = 5 * 1024 * 1024) -> N
 
 
 def percentile(values: list[float], p: float) -> float:
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def main() -> None:

@@ -12,10 +12,8 @@ never loses it. SMTP answers map onto the outbox's two failure kinds:
 from __future__ import annotations
 
 import ssl
-import time
 from email.message import EmailMessage
 from email.utils import parseaddr
-from pathlib import Path
 from typing import Any
 
 import aiosmtplib
