@@ -74,9 +74,6 @@ routing_key = "{ROUTING_KEY}"
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(60)
-        print(
-            open(Path(self.tmp.name) / "log").read()[-5000:]
-        ) if "--show-log" in sys.argv else None
         self.tmp.cleanup()
 
 
