@@ -138,15 +138,20 @@ class SpoolWriter:
             results = store.accept([r.mail for r in batch])
         except StoreError as exc:
             log.error("spool commit of %d message(s) failed: %s", len(batch), exc)
-            for request in batch:
-                request.future.set_exception(exc)
+            _fail(batch, exc)
             return
         except Exception as exc:  # never leave a caller waiting forever
             log.exception("unexpected spool failure")
-            for request in batch:
-                request.future.set_exception(StoreError(f"internal error: {exc}"))
+            _fail(batch, StoreError(f"internal error: {exc}"))
             return
         for request, result in zip(batch, results, strict=True):
-            request.future.set_result(result)
+            if not request.future.done():  # a caller that gave up still had its mail committed
+                request.future.set_result(result)
         for listener in self._listeners:
             listener()
+
+
+def _fail(batch: list[_Request], exc: BaseException) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(exc)

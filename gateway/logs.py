@@ -27,13 +27,27 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # fields passed with `extra=` (message, service, rule, outcome, ...) become JSON keys
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES and key not in entry:
+                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+_RECORD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
+)
 
 
 def choose_format(requested: str) -> str:
-    """'auto' means JSON under systemd (JOURNAL_STREAM set) or when stderr is not a terminal."""
+    """'auto' means JSON under systemd (JOURNAL_STREAM set) or when stderr is not a terminal.
+
+    $GATEWAY_LOG_FORMAT (set by `gateway --log-format`) wins over the config file, so the
+    processor child process logs in the same format as its parent.
+    """
+    requested = os.environ.get("GATEWAY_LOG_FORMAT") or requested
     if requested != "auto":
         return requested
     if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():

@@ -150,7 +150,9 @@ class OutboxWorker:
                 waiter.cancel()
 
     async def _attempt(self, item: OutboxItem) -> None:
-        self._results.append(await self._deliver(item))
+        result = await self._deliver(item)
+        # appended only now: `_flush` may have swapped the list while we were awaiting
+        self._results.append(result)
         if self._wake is not None:
             self._wake.set()
 

@@ -111,3 +111,27 @@ def test_store_errors_are_transient(tmp_path: Path) -> None:
         store.accept([mail("x")])
     blocker.execute("ROLLBACK")
     assert store.accept([mail("x")])[0].duplicate_of is None
+
+
+def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
+    """An SMTP client that disconnects mid-commit must not kill the writer thread."""
+    import asyncio
+
+    from gateway.intake import SpoolWriter
+
+    writer = SpoolWriter(tmp_path / "g.sqlite3")
+    writer.start()
+
+    async def scenario() -> int:
+        doomed = [asyncio.ensure_future(writer.accept(mail(f"c{i}"))) for i in range(20)]
+        await asyncio.sleep(0)
+        for task in doomed:
+            task.cancel()
+        later = await asyncio.wait_for(writer.accept(mail("after")), timeout=10)
+        return later.id
+
+    try:
+        assert asyncio.run(scenario()) >= 1
+    finally:
+        writer.stop()
+    assert Store(tmp_path / "g.sqlite3").counts()["messages"] == 21  # cancelled ones were kept

@@ -1,0 +1,229 @@
+"""SMTP AUTH users file: `user:hash` lines, password hashing and constant-time verification.
+
+File format (one account per line, `#` starts a comment line, blank lines are ignored)::
+
+    # created with `gateway hash-password helpdesk` or `htpasswd -nB helpdesk`
+    helpdesk:$scrypt$ln=14,r=8,p=1$<salt>$<key>
+    zendesk:$2y$05$...                                       # bcrypt, as htpasswd -B writes it
+
+Accepted hashes:
+
+* **bcrypt** (`$2a$`, `$2b$`, `$2y$`), the format of `htpasswd -B` and Dovecot's `BLF-CRYPT`.
+* **scrypt** (`$scrypt$ln=<log2 N>,r=<r>,p=<p>$<salt>$<key>`, salt and key in standard base64
+  without padding), what `gateway hash-password` writes by default: it needs only the stdlib.
+
+Verification is slow on purpose (tens to hundreds of milliseconds), so the listener runs it in a
+worker thread, and remembers a keyed digest of the last good password per user so that a
+helpdesk which logs in on every connection pays the hash cost once, not per mail. The file is
+re-read when its modification time or size changes; a broken edit keeps the last good accounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ConfigError, Problem
+
+log = logging.getLogger(__name__)
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+SCRYPT_PREFIX = "$scrypt$"
+SCHEMES = ("scrypt", "bcrypt")
+# N=2^14, r=8: 16 MiB and about 35 ms per check here; OWASP's minimum for scrypt.
+SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
+BCRYPT_ROUNDS = 12
+_SCRYPT_MAXMEM = 256 * 1024 * 1024
+
+
+# -- hashing ------------------------------------------------------------------------------------
+
+
+def hash_password(password: str, scheme: str = "scrypt") -> str:
+    """A users-file hash for `password` (`scheme` is 'scrypt' or 'bcrypt')."""
+    secret = password.encode("utf-8")
+    if scheme == "bcrypt":
+        bcrypt = _bcrypt()
+        if len(secret) > 72:
+            raise ValueError("bcrypt uses at most 72 bytes of a password; use scrypt instead")
+        return bcrypt.hashpw(secret, bcrypt.gensalt(BCRYPT_ROUNDS)).decode("ascii")
+    if scheme != "scrypt":
+        raise ValueError(f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+    salt = os.urandom(16)
+    key = _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+    params = f"ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}"
+    return f"{SCRYPT_PREFIX}{params}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: bytes, hashed: str) -> bool:
+    """Constant-time check of `password` against one users-file hash; False for unknown formats."""
+    try:
+        if hashed.startswith(BCRYPT_PREFIXES):
+            return _bcrypt().checkpw(password, hashed.encode("ascii"))
+        if hashed.startswith(SCRYPT_PREFIX):
+            log_n, r, p, salt, key = _parse_scrypt(hashed)
+            return hmac.compare_digest(_scrypt(password, salt, log_n, r, p, len(key)), key)
+    except ValueError:  # e.g. bcrypt refuses passwords over 72 bytes
+        return False
+    return False
+
+
+def check_hash(hashed: str) -> str | None:
+    """Why `hashed` is unusable, or None; used when loading the file so typos show up early."""
+    if hashed.startswith(BCRYPT_PREFIXES):
+        if len(hashed) != 60:
+            return "malformed bcrypt hash (expected 60 characters)"
+        try:
+            _bcrypt()
+        except ImportError:
+            return "bcrypt hashes need the 'bcrypt' package (pip install bcrypt)"
+        return None
+    if hashed.startswith(SCRYPT_PREFIX):
+        try:
+            _parse_scrypt(hashed)
+        except ValueError as exc:
+            return f"malformed scrypt hash: {exc}"
+        return None
+    return (
+        "unknown hash format (expected bcrypt $2b$/$2y$ or $scrypt$; see `gateway hash-password`)"
+    )
+
+
+def _bcrypt():
+    import bcrypt  # imported lazily: only bcrypt lines need it
+
+    return bcrypt
+
+
+def _scrypt(secret: bytes, salt: bytes, log_n: int, r: int, p: int, dklen: int = 32) -> bytes:
+    return hashlib.scrypt(
+        secret, salt=salt, n=2**log_n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=dklen
+    )
+
+
+def _parse_scrypt(hashed: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = hashed.split("$")  # '', 'scrypt', 'ln=..,r=..,p=..', salt, key
+    if len(parts) != 5:
+        raise ValueError("expected $scrypt$ln=N,r=R,p=P$salt$key")
+    try:
+        params = dict(item.split("=", 1) for item in parts[2].split(","))
+        log_n, r, p = int(params["ln"]), int(params["r"]), int(params["p"])
+        salt, key = _unb64(parts[3]), _unb64(parts[4])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read parameters ({exc})") from None
+    if not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16) or len(salt) < 8 or len(key) < 16:
+        raise ValueError("parameters out of range")
+    return log_n, r, p, salt, key
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+# -- the users file -----------------------------------------------------------------------------
+
+
+def load_users(path: Path) -> dict[str, str]:
+    """Parse a users file into {user: hash}; ConfigError names the file and line of each mistake."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(Problem(str(path), f"cannot read users file: {exc}")) from None
+    users: dict[str, str] = {}
+    problems: list[Problem] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        reason = "expected user:hash" if not (sep and user and hashed) else check_hash(hashed)
+        if reason is None and user in users:
+            reason = f"duplicate user {user!r}"
+        if reason:
+            problems.append(Problem(str(path), reason, number))
+        else:
+            users[user] = hashed
+    if problems:
+        raise ConfigError(problems)
+    return users
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    hashed: str
+    digest: bytes
+
+
+class UsersFile:
+    """The accounts allowed to AUTH; thread-safe, so checks can run in worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._users = load_users(path)  # a broken file at start-up is a config error
+        self._key = secrets.token_bytes(32)
+        self._remembered: dict[str, _Remembered] = {}
+        # Unknown users are checked against this, so a miss costs as much as a wrong password.
+        self._decoy = hash_password(secrets.token_urlsafe(16))
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def verify(self, user: str, password: bytes) -> bool:
+        """True if `user` exists and `password` matches; slow (run it off the event loop)."""
+        self._reload_if_changed()
+        with self._lock:
+            hashed = self._users.get(user)
+            remembered = self._remembered.get(user)
+        digest = hmac.new(self._key, password, hashlib.sha256).digest()
+        if (
+            hashed
+            and remembered
+            and remembered.hashed == hashed
+            and hmac.compare_digest(remembered.digest, digest)
+        ):
+            return True
+        ok = verify_password(password, hashed or self._decoy) and hashed is not None
+        if ok:
+            with self._lock:
+                self._remembered[user] = _Remembered(hashed, digest)
+        return ok
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _reload_if_changed(self) -> None:
+        stamp = self._file_stamp()
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+        try:
+            users = load_users(self.path)
+        except ConfigError as exc:
+            log.error(
+                "users file not reloaded, keeping the previous %d account(s): %s",
+                len(self._users),
+                exc,
+            )
+            return
+        with self._lock:
+            self._users = users
+            self._remembered.clear()
+        log.info("users file reloaded: %d account(s) from %s", len(users), self.path)

@@ -1,0 +1,213 @@
+"""Prometheus metrics for `/metrics`.
+
+The processor runs in a child process and one-shot commands (`gateway ingest`) write the same
+database, so in-process counters would miss most of the work. Instead every scrape reads the
+store: counters are row counts plus what retention already deleted (`metric_offsets`), so they
+only ever go up. Live state of this process (SMTP sessions, IMAP pollers, reloads) is read
+from the running objects. The latency histogram (acceptance -> decision, from the jobs' stored
+timestamps) is fed from jobs decided since this process started, like any per-process metric.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gateway.store import Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+Row = tuple[str, tuple[str, ...], float]
+
+# store name -> (metric name, help, label names); all counters
+COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "accepted": ("gateway_messages_accepted", "Mails durably accepted (spooled)", ()),
+    "duplicates": ("gateway_messages_duplicate", "Redeliveries recognised as duplicates", ()),
+    "decisions": (
+        "gateway_decisions",
+        "Jobs decided, by service and outcome",
+        ("service", "outcome"),
+    ),
+    "rule_matches": ("gateway_rule_matches", "Jobs decided by each rule", ("service", "rule")),
+    "outbox_done": ("gateway_events_sent", "Outbox items delivered", ("kind",)),
+    "outbox_retries": ("gateway_events_retried", "Failed attempts scheduled again", ("kind",)),
+}
+GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "outbox_depth": ("gateway_outbox_depth", "Outbox items waiting for delivery", ("kind",)),
+    "outbox_dead": ("gateway_outbox_dead_letters", "Dead letters waiting for retry", ("kind",)),
+    "jobs_pending": ("gateway_jobs_pending", "Spooled jobs not decided yet", ()),
+    "incidents_open": ("gateway_incidents_open", "Triggered or acknowledged", ("service",)),
+}
+
+
+@dataclass
+class Snapshot:
+    """What one scrape read from the store (in the store's thread)."""
+
+    totals: list[Row]
+    gauges: list[Row]
+    latencies: list[tuple[int, float]]
+    taken_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class LiveState:
+    """This process's running parts, read at scrape time (all optional)."""
+
+    smtp: Any = None  # SmtpListener: .active_sessions, .bound, .closing
+    imap: Sequence[Any] = ()  # ImapPoller: .settings.name, .state, .last_success, .attempts
+    reloader: Any = None  # Reloader: .reloads, .refused
+    processor: Any = None  # ProcessorProcess: .restarts
+
+
+class GatewayMetrics:
+    """One registry per service; `render(snapshot, live)` returns the exposition text."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.latency = Histogram(
+            "gateway_processing_latency_seconds",
+            "Acceptance to decision, jobs decided since this process started",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_job: int | None = None  # None: not initialised (skip history before start)
+        self._imap_errors: dict[str, float] = {}
+        self._families: list[Metric] = []
+        self.registry.register(_Families(lambda: self._families))
+
+    def read(self, store: Store) -> Snapshot:
+        """Run in the store's thread: totals, gauges and newly decided jobs' latencies."""
+        if self.last_job is None:
+            self.last_job = store.last_decided_job()
+        latencies = store.decided_latencies(self.last_job)
+        return Snapshot(store.metric_totals(), store.metric_gauges(), latencies)
+
+    def render(self, snapshot: Snapshot, live: LiveState) -> bytes:
+        for job, seconds in snapshot.latencies:
+            self.latency.observe(max(0.0, seconds or 0.0))
+            self.last_job = max(self.last_job or 0, job)
+        self._families = [
+            *store_families(snapshot),
+            *self._live_families(live),
+        ]
+        return generate_latest(self.registry)
+
+    def _live_families(self, live: LiveState) -> Iterable[Metric]:
+        if live.smtp is not None:
+            up = 0 if live.smtp.closing or not live.smtp.bound else 1
+            yield _gauge("gateway_smtp_up", "SMTP listener is accepting connections", (), up)
+            yield _gauge(
+                "gateway_smtp_sessions", "SMTP sessions open now", (), live.smtp.active_sessions
+            )
+        yield from self._imap_families(live.imap)
+        if live.reloader is not None:
+            reloads = CounterMetricFamily(
+                "gateway_reloads", "Configuration reloads", labels=("result",)
+            )
+            reloads.add_metric(("ok",), live.reloader.reloads)
+            reloads.add_metric(("refused",), live.reloader.refused)
+            yield reloads
+        if live.processor is not None:
+            restarts = CounterMetricFamily(
+                "gateway_processor_restarts", "Processor child restarts after a crash"
+            )
+            restarts.add_metric((), live.processor.restarts)
+            yield restarts
+
+    def _imap_families(self, pollers: Sequence[Any]) -> Iterable[Metric]:
+        if not pollers:
+            return
+        up = GaugeMetricFamily("gateway_imap_up", "Mailbox connected", labels=("account",))
+        last = GaugeMetricFamily(
+            "gateway_imap_last_success_timestamp_seconds",
+            "End of the last completed fetch cycle",
+            labels=("account",),
+        )
+        errors = CounterMetricFamily(
+            "gateway_imap_errors", "Failed connections or fetch cycles", labels=("account",)
+        )
+        for poller in pollers:
+            name = poller.settings.name
+            up.add_metric((name,), 1 if poller.state in ("idle", "polling") else 0)
+            if poller.last_success is not None:
+                last.add_metric((name,), poller.last_success)
+            errors.add_metric((name,), self._imap_error_count(poller))
+        yield from (up, last, errors)
+
+    def _imap_error_count(self, poller: Any) -> float:
+        """Every connection attempt ends in an error except the one running now; kept monotonic."""
+        count = getattr(poller, "errors", None)
+        if count is None:
+            in_session = not (poller.state.startswith("error") or poller.state == "stopped")
+            count = max(0, poller.attempts - (1 if in_session else 0))
+        name = poller.settings.name
+        self._imap_errors[name] = max(self._imap_errors.get(name, 0), count)
+        return self._imap_errors[name]
+
+
+def store_families(snapshot: Snapshot) -> list[Metric]:
+    """Counter and gauge families from the store's rows (labels as the store returned them)."""
+    families: dict[str, Metric] = {}
+    for key, (name, doc, labels) in COUNTERS.items():
+        families[key] = CounterMetricFamily(name, doc, labels=labels)
+    for key, (name, doc, labels) in GAUGES.items():
+        families[key] = GaugeMetricFamily(name, doc, labels=labels)
+    oldest = GaugeMetricFamily(
+        "gateway_outbox_oldest_age_seconds", "Age of the oldest pending item", labels=("kind",)
+    )
+    unmatched = CounterMetricFamily(
+        "gateway_messages_unmatched", "Jobs no rule matched", labels=("service",)
+    )
+    quarantined = CounterMetricFamily(
+        "gateway_messages_quarantined", "Jobs kept for a failure", labels=("service",)
+    )
+    totals = list(snapshot.totals)
+    seen = {(metric, labels) for metric, labels, _ in totals}
+    services = sorted({labels[0] for metric, labels, _ in totals if metric == "decisions"})
+    for metric in ("outbox_done", "outbox_retries"):  # zeros, so alerts have a series to watch
+        if (metric, ("pagerduty",)) not in seen:
+            totals.append((metric, ("pagerduty",), 0))
+    for service in services:
+        for outcome in ("unmatched", "quarantined"):
+            if ("decisions", (service, outcome)) not in seen:
+                totals.append(("decisions", (service, outcome), 0))
+    for metric, labels, value in totals:
+        if metric in families:
+            families[metric].add_metric(labels, value)
+        if metric == "decisions" and labels[1] == "unmatched":
+            unmatched.add_metric(labels[:1], value)
+        if metric == "decisions" and labels[1] == "quarantined":
+            quarantined.add_metric(labels[:1], value)
+    gauges = list(snapshot.gauges)
+    kinds = {labels for metric, labels, _ in gauges if metric == "outbox_depth"}
+    if ("pagerduty",) not in kinds:
+        gauges += [("outbox_depth", ("pagerduty",), 0), ("outbox_dead", ("pagerduty",), 0)]
+    for metric, labels, value in gauges:
+        if metric == "outbox_oldest_created":
+            oldest.add_metric(labels, max(0.0, snapshot.taken_at - value))
+        elif metric in families:
+            families[metric].add_metric(labels, value)
+    return [*families.values(), oldest, unmatched, quarantined]
+
+
+def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    family.add_metric((), value)
+    return family
+
+
+class _Families:
+    """A collector yielding the families built for the current scrape."""
+
+    def __init__(self, families: Callable[[], list[Metric]]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.families())

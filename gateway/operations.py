@@ -1,0 +1,136 @@
+"""The operations side of `gateway serve`: systemd notify and watchdog, hot reload, the web
+listener (health, metrics, status page) and the retention schedule.
+
+`Service` builds the mail path; this class attaches to it once the SMTP listener is bound,
+so `READY=1` means "mail is accepted now". Everything here is best effort for mail: a web port
+that is taken is logged and skipped, it never stops the gateway from taking mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from gateway import retention
+from gateway.config import Config
+from gateway.httpserver import HttpServer
+from gateway.logs import LEVELS
+from gateway.metrics import LiveState
+from gateway.reload import Reloader, Validated
+from gateway.sdnotify import Notifier
+from gateway.smtp import GatewayHandler
+from gateway.store import StoreThread
+from gateway.web import WebApp
+
+log = logging.getLogger(__name__)
+
+
+class Operations:
+    """Start with `start()` after the listeners are bound; `close()` first thing on shutdown."""
+
+    def __init__(self, config: Config, service: Any, *, processor: Any, workers: list[Any]) -> None:
+        self.config = config
+        self.service = service  # .smtp, .imap, .stopping
+        self.processor = processor
+        self.workers = workers
+        self.notifier = Notifier()
+        self.reloader = Reloader(
+            config,
+            self._apply,
+            on_start=self.notifier.reloading,
+            on_end=lambda: self.notifier.ready(),
+        )
+        self.store = StoreThread(config.db_path, "ops")
+        self.web: WebApp | None = None
+        self.http: HttpServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._reloads: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        stop = self.service.stopping
+        await self._start_web()
+        self._install_sighup()
+        self._tasks = [
+            asyncio.create_task(self.notifier.watchdog(stop), name="watchdog"),
+            asyncio.create_task(self.reloader.watch(stop), name="reload-watch"),
+            asyncio.create_task(
+                retention.run_schedule(
+                    self.store, lambda: self.reloader.config.gateway.retention_days, stop
+                ),
+                name="retention",
+            ),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_log_failure)
+        self.notifier.ready(f"accepting mail on {', '.join(self.config.smtp.listen)}")
+
+    async def close(self) -> None:
+        """STOPPING=1, stop the web listener and the background tasks."""
+        self.notifier.stopping()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.http is not None:
+            await self.http.close()
+        for task in [*self._tasks, *self._reloads]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._reloads, return_exceptions=True)
+        await asyncio.to_thread(self.store.close)
+
+    async def _start_web(self) -> None:
+        listen = self.config.web.listen
+        if not listen:
+            return
+        live = LiveState(self.service.smtp, self.service.imap, self.reloader, self.processor)
+        self.web = WebApp(self.store, self.config.web, live=live, on_requeue=self._wake_workers)
+        # the latency histogram counts jobs decided from now on, like any per-process metric
+        self.web.metrics.last_job = await self.store.call(lambda s: s.last_decided_job())
+        http = HttpServer(listen, self.web)
+        try:
+            await http.start()
+        except OSError as exc:
+            log.error("web listener disabled: cannot listen on %s: %s", listen, exc.strerror or exc)
+            return
+        self.http = http
+        log.info("web listening on http://%s (healthz, metrics, status page)", listen)
+
+    def _wake_workers(self) -> None:
+        for worker in self.workers:
+            worker.wake()
+
+    def _install_sighup(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reloader.reload("SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def _apply(self, new: Validated) -> None:
+        """Swap what the parent holds; the processor child reloads by itself."""
+        config = new.config
+        self.processor.reload()
+        smtp = self.service.smtp
+        if smtp is not None:  # sessions in flight keep the handler they started with
+            old = smtp.handler
+            smtp.handler = GatewayHandler(config.services, old.spool, offer_auth=old.offer_auth)
+        routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
+        for worker in self.workers:
+            sender = worker.send
+            if hasattr(sender, "routing_keys"):
+                sender.routing_keys = routing_keys
+                sender.events_url = config.pagerduty.events_url
+        if self.web is not None:
+            self.web.settings = config.web
+        logging.getLogger().setLevel(LEVELS.get(config.gateway.log_level, logging.INFO))
+        self.config = config
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task that dies must say so: silence here would hide a stuck watchdog."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())

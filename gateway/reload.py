@@ -1,0 +1,167 @@
+"""Hot reload: SIGHUP or a changed config, rule file or theme -> validate -> swap, or keep.
+
+The reload runs exactly what `gateway check` runs (`validate`). A new version that fails is
+refused with its file:line problems logged and the last good one keeps running; nothing that
+is in flight (SMTP sessions, outbox deliveries, the processor's batch) is interrupted. Settings
+that only a new process can apply (listen addresses, TLS, IMAP accounts, ...) are logged as
+"restart required" and keep their running value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, load_config
+from gateway.errors import ProblemsError, ThemeError
+from gateway.processor import ServiceRuntime, load_services
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.5
+MAX_WATCHED_FILES = 2000  # a templates_dir pointed at / must not make every poll walk the disk
+
+# (what the operator reads, how to get it): changes here need `systemctl restart gateway`
+RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("[smtp]", lambda c: c.smtp),
+    ("[[imap]]", lambda c: c.imap),
+    ("[outgoing]", lambda c: c.outgoing),
+    ("[web] listen", lambda c: c.web.listen),
+    ("[gateway] data_dir", lambda c: c.gateway.data_dir),
+    ("[gateway] log_format", lambda c: c.gateway.log_format),
+    ("[pagerduty] timeout_seconds", lambda c: c.pagerduty.timeout_seconds),
+    ("[pagerduty] max_retry_hours", lambda c: c.pagerduty.max_retry_hours),
+    ("[pagerduty] rate_limit_per_minute", lambda c: c.pagerduty.rate_limit_per_minute),
+)
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A configuration that passed `gateway check`, with its compiled rules."""
+
+    config: Config
+    services: dict[str, ServiceRuntime]
+
+
+def validate(config_path: Path) -> Validated:
+    """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
+    config = load_config(config_path)
+    services = load_services(config.services)
+    from gateway import themes
+
+    problems = themes.check(config.gateway.templates_dir)
+    if problems:
+        raise ThemeError(problems)
+    return Validated(config, services)
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """The settings that differ but that only a restart applies."""
+    return [label for label, get in RESTART_ONLY if get(old) != get(new)]
+
+
+def watched_files(config: Config) -> Iterator[Path]:
+    """config.toml, every rule file (configured or in rules_dir) and every theme file."""
+    yield config.path
+    for service in config.services:
+        yield from service.rules
+    if config.gateway.rules_dir.is_dir():
+        yield from sorted(config.gateway.rules_dir.glob("*.toml"))
+    yield from _files_under(config.gateway.templates_dir)
+
+
+def _files_under(directory: Path) -> Iterator[Path]:
+    count = 0
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            count += 1
+            if count > MAX_WATCHED_FILES:
+                return
+            yield Path(root) / name
+
+
+Signature = dict[Path, tuple[int, int, int] | None]
+
+
+def signature(paths: Iterator[Path]) -> Signature:
+    """(mtime_ns, size, inode) per file; editors that replace files change the inode."""
+    result: Signature = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            result[path] = None
+        else:
+            result[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return result
+
+
+class Reloader:
+    """Validates and applies new versions; `apply` swaps what the running service holds."""
+
+    def __init__(
+        self,
+        config: Config,
+        apply: Callable[[Validated], None],
+        *,
+        on_start: Callable[[], None] = lambda: None,
+        on_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.apply = apply
+        self.on_start = on_start
+        self.on_end = on_end
+        self.reloads = 0
+        self.refused = 0
+        self._lock = asyncio.Lock()
+        self._signature = signature(watched_files(config))
+
+    async def reload(self, reason: str) -> bool:
+        """Validate off the loop, then apply; False (and an error log) when refused."""
+        async with self._lock:
+            self.on_start()
+            try:
+                return await self._reload(reason)
+            finally:
+                self._signature = signature(watched_files(self.config))
+                self.on_end()
+
+    async def _reload(self, reason: str) -> bool:
+        try:
+            validated = await asyncio.to_thread(validate, self.config.path)
+        except ProblemsError as exc:
+            self.refused += 1
+            log.error("reload (%s) refused, keeping the last good configuration:\n%s", reason, exc)
+            return False
+        for setting in restart_required(self.config, validated.config):
+            log.warning("restart required: %s changed; it keeps its running value", setting)
+        self.apply(validated)
+        self.config = validated.config
+        self.reloads += 1
+        rules = sum(len(s.ruleset.rules) for s in validated.services.values())
+        log.info("reloaded (%s): %d service(s), %d rule(s)", reason, len(validated.services), rules)
+        return True
+
+    def changed(self) -> list[Path]:
+        """Files whose signature changed since the last look (or reload)."""
+        current = signature(watched_files(self.config))
+        old = self._signature
+        return sorted(p for p in current.keys() | old.keys() if current.get(p) != old.get(p))
+
+    async def watch(self, stop: asyncio.Event, poll_seconds: float = POLL_SECONDS) -> None:
+        """Poll mtimes; a change reloads (inotify would be faster, polling works everywhere)."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), poll_seconds)
+            except TimeoutError:
+                pass
+            else:
+                return
+            files = await asyncio.to_thread(self.changed)
+            if files:
+                await self.reload(f"changed: {', '.join(str(f) for f in files[:5])}")

@@ -1,0 +1,170 @@
+"""The web listener against a real `gateway serve`: health transitions, metrics after a
+scripted run, the status page's escaping, the retry form's token, and HTTP hardening."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import desk_mail, wait_until
+from tests.ops_support import WebGateway, metric, web_config
+from tests.pdserver import PagerDutyStandIn
+
+TOKEN = "correct horse battery staple"
+
+
+@pytest.fixture
+def web_gateway(tmp_path: Path, pd: PagerDutyStandIn) -> Iterator[WebGateway]:
+    config, port, web_port = web_config(
+        tmp_path, pd.url, token=TOKEN, web="outbox_max_age_seconds = 2"
+    )
+    gateway = WebGateway(config, port, web_port)
+    try:
+        gateway.start()
+        wait_until(lambda: gateway.get("/healthz")[0] == 200, message=gateway.output())
+        yield gateway
+    finally:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.kill()
+
+
+def jobs_done(gateway: WebGateway, count: int) -> bool:
+    db = gateway.config.parent / "data" / "gateway.sqlite3"
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM jobs WHERE state='done'").fetchone()[0] >= count
+
+
+def test_metrics_after_a_scripted_run(web_gateway: WebGateway, pd: PagerDutyStandIn) -> None:
+    web_gateway.send(desk_mail("Printer on fire"))
+    web_gateway.send(desk_mail("Disk full"))
+    web_gateway.send(desk_mail("Printer on fire", "Resolved"))
+    web_gateway.send(desk_mail("Lunch menu", "Whatever"))  # no rule matches
+    duplicate = desk_mail("Disk full", message_id="<same@helpdesk.example>")
+    web_gateway.send(duplicate)
+    web_gateway.send(duplicate)
+    pd.wait_for(4)
+    wait_until(lambda: jobs_done(web_gateway, 5))
+
+    def scrape() -> str:
+        return web_gateway.get("/metrics")[1]
+
+    text = wait_until(
+        lambda: (
+            (t := scrape()) and metric(t, "gateway_events_sent_total", kind="pagerduty") == 4 and t
+        )
+    )
+    assert metric(text, "gateway_messages_accepted_total") == 6
+    assert metric(text, "gateway_messages_duplicate_total") == 1
+    new_case = metric(text, "gateway_rule_matches_total", service="helpdesk", rule="new case")
+    assert new_case == 3
+    resolved = metric(text, "gateway_rule_matches_total", service="helpdesk", rule="resolved case")
+    assert resolved == 1
+    assert metric(text, "gateway_messages_unmatched_total", service="helpdesk") == 1
+    assert metric(text, "gateway_messages_quarantined_total", service="helpdesk") == 0
+    assert metric(text, "gateway_incidents_open", service="helpdesk") == 1
+    assert metric(text, "gateway_outbox_depth", kind="pagerduty") == 0
+    assert metric(text, "gateway_smtp_up") == 1
+    assert metric(text, "gateway_smtp_sessions") == 0
+    assert metric(text, "gateway_processing_latency_seconds_count") == 5
+    assert metric(text, "gateway_processing_latency_seconds_bucket", le="+Inf") == 5
+
+
+def test_health_fails_while_pagerduty_is_down_and_recovers(
+    web_gateway: WebGateway, pd: PagerDutyStandIn
+) -> None:
+    status, body = web_gateway.health()
+    assert status == 200 and body["status"] == "ok"
+    assert body["store"]["ok"] and body["smtp"]["detail"]["listening"]
+
+    pd.fail_next(1000, 500)  # PagerDuty answers 500: the item stays pending and ages
+    web_gateway.send(desk_mail("Printer on fire"))
+    status, body = wait_until(lambda: (h := web_gateway.health())[0] == 503 and h, timeout=20)
+    assert body["outbox"]["ok"] is False and body["outbox"]["detail"]["pending"] == 1
+
+    with pd.lock:
+        pd.script.clear()  # PagerDuty is back: the next retry delivers
+    pd.wait_for(1, timeout=30)
+    status, body = wait_until(lambda: (h := web_gateway.health())[0] == 200 and h, timeout=10)
+    assert body["outbox"]["detail"]["pending"] == 0
+    text = web_gateway.get("/metrics")[1]
+    assert metric(text, "gateway_events_retried_total", kind="pagerduty") >= 1
+
+
+def test_status_page_escapes_mail_content_and_links_the_trace(
+    web_gateway: WebGateway, pd: PagerDutyStandIn
+) -> None:
+    web_gateway.send(desk_mail("<script>alert(1)</script> Printer", extra="<img src=x onerror=1>"))
+    pd.wait_for(1)
+    wait_until(lambda: "alert(1)" in web_gateway.get("/")[1])
+    status, page = web_gateway.get("/")
+    assert status == 200
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; Printer" in page
+    status, job = web_gateway.get("/jobs/1")
+    assert status == 200 and "Rule trace" in job and "new case" in job
+    assert "<img src=x" not in job and "&lt;img src=x onerror=1&gt;" in job
+    assert web_gateway.get("/jobs/999")[0] == 404
+
+
+def post(gateway: WebGateway, path: str, form: dict[str, str]) -> int:
+    data = urllib.parse.urlencode(form).encode()
+    request = urllib.request.Request(gateway.base + path, data=data, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_retry_needs_the_token(web_gateway: WebGateway, pd: PagerDutyStandIn) -> None:
+    pd.fail_next(1, 400)  # PagerDuty rejects the event: dead letter
+    web_gateway.send(desk_mail("Printer on fire"))
+    wait_until(lambda: "dead-letter" in web_gateway.get("/")[1])
+    assert post(web_gateway, "/outbox/1/retry", {}) == 403
+    assert post(web_gateway, "/outbox/1/retry", {"token": "guess"}) == 403
+    assert post(web_gateway, "/outbox/1/retry", {"token": TOKEN}) == 200  # 303 -> the page
+    pd.wait_for(1)
+    assert post(web_gateway, "/outbox/1/retry", {"token": TOKEN}) == 404  # not dead any more
+    assert web_gateway.get("/outbox/1/retry")[0] == 405
+
+
+def raw_http(gateway: WebGateway, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", gateway.web_port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HARDENING = [
+    pytest.param(b"NONSENSE\r\n\r\n", b"400", id="garbage"),
+    pytest.param(
+        b"POST /outbox/1/retry HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n",
+        b"413",
+        id="body-too-large",
+    ),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+        b"431",
+        id="headers-too-large",
+    ),
+    pytest.param(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", b"404", id="unknown-path"),
+    pytest.param(b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", id="wrong-method"),
+]
+
+
+def test_http_hardening(web_gateway: WebGateway) -> None:
+    """One gateway for every case: each malformed request gets a deliberate answer."""
+    for case in HARDENING:
+        request_bytes, status = case.values
+        answer = raw_http(web_gateway, request_bytes)
+        assert answer.split(b" ", 2)[1] == status, (case.id, answer[:200])
+        assert b"Content-Security-Policy: default-src 'none'" in answer
+    assert web_gateway.health()[0] == 200  # and it still serves
