@@ -63,7 +63,7 @@ class LiveState:
     smtp: Any = None  # SmtpListener: .active_sessions, .bound, .closing
     imap: Sequence[Any] = ()  # ImapPoller: .settings.name, .state, .last_success, .attempts
     reloader: Any = None  # Reloader: .reloads, .refused
-    processor: Any = None  # ProcessorProcess: .restarts
+    processor: Any = None  # WorkerProcess: .restarts
 
 
 class GatewayMetrics:

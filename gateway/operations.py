@@ -24,6 +24,7 @@ from gateway.sdnotify import Notifier
 from gateway.smtp import GatewayHandler
 from gateway.store import StoreThread
 from gateway.web import WebApp
+from gateway.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,10 @@ log = logging.getLogger(__name__)
 class Operations:
     """Start with `start()` after the listeners are bound; `close()` first thing on shutdown."""
 
-    def __init__(self, config: Config, service: Any, *, processor: Any, workers: list[Any]) -> None:
+    def __init__(self, config: Config, service: Any, *, worker: WorkerProcess) -> None:
         self.config = config
         self.service = service  # .smtp, .imap, .stopping
-        self.processor = processor
-        self.workers = workers
+        self.worker = worker
         self.notifier = Notifier()
         self.reloader = Reloader(
             config,
@@ -83,8 +83,10 @@ class Operations:
         listen = self.config.web.listen
         if not listen:
             return
-        live = LiveState(self.service.smtp, self.service.imap, self.reloader, self.processor)
-        self.web = WebApp(self.store, self.config.web, live=live, on_requeue=self._wake_workers)
+        live = LiveState(self.service.smtp, self.service.imap, self.reloader, self.worker)
+        self.web = WebApp(
+            self.store, self.config.web, live=live, on_requeue=self.worker.wake_outbox
+        )
         # the latency histogram counts jobs decided from now on, like any per-process metric
         self.web.metrics.last_job = await self.store.call(lambda s: s.last_decided_job())
         http = HttpServer(listen, self.web)
@@ -95,10 +97,6 @@ class Operations:
             return
         self.http = http
         log.info("web listening on http://%s (healthz, metrics, status page)", listen)
-
-    def _wake_workers(self) -> None:
-        for worker in self.workers:
-            worker.wake()
 
     def _install_sighup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,19 +109,13 @@ class Operations:
         task.add_done_callback(self._reloads.discard)
 
     def _apply(self, new: Validated) -> None:
-        """Swap what the parent holds; the processor child reloads by itself."""
+        """Swap what the parent holds; the worker child reloads by itself."""
         config = new.config
-        self.processor.reload()
+        self.worker.reload()
         smtp = self.service.smtp
         if smtp is not None:  # sessions in flight keep the handler they started with
             old = smtp.handler
             smtp.handler = GatewayHandler(config.services, old.spool, offer_auth=old.offer_auth)
-        routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
-        for worker in self.workers:
-            sender = worker.send
-            if hasattr(sender, "routing_keys"):
-                sender.routing_keys = routing_keys
-                sender.events_url = config.pagerduty.events_url
         if self.web is not None:
             self.web.settings = config.web
         logging.getLogger().setLevel(LEVELS.get(config.gateway.log_level, logging.INFO))

@@ -7,26 +7,18 @@ repeats the work and a crash after it never repeats it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from gateway import incidents
 from gateway.config import PagerDutySettings, ServiceSettings
-from gateway.errors import ConfigError, RuleError, RuleEvaluationError, ThemeError
+from gateway.errors import RuleError, RuleEvaluationError
 from gateway.message import ParsedMail, parse_message
-from gateway.notifications import Notifier, build_notifier
+from gateway.notifications import Notifier
 from gateway.pagerduty import build_event
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
 from gateway.store import PendingJob, Store
@@ -276,150 +268,3 @@ def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRun
     if problems:
         raise RuleError(problems)
     return runtimes
-
-
-class ProcessorProcess:
-    """Runs the processor in a child process, woken after each spool commit.
-
-    Parsing and rules are CPU work; in their own process they use the second core instead of
-    competing with the SMTP listener for the GIL, and a crash there cannot take the listener
-    down (the supervisor restarts it; pending jobs simply wait in the spool).
-    """
-
-    def __init__(self, config_path: Path, *, on_outbox: Callable[[], None]) -> None:
-        self.config_path = config_path
-        self.on_outbox = on_outbox
-        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
-        self._process: BaseProcess | None = None
-        self._to_child: Connection | None = None
-        self._from_child: Connection | None = None
-        self._lock = threading.Lock()
-        self._stopping = False
-        self.restarts = 0
-
-    def start(self) -> None:
-        parent_in, child_out = self._context.Pipe(duplex=False)
-        child_in, parent_out = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=_processor_main,
-            args=(str(self.config_path), child_in, child_out),
-            name="gateway-processor",
-            daemon=True,
-        )
-        process.start()
-        child_in.close()
-        child_out.close()
-        with self._lock:
-            self._process, self._to_child, self._from_child = process, parent_out, parent_in
-        self._send("wake")  # resume whatever a previous run left pending
-
-    def wake(self) -> None:
-        """Thread-safe; called by the spool writer after every commit."""
-        self._send("wake")
-
-    def reload(self) -> None:
-        self._send("reload")
-
-    def _send(self, message: str) -> None:
-        with self._lock:
-            if self._to_child is None:
-                return
-            # if the child is gone, the supervisor restarts it and it rescans the spool
-            with contextlib.suppress(OSError):
-                self._to_child.send(message)
-
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Forward the child's "outbox has items" notes to `on_outbox` on the event loop."""
-        assert self._from_child is not None
-        loop.add_reader(self._from_child.fileno(), self._drain_notes)
-
-    def _drain_notes(self) -> None:
-        connection = self._from_child
-        try:
-            while connection is not None and connection.poll():
-                connection.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(connection.fileno())
-        self.on_outbox()
-
-    async def supervise(self, stop: asyncio.Event) -> None:
-        """Restart the child if it dies (with a pause, so a crash loop does not spin)."""
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            process = self._process
-            if process is not None and not process.is_alive() and not self._stopping:
-                log.error("processor process exited with %s; restarting", process.exitcode)
-                with contextlib.suppress(ValueError, OSError):
-                    loop.remove_reader(self._from_child.fileno())  # type: ignore[union-attr]
-                self.restarts += 1
-                self.start()
-                self.attach(loop)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0 if self.restarts < 5 else 5.0)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Let the child finish its batch (commit included) and exit."""
-        self._stopping = True
-        self._send("stop")
-        process = self._process
-        if process is None:
-            return
-        process.join(timeout)
-        if process.is_alive():
-            log.error("processor did not stop within %.0fs; killing it", timeout)
-            process.kill()
-            process.join(5)
-
-
-def _processor_main(config_path: str, inbox: Connection, notes: Connection) -> None:
-    """Child process entry point: decide pending jobs whenever woken (or every second)."""
-    from gateway.config import load_config
-    from gateway.logs import setup_logging
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    config = load_config(Path(config_path))
-    setup_logging(config.gateway.log_level, config.gateway.log_format)
-    store = Store(config.db_path)
-    processor = Processor(
-        store,
-        load_services(config.services),
-        config.pagerduty,
-        regex_timeout=config.gateway.regex_timeout_seconds,
-        on_outbox=lambda: notes.send(1),
-        notifier=build_notifier(config),
-    )
-    while True:
-        messages = _receive(inbox, timeout=1.0)
-        if "reload" in messages:
-            _reload(processor, Path(config_path))
-        while processor.process_pending():
-            pass
-        if "stop" in messages:
-            store.close()
-            return
-
-
-def _receive(inbox: Connection, timeout: float) -> set[str]:
-    messages: set[str] = set()
-    try:
-        if inbox.poll(timeout):
-            while inbox.poll():
-                messages.add(inbox.recv())
-    except (EOFError, OSError):
-        messages.add("stop")  # the parent is gone
-    return messages
-
-
-def _reload(processor: Processor, config_path: Path) -> None:
-    """Swap in new rules between batches; on any error keep the last good ones."""
-    from gateway.config import load_config
-
-    try:
-        config = load_config(config_path)
-        services = load_services(config.services)
-        notifier = build_notifier(config)
-    except (ConfigError, RuleError, ThemeError) as exc:
-        log.error("reload refused, keeping the last good rules:\n%s", exc)
-        return
-    processor.services, processor.notifier = services, notifier
-    log.info("rules reloaded: %s", ", ".join(processor.services))

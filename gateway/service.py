@@ -1,4 +1,4 @@
-"""`gateway serve`: wires spool writer, processor, outbox workers and listeners on one loop.
+"""`gateway serve`: wires the spool writer, the worker process and the listeners on one loop.
 
 Shutdown order matters for "nothing acknowledged is lost": stop accepting new sessions, let the
 sessions in flight finish (their 250 waits for the spool commit), stop the spool writer (it
@@ -13,17 +13,14 @@ import contextlib
 import logging
 import signal
 
-import httpx
-
-from gateway import delivery
 from gateway.config import Config
 from gateway.imap import ImapPoller
 from gateway.intake import SpoolWriter
 from gateway.notifications import build_notifier
 from gateway.operations import Operations
-from gateway.processor import ProcessorProcess, load_services
+from gateway.processor import load_services
 from gateway.smtp import SmtpListener
-from gateway.store import StoreThread
+from gateway.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -59,38 +56,26 @@ class Service:
         build_notifier(config)  # the same for notification themes
         spool = SpoolWriter(config.db_path)
         spool.start()
-        outbox_store = StoreThread(config.db_path, "outbox")
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            workers = [delivery.pagerduty_worker(outbox_store, client, config)]
-            workers += filter(None, [delivery.mail_worker(outbox_store, config)])
-            processor = ProcessorProcess(
-                config.path, on_outbox=lambda: [worker.wake() for worker in workers]
-            )
-            processor.start()
-            processor.attach(asyncio.get_running_loop())
-            spool.on_commit(processor.wake)
-            tasks = [
-                asyncio.create_task(worker.run(self.stopping), name=f"{worker.kind}-outbox")
-                for worker in workers
-            ]
-            tasks.append(asyncio.create_task(processor.supervise(self.stopping), name="processor"))
-            pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
-            try:
-                self.smtp = SmtpListener(config.smtp, config.services, spool)
-                await self.smtp.start()
-                for poller in pollers:
-                    poller.start()
-                self.imap = pollers
-                self._install_signals()
-                self.ops = Operations(config, self, processor=processor, workers=workers)
-                await self.ops.start()  # READY=1: the listeners are bound
-                self.ready.set()
-                log.info("gateway ready: smtp %s", ", ".join(config.smtp.listen))
-                await self.stopping.wait()
-                log.info("shutting down: no new sessions, finishing those in flight")
-            finally:
-                await self._shutdown(spool, processor, tasks)
-                outbox_store.close()
+        worker = WorkerProcess(config.path)
+        worker.start()
+        spool.on_commit(worker.wake)
+        tasks = [asyncio.create_task(worker.supervise(self.stopping), name="worker")]
+        pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
+        try:
+            self.smtp = SmtpListener(config.smtp, config.services, spool)
+            await self.smtp.start()
+            for poller in pollers:
+                poller.start()
+            self.imap = pollers
+            self._install_signals()
+            self.ops = Operations(config, self, worker=worker)
+            await self.ops.start()  # READY=1: the listeners are bound
+            self.ready.set()
+            log.info("gateway ready: smtp %s", ", ".join(config.smtp.listen))
+            await self.stopping.wait()
+            log.info("shutting down: no new sessions, finishing those in flight")
+        finally:
+            await self._shutdown(spool, worker, tasks)
         log.info("gateway stopped")
         return 0
 
@@ -101,7 +86,7 @@ class Service:
                 loop.add_signal_handler(sig, self.stop)
 
     async def _shutdown(
-        self, spool: SpoolWriter, processor: ProcessorProcess, tasks: list[asyncio.Task]
+        self, spool: SpoolWriter, worker: WorkerProcess, tasks: list[asyncio.Task]
     ) -> None:
         self.stopping.set()
         if self.ops is not None:
@@ -110,7 +95,7 @@ class Service:
             await self.smtp.close(SHUTDOWN_GRACE_SECONDS)
         await asyncio.gather(*(asyncio.to_thread(poller.stop) for poller in self.imap))
         await asyncio.to_thread(spool.stop)
-        await asyncio.to_thread(processor.stop)
+        await asyncio.to_thread(worker.stop)
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, SHUTDOWN_GRACE_SECONDS)
