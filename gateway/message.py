@@ -507,21 +507,43 @@ def fingerprint(raw: bytes) -> tuple[str, str]:
     with a trailing newline added by an MTA, still counts as the same message.
     """
     try:
-        data = _as_bytes(raw)
-        head, body = _split_head(data)
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").rstrip(b"\n")
-        return _fingerprint_id(head), hashlib.sha256(body).hexdigest()
+        data = raw if isinstance(raw, (bytes, bytearray)) else _as_bytes(raw)
+        body_start = _body_start(data)
+        return _fingerprint_id(bytes(data[:body_start])), _body_hash(data, body_start)
     except Exception:
         return "", hashlib.sha256(b"").hexdigest()
 
 
-def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    """Header block and body, split at the earliest blank line of any line-ending style."""
+_HASH_CHUNK = 1 << 20
+
+
+def _body_start(data: bytes | bytearray) -> int:
+    """Offset of the body: after the earliest blank line of any line-ending style."""
     cuts = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.find(sep)) >= 0]
     if not cuts:
-        return data, b""
+        return len(data)
     index, width = min(cuts)
-    return data[:index], data[index + width :]
+    return index + width
+
+
+def _body_hash(data: bytes | bytearray, start: int) -> str:
+    """sha256 of the body with line endings normalised to LF and trailing newlines dropped,
+    computed a chunk at a time: a 10 MB mail costs one chunk of memory, not three copies."""
+    end = len(data)
+    while end > start and data[end - 1] in (10, 13):
+        end -= 1
+    digest = hashlib.sha256()
+    view = memoryview(data)
+    carry = b""  # a CR at a chunk's end may be the first half of a CRLF
+    for offset in range(start, end, _HASH_CHUNK):
+        chunk = carry + bytes(view[offset : min(offset + _HASH_CHUNK, end)])
+        carry = b"\r" if chunk.endswith(b"\r") else b""
+        if carry:
+            chunk = chunk[:-1]
+        digest.update(chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+    if carry:
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def _fingerprint_id(head: bytes) -> str:

@@ -41,6 +41,19 @@ class ServiceRuntime:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Phase 1's result for one job: a final outcome, or a decision with its event to apply."""
+
+    job: PendingJob
+    outcome: str  # '' when the decision still has to be applied to the incident mirror
+    reason: str
+    rule: str | None = None
+    decision: Decision | None = None
+    mail: ParsedMail | None = None
+    event: dict | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What happened to one job; logged as one line and returned to callers."""
 
@@ -101,14 +114,21 @@ class Processor:
         self.clock = clock
 
     def process_pending(self, batch: int = 200) -> list[Outcome]:
-        """Decide up to `batch` pending jobs in one commit; returns their outcomes."""
+        """Decide up to `batch` pending jobs; returns their outcomes.
+
+        Parsing and rules (the CPU work) run before the write transaction, so the spool writer
+        is never kept waiting for them; the short transaction then applies every decision.
+        """
         jobs = self.store.pending_jobs(batch)
         if not jobs:
             return []
+        verdicts = [self._evaluate_safely(job) for job in jobs]
         outcomes: list[Outcome] = []
         with self.store.transaction():
-            for job in jobs:
-                outcomes.append(self._decide_safely(job))
+            for verdict in verdicts:
+                outcome = self._record_safely(verdict)
+                if outcome is not None:
+                    outcomes.append(outcome)
         for outcome in outcomes:
             log.info("%s", outcome.log_line(), extra=outcome.log_fields())
         if self.on_outbox and any(o.queued for o in outcomes):
@@ -121,45 +141,67 @@ class Processor:
             outcomes.extend(batch)
         return outcomes
 
-    def _decide_safely(self, job: PendingJob) -> Outcome:
+    # -- phase 1: no database writes ---------------------------------------------------------
+
+    def _evaluate_safely(self, job: PendingJob) -> Verdict:
         """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
         try:
-            with self.store.db.atomic():
-                return self._decide(job)
+            return self._evaluate(job)
         except Exception as exc:
             log.exception("job %d: internal error, quarantined", job.id)
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            return self._finish(job, QUARANTINED, reason)
+            return Verdict(job, QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _decide(self, job: PendingJob) -> Outcome:
+    def _evaluate(self, job: PendingJob) -> Verdict:
         runtime = self.services.get(job.service)
         if runtime is None:
-            return self._finish(job, QUARANTINED, f"service {job.service!r} is not configured")
+            return Verdict(job, QUARANTINED, f"service {job.service!r} is not configured")
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
-            return self._finish(job, LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+            return Verdict(job, LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
         try:
             decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
         except RuleEvaluationError as exc:
-            return self._finish(job, QUARANTINED, str(exc), rule=exc.rule)
+            return Verdict(job, QUARANTINED, str(exc), rule=exc.rule)
         if decision.action == "discard" or decision.incident_key is None:
             outcome = UNMATCHED if decision.unmatched else DISCARDED
-            return self._finish(job, outcome, decision.reason, decision=decision)
-        return self._act(job, runtime, mail, decision)
+            return Verdict(job, outcome, decision.reason, decision=decision)
+        event = self._event(runtime, mail, decision)
+        return Verdict(job, "", decision.reason, decision=decision, mail=mail, event=event)
 
-    def _act(
-        self, job: PendingJob, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision
-    ) -> Outcome:
+    # -- phase 2: inside the write transaction ------------------------------------------------
+
+    def _record_safely(self, verdict: Verdict) -> Outcome | None:
+        job = verdict.job
+        try:
+            with self.store.db.atomic():
+                if not self.store.job_is_pending(job.id):
+                    return None  # another processor (e.g. `gateway ingest`) decided it first
+                if verdict.event is None:
+                    return self._finish(
+                        job,
+                        verdict.outcome,
+                        verdict.reason,
+                        rule=verdict.rule,
+                        decision=verdict.decision,
+                    )
+                return self._act(verdict)
+        except Exception as exc:
+            log.exception("job %d: internal error, quarantined", job.id)
+            return self._finish(job, QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _act(self, verdict: Verdict) -> Outcome:
+        job, decision, mail, event = verdict.job, verdict.decision, verdict.mail, verdict.event
+        assert decision is not None and mail is not None and event is not None
+        runtime = self.services[job.service]
         key = decision.incident_key
         assert key is not None
-        now = self.clock()
         existing = self.store.incident(job.service, key)
         changed, outcome = incidents.apply_action(
             existing,
             service=job.service,
             key=key,
             action=decision.action,
-            now=now,
+            now=self.clock(),
             summary=decision.summary,
             message=job.message,
             case_message_id=mail.message_id,
@@ -168,7 +210,6 @@ class Processor:
         if changed is not None:
             self.store.save_incident(changed)
             queued = self._notify(job, runtime, outcome, changed)
-        event = self._event(runtime, mail, decision)
         queued = self._queue_event(job, runtime, event) or queued
         return self._finish(
             job, outcome, decision.reason, decision=decision, event=event, queued=queued

@@ -43,7 +43,6 @@ from gateway.smtp import (
     received_header,
     route_recipient,
     sender_allowed,
-    services_for,
 )
 from gateway.store import Accepted, IncomingMail
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
@@ -248,11 +247,6 @@ def test_route_recipient(address: str, expected: str | None) -> None:
 )
 def test_sender_allowed(sender: str, patterns: tuple[str, ...], allowed: bool) -> None:
     assert sender_allowed(sender, patterns) is allowed
-
-
-def test_services_for_deduplicates_in_rcpt_order() -> None:
-    rcpts = ["ops@alerts.example", "desk@a", "desk+x@b", "pager@alerts.example", "nobody@x"]
-    assert services_for(rcpts, SERVICES) == ("ops", "helpdesk")
 
 
 def test_received_header_is_a_trace_line() -> None:
