@@ -91,9 +91,11 @@ def peak_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def throughput(port: int, messages: int, persistent: bool) -> float:
+def throughput(port: int, messages: int, persistent: bool, sessions: int = 16) -> float:
     smtp_source(port, messages=min(1000, messages // 5), persistent=persistent)  # warm-up
-    return smtp_source(port, messages=messages, sessions=16, size=3072, persistent=persistent).rate
+    return smtp_source(
+        port, messages=messages, sessions=sessions, size=3072, persistent=persistent
+    ).rate
 
 
 def latency(port: int, pd: PagerDutyStandIn, count: int, rate: float = 100.0) -> list[float]:
@@ -166,24 +168,26 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--log-level", default="info", help="gateway log level during the run")
+    parser.add_argument("--sessions", type=int, default=16, help="concurrent SMTP sessions")
     args = parser.parse_args()
     pd = PagerDutyStandIn().start()
-    print(f"16 sessions, 3 KB messages, {args.messages} messages per measurement")
+    print(f"{args.sessions} sessions, 3 KB messages, {args.messages} messages per measurement")
     results: dict[str, dict[str, float]] = {}
     for mode, persistent in (
         ("one message per connection", False),
         ("persistent connections", True),
     ):
         with BareSmtpd() as bare:
-            bare_rate = throughput(bare.port, args.messages, persistent)
+            bare_rate = throughput(bare.port, args.messages, persistent, args.sessions)
         with GatewayServer(pd.url, args.log_level) as gateway:
-            gateway_rate = throughput(gateway.port, args.messages, persistent)
+            gateway_rate = throughput(gateway.port, args.messages, persistent, args.sessions)
         results[mode] = {"bare": bare_rate, "gateway": gateway_rate}
         print(
             f"{mode:>28}: bare {bare_rate:7.0f} msg/s   gateway {gateway_rate:7.0f} msg/s"
             f"   ratio {gateway_rate / bare_rate:.2f}  (goal >= 0.8)"
         )
     with GatewayServer(pd.url, args.log_level) as gateway:
+        latency(gateway.port, pd, 100)  # warm-up: first imports, connections, page cache
         lat = latency(gateway.port, pd, args.latency_count)
         print(
             f"end-of-DATA -> PagerDuty POST at 100 msg/s ({len(lat)}/{args.latency_count} delivered):"

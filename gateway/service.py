@@ -20,6 +20,7 @@ from gateway.notifications import build_notifier
 from gateway.operations import Operations
 from gateway.processor import load_services
 from gateway.smtp import SmtpListener
+from gateway.store import Checkpointer
 from gateway.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Service:
         build_notifier(config)  # the same for notification themes
         spool = SpoolWriter(config.db_path)
         spool.start()
+        checkpointer = Checkpointer(config.db_path)
+        checkpointer.start()
         worker = WorkerProcess(config.path)
         worker.start()
         spool.on_commit(worker.wake)
@@ -76,6 +79,7 @@ class Service:
             log.info("shutting down: no new sessions, finishing those in flight")
         finally:
             await self._shutdown(spool, worker, tasks)
+            checkpointer.stop()
         log.info("gateway stopped")
         return 0
 

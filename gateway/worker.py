@@ -42,7 +42,7 @@ from gateway.store import Store, StoreThread
 
 log = logging.getLogger(__name__)
 
-WORKER_NICENESS = 5  # below the listener: acceptance first, processing right after
+WORKER_NICENESS = 10  # below the listener: acceptance first, processing right after
 
 
 class WorkerProcess:
