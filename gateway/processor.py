@@ -49,7 +49,7 @@ class Verdict:
     reason: str
     rule: str | None = None
     decision: Decision | None = None
-    mail: ParsedMail | None = None
+    case_message_id: str = ""  # the Message-ID that opened the incident, for threading
     event: dict | None = None
 
 
@@ -166,7 +166,14 @@ class Processor:
             outcome = UNMATCHED if decision.unmatched else DISCARDED
             return Verdict(job, outcome, decision.reason, decision=decision)
         event = self._event(runtime, mail, decision)
-        return Verdict(job, "", decision.reason, decision=decision, mail=mail, event=event)
+        return Verdict(
+            job,
+            "",
+            decision.reason,
+            decision=decision,
+            case_message_id=mail.message_id,
+            event=event,
+        )
 
     # -- phase 2: inside the write transaction ------------------------------------------------
 
@@ -190,8 +197,8 @@ class Processor:
             return self._finish(job, QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
     def _act(self, verdict: Verdict) -> Outcome:
-        job, decision, mail, event = verdict.job, verdict.decision, verdict.mail, verdict.event
-        assert decision is not None and mail is not None and event is not None
+        job, decision, event = verdict.job, verdict.decision, verdict.event
+        assert decision is not None and event is not None
         runtime = self.services[job.service]
         key = decision.incident_key
         assert key is not None
@@ -204,7 +211,7 @@ class Processor:
             now=self.clock(),
             summary=decision.summary,
             message=job.message,
-            case_message_id=mail.message_id,
+            case_message_id=verdict.case_message_id,
         )
         queued = False
         if changed is not None:

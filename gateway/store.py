@@ -366,12 +366,17 @@ class Store:
 
     # -- processing ------------------------------------------------------------------------
 
-    def pending_jobs(self, limit: int = 100) -> list[PendingJob]:
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 64 * 1024 * 1024) -> list[PendingJob]:
+        """The oldest pending jobs, at most `limit` and about `max_bytes` of mail (always at
+        least one), so a backlog of big messages never loads gigabytes at once."""
         rows = self.conn.execute(
-            "SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at"
-            " FROM jobs j JOIN messages m ON m.id = j.message"
-            " WHERE j.state = 'pending' ORDER BY j.id LIMIT ?",
-            (limit,),
+            "SELECT id, message, service, raw, mail_from, source, received_at FROM ("
+            "  SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at,"
+            "   SUM(m.size) OVER (ORDER BY j.id) - m.size AS before"
+            "  FROM jobs j JOIN messages m ON m.id = j.message"
+            "  WHERE j.state = 'pending' ORDER BY j.id LIMIT ?"
+            ") WHERE before < ? ORDER BY id",
+            (limit, max_bytes),
         ).fetchall()
         return [PendingJob(r[0], r[1], r[2], r[3] or b"", r[4], r[5], r[6]) for r in rows]
 

@@ -135,3 +135,10 @@ def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
     finally:
         writer.stop()
     assert Store(tmp_path / "g.sqlite3").counts()["messages"] == 21  # cancelled ones were kept
+
+
+def test_pending_jobs_are_bounded_by_size(store: Store) -> None:
+    store.accept([mail(f"big{i}", raw=b"x" * 1000) for i in range(10)])
+    assert len(store.pending_jobs(100, max_bytes=2500)) == 3  # 0, 1000, 2000 bytes before each
+    assert len(store.pending_jobs(100, max_bytes=1)) == 1  # always at least one
+    assert len(store.pending_jobs(4)) == 4
