@@ -57,6 +57,7 @@ class PagerDutySettings:
     max_retry_hours: float = 24.0
     rate_limit_per_minute: int = 0  # 0 = off; PagerDuty allows about 120/min per routing key
     source: str = "email-gateway"
+    client_url: str = ""  # shown as a link on the incident, e.g. this gateway's status page
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class OutgoingSettings:
 class WebSettings:
     listen: str = "127.0.0.1:8025"  # loopback by default; "" = web listener off
     token: str | None = None  # required by the status page's retry button
+    notify_token: str | None = None  # bearer token of POST /notify/<theme>; unset = off
     outbox_max_age_seconds: float = 900.0  # /healthz fails when a pending item is older
     imap_max_silence_seconds: float = 900.0  # /healthz fails when a mailbox is silent longer
 
@@ -365,6 +367,7 @@ class _Reader:
                 w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)
             ),
             source=self.get(w, t, "source", str, "email-gateway"),
+            client_url=self.get(w, t, "client_url", str, ""),
         )
 
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
@@ -485,6 +488,7 @@ class _Reader:
         return WebSettings(
             listen=listen,
             token=self.get(w, t, "token", str, None) or None,
+            notify_token=self.get(w, t, "notify_token", str, None) or None,
             outbox_max_age_seconds=self.get(
                 w, t, "outbox_max_age_seconds", float, 900.0, check=_positive
             ),

@@ -24,6 +24,7 @@ from gateway.sdnotify import Notifier
 from gateway.smtp import GatewayHandler
 from gateway.store import StoreThread
 from gateway.web import WebApp
+from gateway.webnotify import NotifyEndpoint
 from gateway.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,11 @@ class Operations:
             return
         live = LiveState(self.service.smtp, self.service.imap, self.reloader, self.worker)
         self.web = WebApp(
-            self.store, self.config.web, live=live, on_requeue=self.worker.wake_outbox
+            self.store,
+            self.config.web,
+            live=live,
+            on_requeue=self.worker.wake_outbox,
+            notify=self._notify_endpoint(),
         )
         # the latency histogram counts jobs decided from now on, like any per-process metric
         self.web.metrics.last_job = await self.store.call(lambda s: s.last_decided_job())
@@ -97,6 +102,18 @@ class Operations:
             return
         self.http = http
         log.info("web listening on http://%s (healthz, metrics, status page)", listen)
+
+    def _notify_endpoint(self) -> NotifyEndpoint | None:
+        config = self.config
+        if not (config.web.notify_token and config.outgoing):
+            return None
+        return NotifyEndpoint(
+            self.store,
+            config.gateway.templates_dir,
+            config.outgoing,
+            config.web.notify_token,
+            on_queued=self.worker.wake_outbox,
+        )
 
     def _install_sighup(self) -> None:
         loop = asyncio.get_running_loop()

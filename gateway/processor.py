@@ -247,6 +247,7 @@ class Processor:
             timestamp=mail.date,
             details=details,
             links=list(decision.links),
+            client_url=self.pagerduty.client_url,
         )
 
     def _queue_event(self, job: PendingJob, runtime: ServiceRuntime, event: dict) -> bool:

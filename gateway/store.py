@@ -235,7 +235,6 @@ class JobRecord:
     reason: str | None
     received_at: float
     source: str
-    subject: str = ""
 
 
 class Store:
@@ -607,10 +606,6 @@ class Store:
             "UPDATE imap_state SET last_success = ? WHERE account = ? AND folder = ?",
             (time.time() if at is None else at, account, folder),
         )
-
-    def imap_states(self) -> list[dict[str, Any]]:
-        """Every polled (account, folder) with its position and last successful cycle."""
-        return list(self.db.query("SELECT * FROM imap_state ORDER BY account, folder"))
 
     # -- operations (web, metrics, retention) ----------------------------------------------
 

@@ -30,6 +30,7 @@ from gateway.httpserver import HttpError, Request, Response
 from gateway.message import parse_message
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
 from gateway.store import Store, StoreThread
+from gateway.webnotify import NotifyEndpoint
 
 HTML = "text/html; charset=utf-8"
 BODY_CHARS = 100_000  # of a mail body shown on the detail page
@@ -52,6 +53,7 @@ class WebApp:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     on_requeue: Callable[[], None] = lambda: None  # wake the outbox worker
     started_at: float = field(default_factory=time.time)
+    notify: NotifyEndpoint | None = None  # POST /notify/<theme>, when configured
 
     def __post_init__(self) -> None:
         self.templates = _environment()
@@ -65,7 +67,7 @@ class WebApp:
             raise HttpError(405, "method not allowed")
         return await handler(request, arg) if arg is not None else await handler(request)
 
-    def _route(self, request: Request) -> tuple[str, Any, int | None] | None:
+    def _route(self, request: Request) -> tuple[str, Any, int | str | None] | None:
         path = request.path
         fixed = {"/": self.index, "/healthz": self.healthz, "/metrics": self.metrics_page}
         if path in fixed:
@@ -74,6 +76,8 @@ class WebApp:
             return "GET", self.job_page, int(match.group(1))
         if match := re.fullmatch(r"/outbox/(\d{1,18})/retry", path):
             return "POST", self.retry, int(match.group(1))
+        if match := re.fullmatch(r"/notify/([^/]{1,64})", path):
+            return "POST", self.notify_theme, match.group(1)
         return None
 
     # -- health and metrics ------------------------------------------------------------------
@@ -169,6 +173,11 @@ class WebApp:
             raise HttpError(404, f"outbox item {item} is not a dead letter")
         self.on_requeue()
         return Response(303, b"", headers={"Location": f"/?retried={item}#outbox"})
+
+    async def notify_theme(self, request: Request, theme: str) -> Response:
+        if self.notify is None:
+            raise HttpError(404, "POST /notify is off: set [web] notify_token and [outgoing]")
+        return await self.notify(request, theme)
 
     def _check_origin(self, request: Request) -> None:
         """Defence in depth next to the token: a browser's cross-site POST names its origin."""

@@ -101,6 +101,8 @@ rules = ["helpdesk.toml"]
 {service_extra}
 {extra}
 """
+    if "[web]" not in extra:  # concurrent test gateways must not fight over port 8025
+        text += '\n[web]\nlisten = ""\n'
     path = directory / "config.toml"
     path.write_text(text)
     return path

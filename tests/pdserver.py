@@ -66,7 +66,6 @@ class PagerDutyStandIn:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.server = _Server(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -10,6 +10,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from email.policy import default as default_policy
 from pathlib import Path
@@ -359,3 +361,67 @@ class TestIncidentUpdates:
             assert message["In-Reply-To"] == "<case-29@helpdesk.example>"
             assert message["Auto-Submitted"] == "auto-generated"
         assert sink.handler.envelopes[0].rcpt_tos == ["agents@helpdesk.example"]
+
+
+class TestNotifyWebhook:
+    """POST /notify/<theme>: a helpdesk that can call a webhook but cannot template mail."""
+
+    TOKEN = "s3cret-webhook-token"
+
+    @pytest.fixture
+    def gateway(self, tmp_path: Path, pd: PagerDutyStandIn, sink: Sink) -> Iterator[GatewayProcess]:
+        port, web_port = free_port(), free_port()
+        extra = (
+            f'[web]\nlisten = "127.0.0.1:{web_port}"\nnotify_token = "{self.TOKEN}"\n'
+            f'[outgoing]\nhost = "127.0.0.1"\nport = {sink.port}\nfrom = "gw@gateway.test"\n'
+        )
+        process = GatewayProcess(
+            write_config(tmp_path, pd_url=pd.url, smtp_port=port, extra=extra), port
+        )
+        process.web = f"http://127.0.0.1:{web_port}"  # type: ignore[attr-defined]
+        process.start()
+        yield process
+        process.kill()
+
+    def post(self, gateway: GatewayProcess, path: str, body: bytes, token: str) -> tuple[int, str]:
+        request = urllib.request.Request(
+            gateway.web + path,  # type: ignore[attr-defined]
+            data=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:  # the web listener is not up yet
+            return 0, ""
+
+    def test_case_json_is_rendered_and_mailed(self, gateway: GatewayProcess, sink: Sink) -> None:
+        wait_until(lambda: self.post(gateway, "/notify/case_new", b"{}", "x")[0] == 401)
+        status, body = self.post(gateway, "/notify/case_new", CASE29.read_bytes(), self.TOKEN)
+        assert status == 202, body
+        queued = json.loads(body)
+        assert queued["to"] == ["desk@gateway.example"]
+        [message] = wait_until(sink.handler.messages, message=gateway.output())
+        assert message["Subject"] == "Printer on fire in building 2"
+        assert message["Message-ID"] == queued["message_id"]
+        assert "Status: New" in message.get_body(("plain",)).get_content()
+
+    @pytest.mark.parametrize(
+        ("path", "body", "token", "status"),
+        [
+            pytest.param("/notify/case_new", b"{}", "wrong", 401, id="wrong-token"),
+            pytest.param("/notify/case_new", b"not json", TOKEN, 400, id="not-json"),
+            pytest.param("/notify/case_new", b"[1]", TOKEN, 400, id="not-an-object"),
+            pytest.param("/notify/case_new", b"{}", TOKEN, 400, id="missing-fields"),
+            pytest.param("/notify/nope", b"{}", TOKEN, 404, id="unknown-theme"),
+        ],
+    )
+    def test_refusals(
+        self, gateway: GatewayProcess, sink: Sink, path: str, body: bytes, token: str, status: int
+    ) -> None:
+        wait_until(lambda: self.post(gateway, "/notify/x", b"{}", "x")[0] != 0)
+        assert self.post(gateway, path, body, token)[0] == status
+        assert sink.handler.envelopes == []

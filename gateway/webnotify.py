@@ -1,0 +1,77 @@
+"""`POST /notify/<theme>`: for helpdesks that can call a webhook but cannot template mail.
+
+The request body is the case as JSON (the same context `gateway notify --case` reads); the theme
+renders the email and it is queued in the durable outbox like any other mail, so a relay outage
+delays it and loses nothing. Authenticated with `Authorization: Bearer <[web] notify_token>`,
+compared in constant time; the token comes from the environment (`${GATEWAY_NOTIFY_TOKEN}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import mailer, themes
+from gateway.config import OutgoingSettings
+from gateway.errors import ThemeError
+from gateway.httpserver import HttpError, Request, Response
+from gateway.store import StoreThread
+
+THEME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass
+class NotifyEndpoint:
+    store: StoreThread
+    templates_dir: Path
+    outgoing: OutgoingSettings
+    token: str
+    on_queued: Callable[[], None] = lambda: None  # wake the mail outbox
+
+    async def __call__(self, request: Request, theme: str) -> Response:
+        self._authenticate(request)
+        context = _json_object(request.body)
+        msg = await asyncio.to_thread(self._render, theme, context)
+        sender = mailer.envelope_sender(self.outgoing.from_addr)
+        try:
+            item = await self.store.call(lambda s: mailer.queue_mail(s, msg, mail_from=sender))
+        except ValueError as exc:  # e.g. the theme rendered no recipient
+            raise HttpError(400, str(exc)) from None
+        self.on_queued()
+        body = {"queued": item, "message_id": msg["Message-ID"], "to": mailer.recipients(msg)}
+        return Response(202, json.dumps(body).encode(), "application/json")
+
+    def _authenticate(self, request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.token.encode()
+        ):
+            raise HttpError(401, "missing or wrong bearer token")
+
+    def _render(self, theme: str, context: dict[str, Any]):
+        if not THEME_NAME.fullmatch(theme):
+            raise HttpError(404, "no such theme")
+        try:
+            loaded = themes.Themes(self.templates_dir)
+            if theme not in loaded.names():
+                raise HttpError(404, f"no theme {theme!r}")
+            return loaded.render(theme, context, default_from=self.outgoing.from_addr)
+        except ThemeError as exc:
+            raise HttpError(400, f"theme {theme!r} failed: {exc}") from None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body or b"null")
+    except ValueError as exc:
+        raise HttpError(400, f"body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "body must be a JSON object (the case)")
+    return value
