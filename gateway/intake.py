@@ -102,7 +102,7 @@ class SpoolWriter:
 
     def _run(self) -> None:
         try:
-            store = Store(self._db_path)
+            store = Store(self._db_path, eager=True)
         except BaseException as exc:
             self._open_error = exc
             self._ready.set()

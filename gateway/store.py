@@ -240,7 +240,17 @@ class JobRecord:
 class Store:
     """A connection to the gateway's database, for use by one thread."""
 
-    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, timeout: float = 30.0, eager: bool = False, durable: bool = True
+    ) -> None:
+        """`eager`: poll for the write lock every 0.2 ms instead of SQLite's busy handler,
+        which sleeps 1, 2, 5, 10 ... ms between tries; for the spool writer, whose commit an
+        SMTP client is waiting on while the worker process holds the lock for a moment."""
+        self._lock_timeout = timeout
+        self._eager = eager
+        self._sync = "FULL" if durable else "NORMAL"
+        if eager:
+            timeout = 0.0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread=False: a Store may be created in one thread and then used only by
@@ -249,7 +259,7 @@ class Store:
                 str(path), timeout=timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self._sync}")
             # A commit that crosses the checkpoint threshold copies the WAL into the database
             # and fsyncs it, stalling that writer (an SMTP 250) for 100+ ms: `serve` checkpoints
             # in the background instead (Checkpointer); this higher threshold is the safety net.
@@ -287,7 +297,7 @@ class Store:
         if self.conn.in_transaction:
             yield
             return
-        if not durable:
+        if not durable and self._sync == "FULL":
             self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self.transaction():
@@ -295,10 +305,7 @@ class Store:
             finally:
                 self.conn.execute("PRAGMA synchronous=FULL")
             return
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"database busy or unwritable: {exc}") from exc
+        self._begin()
         try:
             yield
             self.conn.execute("COMMIT")
@@ -308,6 +315,20 @@ class Store:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"database write failed: {exc}") from exc
             raise
+
+    def _begin(self) -> None:
+        deadline = time.monotonic() + self._lock_timeout
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not (self._eager and busy and time.monotonic() < deadline):
+                    raise StoreError(f"database busy or unwritable: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"database busy or unwritable: {exc}") from exc
+            time.sleep(0.0002)
 
     # -- acceptance (the spool) ------------------------------------------------------------
 
@@ -875,9 +896,9 @@ def _outbox_item(row: Sequence[Any]) -> OutboxItem:
 class StoreThread:
     """Runs store calls on one dedicated thread, for asyncio code (the loop never blocks on fsync)."""
 
-    def __init__(self, db_path: Path, name: str = "store") -> None:
+    def __init__(self, db_path: Path, name: str = "store", *, durable: bool = True) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._store = self._executor.submit(Store, db_path).result()
+        self._store = self._executor.submit(Store, db_path, durable=durable).result()
 
     async def call(self, fn: Callable[[Store], T]) -> T:
         loop = asyncio.get_running_loop()

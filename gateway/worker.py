@@ -8,7 +8,13 @@ Everything after acceptance runs here, in a child process started with `spawn`:
 * the child runs at a lower CPU priority, so under a burst the durable acceptance of mail comes
   first and processing catches up from the spool right after;
 * a crash here cannot take the listener down: the supervisor restarts the child, and pending
-  jobs and outbox items simply wait in the store.
+  jobs and outbox items simply wait in the store;
+* its commits skip the fsync (``synchronous=NORMAL``): the device's fsync queue belongs to the
+  acceptance commits that SMTP clients are waiting on. A process crash loses nothing (the WAL
+  is in the OS); a power cut may roll back the last decisions and delivery results, atomically
+  and in order, so they are redone: decided again, and sent again at least once, which
+  PagerDuty folds into the same incident by its dedup_key. Every later acceptance commit
+  (FULL) makes all earlier ones durable too.
 
 The parent talks to the child over a pipe: "wake" (a spool commit), "outbox" (items re-queued),
 "reload" (config and rules changed; the child validates again and keeps the last good on error)
@@ -144,7 +150,7 @@ class _Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.processor = await loop.run_in_executor(self.decider, self._new_processor)
-        store = StoreThread(self.config.db_path, "outbox")
+        store = StoreThread(self.config.db_path, "outbox", durable=False)
         async with httpx.AsyncClient(timeout=self.config.pagerduty.timeout_seconds) as client:
             self.workers = [delivery.pagerduty_worker(store, client, self.config)]
             self.workers += filter(None, [delivery.mail_worker(store, self.config)])
@@ -160,7 +166,7 @@ class _Worker:
     def _new_processor(self) -> Processor:
         config = self.config
         return Processor(
-            Store(config.db_path),
+            Store(config.db_path, durable=False),
             load_services(config.services),
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
