@@ -395,7 +395,7 @@ class Store:
 
     # -- processing ------------------------------------------------------------------------
 
-    def pending_jobs(self, limit: int = 100, max_bytes: int = 64 * 1024 * 1024) -> list[PendingJob]:
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
         """The oldest pending jobs, at most `limit` and about `max_bytes` of mail (always at
         least one), so a backlog of big messages never loads gigabytes at once."""
         rows = self.conn.execute(
