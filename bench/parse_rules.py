@@ -3,7 +3,7 @@
     python bench/parse_rules.py [--seconds 3] [--no-smtp]
 
 Messages are Desk.com-style HTML notifications of about 3 KB and 60 KB; the ruleset has 20 rules
-and the matching one is last (every rule is tried). Goal: >= 3,000 msg/s for 3 KB, so that
+and the matching one is the 19th of 20. Goal: >= 3,000 msg/s for 3 KB, so that
 parsing and rules never limit the SMTP listener (ratio to the bare aiosmtpd rate > 1).
 """
 
@@ -31,7 +31,7 @@ def notification(target_bytes: int, n: int) -> bytes:
     rows = [ROW.format(label="Case", value=f"#{n}"), ROW.format(label="Status:", value="New")]
     filler = "Customer reports the printer on floor 2 is on fire again; please advise. "
     i = 0
-    while sum(len(r) for r in rows) < target_bytes - 900:
+    while sum(len(r) for r in rows) < target_bytes - 550:
         rows.append(ROW.format(label=f"Note {i}", value=filler))
         i += 1
     html = (
@@ -91,7 +91,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ruleset = load_ruleset([ruleset_file(Path(tmp))])
-    print(f"ruleset: {len(ruleset.rules)} rules, the matching one tried last")
+    print(
+        f"ruleset: {len(ruleset.rules)} rules; the matching one is rule 19 (only a disabled one after it)"
+    )
     rates = {}
     for label, size in (("3 KB", 3 * 1024), ("60 KB", 60 * 1024)):
         messages = [notification(size, n) for n in range(50)]
