@@ -525,8 +525,16 @@ def _keys(chk: _Checker, raw: Any, out: _Collected) -> None:
     out.tags.extend(t for t in tags if t not in out.tags)
 
 
+def _display(path: Path) -> str:
+    """The path as the operator would type it: relative to the working directory when inside."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def _check_file(path: Path, problems: list[Problem], out: _Collected) -> None:
-    file = str(path)
+    file = _display(path)
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)

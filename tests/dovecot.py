@@ -15,6 +15,7 @@ gateway's OAuth2 path without an identity provider.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pwd
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +73,11 @@ class Dovecot:
     """One Dovecot instance; `start()` blocks until it greets on its port."""
 
     def __init__(self, directory: Path, *, tls=None) -> None:  # tls: trustme.CA | None
-        self.dir = directory
+        # Not under pytest's basetemp: another pytest session on the machine resets that root to
+        # 0700 at its start, which would lock Dovecot's auth process (not root) out mid-test.
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gateway-{directory.name[:40]}-"))
+        atexit.register(shutil.rmtree, self.dir, True)
         self.port = _free_port()
         self.host = "127.0.0.1"
         self.tls = tls
