@@ -205,7 +205,7 @@ def main() -> None:
         gateway_peak = peak_rss_mb(gateway.proc.pid)
     print(
         f"peak RSS, 16 clients x 5 MB: bare {bare_peak:.0f} MB (idle {base:.0f} MB),"
-        f" gateway {gateway_peak:.0f} MB (idle {start_rss:.0f} MB, processor child included)"
+        f" gateway {gateway_peak:.0f} MB (idle {start_rss:.0f} MB, worker child included)"
     )
     pd.stop()
 

@@ -37,7 +37,7 @@ class UsageError(GatewayError):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.log_format:  # through the environment so the processor child process follows
+    if args.log_format:  # through the environment so the worker child process follows
         os.environ["GATEWAY_LOG_FORMAT"] = args.log_format
     if not hasattr(args, "handler"):
         parser.print_help()

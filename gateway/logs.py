@@ -45,7 +45,7 @@ def choose_format(requested: str) -> str:
     """'auto' means JSON under systemd (JOURNAL_STREAM set) or when stderr is not a terminal.
 
     $GATEWAY_LOG_FORMAT (set by `gateway --log-format`) wins over the config file, so the
-    processor child process logs in the same format as its parent.
+    worker child process logs in the same format as its parent.
     """
     requested = os.environ.get("GATEWAY_LOG_FORMAT") or requested
     if requested != "auto":
