@@ -67,11 +67,13 @@ class Outcome:
     action: str | None = None
     incident_key: str | None = None
     event: dict | None = None  # the PagerDuty event queued (or that would be sent)
+    sender: str = ""  # envelope sender ('' is the null sender of bounces)
     queued: bool = False  # True when it went to the outbox (a routing key is configured)
 
     def log_line(self) -> str:
         return (
-            f"message={self.message} job={self.job} source={self.source} service={self.service}"
+            f"message={self.message} job={self.job} source={self.source} from=<{self.sender}>"
+            f" service={self.service}"
             f" rule={self.rule!r} action={self.action} key={self.incident_key!r}"
             f" outcome={self.outcome} reason={self.reason!r}"
         )
@@ -82,6 +84,7 @@ class Outcome:
             "message_id": self.message,
             "job": self.job,
             "source": self.source,
+            "sender": self.sender,
             "service": self.service,
             "rule": self.rule,
             "action": self.action,
@@ -295,6 +298,7 @@ class Processor:
             message=job.message,
             service=job.service,
             source=job.source,
+            sender=job.mail_from or "",
             outcome=outcome,
             reason=reason,
             rule=fields.get("rule"),

@@ -1002,3 +1002,28 @@ def test_sigterm_exits_0_and_restart_resumes_the_outbox(
     [event] = pd.wait_for(1, timeout=20)
     assert event["dedup_key"] == subject and event["event_action"] == "trigger"
     assert gateway_process.stop() == 0
+
+
+def test_cached_introspection_answers_like_aiosmtpd_expects() -> None:
+    """The per-class cache must give SMTP.__init__ the same hooks, commands and AUTH methods."""
+    import inspect as real
+
+    from gateway.smtp import _ClassCachedInspection
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 OK"
+
+        async def auth_CUSTOM(self, server, args):
+            return None
+
+    cached, handler = _ClassCachedInspection(), Handler()
+    for _ in range(2):  # the second answer comes from the cache
+        names = cached.dir(handler)
+        assert {n for n in names if n.startswith("handle_")} == {"handle_DATA"}
+        assert [n for n, _ in cached.getmembers(handler)] == ["auth_CUSTOM"]
+        expected = [(n, m) for n, m in real.getmembers(handler) if n.startswith("auth_")]
+        assert cached.getmembers(handler) == expected
+        assert cached.signature(handler.handle_DATA) == real.signature(handler.handle_DATA)
+    handler.handle_EXTRA = lambda: None  # instance attributes still count
+    assert "handle_EXTRA" in cached.dir(handler)
