@@ -4,8 +4,10 @@
 
 In one run, with Postfix's smtp-source (16 concurrent sessions, 3 KB messages):
   * msg/s for (a) a bare aiosmtpd handler that does nothing and (b) `gateway serve` with the
-    durable spool, rules, incident mirror and PagerDuty outbox (a local Events API stand-in),
-    one message per connection and persistent connections; prints gateway/bare (goal >= 0.8);
+    durable spool, rules, incident mirror and PagerDuty outbox (delivering every event to
+    `bench/pd_sink.py`, a minimal Events API endpoint in its own process, so the harness costs
+    the measured cores little), one message per connection and persistent connections; prints
+    gateway/bare (goal >= 0.8);
   * end-of-DATA -> PagerDuty POST latency p50/p99 at a steady 100 msg/s (goal p99 < 50 ms);
   * peak RSS of each server while 16 clients send 5 MB messages.
 """
@@ -172,16 +174,20 @@ def main() -> None:
     args = parser.parse_args()
     pd = PagerDutyStandIn().start()
     print(f"{args.sessions} sessions, 3 KB messages, {args.messages} messages per measurement")
-    results: dict[str, dict[str, float]] = {}
+    sink_port = free_port()
+    sink = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "pd_sink.py"), str(sink_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    sink_url = f"http://127.0.0.1:{sink_port}/v2/enqueue"
     for mode, persistent in (
         ("one message per connection", False),
         ("persistent connections", True),
     ):
         with BareSmtpd() as bare:
             bare_rate = throughput(bare.port, args.messages, persistent, args.sessions)
-        with GatewayServer(pd.url, args.log_level) as gateway:
+        with GatewayServer(sink_url, args.log_level) as gateway:
             gateway_rate = throughput(gateway.port, args.messages, persistent, args.sessions)
-        results[mode] = {"bare": bare_rate, "gateway": gateway_rate}
         print(
             f"{mode:>28}: bare {bare_rate:7.0f} msg/s   gateway {gateway_rate:7.0f} msg/s"
             f"   ratio {gateway_rate / bare_rate:.2f}  (goal >= 0.8)"
@@ -207,6 +213,7 @@ def main() -> None:
         f"peak RSS, 16 clients x 5 MB: bare {bare_peak:.0f} MB (idle {base:.0f} MB),"
         f" gateway {gateway_peak:.0f} MB (idle {start_rss:.0f} MB, worker child included)"
     )
+    sink.terminate()
     pd.stop()
 
 
