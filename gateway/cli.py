@@ -246,12 +246,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway import themes
+    from gateway.reload import validate  # exactly what a running server's reload runs
 
-    config = _config(args)
-    services = load_services(config.services)
-    problems = themes.check(config.gateway.templates_dir)
-    if problems:
-        raise ThemeError(problems)
+    validated = validate(find_config_path(args.config))
+    config, services = validated.config, validated.services
     rules = sum(len(s.ruleset.rules) for s in services.values())
     count = len(themes.Themes(config.gateway.templates_dir).names())
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
