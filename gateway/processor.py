@@ -319,5 +319,5 @@ def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRun
         except RuleError as exc:
             problems.extend(exc.problems)
     if problems:
-        raise RuleError(problems)
+        raise RuleError(list(dict.fromkeys(problems)))  # a file shared by services: once
     return runtimes

@@ -267,3 +267,20 @@ def test_test_rules_prints_the_decision_without_sending(
     assert "rule:     new case" in out and "key:      Printer on fire" in out
     assert "detail:   case = 29" in out
     assert pd.requests == [] and not (gateway.config.parent / "data").exists()
+
+
+def test_a_rule_file_shared_by_two_services_is_reported_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "shared.toml"
+    rules.write_text(
+        '[[rule]]\nname = "x"\nconditions = [ { op = "sometimes" } ]\naction = "trigger"\n'
+    )
+    second = f'\n[[service]]\nname = "ops"\naddresses = ["ops@*"]\nrules = ["{rules}"]\n'
+    config = write_config(tmp_path, extra=second)
+    config.write_text(
+        config.read_text().replace('rules = ["helpdesk.toml"]', f'rules = ["{rules}"]')
+    )
+    code, out = Gateway(config, capsys)("check")
+    assert code == EX_USAGE
+    assert out.count("sometimes") == 1, out
