@@ -183,7 +183,7 @@ class Processor:
     def _record_safely(self, verdict: Verdict) -> Outcome | None:
         job = verdict.job
         try:
-            with self.store.db.atomic():
+            with self.store.savepoint():
                 if not self.store.job_is_pending(job.id):
                     return None  # another processor (e.g. `gateway ingest`) decided it first
                 if verdict.event is None:

@@ -321,6 +321,13 @@ class Store:
                 raise StoreError(f"database write failed: {exc}") from exc
             raise
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit inside `transaction()`: on an exception only its own writes are undone,
+        so one bad job cannot spoil the rest of a batch."""
+        with self.db.atomic():
+            yield
+
     def _begin(self) -> None:
         deadline = time.monotonic() + self._lock_timeout
         while True:
