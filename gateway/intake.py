@@ -26,21 +26,27 @@ log = logging.getLogger(__name__)
 
 
 def incoming(
-    raw: bytes,
+    raw: bytes | bytearray,
     *,
     source: str,
     services: tuple[str, ...],
     mail_from: str | None = None,
     rcpt_tos: tuple[str, ...] = (),
     peer: str = "",
+    trace_length: int = 0,
 ) -> IncomingMail:
     """Wrap raw bytes with their duplicate-detection fingerprint.
 
     Message-ID plus body hash identifies a redelivery (RFC 5321 §6.1); without a Message-ID only
-    byte-identical copies count as duplicates, so two different mails are never merged.
+    byte-identical copies count as duplicates, so two different mails are never merged. The
+    first `trace_length` bytes (our own Received: header) never count: a redelivery gets a new
+    one.
     """
-    message_id, body_hash = fingerprint(raw)
-    key = f"id:{message_id}|{body_hash}" if message_id else "raw:" + hashlib.sha256(raw).hexdigest()
+    message_id, body_hash = fingerprint(raw, trace_length)
+    if message_id:
+        key = f"id:{message_id}|{body_hash}"
+    else:
+        key = "raw:" + hashlib.sha256(memoryview(raw)[trace_length:]).hexdigest()
     return IncomingMail(
         raw=raw,
         source=source,

@@ -498,8 +498,10 @@ def _parse(raw: bytes, envelope_from: str | None) -> ParsedMail:
     )
 
 
-def fingerprint(raw: bytes) -> tuple[str, str]:
+def fingerprint(raw: bytes | bytearray, start: int = 0) -> tuple[str, str]:
     """(Message-ID or '', sha256 of the body) for duplicate detection at acceptance time.
+
+    `start`: where the message begins in `raw` (after a trace header the listener put first).
 
     No MIME parsing: split at the first blank line, find Message-ID with a regex over the
     unfolded header bytes. The body's line endings are normalised to LF and trailing blank
@@ -508,8 +510,8 @@ def fingerprint(raw: bytes) -> tuple[str, str]:
     """
     try:
         data = raw if isinstance(raw, (bytes, bytearray)) else _as_bytes(raw)
-        body_start = _body_start(data)
-        return _fingerprint_id(bytes(data[:body_start])), _body_hash(data, body_start)
+        body_start = _body_start(data, start)
+        return _fingerprint_id(bytes(data[start:body_start])), _body_hash(data, body_start)
     except Exception:
         return "", hashlib.sha256(b"").hexdigest()
 
@@ -517,9 +519,10 @@ def fingerprint(raw: bytes) -> tuple[str, str]:
 _HASH_CHUNK = 1 << 20
 
 
-def _body_start(data: bytes | bytearray) -> int:
+def _body_start(data: bytes | bytearray, start: int = 0) -> int:
     """Offset of the body: after the earliest blank line of any line-ending style."""
-    cuts = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.find(sep)) >= 0]
+    seps = (b"\r\n\r\n", b"\n\n", b"\r\r")
+    cuts = [(i, len(sep)) for sep in seps if (i := data.find(sep, start)) >= 0]
     if not cuts:
         return len(data)
     index, width = min(cuts)

@@ -27,7 +27,6 @@ import ssl
 import time
 from base64 import b64decode
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from email.utils import format_datetime
 from fnmatch import fnmatchcase
@@ -320,28 +319,21 @@ class GatewayHandler:
         return REPLY_QUEUED.format(id=accepted.id)
 
     def _incoming(
-        self, server: GatewaySMTP, session: Session, envelope: Envelope, raw: bytes
+        self, server: GatewaySMTP, session: Session, envelope: Envelope, raw: bytes | bytearray
     ) -> intake.IncomingMail:
-        """The spool record; the fingerprint is taken before the trace header is prepended, so a
+        """The spool record. The session put its Received: line in front of the message while
+        reading it (no second copy of a big mail); the fingerprint skips that line, so a
         redelivery (new Received line, new date) is still recognised as a duplicate."""
         rcpts = tuple(envelope.rcpt_tos)
-        mail = intake.incoming(
+        return intake.incoming(
             raw,
             source="smtp",
             services=tuple(dict.fromkeys(n for n in map(self.route, rcpts) if n)),
             mail_from=_sender(envelope),
             rcpt_tos=rcpts,
             peer=format_peer(session.peer),
+            trace_length=getattr(envelope, "trace_length", 0),
         )
-        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        trace = received_header(
-            helo=session.host_name,
-            peer_ip=str(peer_ip),
-            by=server.hostname,
-            protocol=server.protocol_name(envelope),
-            recipients=rcpts,
-        )
-        return replace(mail, raw=trace + raw)
 
 
 def _where(session: Session, envelope: Envelope, raw: bytes | bytearray) -> str:
@@ -509,9 +501,10 @@ class GatewaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        trace = self._trace_header()
         self._in_data = True
         try:
-            content = await self._read_data()
+            content = await self._read_data(trace)
         finally:
             self._in_data = False
         if content is None:
@@ -524,6 +517,7 @@ class GatewaySMTP(SMTP):
             status = REPLY_TOO_BIG
         else:
             self.envelope.content = self.envelope.original_content = content
+            self.envelope.trace_length = len(trace)  # type: ignore[attr-defined]
             status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(REPLY_TEMPFAIL if status is MISSING else status)
@@ -531,21 +525,33 @@ class GatewaySMTP(SMTP):
             await self.push(REPLY_SHUTTING_DOWN)
             self.transport.close()
 
-    async def _read_data(self) -> bytearray | None:
-        """The message up to `<CRLF>.<CRLF>`, de-dot-stuffed; None if it exceeded the limit.
+    def _trace_header(self) -> bytes:
+        assert self.session is not None and self.envelope is not None
+        peer = self.session.peer
+        return received_header(
+            helo=self.session.host_name,
+            peer_ip=str(peer[0] if isinstance(peer, tuple) else peer),
+            by=self.hostname,
+            protocol=self.protocol_name(self.envelope),
+            recipients=self.envelope.rcpt_tos,
+        )
+
+    async def _read_data(self, prefix: bytes = b"") -> bytearray | None:
+        """`prefix` + the message up to `<CRLF>.<CRLF>`, de-dot-stuffed; None if the message
+        exceeded the limit.
 
         Past the limit the rest is read and dropped, so the client still gets its 552 (it only
         reads replies after the final dot) while memory stays at one limit's worth per session.
         """
         limit = self.data_size_limit or 0
-        buffer: bytearray | None = bytearray()
+        buffer: bytearray | None = bytearray(prefix)
         size = 0
         at_line_start = True
         last_reset = self.loop.time()
         while True:
             chunk = await self._read_chunk()
             if at_line_start and chunk == b".\r\n":
-                return buffer  # no copy: `trace + content` makes the one bytes object stored
+                return buffer  # stored as it is: no copy of a big mail
             size += len(chunk)
             if buffer is not None and limit and size > limit:
                 buffer = None  # stop buffering; keep draining to the final dot

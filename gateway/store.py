@@ -145,7 +145,7 @@ OPEN_STATES = ("triggered", "acknowledged")
 class IncomingMail:
     """Raw mail as an intake (SMTP, IMAP, CLI) hands it over, before it is durable."""
 
-    raw: bytes
+    raw: bytes | bytearray  # the listener hands over its read buffer as it is
     source: str  # 'smtp', 'imap:<account>', 'cli'
     services: tuple[str, ...]
     fingerprint: str  # duplicate-detection key: Message-ID + body hash, or a hash of the raw bytes
