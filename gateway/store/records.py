@@ -1,0 +1,124 @@
+"""The records that cross the store's boundary: what intake, processor, outbox and the web
+read and write. Plain frozen dataclasses, so a PostgreSQL backend returns the same types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+OPEN_STATES = ("triggered", "acknowledged")
+
+
+@dataclass(frozen=True)
+class IncomingMail:
+    """Raw mail as an intake (SMTP, IMAP, CLI) hands it over, before it is durable."""
+
+    raw: bytes | bytearray  # the listener hands over its read buffer as it is
+    source: str  # 'smtp', 'imap:<account>', 'cli'
+    services: tuple[str, ...]
+    fingerprint: str  # duplicate-detection key: Message-ID + body hash, or a hash of the raw bytes
+    message_id: str = ""
+    mail_from: str | None = None  # envelope sender; '' is the null sender of bounces
+    rcpt_tos: tuple[str, ...] = ()
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The durable outcome of accepting one mail: its spool id and whether it was a duplicate."""
+
+    id: int
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """One (message, service) pair waiting for a decision."""
+
+    id: int
+    message: int
+    service: str
+    raw: bytes
+    mail_from: str | None
+    source: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Incident:
+    service: str
+    incident_key: str
+    state: str
+    summary: str
+    trigger_count: int
+    acknowledge_count: int
+    resolve_count: int
+    times_opened: int
+    first_seen: float
+    last_seen: float
+    opened_at: float | None
+    resolved_at: float | None
+    last_message: int | None
+    case_message_id: str
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    kind: str  # 'pagerduty' | 'mail'
+    service: str
+    order_key: str
+    payload: dict[str, Any]
+    state: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str
+    response: str
+
+
+@dataclass(frozen=True)
+class OutboxResult:
+    """The result of one delivery attempt: done, dead, or pending again (retry at a time)."""
+
+    id: int
+    state: str  # 'done' | 'dead' | 'pending'
+    response: str = ""
+    error: str = ""
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A decided (or pending) job, for listings and the status page."""
+
+    id: int
+    message: int
+    service: str
+    state: str
+    outcome: str | None
+    rule: str | None
+    action: str | None
+    incident_key: str | None
+    summary: str | None
+    reason: str | None
+    received_at: float
+    source: str
+
+
+_INCIDENT_FIELDS = tuple(Incident.__dataclass_fields__)
+_INCIDENT_COLUMNS = ", ".join(_INCIDENT_FIELDS)
+_OUTBOX_FIELDS = tuple(OutboxItem.__dataclass_fields__)
+_OUTBOX_COLUMNS = ", ".join(_OUTBOX_FIELDS)
+
+
+def _outbox_item(row: Sequence[Any]) -> OutboxItem:
+    values = dict(zip(_OUTBOX_FIELDS, row, strict=True))
+    values["payload"] = json.loads(values["payload"])
+    return OutboxItem(**values)

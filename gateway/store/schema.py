@@ -1,0 +1,108 @@
+"""The database schema, as numbered migrations applied in order by `Store`."""
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        peer TEXT NOT NULL DEFAULT '',
+        mail_from TEXT,
+        rcpt_tos TEXT NOT NULL DEFAULT '[]',
+        message_id TEXT NOT NULL DEFAULT '',
+        fingerprint TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        raw BLOB,
+        duplicate_of INTEGER REFERENCES messages(id)
+    );
+    CREATE INDEX messages_fingerprint ON messages(fingerprint);
+    CREATE INDEX messages_received ON messages(received_at);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        message INTEGER NOT NULL REFERENCES messages(id),
+        service TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        outcome TEXT,
+        rule TEXT,
+        action TEXT,
+        incident_key TEXT,
+        summary TEXT,
+        severity TEXT,
+        reason TEXT,
+        details TEXT,
+        trace TEXT,
+        decided_at REAL,
+        UNIQUE (service, fingerprint)
+    );
+    CREATE INDEX jobs_pending ON jobs(state, id);
+    CREATE TABLE incidents (
+        service TEXT NOT NULL,
+        incident_key TEXT NOT NULL,
+        state TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '',
+        trigger_count INTEGER NOT NULL DEFAULT 0,
+        acknowledge_count INTEGER NOT NULL DEFAULT 0,
+        resolve_count INTEGER NOT NULL DEFAULT 0,
+        times_opened INTEGER NOT NULL DEFAULT 0,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        opened_at REAL,
+        resolved_at REAL,
+        last_message INTEGER,
+        case_message_id TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (service, incident_key)
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL,
+        order_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        job INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        response TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX outbox_pending ON outbox(state, order_key, id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL DEFAULT '',
+        message INTEGER,
+        incident_key TEXT,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_at ON events(at);
+    CREATE TABLE imap_state (
+        account TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        last_uid INTEGER NOT NULL,
+        last_success REAL,
+        PRIMARY KEY (account, folder)
+    );
+    """,
+    # 2: operations. `heartbeat` is what /healthz writes to prove the store takes commits;
+    # `metric_offsets` keeps counters monotonic when retention deletes the rows they count.
+    """
+    CREATE TABLE heartbeat (name TEXT PRIMARY KEY, at REAL NOT NULL);
+    CREATE TABLE metric_offsets (
+        metric TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '[]',
+        value REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (metric, labels)
+    );
+    """,
+    # 3: duplicates are found through jobs' UNIQUE (service, fingerprint); this index only cost
+    # one more random page write in every acceptance commit.
+    """
+    DROP INDEX IF EXISTS messages_fingerprint;
+    """,
+)
