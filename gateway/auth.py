@@ -20,15 +20,21 @@ re-read when its modification time or size changes; a broken edit keeps the last
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import threading
+from base64 import b64decode
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 
 from gateway.errors import ConfigError, Problem
 
@@ -227,3 +233,81 @@ class UsersFile:
             self._users = users
             self._remembered.clear()
         log.info("users file reloaded: %d account(s) from %s", len(users), self.path)
+
+
+# -- the AUTH mechanisms of the SMTP session ---------------------------------------------------
+
+REPLY_TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentication attempts"
+MAX_AUTH_FAILURES = 3
+_HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
+
+
+class AuthMechanisms:
+    """AUTH PLAIN and LOGIN for `smtp.GatewaySMTP`, with the slow hash off the event loop.
+
+    aiosmtpd's `authenticator=` callback is synchronous, so a 35-250 ms scrypt/bcrypt check would
+    stall every session; these replace its built-in mechanisms. Three failures end the session.
+    The session class provides `push`, `challenge_auth`, `session`, `transport`, `peer_text()`,
+    `_users` (a UsersFile or None) and `_auth_failures`.
+    """
+
+    push: Any
+    challenge_auth: Any
+    session: Any
+    transport: Any
+    _users: UsersFile | None
+    _auth_failures: int
+    AuthLoginUsernameChallenge: str
+    AuthLoginPasswordChallenge: str
+
+    def peer_text(self) -> str:
+        raise NotImplementedError
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._initial_response(args, "")
+        if blob is None:
+            return _HANDLED
+        parts = blob.split(b"\x00")  # authzid \0 authcid \0 password (RFC 4616)
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return _HANDLED
+        return await self._check_login("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._initial_response(args, self.AuthLoginUsernameChallenge)
+        if login is None:
+            return _HANDLED
+        password = await self._challenge(self.AuthLoginPasswordChallenge)
+        if password is None:
+            return _HANDLED
+        return await self._check_login("LOGIN", login, password)
+
+    async def _initial_response(self, args: list[str], challenge: str) -> bytes | None:
+        if len(args) == 1:
+            return await self._challenge(challenge)
+        try:
+            return b64decode(args[1].encode(), validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _challenge(self, challenge: str) -> bytes | None:
+        # challenge_auth has already answered 501 when the client aborted or sent bad base64.
+        response = await self.challenge_auth(challenge)
+        return None if response is MISSING else response  # type: ignore[return-value]
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        assert self.session is not None
+        user = login.decode("utf-8", errors="replace")
+        peer = self.peer_text()
+        users = self._users
+        if users is not None and await asyncio.to_thread(users.verify, user, password):
+            log.info("smtp %s: AUTH %s ok for %r", peer, mechanism, user)
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        self._auth_failures += 1
+        log.warning("smtp %s: AUTH %s failed for %r", peer, mechanism, user)
+        if self._auth_failures >= MAX_AUTH_FAILURES and self.transport is not None:
+            await self.push(REPLY_TOO_MANY_AUTH_FAILURES)
+            self.transport.close()
+            return _HANDLED
+        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8

@@ -17,7 +17,6 @@ Two layers, as in aiosmtpd itself:
 from __future__ import annotations
 
 import asyncio
-import binascii
 import builtins
 import contextlib
 import inspect
@@ -25,7 +24,6 @@ import logging
 import re
 import ssl
 import time
-from base64 import b64decode
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from email.utils import format_datetime
@@ -36,16 +34,14 @@ import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
     MISSING,
     SMTP,
-    AuthResult,
     Envelope,
-    LoginPassword,
     Session,
     TLSSetupException,
     syntax,
 )
 
 from gateway import intake
-from gateway.auth import UsersFile
+from gateway.auth import AuthMechanisms, UsersFile
 from gateway.config import ServiceSettings, SmtpSettings, split_hostport
 from gateway.errors import StoreError
 from gateway.intake import SpoolWriter
@@ -64,10 +60,8 @@ REPLY_TEMPFAIL = "451 4.3.0 Temporary internal error, try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
-REPLY_TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentication attempts"
 
 MAX_RECIPIENTS = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
-MAX_AUTH_FAILURES = 3
 # StreamReader chunk limit: DATA lines longer than this arrive in pieces and are still accepted.
 READ_CHUNK_LIMIT = 64 * 1024
 LISTEN_BACKLOG = 1024
@@ -79,7 +73,6 @@ _UNSAFE_ADDRESS = re.compile(r"[<>\s]")
 _SIMPLE_PATH = re.compile(
     r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+)>\s*(.*)", re.DOTALL
 )
-_HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
 
 
 # -- aiosmtpd introspection, cached ---------------------------------------------------------------
@@ -362,7 +355,7 @@ def _consume_outcome(task: asyncio.Future[Accepted]) -> None:
 # -- protocol -----------------------------------------------------------------------------------
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(AuthMechanisms, SMTP):
     """One SMTP session, with the gateway's limits and replies (see the module docstring)."""
 
     line_length_limit = READ_CHUNK_LIMIT  # used by SMTP.__init__ as the StreamReader limit
@@ -571,56 +564,8 @@ class GatewaySMTP(SMTP):
         except asyncio.IncompleteReadError:
             raise asyncio.CancelledError from None  # client went away mid-DATA: nothing stored
 
-    # -- AUTH: the same mechanisms, with the slow hash off the event loop -----------------------
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        blob = await self._initial_response(args, "")
-        if blob is None:
-            return _HANDLED
-        parts = blob.split(b"\x00")  # authzid \0 authcid \0 password (RFC 4616)
-        if len(parts) != 3:
-            await self.push("501 5.5.2 Can't split auth value")
-            return _HANDLED
-        return await self._check_login("PLAIN", parts[1], parts[2])
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        login = await self._initial_response(args, self.AuthLoginUsernameChallenge)
-        if login is None:
-            return _HANDLED
-        password = await self._challenge(self.AuthLoginPasswordChallenge)
-        if password is None:
-            return _HANDLED
-        return await self._check_login("LOGIN", login, password)
-
-    async def _initial_response(self, args: list[str], challenge: str) -> bytes | None:
-        if len(args) == 1:
-            return await self._challenge(challenge)
-        try:
-            return b64decode(args[1].encode(), validate=True)
-        except binascii.Error:
-            await self.push("501 5.5.2 Can't decode base64")
-            return None
-
-    async def _challenge(self, challenge: str) -> bytes | None:
-        # challenge_auth has already answered 501 when the client aborted or sent bad base64.
-        response = await self.challenge_auth(challenge)
-        return None if response is MISSING else response  # type: ignore[return-value]
-
-    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
-        assert self.session is not None
-        user = login.decode("utf-8", errors="replace")
-        peer = format_peer(self.session.peer)
-        users = self._users
-        if users is not None and await asyncio.to_thread(users.verify, user, password):
-            log.info("smtp %s: AUTH %s ok for %r", peer, mechanism, user)
-            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
-        self._auth_failures += 1
-        log.warning("smtp %s: AUTH %s failed for %r", peer, mechanism, user)
-        if self._auth_failures >= MAX_AUTH_FAILURES and self.transport is not None:
-            await self.push(REPLY_TOO_MANY_AUTH_FAILURES)
-            self.transport.close()
-            return _HANDLED
-        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+    def peer_text(self) -> str:
+        return format_peer(self.session.peer if self.session else None)
 
 
 def _quiet_aiosmtpd(record: logging.LogRecord) -> bool:

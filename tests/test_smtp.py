@@ -27,7 +27,13 @@ import pytest
 import trustme
 
 from gateway import intake
-from gateway.auth import UsersFile, hash_password, load_users, verify_password
+from gateway.auth import (
+    REPLY_TOO_MANY_AUTH_FAILURES,
+    UsersFile,
+    hash_password,
+    load_users,
+    verify_password,
+)
 from gateway.config import ServiceSettings, SmtpSettings
 from gateway.errors import ConfigError, StoreError
 from gateway.smtp import (
@@ -37,7 +43,6 @@ from gateway.smtp import (
     REPLY_SHUTTING_DOWN,
     REPLY_TEMPFAIL,
     REPLY_TOO_BIG,
-    REPLY_TOO_MANY_AUTH_FAILURES,
     REPLY_TOO_MANY_CONNECTIONS,
     SmtpListener,
     received_header,
