@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
@@ -15,6 +16,10 @@ from aiosmtpd.smtp import SMTP
 class NullHandler:
     async def handle_DATA(self, server, session, envelope) -> str:
         return "250 2.0.0 Ok: discarded"
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import serve_on_port  # noqa: E402
 
 
 async def serve(port: int) -> None:
@@ -30,9 +35,4 @@ async def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-
-        uvloop.run(serve(int(sys.argv[1])))
-    except ImportError:
-        asyncio.run(serve(int(sys.argv[1])))
+    serve_on_port(serve)

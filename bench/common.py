@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +91,14 @@ class BareSmtpd:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def serve_on_port(serve: Callable[[int], Awaitable[None]]) -> None:
+    """Run `serve(port)` (port from argv) on uvloop when installed, as the gateway does."""
+    port = int(sys.argv[1])
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(port))
+    else:
+        uvloop.run(serve(port))

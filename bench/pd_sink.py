@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 BODY = b'{"status":"success","message":"Event processed"}'
 RESPONSE = (
@@ -35,6 +36,10 @@ class Sink(asyncio.Protocol):
             self.transport.write(RESPONSE)  # type: ignore[attr-defined]
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import serve_on_port  # noqa: E402
+
+
 async def serve(port: int) -> None:
     server = await asyncio.get_running_loop().create_server(Sink, "127.0.0.1", port, backlog=1024)
     print("ready", flush=True)
@@ -43,9 +48,4 @@ async def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-
-        uvloop.run(serve(int(sys.argv[1])))
-    except ImportError:
-        asyncio.run(serve(int(sys.argv[1])))
+    serve_on_port(serve)

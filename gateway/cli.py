@@ -317,7 +317,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     raw = _read_input(args.file)
     mail = intake.incoming(raw, source="cli", services=(args.service,), mail_from=args.sender)
     store = Store(config.db_path)
-    accepted = intake.accept_now(store, mail)
+    [accepted] = store.accept([mail])  # one durable commit: only then exit 0
     if accepted.duplicate_of is not None:
         print(f"accepted as message {accepted.id} (duplicate of {accepted.duplicate_of})")
         return EX_OK

@@ -373,7 +373,7 @@ class ImapPoller:
         self.state = "stopped"
         self.last_success: float | None = None
         self.last_error: str | None = None
-        self.attempts = 0  # connection attempts, for tests and metrics
+        self.attempts = 0  # connection attempts (tests watch the backoff with it)
         self.errors = 0  # failed sessions (connect, login or fetch), for metrics
         self._spool = spool
         self._db_path = db_path

@@ -59,11 +59,6 @@ def incoming(
     )
 
 
-def accept_now(store: Store, mail: IncomingMail) -> Accepted:
-    """Synchronous acceptance for one-shot callers (`gateway ingest`)."""
-    return store.accept([mail])[0]
-
-
 @dataclass(frozen=True)
 class _Request:
     mail: IncomingMail

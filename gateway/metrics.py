@@ -61,7 +61,7 @@ class LiveState:
     """This process's running parts, read at scrape time (all optional)."""
 
     smtp: Any = None  # SmtpListener: .active_sessions, .bound, .closing
-    imap: Sequence[Any] = ()  # ImapPoller: .settings.name, .state, .last_success, .attempts
+    imap: Sequence[Any] = ()  # ImapPoller: .settings.name, .state, .last_success, .errors
     reloader: Any = None  # Reloader: .reloads, .refused
     processor: Any = None  # WorkerProcess: .restarts
 
@@ -78,7 +78,6 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.last_job: int | None = None  # None: not initialised (skip history before start)
-        self._imap_errors: dict[str, float] = {}
         self._families: list[Metric] = []
         self.registry.register(_Families(lambda: self._families))
 
@@ -138,18 +137,8 @@ class GatewayMetrics:
             up.add_metric((name,), 1 if poller.state in ("idle", "polling") else 0)
             if poller.last_success is not None:
                 last.add_metric((name,), poller.last_success)
-            errors.add_metric((name,), self._imap_error_count(poller))
+            errors.add_metric((name,), poller.errors)
         yield from (up, last, errors)
-
-    def _imap_error_count(self, poller: Any) -> float:
-        """Every connection attempt ends in an error except the one running now; kept monotonic."""
-        count = getattr(poller, "errors", None)
-        if count is None:
-            in_session = not (poller.state.startswith("error") or poller.state == "stopped")
-            count = max(0, poller.attempts - (1 if in_session else 0))
-        name = poller.settings.name
-        self._imap_errors[name] = max(self._imap_errors.get(name, 0), count)
-        return self._imap_errors[name]
 
 
 def store_families(snapshot: Snapshot) -> list[Metric]:

@@ -133,10 +133,11 @@ class Operations:
         if smtp is not None:  # sessions in flight keep the handler they started with
             old = smtp.handler
             smtp.handler = GatewayHandler(config.services, old.spool, offer_auth=old.offer_auth)
+        self.config = config
         if self.web is not None:
             self.web.settings = config.web
+            self.web.notify = self._notify_endpoint()  # recompiles the themes
         logging.getLogger().setLevel(LEVELS.get(config.gateway.log_level, logging.INFO))
-        self.config = config
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -16,9 +16,8 @@ import signal
 from gateway.config import Config
 from gateway.imap import ImapPoller
 from gateway.intake import SpoolWriter
-from gateway.notifications import build_notifier
 from gateway.operations import Operations
-from gateway.processor import load_services
+from gateway.reload import validate
 from gateway.smtp import SmtpListener
 from gateway.store import Checkpointer
 from gateway.worker import WorkerProcess
@@ -53,8 +52,7 @@ class Service:
 
     async def run(self) -> int:
         config = self.config
-        load_services(config.services)  # fail fast, with file:line errors, before listening
-        build_notifier(config)  # the same for notification themes
+        validate(config.path)  # what `gateway check` runs: fail with file:line before listening
         spool = SpoolWriter(config.db_path)
         spool.start()
         checkpointer = Checkpointer(config.db_path)

@@ -34,6 +34,10 @@ class NotifyEndpoint:
     token: str
     on_queued: Callable[[], None] = lambda: None  # wake the mail outbox
 
+    def __post_init__(self) -> None:
+        # compiled once: a reload (themes changed) builds a new endpoint
+        self.themes = themes.Themes(self.templates_dir)
+
     async def __call__(self, request: Request, theme: str) -> Response:
         self._authenticate(request)
         context = _json_object(request.body)
@@ -58,11 +62,10 @@ class NotifyEndpoint:
     def _render(self, theme: str, context: dict[str, Any]):
         if not THEME_NAME.fullmatch(theme):
             raise HttpError(404, "no such theme")
+        if theme not in self.themes.names():
+            raise HttpError(404, f"no theme {theme!r}")
         try:
-            loaded = themes.Themes(self.templates_dir)
-            if theme not in loaded.names():
-                raise HttpError(404, f"no theme {theme!r}")
-            return loaded.render(theme, context, default_from=self.outgoing.from_addr)
+            return self.themes.render(theme, context, default_from=self.outgoing.from_addr)
         except ThemeError as exc:
             raise HttpError(400, f"theme {theme!r} failed: {exc}") from None
 

@@ -44,6 +44,7 @@ from gateway.logs import setup_logging
 from gateway.notifications import build_notifier
 from gateway.outbox import OutboxWorker
 from gateway.processor import Processor, load_services
+from gateway.reload import validate
 from gateway.store import Store, StoreThread
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,8 @@ class _Worker:
         """On the processor thread, between batches; on any error keep the last good."""
         assert self.processor is not None
         try:
-            config = load_config(self.config_path)
-            services = load_services(config.services)
+            validated = validate(self.config_path)  # what `gateway check` runs
+            config, services = validated.config, validated.services
             notifier = build_notifier(config)
         except (ConfigError, RuleError, ThemeError) as exc:
             log.error("reload refused, keeping the last good rules:\n%s", exc)

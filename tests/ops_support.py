@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import smtplib
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import RULES_DIR, GatewayProcess, free_port, write_config
+from tests.conftest import RULES_DIR, GatewayProcess, free_port, wait_until, write_config
 
 
 class WebGateway(GatewayProcess):
@@ -36,6 +38,19 @@ class WebGateway(GatewayProcess):
     def send(self, raw: bytes, to: str = "desk@gateway.example") -> None:
         with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
             client.sendmail("support@helpdesk.example", [to], raw)
+
+
+@contextlib.contextmanager
+def running(config: Path, port: int, web_port: int) -> Iterator[WebGateway]:
+    """A started WebGateway whose /healthz answers 200; killed afterwards if still running."""
+    gateway = WebGateway(config, port, web_port)
+    try:
+        gateway.start()
+        wait_until(lambda: gateway.get("/healthz")[0] == 200, message=gateway.output())
+        yield gateway
+    finally:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.kill()
 
 
 def web_config(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import desk_mail, wait_until
-from tests.ops_support import WebGateway, web_config
+from tests.ops_support import WebGateway, running, web_config
 from tests.pdserver import PagerDutyStandIn
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,7 +30,7 @@ ARGS = [
 
 def _sync_playwright() -> Any:
     """Playwright and Chromium are required in CI (.ci/run installs them); skipped elsewhere."""
-    in_ci = os.environ.get("CI") == "true"
+    in_ci = bool(os.environ.get("CI"))  # as tests/dovecot.py: CI must run these, not skip
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -57,14 +57,8 @@ def page() -> Iterator[Any]:
 @pytest.fixture
 def gateway(tmp_path: Path, pd: PagerDutyStandIn) -> Iterator[WebGateway]:
     config, port, web_port = web_config(tmp_path, pd.url, token=TOKEN)
-    gateway = WebGateway(config, port, web_port)
-    try:
-        gateway.start()
-        wait_until(lambda: gateway.get("/healthz")[0] == 200, message=gateway.output())
+    with running(config, port, web_port) as gateway:
         yield gateway
-    finally:
-        if gateway.proc is not None and gateway.proc.poll() is None:
-            gateway.kill()
 
 
 def test_status_page_lists_incident_and_dead_letter_and_retries_it(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import IncomingMail, Store
+from gateway.store import IncomingMail, OutboxResult, Store
 
 
 def mail(
@@ -83,18 +83,22 @@ def test_outbox_keeps_per_key_order(store: Store) -> None:
         b1 = store.add_outbox("pagerduty", "s", "k2", {"n": 3}, None)
     due = store.due_outbox(time.time() + 1)
     assert sorted(i.id for i in due) == [a1, b1]  # only the head of each key
-    store.outbox_retry(a1, time.time() + 3600, "HTTP 500")
+    store.record_outbox(
+        [OutboxResult(a1, "pending", error="HTTP 500", next_attempt_at=time.time() + 3600)]
+    )
     due = store.due_outbox(time.time() + 1)
     assert [i.id for i in due] == [b1]  # k1's second item waits behind its retrying head
-    store.outbox_done(b1, "202")
-    store.outbox_dead(a1, "HTTP 400", "bad")
+    store.record_outbox([OutboxResult(b1, "done", response="202")])
+    store.record_outbox([OutboxResult(a1, "dead", response="bad", error="HTTP 400")])
     assert [i.payload["n"] for i in store.due_outbox(time.time() + 1)] == [2]
 
 
 def test_dead_letters_can_be_requeued(store: Store) -> None:
     with store.transaction():
         item = store.add_outbox("pagerduty", "s", "k", {}, None)
-    store.outbox_dead(item, "HTTP 400", '{"status":"invalid event"}')
+    store.record_outbox(
+        [OutboxResult(item, "dead", response='{"status":"invalid event"}', error="HTTP 400")]
+    )
     assert [o.state for o in store.outbox()] == ["dead"]
     assert store.requeue_outbox(item) == 1
     assert [(o.state, o.attempts) for o in store.outbox()] == [("pending", 1)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import desk_mail, wait_until
-from tests.ops_support import WebGateway, metric, web_config
+from tests.ops_support import WebGateway, metric, running, web_config
 from tests.pdserver import PagerDutyStandIn
 
 TOKEN = "correct horse battery staple"
@@ -24,14 +24,8 @@ def web_gateway(tmp_path: Path, pd: PagerDutyStandIn) -> Iterator[WebGateway]:
     config, port, web_port = web_config(
         tmp_path, pd.url, token=TOKEN, web="outbox_max_age_seconds = 2"
     )
-    gateway = WebGateway(config, port, web_port)
-    try:
-        gateway.start()
-        wait_until(lambda: gateway.get("/healthz")[0] == 200, message=gateway.output())
+    with running(config, port, web_port) as gateway:
         yield gateway
-    finally:
-        if gateway.proc is not None and gateway.proc.poll() is None:
-            gateway.kill()
 
 
 def jobs_done(gateway: WebGateway, count: int) -> bool:

@@ -369,17 +369,6 @@ class Store(OperationsQueries):
         ).fetchone()
         return row[0]
 
-    def outbox_done(self, item: int, response: str) -> None:
-        self.record_outbox([OutboxResult(item, "done", response=response)])
-
-    def outbox_retry(self, item: int, next_attempt_at: float, error: str) -> None:
-        self.record_outbox(
-            [OutboxResult(item, "pending", error=error, next_attempt_at=next_attempt_at)]
-        )
-
-    def outbox_dead(self, item: int, error: str, response: str = "") -> None:
-        self.record_outbox([OutboxResult(item, "dead", response=response, error=error)])
-
     def record_outbox(self, results: Sequence[OutboxResult]) -> None:
         """Apply delivery attempts' results in one commit (one fsync for a whole batch)."""
         now = time.time()
