@@ -179,41 +179,43 @@ def main() -> None:
         [sys.executable, str(ROOT / "bench" / "pd_sink.py"), str(sink_port)],
         stdout=subprocess.DEVNULL,
     )
-    sink_url = f"http://127.0.0.1:{sink_port}/v2/enqueue"
-    for mode, persistent in (
-        ("one message per connection", False),
-        ("persistent connections", True),
-    ):
+    try:
+        sink_url = f"http://127.0.0.1:{sink_port}/v2/enqueue"
+        for mode, persistent in (
+            ("one message per connection", False),
+            ("persistent connections", True),
+        ):
+            with BareSmtpd() as bare:
+                bare_rate = throughput(bare.port, args.messages, persistent, args.sessions)
+            with GatewayServer(sink_url, args.log_level) as gateway:
+                gateway_rate = throughput(gateway.port, args.messages, persistent, args.sessions)
+            print(
+                f"{mode:>28}: bare {bare_rate:7.0f} msg/s   gateway {gateway_rate:7.0f} msg/s"
+                f"   ratio {gateway_rate / bare_rate:.2f}  (goal >= 0.8)"
+            )
+        with GatewayServer(pd.url, args.log_level) as gateway:
+            latency(gateway.port, pd, 100)  # warm-up: first imports, connections, page cache
+            lat = latency(gateway.port, pd, args.latency_count)
+            print(
+                f"end-of-DATA -> PagerDuty POST at 100 msg/s ({len(lat)}/{args.latency_count} delivered):"
+                f" p50 {statistics.median(lat) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms,"
+                f" max {lat[-1] * 1000:.1f} ms  (goal p99 < 50 ms)"
+            )
         with BareSmtpd() as bare:
-            bare_rate = throughput(bare.port, args.messages, persistent, args.sessions)
-        with GatewayServer(sink_url, args.log_level) as gateway:
-            gateway_rate = throughput(gateway.port, args.messages, persistent, args.sessions)
+            base = peak_rss_mb(bare.proc.pid)
+            big_messages(bare.port)
+            bare_peak = peak_rss_mb(bare.proc.pid)
+        with GatewayServer(pd.url, args.log_level) as gateway:
+            time.sleep(1)
+            start_rss = peak_rss_mb(gateway.proc.pid)
+            big_messages(gateway.port)
+            gateway_peak = peak_rss_mb(gateway.proc.pid)
         print(
-            f"{mode:>28}: bare {bare_rate:7.0f} msg/s   gateway {gateway_rate:7.0f} msg/s"
-            f"   ratio {gateway_rate / bare_rate:.2f}  (goal >= 0.8)"
+            f"peak RSS, 16 clients x 5 MB: bare {bare_peak:.0f} MB (idle {base:.0f} MB),"
+            f" gateway {gateway_peak:.0f} MB (idle {start_rss:.0f} MB, worker child included)"
         )
-    with GatewayServer(pd.url, args.log_level) as gateway:
-        latency(gateway.port, pd, 100)  # warm-up: first imports, connections, page cache
-        lat = latency(gateway.port, pd, args.latency_count)
-        print(
-            f"end-of-DATA -> PagerDuty POST at 100 msg/s ({len(lat)}/{args.latency_count} delivered):"
-            f" p50 {statistics.median(lat) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms,"
-            f" max {lat[-1] * 1000:.1f} ms  (goal p99 < 50 ms)"
-        )
-    with BareSmtpd() as bare:
-        base = peak_rss_mb(bare.proc.pid)
-        big_messages(bare.port)
-        bare_peak = peak_rss_mb(bare.proc.pid)
-    with GatewayServer(pd.url, args.log_level) as gateway:
-        time.sleep(1)
-        start_rss = peak_rss_mb(gateway.proc.pid)
-        big_messages(gateway.port)
-        gateway_peak = peak_rss_mb(gateway.proc.pid)
-    print(
-        f"peak RSS, 16 clients x 5 MB: bare {bare_peak:.0f} MB (idle {base:.0f} MB),"
-        f" gateway {gateway_peak:.0f} MB (idle {start_rss:.0f} MB, worker child included)"
-    )
-    sink.terminate()
+    finally:
+        sink.terminate()
     pd.stop()
 
 

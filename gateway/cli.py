@@ -251,7 +251,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     validated = validate(find_config_path(args.config))
     config, services = validated.config, validated.services
     rules = sum(len(s.ruleset.rules) for s in services.values())
-    count = len(themes.Themes(config.gateway.templates_dir).names())
+    templates = config.gateway.templates_dir
+    count = len(themes.Themes(templates).names()) if templates.exists() else 0
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
     return EX_OK
 

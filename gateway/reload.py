@@ -53,10 +53,16 @@ def validate(config_path: Path) -> Validated:
     services = load_services(config.services)
     from gateway import themes
 
-    problems = themes.check(config.gateway.templates_dir)
-    if problems:
-        raise ThemeError(problems)
+    if config.gateway.templates_dir.exists() or uses_themes(config):
+        problems = themes.check(config.gateway.templates_dir)
+        if problems:
+            raise ThemeError(problems)
     return Validated(config, services)
+
+
+def uses_themes(config: Config) -> bool:
+    """Without these, a missing templates directory is no error: nothing would render."""
+    return any(s.notify for s in config.services) or bool(config.web.notify_token)
 
 
 def restart_required(old: Config, new: Config) -> list[str]:

@@ -284,3 +284,21 @@ def test_a_rule_file_shared_by_two_services_is_reported_once(
     code, out = Gateway(config, capsys)("check")
     assert code == EX_USAGE
     assert out.count("sometimes") == 1, out
+
+
+def test_check_needs_templates_only_when_something_renders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("templates_dir =", "# templates_dir ="))
+    assert Gateway(config, capsys)("check")[0] == EX_OK  # no notify: templates are optional
+    notify = 'notify = { theme = "incident_update", to = ["agents@helpdesk.example"] }'
+    relay = '[outgoing]\nhost = "127.0.0.1"\n'
+    config.write_text(
+        config.read_text().replace(
+            'rules = ["helpdesk.toml"]', f'rules = ["helpdesk.toml"]\n{notify}'
+        )
+        + relay
+    )
+    code, out = Gateway(config, capsys)("check")
+    assert code == EX_USAGE and "templates directory not found" in out
