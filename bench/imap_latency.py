@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import ImapSettings  # noqa: E402
-from gateway.imap import ImapPoller  # noqa: E402
-from gateway.intake import SpoolWriter  # noqa: E402
+from gateway.intake.imap import ImapPoller  # noqa: E402
+from gateway.intake.spool import SpoolWriter  # noqa: E402
 from tests.conftest import GatewayProcess, desk_mail, free_port, write_config  # noqa: E402
 from tests.dovecot import PASSWORD, USER, Dovecot, dovecot_available  # noqa: E402
 from tests.pdserver import PagerDutyStandIn  # noqa: E402

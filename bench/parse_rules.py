@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BareSmtpd, smtp_source
-from gateway.message import parse_message
+from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
 
 ROW = (

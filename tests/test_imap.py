@@ -18,10 +18,10 @@ import trustme
 from imapclient import SEEN
 from imapclient.exceptions import LoginError
 
-from gateway import imap
 from gateway.config import ImapSettings
-from gateway.imap import Backoff, FolderSync, ImapAuthError, ImapError, ImapPoller
-from gateway.intake import SpoolWriter
+from gateway.intake import imap
+from gateway.intake.imap import Backoff, FolderSync, ImapAuthError, ImapError, ImapPoller
+from gateway.intake.spool import SpoolWriter
 from gateway.store import Store
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.dovecot import OAUTH_TOKEN, OAUTH_USER, PASSWORD, USER, Dovecot, require_dovecot
@@ -322,14 +322,16 @@ def test_wrong_password_backs_off_and_says_why(
         attempts.append(time.monotonic())
         return imap.connect(settings)
 
-    caplog.set_level(logging.DEBUG, logger="gateway.imap")
+    caplog.set_level(logging.DEBUG, logger="gateway.intake.imap")
     backoff = Backoff(initial=0.2, factor=2.0, maximum=0.4, jitter=0.0)
     poller = harness.poller(password="wrong", backoff=backoff, connect_fn=counting_connect)
     wait_until(lambda: len(attempts) >= 4, timeout=10)
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.19 and gaps[1] >= 0.39 and gaps[2] >= 0.39  # exponential, capped
     assert "authentication failed" in poller.state
-    errors = [r for r in caplog.records if r.name == "gateway.imap" and r.levelno >= logging.ERROR]
+    errors = [
+        r for r in caplog.records if r.name == "gateway.intake.imap" and r.levelno >= logging.ERROR
+    ]
     assert len(errors) == 1, "the same failure is logged once, not on every retry"
     assert "authentication failed for alerts" in errors[0].getMessage()
     started = time.monotonic()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway import incidents
-from gateway.incidents import apply_action
+from gateway.decide import incidents
+from gateway.decide.incidents import apply_action
 
 
 def act(existing, action: str, now: float = 1.0):

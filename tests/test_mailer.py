@@ -23,11 +23,12 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
 from gateway import cli
 from gateway.config import OutgoingSettings
+from gateway.decide.outgoing_mail import mail_payload, queue_mail
+from gateway.delivery.mailer import MailSender, mail_worker
+from gateway.delivery.outbox import RetryPolicy
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.mailer import MailSender, mail_payload, mail_worker, queue_mail
-from gateway.outbox import RetryPolicy
 from gateway.store import OutboxItem, Store, StoreThread
-from gateway.themes import Themes, incident_context, load_context, recipients
+from gateway.themes.render import Themes, incident_context, load_context, recipients
 from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.pdserver import PagerDutyStandIn
 

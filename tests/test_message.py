@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.htmltext import html_to_text
-from gateway.message import (
+from gateway.mail.fingerprint import fingerprint
+from gateway.mail.htmltext import html_to_text
+from gateway.mail.parse import (
     FIELDS,
     MAX_BODY_CHARS,
     MAX_DEPTH,
     MAX_PARTS,
     Attachment,
     ParsedMail,
-    fingerprint,
     parse_message,
 )
 

@@ -362,7 +362,7 @@ def test_log_format_option_reaches_the_processor(
             return None
 
         entry = wait_until(decision_line, message=gateway.output())
-        assert entry["logger"] == "gateway.processor"
+        assert entry["logger"] == "gateway.decide.processor"
         assert entry["source"] == "smtp" and entry["service"] == "helpdesk"
         assert (entry["rule"], entry["action"], entry["outcome"]) == (
             "new case",

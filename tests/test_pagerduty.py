@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.decide.events import build_event
+from gateway.delivery.outbox import OutboxWorker, RetryPolicy
+from gateway.delivery.pagerduty import PagerDutySender, RateLimiter, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.outbox import OutboxWorker, RetryPolicy
-from gateway.pagerduty import PagerDutySender, RateLimiter, build_event, classify_response
 from gateway.store import Store, StoreThread
 from tests.conftest import ROUTING_KEY
 from tests.pdserver import PagerDutyStandIn, validate_event

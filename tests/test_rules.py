@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import RuleError, RuleEvaluationError
-from gateway.message import ParsedMail
-from gateway.rules import (
-    Condition,
-    Decision,
-    Extractor,
-    Link,
-    Rule,
-    Ruleset,
-    evaluate,
-    load_ruleset,
-    normalise_key,
-)
+from gateway.mail.parse import ParsedMail
+from gateway.rules import evaluate, load_ruleset, normalise_key
+from gateway.rules.model import Condition, Decision, Extractor, Link, Rule, Ruleset
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPDESK = ROOT / "parsing_rules" / "helpdesk.toml"

@@ -27,17 +27,10 @@ import bcrypt
 import pytest
 import trustme
 
-from gateway import intake
-from gateway.auth import (
-    REPLY_TOO_MANY_AUTH_FAILURES,
-    UsersFile,
-    hash_password,
-    load_users,
-    verify_password,
-)
 from gateway.config import ServiceSettings, SmtpSettings
 from gateway.errors import ConfigError, StoreError
-from gateway.smtp import (
+from gateway.intake import spool as intake
+from gateway.intake.smtp import (
     REPLY_AUTH_REQUIRED,
     REPLY_NO_SUCH_SERVICE,
     REPLY_SENDER_NOT_ALLOWED,
@@ -49,6 +42,13 @@ from gateway.smtp import (
     received_header,
     route_recipient,
     sender_allowed,
+)
+from gateway.intake.smtp_auth import (
+    REPLY_TOO_MANY_AUTH_FAILURES,
+    UsersFile,
+    hash_password,
+    load_users,
+    verify_password,
 )
 from gateway.store import Accepted, IncomingMail
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
@@ -1021,7 +1021,7 @@ def test_cached_introspection_answers_like_aiosmtpd_expects() -> None:
     """The per-class cache must give SMTP.__init__ the same hooks, commands and AUTH methods."""
     import inspect as real
 
-    from gateway.smtp import _ClassCachedInspection
+    from gateway.intake.smtp import _ClassCachedInspection
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):

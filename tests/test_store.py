@@ -121,7 +121,7 @@ def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
     """An SMTP client that disconnects mid-commit must not kill the writer thread."""
     import asyncio
 
-    from gateway.intake import SpoolWriter
+    from gateway.intake.spool import SpoolWriter
 
     writer = SpoolWriter(tmp_path / "g.sqlite3")
     writer.start()

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ThemeError
-from gateway.message import parse_message
+from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
 from gateway.store import Incident
-from gateway.themes import Themes, check, incident_context, load_context, replace_header
+from gateway.themes.render import Themes, check, incident_context, load_context, replace_header
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"

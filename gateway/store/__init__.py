@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from gateway.errors import StoreError
-from gateway.store.operations import OperationsQueries
 from gateway.store.records import (
     _INCIDENT_COLUMNS,
     _INCIDENT_FIELDS,
@@ -40,6 +39,7 @@ from gateway.store.records import (
     PendingJob,
     _outbox_item,
 )
+from gateway.store.reports import OperationsQueries
 from gateway.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)

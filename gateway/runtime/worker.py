@@ -37,14 +37,14 @@ from pathlib import Path
 
 import httpx
 
-from gateway import delivery
 from gateway.config import Config, load_config
+from gateway.decide.notifications import build_notifier
+from gateway.decide.processor import Processor, load_services
+from gateway.delivery import dispatch as delivery
+from gateway.delivery.outbox import OutboxWorker
 from gateway.errors import ConfigError, RuleError, ThemeError
 from gateway.logs import setup_logging
-from gateway.notifications import build_notifier
-from gateway.outbox import OutboxWorker
-from gateway.processor import Processor, load_services
-from gateway.reload import validate
+from gateway.runtime.reload import validate
 from gateway.store import Store, StoreThread
 
 log = logging.getLogger(__name__)

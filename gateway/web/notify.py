@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import mailer, themes
 from gateway.config import OutgoingSettings
+from gateway.decide import outgoing_mail
 from gateway.errors import ThemeError
-from gateway.httpserver import HttpError, Request, Response
 from gateway.store import StoreThread
+from gateway.themes import render as themes
+from gateway.web.httpserver import HttpError, Request, Response
 
 THEME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -42,13 +43,19 @@ class NotifyEndpoint:
         self._authenticate(request)
         context = _json_object(request.body)
         msg = await asyncio.to_thread(self._render, theme, context)
-        sender = mailer.envelope_sender(self.outgoing.from_addr)
+        sender = outgoing_mail.envelope_sender(self.outgoing.from_addr)
         try:
-            item = await self.store.call(lambda s: mailer.queue_mail(s, msg, mail_from=sender))
+            item = await self.store.call(
+                lambda s: outgoing_mail.queue_mail(s, msg, mail_from=sender)
+            )
         except ValueError as exc:  # e.g. the theme rendered no recipient
             raise HttpError(400, str(exc)) from None
         self.on_queued()
-        body = {"queued": item, "message_id": msg["Message-ID"], "to": mailer.recipients(msg)}
+        body = {
+            "queued": item,
+            "message_id": msg["Message-ID"],
+            "to": outgoing_mail.recipients(msg),
+        }
         return Response(202, json.dumps(body).encode(), "application/json")
 
     def _authenticate(self, request: Request) -> None:

@@ -7,10 +7,10 @@ import time
 
 import httpx
 
-from gateway import mailer
 from gateway.config import Config
-from gateway.outbox import OutboxWorker, RetryPolicy
-from gateway.pagerduty import PagerDutySender, RateLimiter
+from gateway.delivery import mailer
+from gateway.delivery.outbox import OutboxWorker, RetryPolicy
+from gateway.delivery.pagerduty import PagerDutySender, RateLimiter
 from gateway.store import StoreThread
 
 

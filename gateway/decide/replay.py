@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from gateway.decide.processor import ServiceRuntime
 from gateway.errors import RuleEvaluationError
-from gateway.message import parse_message
-from gateway.processor import ServiceRuntime
+from gateway.mail.parse import parse_message
 from gateway.rules import Ruleset, evaluate, load_ruleset
 from gateway.store import Store
 

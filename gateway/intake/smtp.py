@@ -40,11 +40,11 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from gateway import intake
-from gateway.auth import AuthMechanisms, UsersFile
 from gateway.config import ServiceSettings, SmtpSettings, split_hostport
 from gateway.errors import StoreError
-from gateway.intake import SpoolWriter
+from gateway.intake import spool as intake
+from gateway.intake.smtp_auth import AuthMechanisms, UsersFile
+from gateway.intake.spool import SpoolWriter
 from gateway.store import Accepted
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import StoreError
-from gateway.message import fingerprint
+from gateway.mail.fingerprint import fingerprint
 from gateway.store import Accepted, IncomingMail, Store
 
 log = logging.getLogger(__name__)

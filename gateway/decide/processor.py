@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway import incidents
 from gateway.config import PagerDutySettings, ServiceSettings
+from gateway.decide import incidents
+from gateway.decide.events import build_event
+from gateway.decide.notifications import Notifier
 from gateway.errors import RuleError, RuleEvaluationError
-from gateway.message import ParsedMail, parse_message
-from gateway.notifications import Notifier
-from gateway.pagerduty import build_event
+from gateway.mail.parse import ParsedMail, parse_message
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
 from gateway.store import PendingJob, Store
 

@@ -14,18 +14,18 @@ import logging
 import signal
 from typing import Any
 
-from gateway import retention
 from gateway.config import Config
-from gateway.httpserver import HttpServer
+from gateway.intake.smtp import GatewayHandler
 from gateway.logs import LEVELS
-from gateway.metrics import LiveState
-from gateway.reload import Reloader, Validated
-from gateway.sdnotify import Notifier
-from gateway.smtp import GatewayHandler
+from gateway.runtime import retention
+from gateway.runtime.reload import Reloader, Validated
+from gateway.runtime.systemd import Notifier
+from gateway.runtime.worker import WorkerProcess
 from gateway.store import StoreThread
-from gateway.web import WebApp
-from gateway.webnotify import NotifyEndpoint
-from gateway.worker import WorkerProcess
+from gateway.web.httpserver import HttpServer
+from gateway.web.metrics import LiveState
+from gateway.web.notify import NotifyEndpoint
+from gateway.web.status import WebApp
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ import regex
 from jinja2 import meta
 
 from gateway.errors import Problem, RuleError
-from gateway.message import FIELDS
-from gateway.rules import (
+from gateway.mail.parse import FIELDS
+from gateway.rules.model import (
     ACTIONS,
-    ENV,
     OPS,
     SEVERITIES,
     TEMPLATE_NAMES,
@@ -32,8 +31,8 @@ from gateway.rules import (
     Rule,
     Ruleset,
     compile_regex,
-    is_template,
 )
+from gateway.rules.templates import ENV, is_template
 
 TOP_KEYS = ("rule", "unmatched", "keys")
 RULE_KEYS = (
@@ -583,7 +582,7 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
             out.rules.append(rule)
 
 
-def load_rule_files(paths: list[Path]) -> Ruleset:
+def load_ruleset(paths: list[Path]) -> Ruleset:
     """Validate every file, then raise one RuleError with all problems, or return the Ruleset."""
     problems: list[Problem] = []
     out = _Collected()

@@ -1,6 +1,6 @@
 """Outgoing mail: rendered messages go through the durable outbox to the `[outgoing]` relay.
 
-A message is queued (`queue_mail`) in the caller's transaction and delivered by an
+A message is queued (`gateway.decide.outgoing_mail.queue_mail`) in the caller's transaction and delivered by an
 `OutboxWorker(kind="mail")` whose sender is `MailSender`, so a relay outage delays mail but
 never loses it. SMTP answers map onto the outbox's two failure kinds:
 
@@ -12,53 +12,14 @@ never loses it. SMTP answers map onto the outbox's two failure kinds:
 from __future__ import annotations
 
 import ssl
-from email.message import EmailMessage
-from email.utils import parseaddr
-from typing import Any
 
 import aiosmtplib
 
 from gateway.config import OutgoingSettings
+from gateway.decide.outgoing_mail import KIND
+from gateway.delivery.outbox import OutboxWorker, RetryPolicy
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.outbox import OutboxWorker, RetryPolicy
-from gateway.store import OutboxItem, Store, StoreThread
-from gateway.themes import POLICY, recipients
-
-KIND = "mail"
-
-
-def mail_payload(msg: EmailMessage, mail_from: str, rcpt_tos: list[str]) -> dict[str, Any]:
-    """The outbox payload of one message: envelope plus the serialized message (CRLF, 7-bit)."""
-    return {
-        "mail_from": mail_from,
-        "rcpt_tos": list(rcpt_tos),
-        "message": msg.as_string(policy=POLICY),
-        "subject": str(msg.get("Subject", "")),  # for `gateway outbox` listings
-    }
-
-
-def envelope_sender(from_addr: str) -> str:
-    """The bare address of '[outgoing] from' ('Gateway <gw@x>' -> 'gw@x') for MAIL FROM."""
-    return parseaddr(from_addr)[1] or from_addr
-
-
-def queue_mail(
-    store: Store,
-    msg: EmailMessage,
-    *,
-    mail_from: str,
-    rcpt_tos: list[str] | None = None,
-    service: str = "-",
-    order_key: str | None = None,
-    job: int | None = None,
-) -> int:
-    """Add a message to the outbox (inside the caller's transaction if one is open)."""
-    rcpts = rcpt_tos if rcpt_tos is not None else recipients(msg)
-    if not rcpts:
-        raise ValueError("the message has no recipients")
-    key = order_key or f"mail:{msg['Message-ID']}"
-    with store.transaction():
-        return store.add_outbox(KIND, service, key, mail_payload(msg, mail_from, rcpts), job)
+from gateway.store import OutboxItem, StoreThread
 
 
 class MailSender:

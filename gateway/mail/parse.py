@@ -12,7 +12,6 @@ from __future__ import annotations
 import binascii
 import email
 import email.parser
-import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from datetime import datetime
 from email.message import Message
 from email.policy import Compat32
 
-from gateway.htmltext import html_to_text
-from gateway.mimedecode import (
+from gateway.mail.headers import (
     MAX_HEADER_CHARS,
     Defects,
     bare_addresses,
@@ -35,6 +33,7 @@ from gateway.mimedecode import (
     sender,
     unfold,
 )
+from gateway.mail.htmltext import html_to_text
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,6 @@ MAX_HEADERS = 500  # top-level header fields kept
 MAX_PARAM_CHARS = 8_192  # characters of Content-Type/-Disposition given to parameter parsing
 MAX_REFERENCES = 100  # ids kept from References
 MAX_BODY_CHARS = 2_000_000  # characters of text and of html (PagerDuty-size bodies)
-_FINGERPRINT_HEAD_BYTES = 256 * 1024  # header bytes scanned by fingerprint()
 
 _AUTOREPLY_SUBJECT = re.compile(
     r"out of (?:the )?office|automatic reply|auto(?:matic)?[- ]?(?:reply|response|antwort)"
@@ -119,8 +117,6 @@ _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoreply-from", "x-mai
 _B64_ALPHABET_DELETE = bytes(
     b for b in range(256) if not (chr(b).isascii() and (chr(b).isalnum() or chr(b) in "+/"))
 )
-_FP_MSGID = re.compile(rb"^message-id[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
-_FP_FOLD = re.compile(rb"\n[ \t]+")
 _KEYWORD = re.compile(r"[\w.-]*")  # the value of Auto-Submitted before any comment/parameter
 
 
@@ -418,7 +414,7 @@ def _first_values(headers: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
 # --- entry points ---------------------------------------------------------------------------
 
 
-def _as_bytes(raw: object) -> bytes:
+def as_bytes(raw: object) -> bytes:
     """Accept bytes-like input (or, leniently, str); anything else is empty."""
     if isinstance(raw, bytes):
         return raw
@@ -454,7 +450,7 @@ def _top_content_type(msg: Message) -> str:
 def parse_message(raw: bytes, envelope_from: str | None = None) -> ParsedMail:
     """Parse raw bytes; `envelope_from` '' (the null sender) marks a bounce."""
     try:
-        return _parse(_as_bytes(raw), envelope_from)
+        return _parse(as_bytes(raw), envelope_from)
     except Exception as exc:  # a last line of defence: a bug here must not drop mail
         return ParsedMail(defects=(f"internal parse error: {type(exc).__name__}",))
 
@@ -496,69 +492,3 @@ def _parse(raw: bytes, envelope_from: str | None) -> ParsedMail:
         loop_reason="; ".join(r for r in (auto, bounce) if r),
         defects=tuple(defects.items),
     )
-
-
-def fingerprint(raw: bytes | bytearray, start: int = 0) -> tuple[str, str]:
-    """(Message-ID or '', sha256 of the body) for duplicate detection at acceptance time.
-
-    `start`: where the message begins in `raw` (after a trace header the listener put first).
-
-    No MIME parsing: split at the first blank line, find Message-ID with a regex over the
-    unfolded header bytes. The body's line endings are normalised to LF and trailing blank
-    lines ignored, so the same message relayed over SMTP (CRLF) and fetched over IMAP, or
-    with a trailing newline added by an MTA, still counts as the same message.
-    """
-    try:
-        data = raw if isinstance(raw, (bytes, bytearray)) else _as_bytes(raw)
-        body_start = _body_start(data, start)
-        return _fingerprint_id(bytes(data[start:body_start])), _body_hash(data, body_start)
-    except Exception:
-        return "", hashlib.sha256(b"").hexdigest()
-
-
-_HASH_CHUNK = 1 << 20
-
-
-def _body_start(data: bytes | bytearray, start: int = 0) -> int:
-    """Offset of the body: after the earliest blank line of any line-ending style.
-
-    Mail is CRLF almost always: the other styles are only looked for before the first CRLFCRLF,
-    so a big message is scanned once, not three times, on the listener's hot path."""
-    best, width = data.find(b"\r\n\r\n", start), 4
-    end = best if best >= 0 else len(data)
-    for sep in (b"\n\n", b"\r\r"):
-        i = data.find(sep, start, end + 1)  # a match may start just before `end`
-        if i >= 0 and (best < 0 or i < best):
-            best, width, end = i, 2, i
-    return len(data) if best < 0 else best + width
-
-
-def _body_hash(data: bytes | bytearray, start: int) -> str:
-    """sha256 of the body with line endings normalised to LF and trailing newlines dropped,
-    computed a chunk at a time: a 10 MB mail costs one chunk of memory, not three copies."""
-    end = len(data)
-    while end > start and data[end - 1] in (10, 13):
-        end -= 1
-    digest = hashlib.sha256()
-    view = memoryview(data)
-    carry = b""  # a CR at a chunk's end may be the first half of a CRLF
-    for offset in range(start, end, _HASH_CHUNK):
-        chunk = carry + bytes(view[offset : min(offset + _HASH_CHUNK, end)])
-        carry = b"\r" if chunk.endswith(b"\r") else b""
-        if carry:
-            chunk = chunk[:-1]
-        digest.update(chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
-    if carry:
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def _fingerprint_id(head: bytes) -> str:
-    """Message-ID from raw header bytes, without angle brackets."""
-    head = head[:_FINGERPRINT_HEAD_BYTES].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    found = _FP_MSGID.search(_FP_FOLD.sub(b" ", head))
-    if not found:
-        return ""
-    value = found.group(1).decode("utf-8", "replace").strip()
-    ids = msg_ids(value)
-    return ids[0][:998] if ids else ""

@@ -1,257 +1,34 @@
-"""Parsing rules: the compiled rule model, incident-key normalisation and evaluation.
+"""Evaluation, the hot path: first matching rule wins, and the trace says why.
 
-Loading and validating the operator's TOML files lives in `gateway.rulefile`; this module keeps
-the hot path (`evaluate`) small: everything is compiled once at load time, templates are rendered
-only for the rule that matched, and field texts are case-folded at most once per message.
+Everything is compiled once at load time, templates are rendered only for the rule that matched,
+and field texts are case-folded at most once per message.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import regex
-from jinja2 import StrictUndefined, Template
-from jinja2.sandbox import SandboxedEnvironment
 
 from gateway.errors import RuleEvaluationError
-from gateway.message import ParsedMail
-
-ACTIONS = ("trigger", "acknowledge", "resolve", "discard")
-KEYED_ACTIONS = ("trigger", "acknowledge", "resolve")
-SEVERITIES = ("critical", "error", "warning", "info")
-OPS = (
-    "contains",
-    "not_contains",
-    "equals",
-    "not_equals",
-    "starts_with",
-    "ends_with",
-    "matches",
-    "not_matches",
-    "always",
+from gateway.mail.parse import ParsedMail
+from gateway.rules.keys import normalise_key
+from gateway.rules.model import (
+    DEFAULT_SUMMARY,
+    KEYED_ACTIONS,
+    MAX_DETAIL,
+    MAX_SUMMARY,
+    NO_SUBJECT,
+    SEVERITIES,
+    Condition,
+    Decision,
+    Extractor,
+    Rule,
+    Ruleset,
+    TraceStep,
 )
-TEMPLATE_NAMES = (  # what summary / severity / details / links templates may use
-    "subject",
-    "body",
-    "html",
-    "from_",
-    "sender",
-    "from_addr",
-    "to",
-    "cc",
-    "headers",
-    "message_id",
-    "date",
-    "key",
-    "rule",
-    "details",
-)
-MAX_KEY = 255  # PagerDuty dedup_key limit
-MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
-MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
-DEFAULT_SUMMARY = "{{ subject }}"
-NO_SUBJECT = "(no subject)"
-
-# Reply/forward markers in many mail clients' languages, with optional counters ("Re[2]:",
-# "Re(2):"), a space before the colon ("Re :") and the full-width colon ("回复：").
-_REPLY_WORDS = r"(?:re|fwd?|aw|wg|sv|vs|antw|tr|rif|回复|回覆|答复|转发|轉寄|轉發)"
-_REPLY_PREFIX = _REPLY_WORDS + r"[ \t]*(?:\[\d+\]|\(\d+\))?[ \t]*[:：]"
-
-ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-
-
-def is_template(text: str) -> bool:
-    """A value is a Jinja template only if it contains Jinja markup; literals skip rendering."""
-    return "{{" in text or "{%" in text or "{#" in text
-
-
-@lru_cache(maxsize=8192)
-def compile_template(source: str) -> Template:
-    """Compile once per distinct source; rules re-use the compiled template on every message."""
-    return ENV.from_string(source)
-
-
-def compile_regex(pattern: str, ignore_case: bool) -> regex.Pattern[str]:
-    """Operator regexes always go through the `regex` package (it supports timeouts)."""
-    return regex.compile(pattern, regex.IGNORECASE if ignore_case else 0)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One test on one field; `value` is unused for `always`."""
-
-    field: str
-    op: str
-    value: str = ""
-    ignore_case: bool = False
-    line: int | None = None
-    _pattern: regex.Pattern[str] | None = field(default=None, compare=False, repr=False)
-    _folded: str = field(default="", compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.op in ("matches", "not_matches") and self._pattern is None:
-            object.__setattr__(self, "_pattern", compile_regex(self.value, self.ignore_case))
-        object.__setattr__(self, "_folded", self.value.casefold())
-
-    def describe(self) -> str:
-        """Short human form for traces: 'body contains "Status: New"'."""
-        if self.op == "always":
-            return "always"
-        value = self.value if len(self.value) <= 60 else self.value[:57] + "..."
-        case = " (ignore case)" if self.ignore_case else ""
-        return f'{self.field} {self.op} "{value}"{case}'
-
-
-@dataclass(frozen=True)
-class Extractor:
-    """Takes text from a field: whole, or by regex / between / after / before (at most one)."""
-
-    field: str
-    regex: str | None = None
-    between: tuple[str, str] | None = None
-    after: str | None = None
-    before: str | None = None
-    ignore_case: bool = False
-    _compiled: tuple[regex.Pattern[str] | None, ...] = field(default=(), compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        markers: tuple[str, ...] = ()
-        if self.between is not None:
-            markers = tuple(self.between)
-            object.__setattr__(self, "between", markers)
-        elif self.after is not None:
-            markers = (self.after,)
-        elif self.before is not None:
-            markers = (self.before,)
-        if self.regex is not None:
-            compiled: tuple[regex.Pattern[str] | None, ...] = (
-                compile_regex(self.regex, self.ignore_case),
-            )
-        elif self.ignore_case and markers:
-            compiled = tuple(compile_regex(regex.escape(m), True) for m in markers)
-        else:
-            compiled = ()
-        object.__setattr__(self, "_compiled", compiled)
-
-    def describe(self) -> str:
-        """Short human form for traces."""
-        for how in ("regex", "between", "after", "before"):
-            value = getattr(self, how)
-            if value is not None:
-                return f"{self.field} {how} {value!r}"
-        return f"{self.field} (whole)"
-
-
-@dataclass(frozen=True)
-class Link:
-    """A PagerDuty link; both parts may be templates. An empty rendered href drops the link."""
-
-    href: str
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One operator rule, compiled. `file`/`line` point at its `[[rule]]` header."""
-
-    name: str
-    conditions: tuple[Condition, ...]
-    action: str
-    match: str = "all"
-    incident_key: Extractor = Extractor(field="subject")
-    summary: str = DEFAULT_SUMMARY
-    severity: str = "critical"
-    details: tuple[tuple[str, Extractor | str], ...] = ()
-    links: tuple[Link, ...] = ()
-    enabled: bool = True
-    file: str = ""
-    line: int | None = None
-
-    @property
-    def where(self) -> str:
-        """'file:line' for messages, or '' for rules built in code."""
-        if not self.file:
-            return ""
-        return self.file if self.line is None else f"{self.file}:{self.line}"
-
-
-@dataclass(frozen=True)
-class Ruleset:
-    """All rules of one service (in order, across its files) plus the unmatched policy."""
-
-    rules: tuple[Rule, ...] = ()
-    unmatched_action: str = "discard"
-    unmatched_summary: str = DEFAULT_SUMMARY
-    unmatched_severity: str = "warning"
-    strip_tags: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TraceStep:
-    """Why one rule did or did not match: the answer to 'why did this mail do nothing?'."""
-
-    rule: str
-    matched: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do with one message, and why."""
-
-    rule: str | None
-    action: str
-    incident_key: str | None
-    summary: str
-    severity: str
-    details: dict[str, str]
-    links: tuple[dict[str, str], ...]
-    trace: tuple[TraceStep, ...]
-    reason: str
-    unmatched: bool = False
-
-
-def load_ruleset(paths: list[Path]) -> Ruleset:
-    """Load, validate and compile rule files; raises RuleError listing every problem."""
-    from gateway.rulefile import load_rule_files  # rulefile imports this module
-
-    return load_rule_files(paths)
-
-
-# --------------------------------------------------------------------------- key normalisation
-
-
-@lru_cache(maxsize=64)
-def _prefix_pattern(tags: tuple[str, ...]) -> regex.Pattern[str]:
-    alternatives = [_REPLY_PREFIX, *(regex.escape(t) for t in tags if t.strip())]
-    return regex.compile(r"^(?:" + "|".join(alternatives) + r")\s*", regex.IGNORECASE)
-
-
-def normalise_key(text: str, tags: tuple[str, ...] | list[str] = ()) -> str:
-    """Make replies and forwards of one case produce the same key (see DESIGN 'Incident key').
-
-    Trims, collapses whitespace, strips Re:/Fwd:/... and the operator's [tag] prefixes in any
-    order and number, then cuts to 255 characters with a hash suffix so long keys never collide.
-    """
-    key = " ".join(text.split())
-    pattern = _prefix_pattern(tuple(tags))
-    while key:
-        found = pattern.match(key)
-        if found is None or not found.end():
-            break
-        key = key[found.end() :]
-    key = key.strip()
-    if len(key) > MAX_KEY:
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
-        key = key[: MAX_KEY - 1 - len(digest)] + "~" + digest
-    return key
-
+from gateway.rules.templates import render
 
 # --------------------------------------------------------------------------- per-message fields
 
@@ -424,16 +201,6 @@ def _context(mail: ParsedMail, key: str | None, rule: str) -> dict[str, Any]:
         "rule": rule,
         "details": {},
     }
-
-
-def render(source: str, context: Mapping[str, Any], rule: str, what: str) -> str:
-    """Render a (possibly literal) template; any failure is a RuleEvaluationError."""
-    if not is_template(source):
-        return source
-    try:
-        return compile_template(source).render(context)
-    except Exception as exc:  # operator template code: any failure quarantines the message
-        raise RuleEvaluationError(rule, f"{what} template failed: {exc}") from None
 
 
 def _collapse(text: str, limit: int) -> str:

@@ -26,11 +26,11 @@ from urllib.parse import urlsplit
 import jinja2
 
 from gateway.config import WebSettings
-from gateway.httpserver import HttpError, Request, Response
-from gateway.message import parse_message
-from gateway.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
+from gateway.mail.parse import parse_message
 from gateway.store import Store, StoreThread
-from gateway.webnotify import NotifyEndpoint
+from gateway.web.httpserver import HttpError, Request, Response
+from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
+from gateway.web.notify import NotifyEndpoint
 
 HTML = "text/html; charset=utf-8"
 BODY_CHARS = 100_000  # of a mail body shown on the detail page
@@ -192,7 +192,7 @@ class WebApp:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("gateway", "web_templates"),
+        loader=jinja2.PackageLoader("gateway.web", "templates"),
         autoescape=True,  # mail content is hostile
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config, load_config
+from gateway.decide.processor import ServiceRuntime, load_services
 from gateway.errors import ProblemsError, ThemeError
-from gateway.processor import ServiceRuntime, load_services
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def validate(config_path: Path) -> Validated:
     """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
     config = load_config(config_path)
     services = load_services(config.services)
-    from gateway import themes
+    from gateway.themes import render as themes
 
     if config.gateway.templates_dir.exists() or uses_themes(config):
         problems = themes.check(config.gateway.templates_dir)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from gateway import __version__, delivery, intake
+from gateway import __version__
 from gateway.config import Config, find_config_path, load_config
+from gateway.decide.notifications import build_notifier
+from gateway.decide.processor import Processor, load_services
+from gateway.delivery import dispatch as delivery
 from gateway.errors import ConfigError, GatewayError, RuleError, StoreError, ThemeError
+from gateway.intake import spool as intake
 from gateway.logs import setup_logging
-from gateway.message import parse_message
-from gateway.notifications import build_notifier
-from gateway.processor import Processor, load_services
+from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
 from gateway.store import Store
 
@@ -237,7 +239,7 @@ def _print_table(rows: list[list[object]], headers: list[str], empty: str) -> No
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway import service  # imported lazily: aiosmtpd is only needed here
+    from gateway.runtime import service  # imported lazily: aiosmtpd is only needed here
 
     config = _config(args)
     _setup_logging(config)
@@ -245,8 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway import themes
-    from gateway.reload import validate  # exactly what a running server's reload runs
+    from gateway.runtime.reload import validate  # exactly what a running server's reload runs
+    from gateway.themes import render as themes
 
     validated = validate(find_config_path(args.config))
     config, services = validated.config, validated.services
@@ -349,7 +351,7 @@ def _process_and_deliver(config: Config, services, store: Store) -> None:
 
 def cmd_imap_once(args: argparse.Namespace) -> int:
     """One IMAP fetch cycle, then process and deliver like `ingest`; 75 if the mailbox failed."""
-    from gateway import imap  # imported lazily: only this command and serve need imapclient
+    from gateway.intake import imap  # imported lazily: only this command and serve need imapclient
 
     config = _config(args)
     services = load_services(config.services)
@@ -462,7 +464,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def _render_case(args: argparse.Namespace, directory: Path, default_from: str):
     """Render args.theme with args.case; theme problems become one clear error (exit 1)."""
-    from gateway import themes
+    from gateway.themes import render as themes
 
     try:
         context = themes.load_context(args.case)
@@ -476,7 +478,7 @@ def _render_case(args: argparse.Namespace, directory: Path, default_from: str):
 
 def cmd_render(args: argparse.Namespace) -> int:
     from gateway.config import OutgoingSettings
-    from gateway.themes import POLICY
+    from gateway.themes.render import POLICY
 
     config = None if args.templates else _config(args)
     directory = args.templates or config.gateway.templates_dir
@@ -487,7 +489,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
-    from gateway import mailer
+    from gateway.decide import outgoing_mail
 
     config = _config(args)
     if config.outgoing is None:
@@ -496,14 +498,14 @@ def cmd_notify(args: argparse.Namespace) -> int:
     msg = _render_case(args, config.gateway.templates_dir, config.outgoing.from_addr)
     store = Store(config.db_path)
     try:
-        sender = mailer.envelope_sender(config.outgoing.from_addr)
-        item = mailer.queue_mail(store, msg, mail_from=sender)
+        sender = outgoing_mail.envelope_sender(config.outgoing.from_addr)
+        item = outgoing_mail.queue_mail(store, msg, mail_from=sender)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     asyncio.run(delivery.deliver_due(config, 2 * config.outgoing.timeout_seconds))
     left = {o.id: o for o in store.outbox(("pending", "dead"), limit=100_000)}.get(item)
     if left is None:
-        print(f"sent {msg['Message-ID']} to {', '.join(mailer.recipients(msg))}")
+        print(f"sent {msg['Message-ID']} to {', '.join(outgoing_mail.recipients(msg))}")
         return EX_OK
     if left.state == "dead":
         print(f"error: relay refused outbox item {item}: {left.last_error}", file=sys.stderr)
@@ -526,7 +528,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     """Read the password without echo on a terminal; a pipe gives one line (for scripts)."""
     import getpass
 
-    from gateway.auth import hash_password
+    from gateway.intake.smtp_auth import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
@@ -547,7 +549,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from gateway import retention
+    from gateway.runtime import retention
 
     config = _config(args)
     days = config.gateway.retention_days if args.days is None else args.days
@@ -565,7 +567,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from gateway import replay
+    from gateway.decide import replay
 
     config = _config(args)
     try:

@@ -35,9 +35,9 @@ from typing import Any
 from imapclient import SEEN, IMAPClient, SocketTimeout
 from imapclient.exceptions import LoginError
 
-from gateway import intake
 from gateway.config import ImapSettings
 from gateway.errors import GatewayError
+from gateway.intake import spool as intake
 from gateway.store import Accepted, IncomingMail, Store
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ import logging
 import signal
 
 from gateway.config import Config
-from gateway.imap import ImapPoller
-from gateway.intake import SpoolWriter
-from gateway.operations import Operations
-from gateway.reload import validate
-from gateway.smtp import SmtpListener
+from gateway.intake.imap import ImapPoller
+from gateway.intake.smtp import SmtpListener
+from gateway.intake.spool import SpoolWriter
+from gateway.runtime.operations import Operations
+from gateway.runtime.reload import validate
+from gateway.runtime.worker import WorkerProcess
 from gateway.store import Checkpointer
-from gateway.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway import incidents, mailer, themes
 from gateway.config import Config, NotifySettings, OutgoingSettings
+from gateway.decide import incidents, outgoing_mail
 from gateway.errors import ThemeError
 from gateway.store import Incident, Store
+from gateway.themes import render as themes
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class Notifier:
                 detail=str(exc),
             )
             return None
-        return mailer.queue_mail(
+        return outgoing_mail.queue_mail(
             store,
             msg,
-            mail_from=mailer.envelope_sender(self.outgoing.from_addr),
+            mail_from=outgoing_mail.envelope_sender(self.outgoing.from_addr),
             rcpt_tos=list(notify.to),
             service=incident.service,
             order_key=f"mail:{incident.service}:{incident.incident_key}",

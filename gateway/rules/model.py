@@ -1,0 +1,187 @@
+"""The compiled rule model: what a rule file becomes, and what evaluating one mail decides.
+
+Built by `gateway.rules.loader`, read by `gateway.rules.evaluate`; no I/O and no evaluation here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import regex
+
+ACTIONS = ("trigger", "acknowledge", "resolve", "discard")
+KEYED_ACTIONS = ("trigger", "acknowledge", "resolve")
+SEVERITIES = ("critical", "error", "warning", "info")
+OPS = (
+    "contains",
+    "not_contains",
+    "equals",
+    "not_equals",
+    "starts_with",
+    "ends_with",
+    "matches",
+    "not_matches",
+    "always",
+)
+TEMPLATE_NAMES = (  # what summary / severity / details / links templates may use
+    "subject",
+    "body",
+    "html",
+    "from_",
+    "sender",
+    "from_addr",
+    "to",
+    "cc",
+    "headers",
+    "message_id",
+    "date",
+    "key",
+    "rule",
+    "details",
+)
+MAX_KEY = 255  # PagerDuty dedup_key limit
+MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
+MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
+DEFAULT_SUMMARY = "{{ subject }}"
+NO_SUBJECT = "(no subject)"
+
+
+def compile_regex(pattern: str, ignore_case: bool) -> regex.Pattern[str]:
+    """Operator regexes always go through the `regex` package (it supports timeouts)."""
+    return regex.compile(pattern, regex.IGNORECASE if ignore_case else 0)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one field; `value` is unused for `always`."""
+
+    field: str
+    op: str
+    value: str = ""
+    ignore_case: bool = False
+    line: int | None = None
+    _pattern: regex.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _folded: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.op in ("matches", "not_matches") and self._pattern is None:
+            object.__setattr__(self, "_pattern", compile_regex(self.value, self.ignore_case))
+        object.__setattr__(self, "_folded", self.value.casefold())
+
+    def describe(self) -> str:
+        """Short human form for traces: 'body contains "Status: New"'."""
+        if self.op == "always":
+            return "always"
+        value = self.value if len(self.value) <= 60 else self.value[:57] + "..."
+        case = " (ignore case)" if self.ignore_case else ""
+        return f'{self.field} {self.op} "{value}"{case}'
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """Takes text from a field: whole, or by regex / between / after / before (at most one)."""
+
+    field: str
+    regex: str | None = None
+    between: tuple[str, str] | None = None
+    after: str | None = None
+    before: str | None = None
+    ignore_case: bool = False
+    _compiled: tuple[regex.Pattern[str] | None, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        markers: tuple[str, ...] = ()
+        if self.between is not None:
+            markers = tuple(self.between)
+            object.__setattr__(self, "between", markers)
+        elif self.after is not None:
+            markers = (self.after,)
+        elif self.before is not None:
+            markers = (self.before,)
+        if self.regex is not None:
+            compiled: tuple[regex.Pattern[str] | None, ...] = (
+                compile_regex(self.regex, self.ignore_case),
+            )
+        elif self.ignore_case and markers:
+            compiled = tuple(compile_regex(regex.escape(m), True) for m in markers)
+        else:
+            compiled = ()
+        object.__setattr__(self, "_compiled", compiled)
+
+    def describe(self) -> str:
+        """Short human form for traces."""
+        for how in ("regex", "between", "after", "before"):
+            value = getattr(self, how)
+            if value is not None:
+                return f"{self.field} {how} {value!r}"
+        return f"{self.field} (whole)"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A PagerDuty link; both parts may be templates. An empty rendered href drops the link."""
+
+    href: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One operator rule, compiled. `file`/`line` point at its `[[rule]]` header."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+    action: str
+    match: str = "all"
+    incident_key: Extractor = Extractor(field="subject")
+    summary: str = DEFAULT_SUMMARY
+    severity: str = "critical"
+    details: tuple[tuple[str, Extractor | str], ...] = ()
+    links: tuple[Link, ...] = ()
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """'file:line' for messages, or '' for rules built in code."""
+        if not self.file:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """All rules of one service (in order, across its files) plus the unmatched policy."""
+
+    rules: tuple[Rule, ...] = ()
+    unmatched_action: str = "discard"
+    unmatched_summary: str = DEFAULT_SUMMARY
+    unmatched_severity: str = "warning"
+    strip_tags: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """Why one rule did or did not match: the answer to 'why did this mail do nothing?'."""
+
+    rule: str
+    matched: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one message, and why."""
+
+    rule: str | None
+    action: str
+    incident_key: str | None
+    summary: str
+    severity: str
+    details: dict[str, str]
+    links: tuple[dict[str, str], ...]
+    trace: tuple[TraceStep, ...]
+    reason: str
+    unmatched: bool = False
