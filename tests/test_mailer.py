@@ -24,7 +24,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from gateway import cli
 from gateway.config import OutgoingSettings
 from gateway.decide.outgoing_mail import mail_payload, queue_mail
-from gateway.delivery.mailer import MailSender, mail_worker
+from gateway.delivery.mailer import MailSender, mail_dispatcher
 from gateway.delivery.outbox import RetryPolicy
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
 from gateway.store import OutboxItem, Store, StoreThread
@@ -175,7 +175,7 @@ class TestOutbox:
         async def go() -> None:
             store = StoreThread(db)
             try:
-                worker = mail_worker(store, settings(port), FAST)
+                worker = mail_dispatcher(store, settings(port), FAST)
                 await worker.run_until_idle(time.time() + 5)
             finally:
                 store.close()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.decide.events import build_event
-from gateway.delivery.outbox import OutboxWorker, RetryPolicy
+from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import PagerDutySender, RateLimiter, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
 from gateway.store import Store, StoreThread
@@ -128,7 +128,7 @@ async def _drain(db: Path, pd: PagerDutyStandIn, seconds: float = 10.0) -> None:
     try:
         async with httpx.AsyncClient(timeout=5) as client:
             sender = PagerDutySender(client, pd.url, {"helpdesk": ROUTING_KEY})
-            worker = OutboxWorker(store, "pagerduty", sender, FAST)
+            worker = Dispatcher(store, "pagerduty", sender, FAST)
             deadline = time.time() + seconds
             while time.time() < deadline:
                 await worker.run_once()
@@ -176,7 +176,7 @@ def test_gives_up_after_the_configured_time(tmp_path: Path) -> None:
         async def always_down(item):
             raise TemporaryDeliveryError("HTTP 503")
 
-        worker = OutboxWorker(
+        worker = Dispatcher(
             store, "pagerduty", always_down, RetryPolicy(give_up_after=3600), clock=lambda: clock[0]
         )
         await worker.run_once()

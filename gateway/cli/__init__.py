@@ -19,7 +19,7 @@ from tabulate import tabulate
 
 from gateway import __version__
 from gateway.config import Config, find_config_path, load_config
-from gateway.decide.notifications import build_notifier
+from gateway.decide.notifications import build_helpdesk_notifier
 from gateway.decide.processor import Processor, load_services
 from gateway.delivery import dispatch as delivery
 from gateway.errors import ConfigError, GatewayError, RuleError, StoreError, ThemeError
@@ -247,10 +247,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.runtime.reload import validate  # exactly what a running server's reload runs
+    from gateway.runtime.reload import (
+        load_generation,  # exactly what a running server's reload runs
+    )
     from gateway.themes import render as themes
 
-    validated = validate(find_config_path(args.config))
+    validated = load_generation(find_config_path(args.config))
     config, services = validated.config, validated.services
     rules = sum(len(s.ruleset.rules) for s in services.values())
     templates = config.gateway.templates_dir
@@ -340,7 +342,7 @@ def _process_and_deliver(config: Config, services, store: Store) -> None:
             services,
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
-            notifier=build_notifier(config),
+            notifier=build_helpdesk_notifier(config),
         )
         for outcome in processor.process_all():
             print(f"{outcome.service}: {outcome.outcome} ({outcome.reason})")

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from gateway.outcomes import Outcome
 from gateway.store import Incident
-
-# outcome names, as stored on the job and shown by `gateway incidents` / the status page
-TRIGGERED = "triggered"
-DUPLICATE = "trigger_duplicate"
-ACKNOWLEDGED = "acknowledged"
-RESOLVED = "resolved"
-ACK_NO_INCIDENT = "acknowledge_no_open_incident"
-RESOLVE_NO_INCIDENT = "resolve_no_open_incident"
 
 
 def apply_action(
@@ -35,7 +28,9 @@ def apply_action(
     if action == "trigger":
         return _trigger(existing, service, key, now, summary, message, case_message_id)
     if existing is None or not existing.is_open:
-        outcome = ACK_NO_INCIDENT if action == "acknowledge" else RESOLVE_NO_INCIDENT
+        outcome = (
+            Outcome.ACK_NO_INCIDENT if action == "acknowledge" else Outcome.RESOLVE_NO_INCIDENT
+        )
         return existing, outcome
     if action == "acknowledge":
         changed = replace(
@@ -45,7 +40,7 @@ def apply_action(
             last_seen=now,
             last_message=message,
         )
-        return changed, ACKNOWLEDGED
+        return changed, Outcome.ACKNOWLEDGED
     if action == "resolve":
         changed = replace(
             existing,
@@ -55,7 +50,7 @@ def apply_action(
             resolved_at=now,
             last_message=message,
         )
-        return changed, RESOLVED
+        return changed, Outcome.RESOLVED
     raise ValueError(f"unknown incident action {action!r}")
 
 
@@ -75,7 +70,7 @@ def _trigger(
             last_seen=now,
             last_message=message,
         )
-        return changed, DUPLICATE
+        return changed, Outcome.DUPLICATE
     opened = Incident(
         service=service,
         incident_key=key,
@@ -92,4 +87,4 @@ def _trigger(
         last_message=message,
         case_message_id=case_message_id,
     )
-    return opened, TRIGGERED
+    return opened, Outcome.TRIGGERED

@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass
 
 from gateway.config import Config, NotifySettings, OutgoingSettings
-from gateway.decide import incidents, outgoing_mail
+from gateway.decide import outgoing_mail
 from gateway.errors import ThemeError
+from gateway.outcomes import Outcome
 from gateway.store import Incident, Store
 from gateway.themes import render as themes
 
@@ -20,15 +21,15 @@ log = logging.getLogger(__name__)
 
 # incident outcome -> the event name services subscribe to in `notify.on`
 EVENTS = {
-    incidents.TRIGGERED: "trigger",
-    incidents.DUPLICATE: "duplicate",
-    incidents.ACKNOWLEDGED: "acknowledge",
-    incidents.RESOLVED: "resolve",
+    Outcome.TRIGGERED: "trigger",
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.ACKNOWLEDGED: "acknowledge",
+    Outcome.RESOLVED: "resolve",
 }
 
 
 @dataclass(frozen=True)
-class Notifier:
+class HelpdeskNotifier:
     """Renders and queues notification mail for services that configured `notify`."""
 
     themes: themes.Themes
@@ -66,8 +67,8 @@ class Notifier:
         )
 
 
-def build_notifier(config: Config) -> Notifier | None:
-    """A Notifier when some service wants notifications; ThemeError if the themes are broken."""
+def build_helpdesk_notifier(config: Config) -> HelpdeskNotifier | None:
+    """A HelpdeskNotifier when some service wants notifications; ThemeError if the themes are broken."""
     if config.outgoing is None or not any(s.notify for s in config.services):
         return None
-    return Notifier(themes.Themes(config.gateway.templates_dir), config.outgoing)
+    return HelpdeskNotifier(themes.Themes(config.gateway.templates_dir), config.outgoing)

@@ -17,19 +17,16 @@ from dataclasses import dataclass
 from gateway.config import PagerDutySettings, ServiceSettings
 from gateway.decide import incidents
 from gateway.decide.events import build_event
-from gateway.decide.notifications import Notifier
+from gateway.decide.notifications import HelpdeskNotifier
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.mail.parse import ParsedMail, parse_message
+from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
 from gateway.store import PendingJob, Store
 
 log = logging.getLogger(__name__)
 
 # outcomes that are not incident changes
-DISCARDED = "discarded"
-UNMATCHED = "unmatched"
-QUARANTINED = "quarantined"
-LOOP_IGNORED = "loop_ignored"
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Processed:
     """What happened to one job; logged as one line and returned to callers."""
 
     job: int
@@ -105,7 +102,7 @@ class Processor:
         *,
         regex_timeout: float = 0.5,
         on_outbox: Callable[[], None] | None = None,
-        notifier: Notifier | None = None,
+        notifier: HelpdeskNotifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -116,7 +113,7 @@ class Processor:
         self.on_outbox = on_outbox
         self.clock = clock
 
-    def process_pending(self, batch: int = 200) -> list[Outcome]:
+    def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
 
         Parsing and rules (the CPU work) run before the write transaction, so the spool writer
@@ -126,7 +123,7 @@ class Processor:
         if not jobs:
             return []
         verdicts = [self._evaluate_safely(job) for job in jobs]
-        outcomes: list[Outcome] = []
+        outcomes: list[Processed] = []
         with self.store.transaction():
             for verdict in verdicts:
                 outcome = self._record_safely(verdict)
@@ -138,8 +135,8 @@ class Processor:
             self.on_outbox()
         return outcomes
 
-    def process_all(self) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    def process_all(self) -> list[Processed]:
+        outcomes: list[Processed] = []
         while batch := self.process_pending():
             outcomes.extend(batch)
         return outcomes
@@ -152,21 +149,21 @@ class Processor:
             return self._evaluate(job)
         except Exception as exc:
             log.exception("job %d: internal error, quarantined", job.id)
-            return Verdict(job, QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
+            return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
     def _evaluate(self, job: PendingJob) -> Verdict:
         runtime = self.services.get(job.service)
         if runtime is None:
-            return Verdict(job, QUARANTINED, f"service {job.service!r} is not configured")
+            return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
-            return Verdict(job, LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+            return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
         try:
             decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
         except RuleEvaluationError as exc:
-            return Verdict(job, QUARANTINED, str(exc), rule=exc.rule)
+            return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
         if decision.action == "discard" or decision.incident_key is None:
-            outcome = UNMATCHED if decision.unmatched else DISCARDED
+            outcome = Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
             return Verdict(job, outcome, decision.reason, decision=decision)
         event = self._event(runtime, mail, decision)
         return Verdict(
@@ -180,7 +177,7 @@ class Processor:
 
     # -- phase 2: inside the write transaction ------------------------------------------------
 
-    def _record_safely(self, verdict: Verdict) -> Outcome | None:
+    def _record_safely(self, verdict: Verdict) -> Processed | None:
         job = verdict.job
         try:
             with self.store.savepoint():
@@ -197,9 +194,11 @@ class Processor:
                 return self._act(verdict)
         except Exception as exc:
             log.exception("job %d: internal error, quarantined", job.id)
-            return self._finish(job, QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
+            return self._finish(
+                job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}"
+            )
 
-    def _act(self, verdict: Verdict) -> Outcome:
+    def _act(self, verdict: Verdict) -> Processed:
         job, decision, event = verdict.job, verdict.decision, verdict.event
         assert decision is not None and event is not None
         runtime = self.services[job.service]
@@ -280,7 +279,7 @@ class Processor:
         decision: Decision | None = None,
         event: dict | None = None,
         queued: bool = False,
-    ) -> Outcome:
+    ) -> Processed:
         fields: dict = {"rule": rule}
         if decision is not None:
             fields = {
@@ -293,7 +292,7 @@ class Processor:
                 "trace": [dataclasses.asdict(step) for step in decision.trace],
             }
         self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
-        return Outcome(
+        return Processed(
             job=job.id,
             message=job.message,
             service=job.service,

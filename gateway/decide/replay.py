@@ -16,15 +16,15 @@ from pathlib import Path
 from gateway.decide.processor import ServiceRuntime
 from gateway.errors import RuleEvaluationError
 from gateway.mail.parse import parse_message
+from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import Ruleset, evaluate, load_ruleset
 from gateway.store import Store
 
-NOT_ACTIONS = ("unmatched", "discarded", "quarantined", "loop_ignored")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Effect:
     """What a ruleset does with a mail: trigger/acknowledge/resolve or a non-action."""
 
     kind: str
@@ -47,8 +47,8 @@ class Replayed:
     service: str
     received_at: float
     subject: str
-    old: Verdict
-    new: Verdict
+    old: Effect
+    new: Effect
 
     @property
     def changed(self) -> bool:
@@ -109,38 +109,40 @@ def replay(
 def _replay_one(row: Mapping, ruleset: Ruleset, regex_timeout: float) -> Replayed:
     mail = parse_message(row["raw"], row["mail_from"])
     if mail.is_auto_reply or mail.is_bounce:
-        new = Verdict("loop_ignored", None, None)
+        new = Effect(Outcome.LOOP_IGNORED, None, None)
     else:
-        new = _verdict(ruleset, mail, regex_timeout)
+        new = _effect(ruleset, mail, regex_timeout)
     return Replayed(
         job=row["job"],
         message=row["message"],
         service=row["service"],
         received_at=row["received_at"],
         subject=mail.subject,
-        old=stored_verdict(row["outcome"], row["action"], row["rule"], row["incident_key"]),
+        old=stored_effect(row["outcome"], row["action"], row["rule"], row["incident_key"]),
         new=new,
     )
 
 
-def _verdict(ruleset: Ruleset, mail, regex_timeout: float) -> Verdict:
+def _effect(ruleset: Ruleset, mail, regex_timeout: float) -> Effect:
     try:
         decision = evaluate(ruleset, mail, regex_timeout=regex_timeout)
     except RuleEvaluationError as exc:
-        return Verdict("quarantined", exc.rule, None)
+        return Effect(Outcome.QUARANTINED, exc.rule, None)
     if decision.action == "discard" or decision.incident_key is None:
-        return Verdict("unmatched" if decision.unmatched else "discarded", decision.rule, None)
-    return Verdict(decision.action, decision.rule, decision.incident_key)
+        return Effect(
+            Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED, decision.rule, None
+        )
+    return Effect(decision.action, decision.rule, decision.incident_key)
 
 
-def stored_verdict(
+def stored_effect(
     outcome: str | None, action: str | None, rule: str | None, key: str | None
-) -> Verdict:
+) -> Effect:
     """The stored decision in the same terms (outcomes like trigger_duplicate -> trigger)."""
-    if outcome in NOT_ACTIONS or action in (None, "discard"):
-        kind = outcome if outcome in NOT_ACTIONS else "discarded"
-        return Verdict(kind, rule, None)
-    return Verdict(action, rule, key)
+    if outcome in NON_ACTIONS or action in (None, "discard"):
+        kind = outcome if outcome in NON_ACTIONS else Outcome.DISCARDED
+        return Effect(kind, rule, None)
+    return Effect(action, rule, key)
 
 
 def summary(results: Iterable[Replayed]) -> str:

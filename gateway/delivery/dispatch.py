@@ -9,7 +9,7 @@ import httpx
 
 from gateway.config import Config
 from gateway.delivery import mailer
-from gateway.delivery.outbox import OutboxWorker, RetryPolicy
+from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import PagerDutySender, RateLimiter
 from gateway.store import StoreThread
 
@@ -18,20 +18,22 @@ def retry_policy(config: Config) -> RetryPolicy:
     return RetryPolicy(give_up_after=config.pagerduty.max_retry_hours * 3600)
 
 
-def pagerduty_worker(store: StoreThread, client: httpx.AsyncClient, config: Config) -> OutboxWorker:
+def pagerduty_dispatcher(
+    store: StoreThread, client: httpx.AsyncClient, config: Config
+) -> Dispatcher:
     pd = config.pagerduty
     routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
     limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
     sender = PagerDutySender(client, pd.events_url, routing_keys, rate_limiter=limiter)
     # the lease outlives any one attempt (the HTTP timeout), so no item is sent twice at once
     lease = 2 * pd.timeout_seconds + 5
-    return OutboxWorker(store, "pagerduty", sender, retry_policy(config), lease_seconds=lease)
+    return Dispatcher(store, "pagerduty", sender, retry_policy(config), lease_seconds=lease)
 
 
-def mail_worker(store: StoreThread, config: Config) -> OutboxWorker | None:
+def mail_dispatcher(store: StoreThread, config: Config) -> Dispatcher | None:
     if config.outgoing is None:
         return None
-    return mailer.mail_worker(store, config.outgoing, retry_policy(config))
+    return mailer.mail_dispatcher(store, config.outgoing, retry_policy(config))
 
 
 async def deliver_due(config: Config, seconds: float) -> None:
@@ -40,7 +42,7 @@ async def deliver_due(config: Config, seconds: float) -> None:
     deadline = time.time() + seconds
     try:
         async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            workers = [pagerduty_worker(store, client, config), mail_worker(store, config)]
+            workers = [pagerduty_dispatcher(store, client, config), mail_dispatcher(store, config)]
             await asyncio.gather(*(w.run_until_idle(deadline) for w in workers if w))
     finally:
         store.close()

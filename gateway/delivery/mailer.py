@@ -1,7 +1,7 @@
 """Outgoing mail: rendered messages go through the durable outbox to the `[outgoing]` relay.
 
 A message is queued (`gateway.decide.outgoing_mail.queue_mail`) in the caller's transaction and delivered by an
-`OutboxWorker(kind="mail")` whose sender is `MailSender`, so a relay outage delays mail but
+`Dispatcher(kind="mail")` whose sender is `MailSender`, so a relay outage delays mail but
 never loses it. SMTP answers map onto the outbox's two failure kinds:
 
     4xx reply, connection refused/reset, timeout, TLS failure  -> TemporaryDeliveryError (retry)
@@ -17,7 +17,7 @@ import aiosmtplib
 
 from gateway.config import OutgoingSettings
 from gateway.decide.outgoing_mail import KIND
-from gateway.delivery.outbox import OutboxWorker, RetryPolicy
+from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
 from gateway.store import OutboxItem, StoreThread
 
@@ -78,16 +78,16 @@ def _refused(exc: aiosmtplib.SMTPRecipientsRefused) -> Exception:
     return RejectedDeliveryError(f"recipients refused: {details}", response=details)
 
 
-def mail_worker(
+def mail_dispatcher(
     store: StoreThread,
     settings: OutgoingSettings,
     policy: RetryPolicy | None = None,
     *,
     tls_context: ssl.SSLContext | None = None,
-) -> OutboxWorker:
+) -> Dispatcher:
     """The outbox worker that delivers queued mail through the relay (service.py runs it)."""
     sender = MailSender(settings, tls_context=tls_context)
     lease = 2 * settings.timeout_seconds + 30  # a session can take several timeouts' worth
-    return OutboxWorker(
+    return Dispatcher(
         store, KIND, sender, policy or RetryPolicy(), concurrency=4, lease_seconds=lease
     )

@@ -43,7 +43,7 @@ class RetryPolicy:
         return delay
 
 
-class OutboxWorker:
+class Dispatcher:
     """Delivers due items of one kind; `wake()` from any thread after adding items."""
 
     def __init__(

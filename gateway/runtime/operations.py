@@ -18,8 +18,8 @@ from gateway.config import Config
 from gateway.intake.smtp import GatewayHandler
 from gateway.logs import LEVELS
 from gateway.runtime import retention
-from gateway.runtime.reload import Reloader, Validated
-from gateway.runtime.systemd import Notifier
+from gateway.runtime.reload import Generation, Reloader
+from gateway.runtime.systemd import ServiceManager
 from gateway.runtime.worker import WorkerProcess
 from gateway.store import StoreThread
 from gateway.web.httpserver import HttpServer
@@ -37,12 +37,12 @@ class Operations:
         self.config = config
         self.service = service  # .smtp, .imap, .stopping
         self.worker = worker
-        self.notifier = Notifier()
+        self.manager = ServiceManager()
         self.reloader = Reloader(
             config,
             self._apply,
-            on_start=self.notifier.reloading,
-            on_end=lambda: self.notifier.ready(),
+            on_start=self.manager.reloading,
+            on_end=lambda: self.manager.ready(),
         )
         self.store = StoreThread(config.db_path, "ops")
         self.web: WebApp | None = None
@@ -55,7 +55,7 @@ class Operations:
         await self._start_web()
         self._install_sighup()
         self._tasks = [
-            asyncio.create_task(self.notifier.watchdog(stop), name="watchdog"),
+            asyncio.create_task(self.manager.watchdog(stop), name="watchdog"),
             asyncio.create_task(self.reloader.watch(stop), name="reload-watch"),
             asyncio.create_task(
                 retention.run_schedule(
@@ -66,11 +66,11 @@ class Operations:
         ]
         for task in self._tasks:
             task.add_done_callback(_log_failure)
-        self.notifier.ready(f"accepting mail on {', '.join(self.config.smtp.listen)}")
+        self.manager.ready(f"accepting mail on {', '.join(self.config.smtp.listen)}")
 
     async def close(self) -> None:
         """STOPPING=1, stop the web listener and the background tasks."""
-        self.notifier.stopping()
+        self.manager.stopping()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.http is not None:
@@ -125,7 +125,7 @@ class Operations:
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
-    def _apply(self, new: Validated) -> None:
+    def _apply(self, new: Generation) -> None:
         """Swap what the parent holds; the worker child reloads by itself."""
         config = new.config
         self.worker.reload()

@@ -1,6 +1,6 @@
 """Hot reload: SIGHUP or a changed config, rule file or theme -> validate -> swap, or keep.
 
-The reload runs exactly what `gateway check` runs (`validate`). A new version that fails is
+The reload runs exactly what `gateway check` runs (`load_generation`). A new version that fails is
 refused with its file:line problems logged and the last good one keeps running; nothing that
 is in flight (SMTP sessions, outbox deliveries, the processor's batch) is interrupted. Settings
 that only a new process can apply (listen addresses, TLS, IMAP accounts, ...) are logged as
@@ -40,14 +40,14 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
 
 
 @dataclass(frozen=True)
-class Validated:
+class Generation:
     """A configuration that passed `gateway check`, with its compiled rules."""
 
     config: Config
     services: dict[str, ServiceRuntime]
 
 
-def validate(config_path: Path) -> Validated:
+def load_generation(config_path: Path) -> Generation:
     """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
     config = load_config(config_path)
     services = load_services(config.services)
@@ -57,7 +57,7 @@ def validate(config_path: Path) -> Validated:
         problems = themes.check(config.gateway.templates_dir)
         if problems:
             raise ThemeError(problems)
-    return Validated(config, services)
+    return Generation(config, services)
 
 
 def uses_themes(config: Config) -> bool:
@@ -113,7 +113,7 @@ class Reloader:
     def __init__(
         self,
         config: Config,
-        apply: Callable[[Validated], None],
+        apply: Callable[[Generation], None],
         *,
         on_start: Callable[[], None] = lambda: None,
         on_end: Callable[[], None] = lambda: None,
@@ -139,7 +139,7 @@ class Reloader:
 
     async def _reload(self, reason: str) -> bool:
         try:
-            validated = await asyncio.to_thread(validate, self.config.path)
+            validated = await asyncio.to_thread(load_generation, self.config.path)
         except ProblemsError as exc:
             self.refused += 1
             log.error("reload (%s) refused, keeping the last good configuration:\n%s", reason, exc)

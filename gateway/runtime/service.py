@@ -18,7 +18,7 @@ from gateway.intake.imap import ImapPoller
 from gateway.intake.smtp import SmtpListener
 from gateway.intake.spool import SpoolWriter
 from gateway.runtime.operations import Operations
-from gateway.runtime.reload import validate
+from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import WorkerProcess
 from gateway.store import Checkpointer
 
@@ -52,7 +52,9 @@ class Service:
 
     async def run(self) -> int:
         config = self.config
-        validate(config.path)  # what `gateway check` runs: fail with file:line before listening
+        load_generation(
+            config.path
+        )  # what `gateway check` runs: fail with file:line before listening
         spool = SpoolWriter(config.db_path)
         spool.start()
         checkpointer = Checkpointer(config.db_path)

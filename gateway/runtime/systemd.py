@@ -18,7 +18,7 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 
-class Notifier:
+class ServiceManager:
     """Sends notify messages; never raises (a lost notification must not stop the gateway)."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

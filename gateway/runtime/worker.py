@@ -38,13 +38,13 @@ from pathlib import Path
 import httpx
 
 from gateway.config import Config, load_config
-from gateway.decide.notifications import build_notifier
+from gateway.decide.notifications import build_helpdesk_notifier
 from gateway.decide.processor import Processor, load_services
 from gateway.delivery import dispatch as delivery
-from gateway.delivery.outbox import OutboxWorker
+from gateway.delivery.outbox import Dispatcher
 from gateway.errors import ConfigError, RuleError, ThemeError
 from gateway.logs import setup_logging
-from gateway.runtime.reload import validate
+from gateway.runtime.reload import load_generation
 from gateway.store import Store, StoreThread
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class _Worker:
         self.inbox = inbox
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.workers: list[OutboxWorker] = []
+        self.workers: list[Dispatcher] = []
         # the processor's store lives on this one thread, like every SQLite connection
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
@@ -157,8 +157,8 @@ class _Worker:
         self.processor = await loop.run_in_executor(self.decider, self._new_processor)
         store = StoreThread(self.config.db_path, "outbox", durable=False)
         async with httpx.AsyncClient(timeout=self.config.pagerduty.timeout_seconds) as client:
-            self.workers = [delivery.pagerduty_worker(store, client, self.config)]
-            self.workers += filter(None, [delivery.mail_worker(store, self.config)])
+            self.workers = [delivery.pagerduty_dispatcher(store, client, self.config)]
+            self.workers += filter(None, [delivery.mail_dispatcher(store, self.config)])
             loop.add_reader(self.inbox.fileno(), self._on_message)
             tasks = [asyncio.create_task(w.run(self.stop)) for w in self.workers]
             await self._decide_until_stopped()
@@ -176,12 +176,12 @@ class _Worker:
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
             on_outbox=self._wake_outboxes_threadsafe,
-            notifier=build_notifier(config),
+            notifier=build_helpdesk_notifier(config),
         )
 
     def _wake_outboxes_threadsafe(self) -> None:
         for worker in self.workers:
-            worker.wake()  # OutboxWorker.wake is thread-safe
+            worker.wake()  # Dispatcher.wake is thread-safe
 
     async def _decide_until_stopped(self) -> None:
         """Decide pending jobs whenever woken (and every second, as a safety net)."""
@@ -222,9 +222,9 @@ class _Worker:
         """On the processor thread, between batches; on any error keep the last good."""
         assert self.processor is not None
         try:
-            validated = validate(self.config_path)  # what `gateway check` runs
+            validated = load_generation(self.config_path)  # what `gateway check` runs
             config, services = validated.config, validated.services
-            notifier = build_notifier(config)
+            notifier = build_helpdesk_notifier(config)
         except (ConfigError, RuleError, ThemeError) as exc:
             log.error("reload refused, keeping the last good rules:\n%s", exc)
             return

@@ -39,7 +39,7 @@ from gateway.store.records import (
     PendingJob,
     _outbox_item,
 )
-from gateway.store.reports import OperationsQueries
+from gateway.store.reports import ReportQueries
 from gateway.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ T = TypeVar("T")
 AUTOCHECKPOINT_PAGES = 20_000  # about 80 MB of WAL
 
 
-class Store(OperationsQueries):
+class Store(ReportQueries):
     """A connection to the gateway's database, for use by one thread."""
 
     def __init__(

@@ -9,7 +9,7 @@ from typing import Any
 from gateway.store.records import JobRecord
 
 
-class OperationsQueries:
+class ReportQueries:
     """Mixed into `Store`; uses its `conn`, `db` and `transaction()`."""
 
     # Counter queries: label columns, then the value. {m} {j} {o} restrict messages, jobs and

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway.outcomes import Outcome
 from gateway.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -164,15 +165,15 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
         if (metric, ("pagerduty",)) not in seen:
             totals.append((metric, ("pagerduty",), 0))
     for service in services:
-        for outcome in ("unmatched", "quarantined"):
+        for outcome in (Outcome.UNMATCHED, Outcome.QUARANTINED):
             if ("decisions", (service, outcome)) not in seen:
                 totals.append(("decisions", (service, outcome), 0))
     for metric, labels, value in totals:
         if metric in families:
             families[metric].add_metric(labels, value)
-        if metric == "decisions" and labels[1] == "unmatched":
+        if metric == "decisions" and labels[1] == Outcome.UNMATCHED:
             unmatched.add_metric(labels[:1], value)
-        if metric == "decisions" and labels[1] == "quarantined":
+        if metric == "decisions" and labels[1] == Outcome.QUARANTINED:
             quarantined.add_metric(labels[:1], value)
     gauges = list(snapshot.gauges)
     kinds = {labels for metric, labels, _ in gauges if metric == "outbox_depth"}

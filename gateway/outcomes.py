@@ -1,0 +1,32 @@
+"""What happened to one mail for one service, as stored on its job and shown everywhere.
+
+One enum, so the processor, the store's reports, the status page, `/metrics` and the CLI
+agree on the words; values are the strings stored in the database.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    TRIGGERED = "triggered"
+    DUPLICATE = "trigger_duplicate"  # a trigger for an open key: forwarded, counted
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    ACK_NO_INCIDENT = "acknowledge_no_open_incident"
+    RESOLVE_NO_INCIDENT = "resolve_no_open_incident"
+    DISCARDED = "discarded"  # a rule said discard
+    UNMATCHED = "unmatched"  # no rule matched; kept and visible
+    QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
+    LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
+
+    @property
+    def is_action(self) -> bool:
+        """Whether the mail changed (or confirmed) an incident, as opposed to a non-action."""
+        return self not in NON_ACTIONS
+
+
+NON_ACTIONS = frozenset(
+    {Outcome.DISCARDED, Outcome.UNMATCHED, Outcome.QUARANTINED, Outcome.LOOP_IGNORED}
+)
