@@ -31,7 +31,8 @@ from gateway.rules.model import (
     Ruleset,
     compile_regex,
 )
-from gateway.rules.templates import ENV, is_template
+from gateway.rules.templates import ENV, compile_template, is_template
+from gateway.sandbox import BudgetExceeded
 from gateway.toml_locator import TomlLocator
 
 TOP_KEYS = ("rule", "unmatched", "keys")
@@ -53,6 +54,13 @@ EXTRACTOR_HOWS = ("regex", "between", "after", "before")
 LINK_KEYS = ("href", "text")
 UNMATCHED_KEYS = ("action", "summary", "severity")
 KEYS_KEYS = ("strip_tags",)
+SAMPLE_CONTEXT: dict[str, Any] = {  # what templates see on an empty mail
+    **dict.fromkeys(TEMPLATE_NAMES, ""),
+    "headers": {},
+    "details": {},
+    "subject": "Sample subject",
+    "key": "Sample subject",
+}
 _HEADER_FIELD = re.compile(r"^[A-Za-z0-9-]+$")
 _TOML_LINE = re.compile(r"at line (\d+)")
 
@@ -143,6 +151,18 @@ class _Scope:
                 *path,
             )
             return False
+        return self._within_budget(source, *path)
+
+    def _within_budget(self, source: str, *path: str | int) -> bool:
+        """Render once on a sample mail: a template that cannot finish within its time and
+        size budget there would quarantine every mail its rule matches, so refuse it now."""
+        try:
+            ENV.render(compile_template(source), SAMPLE_CONTEXT)
+        except BudgetExceeded as exc:
+            self.add(f"template exceeds its budget on a sample mail: {exc.message}", *path)
+            return False
+        except Exception:  # missing header, filter on empty text...: fine at check time
+            pass
         return True
 
     def _key(self, path: tuple[str | int, ...]) -> str:

@@ -1,4 +1,5 @@
-"""Rule templates (summary, severity, details, links): sandboxed Jinja, compiled once."""
+"""Rule templates (summary, severity, details, links): immutable sandboxed Jinja with time and
+size budgets (`gateway.sandbox`), compiled once."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, Template
-from jinja2.sandbox import SandboxedEnvironment
 
 from gateway.errors import RuleEvaluationError
+from gateway.sandbox import BudgetedSandbox
 
-ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+ENV = BudgetedSandbox(undefined=StrictUndefined, autoescape=False)
 
 
 def is_template(text: str) -> bool:
@@ -30,6 +31,6 @@ def render(source: str, context: Mapping[str, Any], rule: str, what: str) -> str
     if not is_template(source):
         return source
     try:
-        return compile_template(source).render(context)
+        return ENV.render(compile_template(source), context)
     except Exception as exc:  # operator template code: any failure quarantines the message
         raise RuleEvaluationError(rule, f"{what} template failed: {exc}") from None

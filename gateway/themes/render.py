@@ -12,10 +12,12 @@ The header block is the lines of ``message.txt.j2`` before the first empty line,
 ``Name: value`` per line. Allowed names: To, Cc, From, Reply-To, Subject, In-Reply-To,
 References, Auto-Submitted, Message-ID, Date, and any ``X-*``. A header whose value renders
 empty is left out, so ``Cc: {{ cc | default('') }}`` is optional. Every ``{{ ... }}`` in the
-header block is made single-line (CR/LF become spaces): a case field cannot inject a header.
+header block is made single-line (every line break and control character becomes a space): a
+case field cannot inject a header.
 Message-ID (with the From domain) and Date are added when the theme does not set them.
 
-Templates run in Jinja's immutable sandbox with ``StrictUndefined``: a missing variable is an
+Templates run in Jinja's immutable sandbox, with time and size budgets (`gateway.sandbox`), and
+``StrictUndefined``: a missing variable is an
 error naming the template file and line, never an empty string in a customer's email. Filters
 beyond Jinja's own: ``datetime(fmt, tz)``, ``addr(name)`` and ``msgid``.
 """
@@ -37,9 +39,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.errors import Problem, ThemeError
+from gateway.sandbox import BudgetedSandbox
 
 TEXT_FILE = "message.txt.j2"
 HTML_FILE = "message.html.j2"
@@ -49,9 +51,12 @@ HEADERS = ("To", "Cc", "From", "Reply-To", "Subject", "In-Reply-To", "References
 ADDRESS_HEADERS = frozenset({"to", "cc", "from", "reply-to"})
 # 7bit: non-ASCII bodies are quoted-printable/base64, so any relay takes the mail (no 8BITMIME).
 POLICY = SMTP.clone(cte_type="7bit")
+THEME_SECONDS = 2.0  # per template; themes are bigger than rule templates, and rarer
 
 _HEADER_LINE = re.compile(r"([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*)")
-_NEWLINES = re.compile(r"[\r\n\v\f\x85\u2028\u2029]+")
+# Every character str.splitlines() or RFC 5322 treats as a line break, and the other C0/C1
+# controls: a header value keeps none of them.
+_NEWLINES = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]+")
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -96,8 +101,9 @@ def single_line(value: Any) -> Any:
     return value
 
 
-def _environment(finalize: Callable[[Any], Any] | None) -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _environment(finalize: Callable[[Any], Any] | None) -> BudgetedSandbox:
+    env = BudgetedSandbox(
+        max_seconds=THEME_SECONDS,
         loader=None,
         undefined=jinja2.StrictUndefined,
         autoescape=lambda name: bool(name and name.endswith(".html.j2")),
@@ -250,7 +256,9 @@ def load_context(path: Path) -> dict[str, Any]:
 def _run(template: jinja2.Template, context: Mapping[str, Any], path: Path) -> str:
     """Render; any failure becomes a ThemeError at the template line that raised it."""
     try:
-        return template.render(context)
+        env = template.environment
+        assert isinstance(env, BudgetedSandbox)
+        return env.render(template, context)
     except jinja2.TemplateError as exc:
         message = exc.message or type(exc).__name__
         if isinstance(exc, jinja2.exceptions.SecurityError):
