@@ -7,6 +7,7 @@ operator can fix it without reading code. Secrets are never written in the file:
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, Problem
+from gateway.toml_locator import TomlLocator
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -151,19 +153,30 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate config.toml; raises ConfigError with every problem found."""
     reader = _Reader(path, os.environ if environ is None else environ)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
-        raise ConfigError(Problem(str(path), "config file not found")) from None
+        raise ConfigError(Problem(str(path), _not_found(path))) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(Problem(str(path), f"cannot read config file: {exc}")) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             Problem(str(path), f"TOML syntax error: {exc}", _toml_line(exc))
         ) from None
+    reader.locator = TomlLocator(text)
     config = reader.build(data)
     if reader.problems:
         raise ConfigError(reader.problems)
     return config
+
+
+def _not_found(path: Path) -> str:
+    """Where the config was looked for, and how to point at another one."""
+    where = path if path.is_absolute() else f"{path} (in {Path.cwd()})"
+    return (
+        f"config file not found: {where}; the config is --config PATH, else $GATEWAY_CONFIG, "
+        "else ./config.toml: run from the directory that holds it or pass --config"
+    )
 
 
 def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
@@ -172,6 +185,8 @@ def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_BARE_ENV = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: the shell's, not ours
+_SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web")
 
 
 class _Reader:
@@ -182,36 +197,66 @@ class _Reader:
         self.base = path.parent.resolve()
         self.environ = environ
         self.problems: list[Problem] = []
+        self.locator: TomlLocator | None = None
+        self.section: tuple[str, int] = ("", 0)  # the [table] / [[array]] item being read
+        self.variables: dict[str, list[str]] = {}  # dotted key -> ${VAR} names it used
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(Problem(str(self.path), message, key=key))
+        self.problems.append(Problem(str(self.path), message, self.line_of(key), key=key))
+
+    def line_of(self, dotted: str) -> int | None:
+        """The line of a key inside the section being read (its header line as a fallback)."""
+        if self.locator is None:
+            return None
+        name, nth = self.section
+        if not name:
+            return self.locator.top(dotted.split(".", 1)[0])
+        span = self.locator.span(name, nth)
+        inner = dotted.split(".", 1)[1] if "." in dotted else ""
+        if span is None or not inner:
+            return None if span is None else span[0] + 1
+        return self.locator.locate(span, tuple(inner.split(".")))
+
+    def in_section(self, name: str, nth: int = 0) -> None:
+        self.section = (name, nth)
 
     def build(self, data: dict[str, Any]) -> Config:
-        self.check_keys(
-            "", data, {"gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web"}
-        )
+        self.check_keys("", data, set(_SECTIONS))
+        self.in_section("gateway")
         gateway = self.gateway(self.table(data, "gateway"))
-        services = tuple(
-            self.service(i, t, gateway) for i, t in enumerate(self.array(data, "service"), 1)
-        )
-        self.check_services(services)
+        services = []
+        for i, t in enumerate(self.array(data, "service"), 1):
+            self.in_section("service", i - 1)
+            services.append(self.service(i, t, gateway))
+        self.in_section("service")
+        self.check_services(tuple(services))
         names = {s.name for s in services}
-        imap = tuple(self.imap(i, t, names) for i, t in enumerate(self.array(data, "imap"), 1))
+        imap = []
+        for i, t in enumerate(self.array(data, "imap"), 1):
+            self.in_section("imap", i - 1)
+            imap.append(self.imap(i, t, names))
+        self.in_section("outgoing")
         outgoing = self.outgoing(data["outgoing"]) if "outgoing" in data else None
         for service in services:
             if service.notify is not None and outgoing is None:
                 self.problem(f"service {service.name!r}.notify", "needs an [outgoing] relay")
             if service.notify is not None and not service.notify.to:
                 self.problem(f"service {service.name!r}.notify.to", "at least one address")
+        self.in_section("smtp")
+        smtp = self.smtp(self.table(data, "smtp"))
+        self.in_section("pagerduty")
+        pagerduty = self.pagerduty(self.table(data, "pagerduty"))
+        self.in_section("web")
+        web = self.web(self.table(data, "web"))
         return Config(
             path=self.path,
             gateway=gateway,
-            smtp=self.smtp(self.table(data, "smtp")),
-            pagerduty=self.pagerduty(self.table(data, "pagerduty")),
-            services=services,
-            imap=imap,
+            smtp=smtp,
+            pagerduty=pagerduty,
+            services=tuple(services),
+            imap=tuple(imap),
             outgoing=outgoing,
-            web=self.web(self.table(data, "web")),
+            web=web,
         )
 
     # -- generic helpers -------------------------------------------------------------------
@@ -234,7 +279,9 @@ class _Reader:
         for key in table:
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
-                self.problem(f"{where}.{key}".lstrip("."), f"unknown key (known: {known})")
+                guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {guess[0]!r}? " if guess else ""
+                self.problem(f"{where}.{key}".lstrip("."), f"unknown key ({hint}known: {known})")
 
     def get(
         self,
@@ -277,20 +324,34 @@ class _Reader:
         return tuple(self.expand(f"{where}.{key}", v) for v in items)
 
     def expand(self, dotted: str, value: Any) -> Any:
-        """Replace ${VAR} from the environment; a missing variable is a config error."""
-        if not isinstance(value, str) or "${" not in value:
+        """Replace ${VAR} from the environment; a missing or empty variable is a config error,
+        and so is a shell-style $VAR that was meant to be expanded."""
+        if not isinstance(value, str) or "$" not in value:
+            return value
+        bare = _BARE_ENV.search(_ENV.sub("", value))
+        if bare:
+            name = bare.group(1)
+            self.problem(dotted, f"${name} is not expanded here: write ${{{name}}}")
             return value
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in self.environ:
+            self.variables.setdefault(dotted, []).append(name)
+            if self.environ.get(name):
                 return self.environ[name]
             if default is not None:
                 return default
-            self.problem(dotted, f"environment variable {name} is not set")
+            state = "is set but empty" if name in self.environ else "is not set"
+            self.problem(dotted, f"environment variable {name} {state}")
             return ""
 
         return _ENV.sub(substitute, value)
+
+    def source_of(self, dotted: str, value: str) -> str:
+        """'the value' or 'the value of ${VAR}', with its length: for secrets that look wrong."""
+        names = self.variables.get(dotted)
+        origin = f"${{{names[0]}}}" if names else "the value"
+        return f"{origin} has {len(value)} characters"
 
     def path_value(
         self, where: str, table: dict[str, Any], key: str, default: str | None
@@ -382,7 +443,10 @@ class _Reader:
             self.problem(f"{w}.rules", "at least one rule file is required")
         routing_key = self.get(w, t, "routing_key", str, None) or None
         if routing_key is not None and len(routing_key) != 32:
-            self.problem(f"{w}.routing_key", "a PagerDuty integration key has 32 characters")
+            got = self.source_of(f"{w}.routing_key", routing_key)
+            self.problem(
+                f"{w}.routing_key", f"a PagerDuty integration key has 32 characters; {got}"
+            )
         return ServiceSettings(
             name=name,
             addresses=tuple(a.lower() for a in self.strings(w, t, "addresses")),

@@ -101,7 +101,8 @@ def test_mistakes_name_file_and_key(tmp_path: Path, snippet: str, expected: str)
     path = write(tmp_path, snippet + body)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert f"{path}: {expected}" in str(info.value)
+    line = 1 if snippet.startswith("[bogus]") else 2  # the key's own line
+    assert f"{path}:{line}: {expected}" in str(info.value)
 
 
 def test_missing_env_var_is_named(tmp_path: Path) -> None:
@@ -151,3 +152,52 @@ def test_config_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_split_hostport(value: str, expected: tuple[str, int]) -> None:
     assert split_hostport(value) == expected
+
+
+def test_a_misspelt_table_gets_a_suggestion_and_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[smpt]\nlisten = []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert (problem.line, problem.key) == (MINIMAL.count("\n") + 2, "smpt")
+    assert "did you mean 'smtp'?" in problem.message
+
+
+def test_a_key_inside_the_second_service_is_located(tmp_path: Path) -> None:
+    second = MINIMAL[MINIMAL.index("[[service]]") :].replace('"helpdesk"', '"other"')
+    path = write(tmp_path, MINIMAL + "\n" + second + 'adresses = ["x@y"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    text = path.read_text().splitlines()
+    assert text[problem.line - 1].startswith("adresses")
+    assert "did you mean 'addresses'?" in problem.message
+
+
+def test_a_shell_style_variable_is_named_as_unexpanded(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + 'routing_key = "$PD_ROUTING_KEY"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"PD_ROUTING_KEY": "k" * 32})
+    assert "$PD_ROUTING_KEY is not expanded here: write ${PD_ROUTING_KEY}" in str(info.value)
+
+
+def test_an_empty_variable_is_named_as_empty(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + 'routing_key = "${PD_ROUTING_KEY}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"PD_ROUTING_KEY": ""})
+    assert "environment variable PD_ROUTING_KEY is set but empty" in str(info.value)
+
+
+def test_a_key_of_the_wrong_length_says_where_it_came_from(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + 'routing_key = "${PD_ROUTING_KEY}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"PD_ROUTING_KEY": "k" * 31})
+    assert "has 32 characters; ${PD_ROUTING_KEY} has 31 characters" in str(info.value)
+
+
+def test_a_missing_config_says_where_it_looked_and_how_to_pass_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("nowhere.toml"))
+    message = str(info.value)
+    assert "config file not found: nowhere.toml (in " in message
+    assert "--config" in message and "GATEWAY_CONFIG" in message
