@@ -804,3 +804,10 @@ def test_helpdesk_link_dropped_without_case_number(helpdesk: Ruleset) -> None:
     decision = evaluate(helpdesk, mail(text="Status: New\n"))
     assert decision.links == ()
     assert decision.details["case"] == ""
+
+
+@pytest.mark.parametrize("subject", ["[Desk] VPN down", "Re: VPN down", "RE: [EXTERNAL] VPN down"])
+def test_the_default_rules_key_tagged_and_replied_subjects_alike(subject: str) -> None:
+    ruleset = load_ruleset([HELPDESK])
+    decision = evaluate(ruleset, mail(subject=subject, text="Status: New\n"))
+    assert (decision.action, decision.incident_key) == ("trigger", "VPN down")
