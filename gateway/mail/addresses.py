@@ -1,0 +1,74 @@
+"""Sender addresses, parsed strictly enough to decide "is this sender allowed?".
+
+`allowed_senders` patterns are matched against one canonical address: the addr-spec without
+angle brackets, source route or display name, lower-cased. Anything that is not exactly one
+plain address is refused rather than guessed at: a quoted local part that hides another address
+(`"x@evil.example"@trusted.example`), several From addresses, a group, or an empty From.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from email.policy import default
+from fnmatch import fnmatchcase
+
+# RFC 5321 dot-string local part and a domain (or address literal); no quoting, no comments
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+|\[[^\]\s\\]+\]"
+_ADDR_SPEC = re.compile(rf"({_LOCAL})@({_DOMAIN})")
+_QUOTED_LOCAL = re.compile(r'"((?:[^"\\\r\n]|\\.)*)"@(.+)')
+_SOURCE_ROUTE = re.compile(r"^@[^:]*:")  # <@relay1,@relay2:user@domain> (RFC 5321 §C)
+
+
+def envelope_address(path: str) -> str | None:
+    """The canonical address of an SMTP reverse-path (`MAIL FROM`) or a Return-Path header.
+
+    '' for the null sender `<>`; None when the path is not one plain address.
+    """
+    text = path.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    if not text:
+        return ""
+    return canonical(_SOURCE_ROUTE.sub("", text))
+
+
+def header_address(values: Iterable[str]) -> str | None:
+    """The canonical address of a From header; None unless it holds exactly one address."""
+    values = [v for v in values if v is not None]
+    if len(values) != 1:
+        return None
+    try:
+        header = default.header_factory("From", values[0])
+        groups = header.groups
+    except Exception:  # the email package raises odd errors on odd input
+        return None
+    if len(groups) != 1 or groups[0].display_name is not None or len(header.addresses) != 1:
+        return None
+    address = header.addresses[0]
+    if not address.username or not address.domain:
+        return None
+    return canonical(address.addr_spec)
+
+
+def canonical(address: str) -> str | None:
+    """`Jane.Doe@Example.COM` -> `jane.doe@example.com`; a quoted local part is accepted only
+    when it needs no quotes (`"jane"@x`), never when it hides an `@` or other specials."""
+    text = address.strip()
+    quoted = _QUOTED_LOCAL.fullmatch(text)
+    if quoted:
+        local = re.sub(r"\\(.)", r"\1", quoted.group(1))
+        text = f"{local}@{quoted.group(2)}"
+    match = _ADDR_SPEC.fullmatch(text)
+    if match is None:
+        return None
+    return f"{match.group(1)}@{match.group(2).rstrip('.')}".lower()
+
+
+def sender_matches(address: str | None, patterns: Iterable[str]) -> bool:
+    """Whether a canonical address matches one of the operator's `allowed_senders` patterns
+    (fnmatch, case-insensitive). None (unparsable) and '' (null sender) never match."""
+    if not address:
+        return False
+    return any(fnmatchcase(address, p.lower()) for p in patterns)
