@@ -86,6 +86,13 @@ SESSION_ATTRIBUTES = {
 }
 
 
+def make_session(loop: asyncio.AbstractEventLoop) -> GatewaySMTP:
+    """The gateway's session class, built as the listener builds it (no connection yet)."""
+    handler = GatewayHandler((), None, offer_auth=False)  # type: ignore[arg-type]
+    no_listener: Any = None
+    return GatewaySMTP(handler, listener=no_listener, users=None, require_auth=False, loop=loop)
+
+
 # -- the version gate ---------------------------------------------------------------------------
 
 
@@ -318,11 +325,6 @@ def test_install_cached_inspection_is_idempotent(monkeypatch: pytest.MonkeyPatch
 
 
 # -- the session's own names --------------------------------------------------------------------
-
-
-def make_session(loop: asyncio.AbstractEventLoop) -> GatewaySMTP:
-    handler = GatewayHandler((), None, offer_auth=False)  # type: ignore[arg-type]
-    return GatewaySMTP(handler, listener=None, users=None, require_auth=False, loop=loop)  # type: ignore[arg-type]
 
 
 def test_session_members_override_only_what_they_mean_to() -> None:
