@@ -30,19 +30,6 @@ import trustme
 from gateway.config import ServiceSettings, SmtpSettings
 from gateway.errors import ConfigError, StoreError
 from gateway.intake import spool as intake
-from gateway.intake.smtp import (
-    REPLY_AUTH_REQUIRED,
-    REPLY_NO_SUCH_SERVICE,
-    REPLY_SENDER_NOT_ALLOWED,
-    REPLY_SHUTTING_DOWN,
-    REPLY_TEMPFAIL,
-    REPLY_TOO_BIG,
-    REPLY_TOO_MANY_CONNECTIONS,
-    SmtpListener,
-    received_header,
-    route_recipient,
-    sender_allowed,
-)
 from gateway.intake.smtp_auth import (
     REPLY_TOO_MANY_AUTH_FAILURES,
     UsersFile,
@@ -50,6 +37,16 @@ from gateway.intake.smtp_auth import (
     load_users,
     verify_password,
 )
+from gateway.intake.smtp_handler import (
+    REPLY_NO_SUCH_SERVICE,
+    REPLY_SENDER_NOT_ALLOWED,
+    REPLY_TEMPFAIL,
+    received_header,
+    route_recipient,
+    sender_allowed,
+)
+from gateway.intake.smtp_listener import REPLY_TOO_MANY_CONNECTIONS, SmtpListener
+from gateway.intake.smtp_session import REPLY_AUTH_REQUIRED, REPLY_SHUTTING_DOWN, REPLY_TOO_BIG
 from gateway.store import Accepted, IncomingMail
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.pdserver import PagerDutyStandIn
@@ -1021,7 +1018,7 @@ def test_cached_introspection_answers_like_aiosmtpd_expects() -> None:
     """The per-class cache must give SMTP.__init__ the same hooks, commands and AUTH methods."""
     import inspect as real
 
-    from gateway.intake.smtp import _ClassCachedInspection
+    from gateway.intake.smtp_compat import _ClassCachedInspection
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):

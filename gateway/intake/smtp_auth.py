@@ -243,7 +243,7 @@ _HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
 
 
 class AuthMechanisms:
-    """AUTH PLAIN and LOGIN for `smtp.GatewaySMTP`, with the slow hash off the event loop.
+    """AUTH PLAIN and LOGIN for `smtp_session.GatewaySMTP`, with the slow hash off the event loop.
 
     aiosmtpd's `authenticator=` callback is synchronous, so a 35-250 ms scrypt/bcrypt check would
     stall every session; these replace its built-in mechanisms. Three failures end the session.

@@ -15,7 +15,7 @@ import signal
 from typing import Any
 
 from gateway.config import Config
-from gateway.intake.smtp import GatewayHandler
+from gateway.intake.smtp_handler import GatewayHandler
 from gateway.logs import LEVELS
 from gateway.runtime import retention
 from gateway.runtime.reload import Generation, Reloader

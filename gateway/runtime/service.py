@@ -15,7 +15,7 @@ import signal
 
 from gateway.config import Config
 from gateway.intake.imap import ImapPoller
-from gateway.intake.smtp import SmtpListener
+from gateway.intake.smtp_listener import SmtpListener
 from gateway.intake.spool import SpoolWriter
 from gateway.runtime.operations import Operations
 from gateway.runtime.reload import load_generation

@@ -1,0 +1,286 @@
+"""One SMTP session: aiosmtpd's protocol with the defaults a public MX gateway needs changed.
+
+`GatewaySMTP` subclasses aiosmtpd's `SMTP` (through `smtp_compat.CompatSMTP`, the only place
+private members are reached) and, per connection:
+
+* asks the listener to admit it before the greeting (the connection cap, shutdown);
+* rejects MAIL with SIZE= over the limit at once, with RFC 3463 codes (552 5.3.4);
+* reads DATA itself: long lines are accepted, buffering stops at the size limit, the idle
+  timeout restarts while bytes arrive, and the Received: line is written in front of the
+  message while reading (no second copy of a big mail);
+* checks AUTH passwords off the event loop (`smtp_auth.AuthMechanisms`);
+* answers 451 4.3.0 for our own faults (never a traceback, never a 5xx).
+
+The business decisions (routing, sender policy, the spool) belong to the handler
+(`smtp_handler.GatewayHandler`); sockets and the session count to `smtp_listener`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import Envelope, TLSSetupException, syntax
+
+from gateway.intake.smtp_auth import AuthMechanisms, UsersFile
+from gateway.intake.smtp_compat import CompatSMTP
+from gateway.intake.smtp_handler import (
+    REPLY_TEMPFAIL,
+    GatewayHandler,
+    envelope_sender,
+    format_peer,
+    received_header,
+)
+
+log = logging.getLogger(__name__)
+
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+
+# StreamReader chunk limit: DATA lines longer than this arrive in pieces and are still accepted.
+READ_CHUNK_LIMIT = 64 * 1024
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)(?=\s|$)", re.IGNORECASE)
+# <local@domain> with a plain dot-atom local part and a hostname: no quoting, comments or routes
+_SIMPLE_PATH = re.compile(
+    r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+)>\s*(.*)", re.DOTALL
+)
+
+
+class Admission(Protocol):
+    """What a session needs from its listener (kept abstract so neither imports the other)."""
+
+    closing: bool
+
+    def admit(self, session: GatewaySMTP) -> str | None: ...
+
+    def release(self, session: GatewaySMTP) -> None: ...
+
+    def log_refusal(self, peer: Any, reply: str) -> None: ...
+
+
+class GatewaySMTP(AuthMechanisms, CompatSMTP):
+    """One SMTP session, with the gateway's limits and replies (see the module docstring)."""
+
+    line_length_limit = READ_CHUNK_LIMIT  # used by SMTP.__init__ as the StreamReader limit
+
+    def __init__(
+        self,
+        handler: GatewayHandler,
+        *,
+        listener: Admission,
+        users: UsersFile | None,
+        require_auth: bool,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._listener = listener
+        self._users = users
+        self._require_auth = require_auth
+        self._admitted = False
+        self._in_data = False
+        self._auth_failures = 0
+
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
+        """The common `<local@domain>` without the email package's full RFC 5322 parser (a
+        tenth of the cost); anything unusual (quotes, source routes, `<>`) takes that parser."""
+        match = _SIMPLE_PATH.match(arg)
+        if match is None or len(match.group(1)) > (self.local_part_limit or 1 << 30):
+            return super().parse_address(arg)
+        return f"{match.group(1)}@{match.group(2)}", match.group(3)
+
+    # -- connection lifecycle: cap, shutdown ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted:  # STARTTLS re-entry: the same session on the encrypted transport
+            super().connection_made(transport)
+            return
+        refusal = self._listener.admit(self)
+        if refusal is not None:
+            # Before the greeting and without a session task: a flood costs almost nothing.
+            transport.write(refusal.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            self._listener.log_refusal(transport.get_extra_info("peername"), refusal)
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            self._listener.release(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return super().eof_received() if self._admitted else False
+
+    @property
+    def busy(self) -> bool:
+        """In a mail transaction: shutdown lets it finish instead of cutting it off."""
+        return self._in_data or (self.envelope is not None and self.envelope.mail_from is not None)
+
+    def close_if_idle(self) -> None:
+        """At shutdown: an idle session is told 421 and closed; a busy one may finish."""
+        if not self.busy and self.transport is not None:
+            self.transport.write(REPLY_SHUTTING_DOWN.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (shutdown grace ran out)."""
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    # -- errors and auth policy -----------------------------------------------------------------
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Our own fault is 451 and a log line; aiosmtpd's default is 500 with the exception."""
+        peer = format_peer(self.session.peer if self.session else None)
+        if isinstance(error, TLSSetupException):
+            log.info("smtp %s: TLS handshake failed: %s", peer, error.__cause__)
+        else:
+            log.error("smtp %s: internal error, answered 451", peer, exc_info=error)
+        return REPLY_TEMPFAIL
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        # Our own flag: aiosmtpd's auth_required warns for implicit TLS, which is encrypted.
+        assert self.session is not None
+        if self._require_auth and not self.session.authenticated:
+            await self.push(REPLY_AUTH_REQUIRED)
+            return True
+        return False
+
+    def is_tls(self) -> bool:
+        return (
+            self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
+        )
+
+    def protocol_name(self, envelope: Envelope) -> str:
+        """RFC 3848 / RFC 6531 `with` keyword for the Received header."""
+        assert self.session is not None
+        if not self.session.extended_smtp:
+            return "SMTP"
+        base = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
+        return base + ("S" if self.is_tls() else "") + ("A" if self.session.authenticated else "")
+
+    def peer_text(self) -> str:
+        return format_peer(self.session.peer if self.session else None)
+
+    # -- MAIL: SIZE checked before anything is sent ---------------------------------------------
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        declared = declared_size(arg or "")
+        if declared is not None and self.data_size_limit and declared > self.data_size_limit:
+            log.info(
+                "smtp %s: MAIL %s -> 552 (declared size %d > %d)",
+                format_peer(self.session.peer),
+                arg,
+                declared,
+                self.data_size_limit,
+            )
+            await self.push(REPLY_TOO_BIG)
+            return
+        await super().smtp_MAIL(arg)
+
+    # -- DATA: streamed, bounded, long lines welcome --------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        trace = self._trace_header()
+        self._in_data = True
+        try:
+            content = await self._read_data(trace)
+        finally:
+            self._in_data = False
+        if content is None:
+            log.info(
+                "smtp %s: from=<%s> -> 552 (message over %d bytes, discarded)",
+                format_peer(self.session.peer),
+                envelope_sender(self.envelope),
+                self.data_size_limit,
+            )
+            status = REPLY_TOO_BIG
+        else:
+            self.envelope.content = self.envelope.original_content = content
+            self.envelope.trace_length = len(trace)  # type: ignore[attr-defined]
+            status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+        self.envelope = Envelope()  # the transaction is over, as in aiosmtpd's own DATA
+        await self.push(status)
+        if self._listener.closing and self.transport is not None:
+            await self.push(REPLY_SHUTTING_DOWN)
+            self.transport.close()
+
+    def _trace_header(self) -> bytes:
+        assert self.session is not None and self.envelope is not None
+        peer = self.session.peer
+        return received_header(
+            helo=self.session.host_name,
+            peer_ip=str(peer[0] if isinstance(peer, tuple) else peer),
+            by=self.hostname,
+            protocol=self.protocol_name(self.envelope),
+            recipients=self.envelope.rcpt_tos,
+        )
+
+    async def _read_data(self, prefix: bytes = b"") -> bytearray | None:
+        """`prefix` + the message up to `<CRLF>.<CRLF>`, de-dot-stuffed; None if the message
+        exceeded the limit.
+
+        Past the limit the rest is read and dropped, so the client still gets its 552 (it only
+        reads replies after the final dot) while memory stays at one limit's worth per session.
+        """
+        reader = self.stream_reader()
+        limit = self.data_size_limit or 0
+        buffer: bytearray | None = bytearray(prefix)
+        size = 0
+        at_line_start = True
+        last_reset = self.loop.time()
+        while True:
+            chunk = await _read_chunk(reader)
+            if at_line_start and chunk == b".\r\n":
+                return buffer  # stored as it is: no copy of a big mail
+            size += len(chunk)
+            if buffer is not None and limit and size > limit:
+                buffer = None  # stop buffering; keep draining to the final dot
+            if buffer is not None:
+                buffer += chunk[1:] if at_line_start and chunk.startswith(b".") else chunk
+            at_line_start = chunk.endswith(b"\r\n")
+            if self.loop.time() - last_reset > 1.0:  # the timeout is for idleness, not size
+                self.restart_idle_timer()
+                last_reset = self.loop.time()
+
+
+async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One line, or a piece of a line longer than READ_CHUNK_LIMIT (never splits a CRLF)."""
+    try:
+        return await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError as exc:
+        return await reader.read(exc.consumed)
+    except asyncio.IncompleteReadError:
+        raise asyncio.CancelledError from None  # client went away mid-DATA: nothing stored
+
+
+def declared_size(arg: str) -> int | None:
+    """The SIZE= parameter of a MAIL command (after the address), if any."""
+    params = arg.rpartition(">")[2] if ">" in arg else arg
+    match = _SIZE_PARAM.search(params)
+    return int(match.group(1)) if match else None
