@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.config import PagerDutySettings, ServiceSettings
+from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.decide import incidents
 from gateway.decide.events import build_event
-from gateway.decide.notifications import HelpdeskNotifier
+from gateway.decide.notifications import HelpdeskNotifier, build_helpdesk_notifier
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
@@ -320,3 +320,24 @@ def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRun
     if problems:
         raise RuleError(list(dict.fromkeys(problems)))  # a file shared by services: once
     return runtimes
+
+
+def build_processor(
+    config: Config,
+    store: Store,
+    services: Mapping[str, ServiceRuntime],
+    *,
+    on_outbox: Callable[[], None] | None = None,
+) -> Processor:
+    """A Processor set up from the config (regex timeout, helpdesk notifications).
+
+    ThemeError if a service wants notifications and the themes are broken.
+    """
+    return Processor(
+        store,
+        services,
+        config.pagerduty,
+        regex_timeout=config.gateway.regex_timeout_seconds,
+        on_outbox=on_outbox,
+        notifier=build_helpdesk_notifier(config),
+    )

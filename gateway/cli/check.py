@@ -1,0 +1,27 @@
+"""`gateway check`: validate what a running server's reload would load, and count it."""
+
+from __future__ import annotations
+
+import argparse
+
+from gateway.cli.common import EX_OK, add_command
+from gateway.config import find_config_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    add_command(subparsers, "check", run, "validate config, rule files and themes", "gateway check")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.runtime.reload import (
+        load_generation,  # exactly what a running server's reload runs
+    )
+    from gateway.themes import render as themes
+
+    validated = load_generation(find_config_path(args.config))
+    config, services = validated.config, validated.services
+    rules = sum(len(s.ruleset.rules) for s in services.values())
+    templates = config.gateway.templates_dir
+    count = len(themes.Themes(templates).names()) if templates.exists() else 0
+    print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
+    return EX_OK

@@ -1,0 +1,60 @@
+"""`gateway imap-once`: one fetch cycle of one [[imap]] account (for cron), then process and
+deliver like `ingest`; 75 (EX_TEMPFAIL) if the mailbox failed, 1 if it refused the login."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.cli.common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    UsageError,
+    add_command,
+    config,
+    process_and_deliver,
+    setup_logging,
+)
+from gateway.decide.processor import load_services
+from gateway.store import Store
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "imap-once",
+        run,
+        "fetch new mail from one [[imap]] account once (for cron), process and deliver it",
+        "gateway imap-once desk-mailbox",
+    )
+    p.add_argument("name", help="the name of an [[imap]] account in the config")
+    p.add_argument("--no-deliver", action="store_true", help="only accept; leave the rest to serve")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.intake import imap  # imported lazily: only this command and serve need imapclient
+
+    settings = config(args)
+    services = load_services(settings.services)
+    setup_logging(settings, "warning")
+    account = next((a for a in settings.imap if a.name == args.name), None)
+    if account is None:
+        known = ", ".join(a.name for a in settings.imap) or "none"
+        raise UsageError(f"unknown imap account {args.name!r} (configured: {known})")
+    store = Store(settings.db_path)
+    try:
+        result = imap.run_once(account, store)
+    except imap.ImapAuthError as exc:
+        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except (imap.ImapError, OSError, imap.IMAPClient.Error) as exc:
+        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(
+        f"{account.name}: accepted {result.accepted} message(s) ({result.duplicates} duplicate),"
+        f" {result.oversize} left in place as too big"
+    )
+    if not args.no_deliver:
+        process_and_deliver(settings, services, store)
+    return EX_OK

@@ -1,0 +1,66 @@
+"""`gateway replay`: stored mail through the current or candidate rules (gateway/decide/replay.py);
+shows what would change and never sends or changes anything."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gateway.cli.common import EX_OK, UsageError, add_command, config, print_table
+from gateway.decide.processor import load_services
+from gateway.display import when
+from gateway.store import Store
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "replay",
+        run,
+        "re-run stored mail through the current or candidate rules and show what would change;"
+        " never sends or changes anything",
+        "gateway replay --since 2h --rules /tmp/new-rules/",
+    )
+    p.add_argument("--since", default="24h", help="how far back: 30m, 2h, 7d or an ISO date")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        type=Path,
+        help="candidate rules: a directory (each service's file names) or files (all services)",
+    )
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--all", action="store_true", help="also list messages that would not change")
+    p.add_argument(
+        "--dry-run", action="store_true", help="accepted for clarity: replay never acts anyway"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.decide import replay
+
+    settings = config(args)
+    try:
+        since = replay.parse_since(args.since)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    services = load_services(settings.services)
+    if args.rules:
+        services = replay.candidate_rules(args.rules, services)
+    if args.service:
+        settings.service(args.service)  # KeyError names the configured services
+    results = replay.replay(
+        Store(settings.db_path),
+        services,
+        since,
+        regex_timeout=settings.gateway.regex_timeout_seconds,
+        only_service=args.service,
+    )
+    rows = [
+        [r.message, when(r.received_at), r.service, r.subject[:50], str(r.old), str(r.new)]
+        for r in results
+        if r.changed or args.all
+    ]
+    headers = ["message", "received", "service", "subject", "stored decision", "would now be"]
+    print_table(rows, headers, "no differences")
+    print(replay.summary(results))
+    return EX_OK
