@@ -22,9 +22,9 @@ from gateway.runtime.reload import Generation, Reloader
 from gateway.runtime.systemd import ServiceManager
 from gateway.runtime.worker import WorkerProcess
 from gateway.store import StoreThread
-from gateway.web.httpserver import HttpServer
 from gateway.web.metrics import LiveState
 from gateway.web.notify import NotifyEndpoint
+from gateway.web.server import WebServer
 from gateway.web.status import WebApp
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Operations:
         )
         self.store = StoreThread(config.db_path, "ops")
         self.web: WebApp | None = None
-        self.http: HttpServer | None = None
+        self.http: WebServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._reloads: set[asyncio.Task] = set()
 
@@ -94,7 +94,7 @@ class Operations:
         )
         # the latency histogram counts jobs decided from now on, like any per-process metric
         self.web.metrics.last_job = await self.store.call(lambda s: s.last_decided_job())
-        http = HttpServer(listen, self.web)
+        http = WebServer(listen, self.web)
         try:
             await http.start()
         except OSError as exc:

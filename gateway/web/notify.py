@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from gateway.config import OutgoingSettings
 from gateway.decide import outgoing_mail
 from gateway.errors import ThemeError
 from gateway.store import StoreThread
 from gateway.themes import render as themes
-from gateway.web.httpserver import HttpError, Request, Response
 
 THEME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -41,7 +44,7 @@ class NotifyEndpoint:
 
     async def __call__(self, request: Request, theme: str) -> Response:
         self._authenticate(request)
-        context = _json_object(request.body)
+        context = _json_object(await request.body())
         msg = await asyncio.to_thread(self._render, theme, context)
         sender = outgoing_mail.envelope_sender(self.outgoing.from_addr)
         try:
@@ -49,14 +52,14 @@ class NotifyEndpoint:
                 lambda s: outgoing_mail.queue_mail(s, msg, mail_from=sender)
             )
         except ValueError as exc:  # e.g. the theme rendered no recipient
-            raise HttpError(400, str(exc)) from None
+            raise HTTPException(400, str(exc)) from None
         self.on_queued()
         body = {
             "queued": item,
             "message_id": msg["Message-ID"],
             "to": outgoing_mail.recipients(msg),
         }
-        return Response(202, json.dumps(body).encode(), "application/json")
+        return JSONResponse(body, 202)
 
     def _authenticate(self, request: Request) -> None:
         given = request.headers.get("authorization", "")
@@ -64,24 +67,24 @@ class NotifyEndpoint:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self.token.encode()
         ):
-            raise HttpError(401, "missing or wrong bearer token")
+            raise HTTPException(401, "missing or wrong bearer token")
 
     def _render(self, theme: str, context: dict[str, Any]):
         if not THEME_NAME.fullmatch(theme):
-            raise HttpError(404, "no such theme")
+            raise HTTPException(404, "no such theme")
         if theme not in self.themes.names():
-            raise HttpError(404, f"no theme {theme!r}")
+            raise HTTPException(404, f"no theme {theme!r}")
         try:
             return self.themes.render(theme, context, default_from=self.outgoing.from_addr)
         except ThemeError as exc:
-            raise HttpError(400, f"theme {theme!r} failed: {exc}") from None
+            raise HTTPException(400, f"theme {theme!r} failed: {exc}") from None
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body or b"null")
     except ValueError as exc:
-        raise HttpError(400, f"body is not JSON: {exc}") from None
+        raise HTTPException(400, f"body is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise HttpError(400, "body must be a JSON object (the case)")
+        raise HTTPException(400, "body must be a JSON object (the case)")
     return value

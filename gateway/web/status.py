@@ -1,10 +1,15 @@
-"""The web listener: `/healthz`, Prometheus `/metrics`, and a read-only status page.
+"""The web app: `/healthz`, Prometheus `/metrics`, and a read-only status page, as Starlette routes.
+
+`WebApp` is the ASGI app `gateway serve` hands to `WebServer`; it holds references to the
+running service's parts, which a reload swaps (`settings`, `notify`), and every handler reads
+them per request. Every answer passes `gateway.web.hardening` (security headers, size and time
+limits, a logged 500 instead of a stack trace).
 
 The page shows hostile content (mail subjects, bodies, HTML) so every template is autoescaped
-and the Content-Security-Policy forbids scripts; raw HTML mail is shown as text, never
-rendered. The only state change is "retry this dead letter", a POST that must carry `[web]
-token` in the form (compared in constant time): a cross-site page cannot know it, so the form
-is CSRF-safe without cookies.
+and the Content-Security-Policy forbids scripts. The only state change is "retry this dead
+letter", a POST that must carry `[web] token` in the form (compared in constant time): a
+cross-site page cannot know it, so the form is CSRF-safe without cookies; a POST that names
+another origin is refused as well.
 """
 
 from __future__ import annotations
@@ -12,29 +17,44 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-import jinja2
+from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from gateway.config import WebSettings
-from gateway.mail.parse import parse_message
 from gateway.store import Store, StoreThread
-from gateway.web.httpserver import HttpError, Request, Response
+from gateway.web import pages
+from gateway.web.hardening import Limits, RequestLimits, SecureResponses
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
 from gateway.web.notify import NotifyEndpoint
 
-HTML = "text/html; charset=utf-8"
-BODY_CHARS = 100_000  # of a mail body shown on the detail page
 STORE_TIMEOUT = 5.0
+
+
+class RowId(Convertor[int]):
+    """`{name:rowid}`: a database row id, at most 18 digits (a longer one is no route)."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("rowid", RowId())
 
 
 @dataclass
@@ -45,7 +65,7 @@ class Check:
 
 @dataclass
 class WebApp:
-    """Routes; holds references to the running service's parts (swapped on reload)."""
+    """The routes; holds references to the running service's parts (swapped on reload)."""
 
     store: StoreThread
     settings: WebSettings
@@ -54,31 +74,25 @@ class WebApp:
     on_requeue: Callable[[], None] = lambda: None  # wake the outbox worker
     started_at: float = field(default_factory=time.time)
     notify: NotifyEndpoint | None = None  # POST /notify/<theme>, when configured
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        self.templates = _environment()
+        self.pages = pages.Pages()
+        self.app = Starlette(
+            routes=[
+                Route("/", self.index, methods=["GET"]),
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/metrics", self.metrics_page, methods=["GET"]),
+                Route("/jobs/{job:rowid}", self.job_page, methods=["GET"]),
+                Route("/outbox/{item:rowid}/retry", self.retry, methods=["POST"]),
+                Route("/notify/{theme}", self.notify_theme, methods=["POST"]),
+            ],
+            middleware=[Middleware(SecureResponses), Middleware(RequestLimits, self.limits)],
+        )
+        self.app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect
 
-    async def __call__(self, request: Request) -> Response:
-        route = self._route(request)
-        if route is None:
-            raise HttpError(404, "not found")
-        method, handler, arg = route
-        if request.method not in (method, "HEAD" if method == "GET" else method):
-            raise HttpError(405, "method not allowed")
-        return await handler(request, arg) if arg is not None else await handler(request)
-
-    def _route(self, request: Request) -> tuple[str, Any, int | str | None] | None:
-        path = request.path
-        fixed = {"/": self.index, "/healthz": self.healthz, "/metrics": self.metrics_page}
-        if path in fixed:
-            return "GET", fixed[path], None
-        if match := re.fullmatch(r"/jobs/(\d{1,18})", path):
-            return "GET", self.job_page, int(match.group(1))
-        if match := re.fullmatch(r"/outbox/(\d{1,18})/retry", path):
-            return "POST", self.retry, int(match.group(1))
-        if match := re.fullmatch(r"/notify/([^/]{1,64})", path):
-            return "POST", self.notify_theme, match.group(1)
-        return None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
     # -- health and metrics ------------------------------------------------------------------
 
@@ -86,7 +100,8 @@ class WebApp:
         checks = await self.health()
         ok = all(c.ok for c in checks.values())
         body = {"status": "ok" if ok else "failing", **{k: asdict(v) for k, v in checks.items()}}
-        return Response(200 if ok else 503, json.dumps(body, indent=2).encode(), "application/json")
+        text = json.dumps(body, indent=2)
+        return Response(text, 200 if ok else 503, media_type="application/json")
 
     async def health(self) -> dict[str, Check]:
         now = time.time()
@@ -138,15 +153,15 @@ class WebApp:
 
     async def metrics_page(self, request: Request) -> Response:
         snapshot = await self.store.call(self.metrics.read)
-        return Response(200, self.metrics.render(snapshot, self.live), CONTENT_TYPE)
+        return Response(self.metrics.render(snapshot, self.live), media_type=CONTENT_TYPE)
 
     # -- status page -------------------------------------------------------------------------
 
     async def index(self, request: Request) -> Response:
-        data = await self.store.call(_index_data)
+        data = await self.store.call(pages.index_data)
         checks = await self.health()
-        notice = request.query.get("retried", [""])[0]
-        return self._page(
+        notice = request.query_params.get("retried", "")
+        return self.pages.render(
             "index.html",
             checks=checks,
             notice=f"Outbox item {notice} re-queued." if notice.isdigit() else "",
@@ -154,100 +169,42 @@ class WebApp:
             **data,
         )
 
-    async def job_page(self, request: Request, job: int) -> Response:
-        data = await self.store.call(lambda s: _job_data(s, job))
+    async def job_page(self, request: Request) -> Response:
+        job: int = request.path_params["job"]
+        data = await self.store.call(lambda s: pages.job_data(s, job))
         if data is None:
-            raise HttpError(404, f"no job {job}")
-        return self._page("job.html", **data)
+            raise HTTPException(404, f"no job {job}")
+        return self.pages.render("job.html", **data)
 
-    async def retry(self, request: Request, item: int) -> Response:
-        self._check_origin(request)
+    async def retry(self, request: Request) -> Response:
+        item: int = request.path_params["item"]
+        _check_origin(request)
         expected = self.settings.token
         if not expected:
-            raise HttpError(403, "retry is disabled: set [web] token in config.toml")
-        given = request.form().get("token", "")
+            raise HTTPException(403, "retry is disabled: set [web] token in config.toml")
+        given = await _form_field(request, "token")
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise HttpError(403, "wrong token")
+            raise HTTPException(403, "wrong token")
         count = await self.store.call(lambda s: s.requeue_outbox(item))
         if not count:
-            raise HttpError(404, f"outbox item {item} is not a dead letter")
+            raise HTTPException(404, f"outbox item {item} is not a dead letter")
         self.on_requeue()
-        return Response(303, b"", headers={"Location": f"/?retried={item}#outbox"})
+        return RedirectResponse(f"/?retried={item}#outbox", status_code=303)
 
-    async def notify_theme(self, request: Request, theme: str) -> Response:
+    async def notify_theme(self, request: Request) -> Response:
         if self.notify is None:
-            raise HttpError(404, "POST /notify is off: set [web] notify_token and [outgoing]")
-        return await self.notify(request, theme)
-
-    def _check_origin(self, request: Request) -> None:
-        """Defence in depth next to the token: a browser's cross-site POST names its origin."""
-        origin = request.headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
-            raise HttpError(403, "cross-origin request refused")
-
-    def _page(self, template: str, **context: Any) -> Response:
-        html = self.templates.get_template(template).render(now=time.time(), **context)
-        return Response(200, html.encode(), HTML)
+            raise HTTPException(404, "POST /notify is off: set [web] notify_token and [outgoing]")
+        return await self.notify(request, request.path_params["theme"])
 
 
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("gateway.web", "templates"),
-        autoescape=True,  # mail content is hostile
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["when"] = _when
-    env.filters["age"] = lambda ts: _age(time.time() - ts) if ts else "-"
-    return env
+def _check_origin(request: Request) -> None:
+    """Defence in depth next to the token: a browser's cross-site POST names its origin."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        raise HTTPException(403, "cross-origin request refused")
 
 
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-# -- data for the pages (run in the store's thread) ---------------------------------------------
-
-
-def _index_data(store: Store) -> dict[str, Any]:
-    jobs = [{"job": job, "subject": _subject(head)} for job, head in store.recent_jobs(50)]
-    outbox = store.outbox(("pending", "dead"), limit=200)
-    return {
-        "jobs": jobs,
-        "incidents": store.incidents(open_only=True, limit=200),
-        "pending": [o for o in outbox if o.state == "pending"],
-        "dead": [o for o in outbox if o.state == "dead"],
-    }
-
-
-def _job_data(store: Store, job: int) -> dict[str, Any] | None:
-    detail = store.job_detail(job)
-    if detail is None:
-        return None
-    raw = store.raw_message(detail["message"])
-    mail = parse_message(raw) if raw else None
-    return {
-        "detail": detail,
-        "mail": mail,
-        "body": (mail.text[:BODY_CHARS] if mail else ""),
-        "html_source": (mail.html[:BODY_CHARS] if mail else ""),
-        "events": store.events(message=detail["message"], limit=50),
-        "purged": raw is None,
-    }
-
-
-def _subject(head: bytes) -> str:
-    """The decoded Subject from the first bytes of a mail; '' when unreadable."""
-    try:
-        value = BytesHeaderParser(policy=compat32).parsebytes(head).get("Subject", "")
-        return str(make_header(decode_header(str(value))))[:300]
-    except Exception:  # hostile or truncated headers: show nothing rather than fail the page
-        return ""
+async def _form_field(request: Request, name: str) -> str:
+    """One field of an application/x-www-form-urlencoded body ('' when absent)."""
+    text = (await request.body()).decode("utf-8", errors="replace")
+    return parse_qs(text, keep_blank_values=True).get(name, [""])[0]
