@@ -7,7 +7,6 @@ never rendered. The data functions run in the store's thread (`StoreThread.call`
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -16,6 +15,7 @@ from typing import Any
 import jinja2
 from starlette.responses import HTMLResponse
 
+from gateway import display
 from gateway.mail.parse import parse_message
 from gateway.store import Store
 
@@ -41,20 +41,9 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["when"] = _when
-    env.filters["age"] = lambda ts: _age(time.time() - ts) if ts else "-"
+    env.filters["when"] = display.when
+    env.filters["age"] = display.age_of
     return env
-
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 # -- data for the pages (run in the store's thread) ---------------------------------------------
