@@ -1,8 +1,7 @@
-"""Helpers shared by the benchmarks: free ports, the bare aiosmtpd baseline, smtp-source runs."""
+"""Helpers shared by the benchmarks: the bare aiosmtpd baseline, smtp-source runs, waiting for ports."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import socket
 import subprocess
@@ -12,14 +11,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.runtime.loop import run_event_loop
+from tests.net import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
@@ -94,11 +90,5 @@ class BareSmtpd:
 
 
 def serve_on_port(serve: Callable[[int], Awaitable[None]]) -> None:
-    """Run `serve(port)` (port from argv) on uvloop when installed, as the gateway does."""
-    port = int(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(port))
-    else:
-        uvloop.run(serve(port))
+    """Run `serve(port)` (port from argv) on the gateway's own event loop runner."""
+    run_event_loop(serve(int(sys.argv[1])))

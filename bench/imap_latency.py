@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 from gateway.config import ImapSettings  # noqa: E402
 from gateway.intake.imap import ImapPoller  # noqa: E402
 from gateway.intake.spool import SpoolWriter  # noqa: E402
-from tests.conftest import GatewayProcess, desk_mail, free_port, write_config  # noqa: E402
+from tests.conftest import GatewayProcess, desk_mail, write_config  # noqa: E402
 from tests.dovecot import PASSWORD, USER, Dovecot, dovecot_available  # noqa: E402
+from tests.net import free_port  # noqa: E402
 from tests.pdserver import PagerDutyStandIn  # noqa: E402
 
 LATENCY_MESSAGES = 100

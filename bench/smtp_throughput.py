@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, BareSmtpd, free_port, smtp_source, wait_for_port
+from bench.common import ROOT, BareSmtpd, smtp_source, wait_for_port
+from tests.net import free_port
 from tests.pdserver import PagerDutyStandIn
 
 ROUTING_KEY = "B0123456789abcdef0123456789abcde"

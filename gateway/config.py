@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, Problem
+from gateway.files import FileSnapshot
 from gateway.toml_locator import TomlLocator
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -149,11 +150,16 @@ def find_config_path(cli_value: str | None) -> Path:
     return Path(cli_value or os.environ.get("GATEWAY_CONFIG") or "config.toml")
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate config.toml; raises ConfigError with every problem found."""
-    reader = _Reader(path, os.environ if environ is None else environ)
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, *, files: FileSnapshot | None = None
+) -> Config:
+    """Read, expand and validate config.toml; raises ConfigError with every problem found.
+
+    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`."""
+    files = FileSnapshot() if files is None else files
+    reader = _Reader(path, os.environ if environ is None else environ, files)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path)
         data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(Problem(str(path), _not_found(path))) from None
@@ -192,10 +198,11 @@ _SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web
 class _Reader:
     """Walks the TOML tables, converting and collecting problems instead of stopping at one."""
 
-    def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
+    def __init__(self, path: Path, environ: Mapping[str, str], files: FileSnapshot) -> None:
         self.path = path
         self.base = path.parent.resolve()
         self.environ = environ
+        self.files = files
         self.problems: list[Problem] = []
         self.locator: TomlLocator | None = None
         self.section: tuple[str, int] = ("", 0)  # the [table] / [[array]] item being read
@@ -413,7 +420,7 @@ class _Reader:
             self.problem(f"{w}.require_auth", "require_auth needs auth_users_file")
         for key in ("tls_cert", "tls_key", "auth_users_file"):
             value = getattr(settings, key)
-            if value is not None and not value.is_file():
+            if value is not None and not self.files.is_file(value):
                 self.problem(f"{w}.{key}", f"file not found: {value}")
         return settings
 
@@ -459,7 +466,7 @@ class _Reader:
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:
         path = Path(name).expanduser()
         path = path if path.is_absolute() else rules_dir / path
-        if not path.is_file():
+        if not self.files.is_file(path):
             self.problem(f"{where}.rules", f"rule file not found: {path}")
         return path
 

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.net import free_port
 from tests.pdserver import PagerDutyStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "parsing_rules"
 ROUTING_KEY = "R0123456789abcdef0123456789abcde"  # 32 characters, like an integration key
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, message: str = ""):

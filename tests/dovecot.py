@@ -29,6 +29,8 @@ from pathlib import Path
 
 from imapclient import IMAPClient
 
+from tests.net import free_port
+
 USER = "alerts"
 PASSWORD = "s3cret-pass"
 OAUTH_USER = "oauth"
@@ -55,12 +57,6 @@ def require_dovecot() -> None:
     pytest.skip("dovecot not installed (apt-get install dovecot-imapd)")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _open_path_to(path: Path) -> None:
     """chmod o+x every directory from / down to `path` (the auth process is not us)."""
     for parent in [path, *path.parents]:
@@ -78,7 +74,7 @@ class Dovecot:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f"gateway-{directory.name[:40]}-"))
         atexit.register(shutil.rmtree, self.dir, True)
-        self.port = _free_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None

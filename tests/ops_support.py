@@ -70,6 +70,23 @@ def web_config(
     return config, port, web_port
 
 
+def worker_pid(parent: int) -> int | None:
+    """The pid of `gateway serve`'s worker child (a `spawn` child; the other is multiprocessing's
+    resource tracker)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            return int(entry.name)
+    return None
+
+
 def metric(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus exposition text (labels in any order)."""
     for line in text.splitlines():

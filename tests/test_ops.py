@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -23,7 +24,7 @@ from gateway.cli import EX_OK, main
 from gateway.logs import JsonFormatter
 from gateway.store import Store
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
-from tests.ops_support import web_config
+from tests.ops_support import metric, running, web_config, worker_pid
 from tests.pdserver import PagerDutyStandIn
 
 IN_CI = os.environ.get("CI") == "true"
@@ -211,6 +212,64 @@ def test_reload_logs_restart_required(tmp_path: Path) -> None:
         wait_until(lambda: "restart required: [smtp]" in gateway.output(), message=gateway.output())
     finally:
         gateway.stop()
+
+
+def test_a_worker_restarted_after_a_refused_reload_keeps_the_last_good_rules(
+    tmp_path: Path, pd: PagerDutyStandIn
+) -> None:
+    """The worker used to re-read the files when it restarted: a rule file refused by the
+    reload made it crash-loop, and no mail was decided until the file was fixed."""
+    config, port, _ = web_config(tmp_path, pd.url, web='listen = ""', own_rules=True)
+    rules = tmp_path / "rules" / "helpdesk.toml"
+    original = rules.read_text()
+    rules.write_text(IGNORE_RULE + original)  # generation 1, the last good one
+    db = tmp_path / "data" / "gateway.sqlite3"
+    gateway = GatewayProcess(config, port).start()
+    try:
+        wait_until(
+            lambda: "worker running generation 1" in gateway.output(), message=gateway.output()
+        )
+        rules.write_text(IGNORE_RULE + BAD_RULE + original)
+        gateway.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "refused" in gateway.output(), message=gateway.output())
+        worker = worker_pid(gateway.proc.pid)
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: "exited with -9" in gateway.output(), message=gateway.output())
+        send(port, desk_mail("Planned maintenance tonight"))
+        send(port, desk_mail("Printer on fire"))
+        assert wait_until(lambda: outcome_of(db, "maintenance tonight")) == (
+            "discarded",
+            "ignore maintenance",
+        )
+        assert wait_until(lambda: outcome_of(db, "Printer on fire")) == ("triggered", "new case")
+        assert gateway.output().count("worker process exited") == 1  # restarted once, no loop
+        assert worker_pid(gateway.proc.pid) not in (None, worker)
+    finally:
+        gateway.stop()
+
+
+def test_parent_and_worker_run_the_same_generation(tmp_path: Path, pd: PagerDutyStandIn) -> None:
+    config, port, web_port = web_config(tmp_path, pd.url, own_rules=True)
+    rules = tmp_path / "rules" / "helpdesk.toml"
+    with running(config, port, web_port) as gateway:
+        wait_until(
+            lambda: "worker running generation 1" in gateway.output(), message=gateway.output()
+        )
+        rules.write_text(IGNORE_RULE + rules.read_text())
+        wait_until(
+            lambda: "worker running generation 2" in gateway.output(), message=gateway.output()
+        )
+        parent = re.findall(r"reloaded \(changed: [^)]*\): generation (\d+)", gateway.output())
+        assert parent == ["2"]
+        _, text = gateway.get("/metrics")
+        assert metric(text, "gateway_config_generation") == 2
+        gateway.send(desk_mail("Planned maintenance tonight"))
+        db = tmp_path / "data" / "gateway.sqlite3"
+        assert wait_until(lambda: outcome_of(db, "maintenance tonight")) == (
+            "discarded",
+            "ignore maintenance",
+        )
 
 
 def send(port: int, raw: bytes) -> None:

@@ -96,6 +96,24 @@ def test_network_errors_are_temporary() -> None:
         asyncio.run(send())
 
 
+def test_reconfigure_switches_url_and_routing_keys() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def accept(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), json.loads(request.content)["routing_key"]))
+        return httpx.Response(202, text='{"status":"success"}')
+
+    async def send_twice() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(accept)) as client:
+            sender = PagerDutySender(client, "http://old/v2/enqueue", {"s": ROUTING_KEY})
+            await sender(_item("s"))
+            sender.reconfigure("http://new/v2/enqueue", {"s": "N" * 32})  # a rotated key
+            await sender(_item("s"))
+
+    asyncio.run(send_twice())
+    assert seen == [("http://old/v2/enqueue", ROUTING_KEY), ("http://new/v2/enqueue", "N" * 32)]
+
+
 def _item(service: str):
     from gateway.store import OutboxItem
 

@@ -46,5 +46,13 @@ def queue_mail(
     if not rcpts:
         raise ValueError("the message has no recipients")
     key = order_key or f"mail:{msg['Message-ID']}"
+    payload = mail_payload(msg, mail_from, rcpts)
+    return queue_payload(store, payload, service=service, order_key=key, job=job)
+
+
+def queue_payload(
+    store: Store, payload: dict[str, Any], *, service: str, order_key: str, job: int | None = None
+) -> int:
+    """Add an already serialized message (`mail_payload`) to the outbox."""
     with store.transaction():
-        return store.add_outbox(KIND, service, key, mail_payload(msg, mail_from, rcpts), job)
+        return store.add_outbox(KIND, service, order_key, payload, job)

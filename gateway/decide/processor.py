@@ -3,6 +3,14 @@
 A job (message, service) is decided exactly once: its decision, the incident change and the
 outbox item are committed together with the job's state, so a crash before the commit simply
 repeats the work and a crash after it never repeats it.
+
+Each batch runs in two phases. Phase 1 does all the CPU work without holding the write lock:
+parsing, rules, the incident change (computed from a read of the incident, carried forward
+through the batch so two jobs of one key see each other) and the helpdesk notification's
+theme, which needs that change. Phase 2, the short write transaction, re-reads each incident
+under the lock: if it is still what phase 1 read, the prepared change, event and mail are
+inserted; if another writer (`gateway ingest`, a job that failed earlier in the batch) changed
+it meanwhile, the job is left pending and decided again from the new state.
 """
 
 from __future__ import annotations
@@ -15,18 +23,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
-from gateway.decide import incidents
+from gateway.decide import incidents, notifications
 from gateway.decide.events import build_event
-from gateway.decide.notifications import HelpdeskNotifier, build_helpdesk_notifier
+from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.errors import RuleError, RuleEvaluationError
+from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
-from gateway.store import PendingJob, Store
+from gateway.store import Incident, PendingJob, Store
 
 log = logging.getLogger(__name__)
 
-# outcomes that are not incident changes
+# rounds per `process_pending` for jobs whose incident changed between the phases
+DECIDE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -38,16 +48,30 @@ class ServiceRuntime:
 
 
 @dataclass(frozen=True)
+class IncidentChange:
+    """Phase 1's incident change for one action; phase 2 applies it if `basis` still holds."""
+
+    basis: Incident | None  # the incident as phase 1 saw it
+    changed: Incident | None  # after the action; None: nothing to record
+    outcome: str
+    notification: Notification | None = None  # rendered helpdesk mail, if subscribed
+
+
+@dataclass(frozen=True)
 class Verdict:
     """Phase 1's result for one job: a final outcome, or a decision with its event to apply."""
 
     job: PendingJob
-    outcome: str  # '' when the decision still has to be applied to the incident mirror
+    outcome: str
     reason: str
     rule: str | None = None
     decision: Decision | None = None
-    case_message_id: str = ""  # the Message-ID that opened the incident, for threading
     event: dict | None = None
+    change: IncidentChange | None = None  # with `event`: the incident action to apply
+
+
+class IncidentMoved(Exception):
+    """Phase 2 found the incident changed since phase 1 read it: decide the job again."""
 
 
 @dataclass(frozen=True)
@@ -113,27 +137,55 @@ class Processor:
         self.on_outbox = on_outbox
         self.clock = clock
 
+    def reconfigure(
+        self,
+        services: Mapping[str, ServiceRuntime],
+        pagerduty: PagerDutySettings,
+        *,
+        regex_timeout: float,
+        notifier: HelpdeskNotifier | None,
+    ) -> None:
+        """A new configuration generation; call between batches (on the processing thread)."""
+        self.services, self.pagerduty = services, pagerduty
+        self.regex_timeout, self.notifier = regex_timeout, notifier
+
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
 
-        Parsing and rules (the CPU work) run before the write transaction, so the spool writer
-        is never kept waiting for them; the short transaction then applies every decision.
+        Parsing, rules and themes (the CPU work) run before the write transaction, so the spool
+        writer is never kept waiting for them; the short transaction then applies every decision.
         """
         jobs = self.store.pending_jobs(batch)
-        if not jobs:
-            return []
-        verdicts = [self._evaluate_safely(job) for job in jobs]
         outcomes: list[Processed] = []
+        for _ in range(DECIDE_ROUNDS):
+            if not jobs:
+                break
+            decided, jobs = self._decide(jobs)
+            outcomes.extend(decided)
+        if jobs:
+            log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
+        return outcomes
+
+    def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
+        """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
+        ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
+        verdicts = [self._evaluate_safely(job, ahead) for job in jobs]
+        outcomes: list[Processed] = []
+        again: list[PendingJob] = []
         with self.store.transaction():
             for verdict in verdicts:
-                outcome = self._record_safely(verdict)
+                try:
+                    outcome = self._record_safely(verdict)
+                except IncidentMoved:
+                    again.append(verdict.job)
+                    continue
                 if outcome is not None:
                     outcomes.append(outcome)
         for outcome in outcomes:
             log.info("%s", outcome.log_line(), extra=outcome.log_fields())
         if self.on_outbox and any(o.queued for o in outcomes):
             self.on_outbox()
-        return outcomes
+        return outcomes, again
 
     def process_all(self) -> list[Processed]:
         outcomes: list[Processed] = []
@@ -143,15 +195,17 @@ class Processor:
 
     # -- phase 1: no database writes ---------------------------------------------------------
 
-    def _evaluate_safely(self, job: PendingJob) -> Verdict:
+    def _evaluate_safely(
+        self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]
+    ) -> Verdict:
         """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
         try:
-            return self._evaluate(job)
+            return self._evaluate(job, ahead)
         except Exception as exc:
             log.exception("job %d: internal error, quarantined", job.id)
             return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _evaluate(self, job: PendingJob) -> Verdict:
+    def _evaluate(self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]) -> Verdict:
         runtime = self.services.get(job.service)
         if runtime is None:
             return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
@@ -166,24 +220,51 @@ class Processor:
             outcome = Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
             return Verdict(job, outcome, decision.reason, decision=decision)
         event = self._event(runtime, mail, decision)
+        change = self._change(job, runtime, decision, mail.message_id, ahead)
         return Verdict(
-            job,
-            "",
-            decision.reason,
-            decision=decision,
-            case_message_id=mail.message_id,
-            event=event,
+            job, change.outcome, decision.reason, decision=decision, event=event, change=change
         )
+
+    def _change(
+        self,
+        job: PendingJob,
+        runtime: ServiceRuntime,
+        decision: Decision,
+        case_message_id: str,
+        ahead: dict[tuple[str, str], Incident | None],
+    ) -> IncidentChange:
+        """The incident after the action, and the helpdesk mail it causes, rendered here."""
+        key = decision.incident_key
+        assert key is not None
+        slot = (job.service, key)
+        basis = ahead[slot] if slot in ahead else self.store.incident(job.service, key)
+        changed, outcome = incidents.apply_action(
+            basis,
+            service=job.service,
+            key=key,
+            action=decision.action,
+            now=self.clock(),
+            summary=decision.summary,
+            message=job.message,
+            case_message_id=case_message_id,
+        )
+        notification = None
+        notify = runtime.settings.notify
+        if changed is not None and notify is not None and self.notifier is not None:
+            notification = self.notifier.render(notify, outcome, changed)
+        ahead[slot] = basis if changed is None else changed
+        return IncidentChange(basis, changed, outcome, notification)
 
     # -- phase 2: inside the write transaction ------------------------------------------------
 
     def _record_safely(self, verdict: Verdict) -> Processed | None:
+        """None if the job was decided elsewhere; IncidentMoved if it must be decided again."""
         job = verdict.job
         try:
             with self.store.savepoint():
                 if not self.store.job_is_pending(job.id):
                     return None  # another processor (e.g. `gateway ingest`) decided it first
-                if verdict.event is None:
+                if verdict.change is None:
                     return self._finish(
                         job,
                         verdict.outcome,
@@ -192,6 +273,8 @@ class Processor:
                         decision=verdict.decision,
                     )
                 return self._act(verdict)
+        except IncidentMoved:
+            raise
         except Exception as exc:
             log.exception("job %d: internal error, quarantined", job.id)
             return self._finish(
@@ -199,36 +282,21 @@ class Processor:
             )
 
     def _act(self, verdict: Verdict) -> Processed:
-        job, decision, event = verdict.job, verdict.decision, verdict.event
-        assert decision is not None and event is not None
-        runtime = self.services[job.service]
-        key = decision.incident_key
-        assert key is not None
-        existing = self.store.incident(job.service, key)
-        changed, outcome = incidents.apply_action(
-            existing,
-            service=job.service,
-            key=key,
-            action=decision.action,
-            now=self.clock(),
-            summary=decision.summary,
-            message=job.message,
-            case_message_id=verdict.case_message_id,
-        )
+        job, decision, event, change = verdict.job, verdict.decision, verdict.event, verdict.change
+        assert decision is not None and event is not None and change is not None
+        assert decision.incident_key is not None
+        if self.store.incident(job.service, decision.incident_key) != change.basis:
+            raise IncidentMoved(job.id)  # before any write: the job simply stays pending
         queued = False
-        if changed is not None:
-            self.store.save_incident(changed)
-            queued = self._notify(job, runtime, outcome, changed)
+        if change.changed is not None:
+            self.store.save_incident(change.changed)
+            if change.notification is not None:
+                queued = notifications.queue(self.store, change.notification, job.id) is not None
+        runtime = self.services[job.service]
         queued = self._queue_event(job, runtime, event) or queued
         return self._finish(
-            job, outcome, decision.reason, decision=decision, event=event, queued=queued
+            job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
         )
-
-    def _notify(self, job: PendingJob, runtime: ServiceRuntime, outcome: str, incident) -> bool:
-        notify = runtime.settings.notify
-        if notify is None or self.notifier is None:
-            return False
-        return self.notifier.queue(self.store, notify, outcome, incident, job.id) is not None
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
         details = {
@@ -308,13 +376,16 @@ class Processor:
         )
 
 
-def load_services(services: tuple[ServiceSettings, ...]) -> dict[str, ServiceRuntime]:
+def load_services(
+    services: tuple[ServiceSettings, ...], *, files: FileSnapshot | None = None
+) -> dict[str, ServiceRuntime]:
     """Compile every service's rule files; RuleError lists all problems of all services."""
     runtimes: dict[str, ServiceRuntime] = {}
     problems = []
     for settings in services:
         try:
-            runtimes[settings.name] = ServiceRuntime(settings, load_ruleset(list(settings.rules)))
+            ruleset = load_ruleset(list(settings.rules), files=files)
+            runtimes[settings.name] = ServiceRuntime(settings, ruleset)
         except RuleError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -328,9 +399,11 @@ def build_processor(
     services: Mapping[str, ServiceRuntime],
     *,
     on_outbox: Callable[[], None] | None = None,
+    files: FileSnapshot | None = None,
 ) -> Processor:
     """A Processor set up from the config (regex timeout, helpdesk notifications).
 
+    `files`: the generation's recorded files, so themes compile from the validated bytes.
     ThemeError if a service wants notifications and the themes are broken.
     """
     return Processor(
@@ -339,5 +412,5 @@ def build_processor(
         config.pagerduty,
         regex_timeout=config.gateway.regex_timeout_seconds,
         on_outbox=on_outbox,
-        notifier=build_helpdesk_notifier(config),
+        notifier=build_helpdesk_notifier(config, files=files),
     )

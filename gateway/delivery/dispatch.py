@@ -18,22 +18,51 @@ def retry_policy(config: Config) -> RetryPolicy:
     return RetryPolicy(give_up_after=config.pagerduty.max_retry_hours * 3600)
 
 
-def pagerduty_dispatcher(
-    store: StoreThread, client: httpx.AsyncClient, config: Config
-) -> Dispatcher:
-    pd = config.pagerduty
-    routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
-    limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
-    sender = PagerDutySender(client, pd.events_url, routing_keys, rate_limiter=limiter)
-    # the lease outlives any one attempt (the HTTP timeout), so no item is sent twice at once
-    lease = 2 * pd.timeout_seconds + 5
-    return Dispatcher(store, "pagerduty", sender, retry_policy(config), lease_seconds=lease)
+def routing_keys(config: Config) -> dict[str, str]:
+    """Service name -> routing key; services without one keep their events local."""
+    return {s.name: s.routing_key for s in config.services if s.routing_key}
 
 
-def mail_dispatcher(store: StoreThread, config: Config) -> Dispatcher | None:
-    if config.outgoing is None:
-        return None
-    return mailer.mail_dispatcher(store, config.outgoing, retry_policy(config))
+class Deliveries:
+    """One process's outbox workers and their senders, which a reload reconfigures.
+
+    The HTTP timeout, the rate limit and whether mail is sent at all are fixed when this is
+    built (a restart applies them); routing keys, the events URL and the relay settings follow
+    `reconfigure`.
+    """
+
+    def __init__(self, store: StoreThread, client: httpx.AsyncClient, config: Config) -> None:
+        pd = config.pagerduty
+        limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
+        self.pagerduty = PagerDutySender(
+            client, pd.events_url, routing_keys(config), rate_limiter=limiter
+        )
+        policy = retry_policy(config)
+        # the lease outlives any one attempt (the HTTP timeout), so no item is sent twice at once
+        lease = 2 * pd.timeout_seconds + 5
+        self.dispatchers = [
+            Dispatcher(store, "pagerduty", self.pagerduty, policy, lease_seconds=lease)
+        ]
+        self.mail = mailer.MailSender(config.outgoing) if config.outgoing else None
+        if self.mail is not None:
+            self.dispatchers.append(mailer.dispatcher_for(store, self.mail, policy))
+
+    def reconfigure(self, config: Config) -> None:
+        self.pagerduty.reconfigure(config.pagerduty.events_url, routing_keys(config))
+        if self.mail is not None and config.outgoing is not None:
+            self.mail.reconfigure(config.outgoing)
+
+    def wake(self) -> None:
+        """Thread-safe: items were queued (or re-queued)."""
+        for dispatcher in self.dispatchers:
+            dispatcher.wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop`, then let the attempts in flight finish."""
+        await asyncio.gather(*(d.run(stop) for d in self.dispatchers))
+
+    async def run_until_idle(self, deadline: float) -> None:
+        await asyncio.gather(*(d.run_until_idle(deadline) for d in self.dispatchers))
 
 
 async def deliver_due(config: Config, seconds: float) -> None:
@@ -42,7 +71,6 @@ async def deliver_due(config: Config, seconds: float) -> None:
     deadline = time.time() + seconds
     try:
         async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            workers = [pagerduty_dispatcher(store, client, config), mail_dispatcher(store, config)]
-            await asyncio.gather(*(w.run_until_idle(deadline) for w in workers if w))
+            await Deliveries(store, client, config).run_until_idle(deadline)
     finally:
         store.close()

@@ -29,6 +29,10 @@ class MailSender:
         self.settings = settings
         self.tls_context = tls_context  # tests pass a trustme CA; default: system CAs
 
+    def reconfigure(self, settings: OutgoingSettings) -> None:
+        """A reload: sessions opened from now on use the new relay settings (password rotation)."""
+        self.settings = settings
+
     async def __call__(self, item: OutboxItem) -> str:
         payload = item.payload
         try:
@@ -85,9 +89,15 @@ def mail_dispatcher(
     *,
     tls_context: ssl.SSLContext | None = None,
 ) -> Dispatcher:
-    """The outbox worker that delivers queued mail through the relay (service.py runs it)."""
-    sender = MailSender(settings, tls_context=tls_context)
-    lease = 2 * settings.timeout_seconds + 30  # a session can take several timeouts' worth
+    """The outbox worker that delivers queued mail through the relay."""
+    return dispatcher_for(store, MailSender(settings, tls_context=tls_context), policy)
+
+
+def dispatcher_for(
+    store: StoreThread, sender: MailSender, policy: RetryPolicy | None = None
+) -> Dispatcher:
+    """The outbox worker for `sender` (whose owner may reconfigure it on a reload)."""
+    lease = 2 * sender.settings.timeout_seconds + 30  # a session can take several timeouts
     return Dispatcher(
         store, KIND, sender, policy or RetryPolicy(), concurrency=4, lease_seconds=lease
     )

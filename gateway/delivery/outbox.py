@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from gateway.backoff import Backoff
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
 from gateway.store import OutboxItem, OutboxResult, StoreThread
 
@@ -29,15 +29,21 @@ Sender = Callable[[OutboxItem], Awaitable[str]]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter: delay = random(0.5..1) * min(max, first * 2^n)."""
+    """When to try a failed item again: `Backoff` from `first_delay` up to `max_delay`, times
+    random(0.5..1), at least the receiver's Retry-After (up to 4 * max_delay), and no more
+    attempts once the item is `give_up_after` seconds old."""
 
     first_delay: float = 1.0
     max_delay: float = 300.0
     give_up_after: float = 24 * 3600.0
 
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.first_delay, self.max_delay, factor=2.0, jitter=(0.5, 1.0))
+
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
-        backoff = min(self.max_delay, self.first_delay * (2 ** min(attempts, 30)))
-        delay = backoff * random.uniform(0.5, 1.0)
+        """`attempts`: the failed attempts before this one (0 after the first failure)."""
+        delay = self.backoff.delay(attempts + 1)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_delay * 4))
         return delay

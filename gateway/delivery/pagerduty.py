@@ -55,6 +55,10 @@ class PagerDutySender:
         self.routing_keys = routing_keys
         self.rate_limiter = rate_limiter
 
+    def reconfigure(self, events_url: str, routing_keys: Mapping[str, str]) -> None:
+        """A reload: items sent from now on use the new URL and keys (keys may be rotated)."""
+        self.events_url, self.routing_keys = events_url, routing_keys
+
     async def __call__(self, item: OutboxItem) -> str:
         routing_key = self.routing_keys.get(item.service)
         if not routing_key:

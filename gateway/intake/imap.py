@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 from imapclient import SEEN, IMAPClient, SocketTimeout
 from imapclient.exceptions import LoginError
 
+from gateway.backoff import Backoff
 from gateway.config import ImapSettings
 from gateway.errors import GatewayError
 from gateway.intake import spool as intake
@@ -58,24 +58,6 @@ class ImapError(GatewayError):
 
 class ImapAuthError(ImapError):
     """The server refused our credentials, or no OAuth2 token could be obtained."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``initial * factor**(n-1)``, capped, spread by +-``jitter`` (a fraction).
-
-    Jitter keeps many gateways (or accounts on one server) from reconnecting in lock-step after a
-    server restart.
-    """
-
-    initial: float = 1.0
-    maximum: float = 300.0
-    factor: float = 2.0
-    jitter: float = 0.2
-
-    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
-        base = min(self.maximum, self.initial * self.factor ** max(0, failures - 1))
-        return min(self.maximum, base * (1 - self.jitter + 2 * self.jitter * rand()))
 
 
 @dataclass

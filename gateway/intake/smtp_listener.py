@@ -15,7 +15,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.config import ServiceSettings, SmtpSettings, split_hostport
@@ -59,6 +59,12 @@ class SmtpListener:
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
+
+    def reconfigure(self, services: Sequence[ServiceSettings]) -> None:
+        """A reload: new sessions route with `services`; sessions in flight keep their handler."""
+        self.handler = GatewayHandler(
+            services, self.handler.spool, offer_auth=self.users is not None
+        )
 
     def admit(self, session: GatewaySMTP) -> str | None:
         """Register a new session, or return the 421 reply that refuses it."""

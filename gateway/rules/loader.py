@@ -18,6 +18,7 @@ import regex
 from jinja2 import meta
 
 from gateway.errors import Problem, RuleError
+from gateway.files import FileSnapshot
 from gateway.mail.parse import FIELDS
 from gateway.rules.model import (
     ACTIONS,
@@ -422,10 +423,10 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _check_file(path: Path, problems: list[Problem], out: _Collected) -> None:
+def _check_file(path: Path, problems: list[Problem], out: _Collected, files: FileSnapshot) -> None:
     file = _display(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path)
         data = tomllib.loads(text)
     except OSError as exc:
         problems.append(Problem(file, f"cannot read rule file: {exc.strerror or exc}"))
@@ -472,12 +473,15 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
             out.rules.append(rule)
 
 
-def load_ruleset(paths: list[Path]) -> Ruleset:
-    """Validate every file, then raise one RuleError with all problems, or return the Ruleset."""
+def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Ruleset:
+    """Validate every file, then raise one RuleError with all problems, or return the Ruleset.
+
+    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`."""
+    files = FileSnapshot() if files is None else files
     problems: list[Problem] = []
     out = _Collected()
     for path in paths:
-        _check_file(Path(path), problems, out)
+        _check_file(Path(path), problems, out, files)
     if problems:
         raise RuleError(problems)
     action, summary, severity = out.unmatched_values

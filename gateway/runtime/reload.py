@@ -5,6 +5,12 @@ refused with its file:line problems logged and the last good one keeps running; 
 is in flight (SMTP sessions, outbox deliveries, the processor's batch) is interrupted. Settings
 that only a new process can apply (listen addresses, TLS, IMAP accounts, ...) are logged as
 "restart required" and keep their running value.
+
+Each accepted version is a numbered *generation* (1 at start) that remembers the exact bytes it
+was compiled from (`gateway.files`). The worker child gets those bytes over its pipe
+(`GenerationFiles`) and compiles them with the same `load_generation`: it never reads config,
+rules or themes from disk, so it runs exactly what the parent validated, and a worker that
+restarts gets the last good generation, whatever the files on disk say by then.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.decide.processor import ServiceRuntime, load_services
 from gateway.errors import ProblemsError, ThemeError
+from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ MAX_WATCHED_FILES = 2000  # a templates_dir pointed at / must not make every pol
 RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("[smtp]", lambda c: c.smtp),
     ("[[imap]]", lambda c: c.imap),
-    ("[outgoing]", lambda c: c.outgoing),
+    ("[outgoing] (added or removed)", lambda c: c.outgoing is None),
     ("[web] listen", lambda c: c.web.listen),
     ("[gateway] data_dir", lambda c: c.gateway.data_dir),
     ("[gateway] log_format", lambda c: c.gateway.log_format),
@@ -41,23 +48,45 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
 
 @dataclass(frozen=True)
 class Generation:
-    """A configuration that passed `gateway check`, with its compiled rules."""
+    """A configuration that passed `gateway check`: its compiled rules, the bytes it was
+    compiled from, and its number in this `serve` (0 outside one)."""
 
     config: Config
     services: dict[str, ServiceRuntime]
+    files: FileSnapshot
+    number: int = 0
+
+    def for_worker(self) -> GenerationFiles:
+        return GenerationFiles(self.number, self.config.path, self.files.frozen())
 
 
-def load_generation(config_path: Path) -> Generation:
+@dataclass(frozen=True)
+class GenerationFiles:
+    """A generation as it travels to the worker child: its number and its bytes (picklable)."""
+
+    number: int
+    config_path: Path
+    files: FileSnapshot  # frozen: compiling it never touches the disk
+
+
+def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> Generation:
     """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
-    config = load_config(config_path)
-    services = load_services(config.services)
+    files = FileSnapshot() if files is None else files
+    config = load_config(config_path, files=files)
+    services = load_services(config.services, files=files)
     from gateway.themes import render as themes
 
-    if config.gateway.templates_dir.exists() or uses_themes(config):
-        problems = themes.check(config.gateway.templates_dir)
+    if files.exists(config.gateway.templates_dir) or uses_themes(config):
+        problems = themes.check(config.gateway.templates_dir, files=files)
         if problems:
             raise ThemeError(problems)
-    return Generation(config, services)
+    return Generation(config, services, files)
+
+
+def compile_generation(shipped: GenerationFiles) -> Generation:
+    """The worker's side: `load_generation` over the shipped bytes only."""
+    generation = load_generation(shipped.config_path, files=shipped.files)
+    return replace(generation, number=shipped.number)
 
 
 def uses_themes(config: Config) -> bool:
@@ -112,20 +141,29 @@ class Reloader:
 
     def __init__(
         self,
-        config: Config,
+        current: Generation,
         apply: Callable[[Generation], None],
         *,
         on_start: Callable[[], None] = lambda: None,
         on_end: Callable[[], None] = lambda: None,
     ) -> None:
-        self.config = config
+        self.current = current
         self.apply = apply
         self.on_start = on_start
         self.on_end = on_end
         self.reloads = 0
         self.refused = 0
         self._lock = asyncio.Lock()
-        self._signature = signature(watched_files(config))
+        self._signature = signature(watched_files(current.config))
+
+    @property
+    def config(self) -> Config:
+        return self.current.config
+
+    @property
+    def generation(self) -> int:
+        """The number of the generation running now."""
+        return self.current.number
 
     async def reload(self, reason: str) -> bool:
         """Validate off the loop, then apply; False (and an error log) when refused."""
@@ -142,15 +180,27 @@ class Reloader:
             validated = await asyncio.to_thread(load_generation, self.config.path)
         except ProblemsError as exc:
             self.refused += 1
-            log.error("reload (%s) refused, keeping the last good configuration:\n%s", reason, exc)
+            log.error(
+                "reload (%s) refused, keeping the last good configuration (generation %d):\n%s",
+                reason,
+                self.generation,
+                exc,
+            )
             return False
-        for setting in restart_required(self.config, validated.config):
+        new = replace(validated, number=self.generation + 1)
+        for setting in restart_required(self.config, new.config):
             log.warning("restart required: %s changed; it keeps its running value", setting)
-        self.apply(validated)
-        self.config = validated.config
+        self.apply(new)
+        self.current = new
         self.reloads += 1
-        rules = sum(len(s.ruleset.rules) for s in validated.services.values())
-        log.info("reloaded (%s): %d service(s), %d rule(s)", reason, len(validated.services), rules)
+        rules = sum(len(s.ruleset.rules) for s in new.services.values())
+        log.info(
+            "reloaded (%s): generation %d, %d service(s), %d rule(s)",
+            reason,
+            new.number,
+            len(new.services),
+            rules,
+        )
         return True
 
     def changed(self) -> list[Path]:

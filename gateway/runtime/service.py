@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import replace
 
 from gateway.config import Config
 from gateway.intake.imap import ImapPoller
 from gateway.intake.smtp_listener import SmtpListener
 from gateway.intake.spool import SpoolWriter
-from gateway.runtime.operations import Operations
+from gateway.runtime.control import ControlPlane
+from gateway.runtime.loop import run_event_loop
+from gateway.runtime.parts import Runtime
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import WorkerProcess
 from gateway.store import Checkpointer
@@ -28,12 +31,8 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 
 
 def run(config: Config) -> int:
-    """Blocking entry point; uses uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(Service(config).run())
-    return uvloop.run(Service(config).run())
+    """Blocking entry point."""
+    return run_event_loop(Service(config).run())
 
 
 class Service:
@@ -43,42 +42,48 @@ class Service:
         self.config = config
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self.smtp: SmtpListener | None = None
-        self.imap: list[ImapPoller] = []
-        self.ops: Operations | None = None  # notify, reload, web, retention
+        self.runtime: Runtime | None = None
+        self.control: ControlPlane | None = None  # notify, reload, web, retention
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def run(self) -> int:
-        config = self.config
-        load_generation(
-            config.path
-        )  # what `gateway check` runs: fail with file:line before listening
+        # what `gateway check` runs: fail with file:line before listening
+        generation = replace(load_generation(self.config.path), number=1)
+        config = generation.config
         spool = SpoolWriter(config.db_path)
+        runtime = self.runtime = Runtime(
+            stopping=self.stopping,
+            generation=generation,
+            spool=spool,
+            worker=WorkerProcess(config.db_path, generation.for_worker()),
+            smtp=SmtpListener(config.smtp, config.services, spool),
+            imap=[ImapPoller(account, spool, config.db_path) for account in config.imap],
+        )
         spool.start()
         checkpointer = Checkpointer(config.db_path)
         checkpointer.start()
-        worker = WorkerProcess(config.path)
-        worker.start()
-        spool.on_commit(worker.wake)
-        tasks = [asyncio.create_task(worker.supervise(self.stopping), name="worker")]
-        pollers = [ImapPoller(account, spool, config.db_path) for account in config.imap]
+        runtime.worker.start()
+        spool.on_commit(runtime.worker.wake)
+        tasks = [asyncio.create_task(runtime.worker.supervise(self.stopping), name="worker")]
         try:
-            self.smtp = SmtpListener(config.smtp, config.services, spool)
-            await self.smtp.start()
-            for poller in pollers:
+            await runtime.smtp.start()
+            for poller in runtime.imap:
                 poller.start()
-            self.imap = pollers
             self._install_signals()
-            self.ops = Operations(config, self, worker=worker)
-            await self.ops.start()  # READY=1: the listeners are bound
+            self.control = ControlPlane(runtime)
+            await self.control.start()  # READY=1: the listeners are bound
             self.ready.set()
-            log.info("gateway ready: smtp %s", ", ".join(config.smtp.listen))
+            log.info(
+                "gateway ready: smtp %s, configuration generation %d",
+                ", ".join(config.smtp.listen),
+                generation.number,
+            )
             await self.stopping.wait()
             log.info("shutting down: no new sessions, finishing those in flight")
         finally:
-            await self._shutdown(spool, worker, tasks)
+            await self._shutdown(runtime, tasks)
             checkpointer.stop()
         log.info("gateway stopped")
         return 0
@@ -89,17 +94,14 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
 
-    async def _shutdown(
-        self, spool: SpoolWriter, worker: WorkerProcess, tasks: list[asyncio.Task]
-    ) -> None:
+    async def _shutdown(self, runtime: Runtime, tasks: list[asyncio.Task]) -> None:
         self.stopping.set()
-        if self.ops is not None:
-            await self.ops.close()  # STOPPING=1
-        if self.smtp is not None:
-            await self.smtp.close(SHUTDOWN_GRACE_SECONDS)
-        await asyncio.gather(*(asyncio.to_thread(poller.stop) for poller in self.imap))
-        await asyncio.to_thread(spool.stop)
-        await asyncio.to_thread(worker.stop)
+        if self.control is not None:
+            await self.control.close()  # STOPPING=1
+        await runtime.smtp.close(SHUTDOWN_GRACE_SECONDS)  # also fine if it never listened
+        await asyncio.gather(*(asyncio.to_thread(poller.stop) for poller in runtime.imap))
+        await asyncio.to_thread(runtime.spool.stop)
+        await asyncio.to_thread(runtime.worker.stop)
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, SHUTDOWN_GRACE_SECONDS)

@@ -16,9 +16,17 @@ Everything after acceptance runs here, in a child process started with `spawn`:
   PagerDuty folds into the same incident by its dedup_key. Every later acceptance commit
   (FULL) makes all earlier ones durable too.
 
-The parent talks to the child over a pipe: "wake" (a spool commit), "outbox" (items re-queued),
-"reload" (config and rules changed; the child validates again and keeps the last good on error)
-and "stop" (finish the batch and the deliveries in flight, then exit).
+The parent talks to the child over a pipe. The first message on every pipe is the last good
+configuration generation (`GenerationFiles`: the bytes the parent validated), later ones are a
+new generation after each accepted reload, "wake" (a spool commit), "outbox" (items re-queued)
+and "stop" (finish the batch and the deliveries in flight, then exit). The child compiles
+generations from those bytes and never reads config, rules or themes from disk, so it cannot
+run a file the parent refused, not even after a crash and restart. The database path is the
+parent's, fixed for the life of `serve`, whatever a later generation says about data_dir.
+
+One thread in the parent writes to the pipe, fed by a queue: a big generation never blocks the
+event loop or the spool writer (which wakes the child after every commit) while the child is
+still starting up.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -37,14 +46,13 @@ from pathlib import Path
 
 import httpx
 
-from gateway.config import Config, load_config
 from gateway.decide.notifications import build_helpdesk_notifier
-from gateway.decide.processor import Processor, load_services
-from gateway.delivery import dispatch as delivery
-from gateway.delivery.outbox import Dispatcher
-from gateway.errors import ConfigError, RuleError, ThemeError
-from gateway.logs import setup_logging
-from gateway.runtime.reload import load_generation
+from gateway.decide.processor import Processor, build_processor
+from gateway.delivery.dispatch import Deliveries
+from gateway.errors import ProblemsError
+from gateway.logs import LEVELS, setup_logging
+from gateway.runtime.loop import run_event_loop
+from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
 from gateway.store import Store, StoreThread
 
 log = logging.getLogger(__name__)
@@ -55,54 +63,77 @@ log = logging.getLogger(__name__)
 # listener during bursts (bench/RESULTS.md: ratio 0.79-0.83 at 19, 0.75-0.81 at 10).
 WORKER_NICENESS = 19
 
+Message = str | GenerationFiles  # "wake" | "outbox" | "stop" | a generation
+_CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
+
 
 class WorkerProcess:
-    """The parent's handle on the worker child: start, wake, reload, supervise, stop."""
+    """The parent's handle on the worker child: start, wake, configure, supervise, stop."""
 
-    def __init__(self, config_path: Path) -> None:
-        self.config_path = config_path
+    def __init__(self, db_path: Path, generation: GenerationFiles) -> None:
+        self.db_path = db_path
+        self.generation = generation  # the last good one: what a (re)started child gets first
         self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
         self._process: BaseProcess | None = None
         self._pipe: Connection | None = None
-        self._lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[tuple[Connection, Message] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="worker-pipe", daemon=True)
         self._stopping = False
         self.restarts = 0
 
     def start(self) -> None:
         child_end, parent_end = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_worker_main, args=(str(self.config_path), child_end), name="gateway-worker"
+            target=_worker_main, args=(str(self.db_path), child_end), name="gateway-worker"
         )
         process.start()
         child_end.close()
-        with self._lock:
-            self._process, self._pipe = process, parent_end
+        old, self._process, self._pipe = self._pipe, process, parent_end
+        if old is not None:
+            self._outgoing.put((old, _CLOSE))
+        self._outgoing.put((parent_end, self.generation))
+        if not self._writer.is_alive():
+            self._writer.start()
         self.wake()  # resume whatever a previous run left pending
 
     def wake(self) -> None:
         """Thread-safe; the spool writer calls it after every commit."""
-        self._send("wake")
+        self._post("wake")
 
     def wake_outbox(self) -> None:
-        self._send("outbox")
+        self._post("outbox")
 
-    def reload(self) -> None:
-        self._send("reload")
+    def configure(self, generation: GenerationFiles) -> None:
+        """An accepted reload: the child switches to `generation`, and so will a restarted one."""
+        self.generation = generation
+        self._post(generation)
 
-    def _send(self, message: str) -> None:
-        with self._lock:
-            if self._pipe is None:
-                return
-            # a dead child is restarted by the supervisor and rescans the store anyway
+    def _post(self, message: Message) -> None:
+        pipe = self._pipe
+        if pipe is not None:
+            self._outgoing.put((pipe, message))
+
+    def _write(self) -> None:
+        """The pipe writer thread: sends in order, never blocking the callers."""
+        while (entry := self._outgoing.get()) is not None:
+            pipe, message = entry
+            if message == _CLOSE:
+                pipe.close()
+                continue
+            # a dead child is restarted by the supervisor and gets the generation again
             with contextlib.suppress(OSError):
-                self._pipe.send(message)
+                pipe.send(message)
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restart the child if it dies (pausing longer after repeated crashes)."""
         while not stop.is_set():
             process = self._process
             if process is not None and not process.is_alive() and not self._stopping:
-                log.error("worker process exited with %s; restarting", process.exitcode)
+                log.error(
+                    "worker process exited with %s; restarting with generation %d",
+                    process.exitcode,
+                    self.generation.number,
+                )
                 self.restarts += 1
                 self.start()
             with contextlib.suppress(TimeoutError):
@@ -111,43 +142,51 @@ class WorkerProcess:
     def stop(self, timeout: float = 30.0) -> None:
         """Blocking: let the child finish its batch and deliveries in flight, then exit."""
         self._stopping = True
-        self._send("stop")
+        self._post("stop")
         process = self._process
-        if process is None:
-            return
-        process.join(timeout)
-        if process.is_alive():
-            log.error("worker did not stop within %.0fs; killing it", timeout)
-            process.kill()
-            process.join(5)
+        if process is not None:
+            process.join(timeout)
+            if process.is_alive():
+                log.error("worker did not stop within %.0fs; killing it", timeout)
+                process.kill()
+                process.join(5)
+        self._outgoing.put(None)
+        if self._writer.is_alive():
+            self._writer.join(5)
 
 
-def _worker_main(config_path: str, inbox: Connection) -> None:
+def _worker_main(db_path: str, inbox: Connection) -> None:
     """Child process entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads arrive over the pipe
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
-    config = load_config(Path(config_path))
-    setup_logging(config.gateway.log_level, config.gateway.log_format)
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_Worker(Path(config_path), config, inbox).run())
-    else:
-        uvloop.run(_Worker(Path(config_path), config, inbox).run())
+        shipped = inbox.recv()  # the parent sends the last good generation first
+    except EOFError:
+        return  # the parent is gone already
+    if not isinstance(shipped, GenerationFiles):
+        raise SystemExit(f"worker: expected a configuration generation first, got {shipped!r}")
+    try:
+        generation = compile_generation(shipped)
+    except ProblemsError as exc:  # the parent validated these bytes: only the environment differs
+        raise SystemExit(f"worker: generation {shipped.number} does not compile:\n{exc}") from None
+    config = generation.config
+    setup_logging(config.gateway.log_level, config.gateway.log_format)
+    run_event_loop(_Worker(Path(db_path), generation, inbox).run())
 
 
 class _Worker:
     """Inside the child: one thread decides jobs, the event loop delivers outbox items."""
 
-    def __init__(self, config_path: Path, config: Config, inbox: Connection) -> None:
-        self.config_path = config_path
-        self.config = config
+    def __init__(self, db_path: Path, generation: Generation, inbox: Connection) -> None:
+        self.db_path = db_path
+        self.generation = generation
         self.inbox = inbox
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.workers: list[Dispatcher] = []
+        self.deliveries: Deliveries | None = None
+        self._switches: set[asyncio.Task[None]] = set()
         # the processor's store lives on this one thread, like every SQLite connection
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
@@ -155,33 +194,33 @@ class _Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.processor = await loop.run_in_executor(self.decider, self._new_processor)
-        store = StoreThread(self.config.db_path, "outbox", durable=False)
-        async with httpx.AsyncClient(timeout=self.config.pagerduty.timeout_seconds) as client:
-            self.workers = [delivery.pagerduty_dispatcher(store, client, self.config)]
-            self.workers += filter(None, [delivery.mail_dispatcher(store, self.config)])
+        config = self.generation.config
+        log.info("worker running generation %d", self.generation.number)
+        store = StoreThread(self.db_path, "outbox", durable=False)
+        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
+            self.deliveries = Deliveries(store, client, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
-            tasks = [asyncio.create_task(w.run(self.stop)) for w in self.workers]
+            delivering = asyncio.create_task(self.deliveries.run(self.stop))
             await self._decide_until_stopped()
-            await asyncio.gather(*tasks)
+            await delivering
             loop.remove_reader(self.inbox.fileno())
         store.close()
         await loop.run_in_executor(self.decider, self.processor.store.close)
         self.decider.shutdown()
 
     def _new_processor(self) -> Processor:
-        config = self.config
-        return Processor(
-            Store(config.db_path, durable=False),
-            load_services(config.services),
-            config.pagerduty,
-            regex_timeout=config.gateway.regex_timeout_seconds,
+        generation, config = self.generation, self.generation.config
+        return build_processor(
+            config,
+            Store(self.db_path, durable=False),
+            generation.services,
             on_outbox=self._wake_outboxes_threadsafe,
-            notifier=build_helpdesk_notifier(config),
+            files=generation.files,
         )
 
     def _wake_outboxes_threadsafe(self) -> None:
-        for worker in self.workers:
-            worker.wake()  # Dispatcher.wake is thread-safe
+        if self.deliveries is not None:
+            self.deliveries.wake()  # Dispatcher.wake is thread-safe
 
     async def _decide_until_stopped(self) -> None:
         """Decide pending jobs whenever woken (and every second, as a safety net)."""
@@ -207,31 +246,47 @@ class _Worker:
             self._handle("stop")  # the parent is gone
             asyncio.get_running_loop().remove_reader(self.inbox.fileno())
 
-    def _handle(self, message: str) -> None:
-        if message == "wake":
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, GenerationFiles):
+            task = asyncio.get_running_loop().create_task(self._switch(message))
+            self._switches.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._switches.discard)
+        elif message == "wake":
             self.wake.set()
         elif message == "outbox":
             self._wake_outboxes_threadsafe()
-        elif message == "reload":
-            asyncio.get_running_loop().run_in_executor(self.decider, self._reload)
         elif message == "stop":
             self.stop.set()
             self.wake.set()
 
-    def _reload(self) -> None:
-        """On the processor thread, between batches; on any error keep the last good."""
+    async def _switch(self, shipped: GenerationFiles) -> None:
+        """Compile and swap on the processor thread, between batches; then the senders."""
+        loop = asyncio.get_running_loop()
+        generation = await loop.run_in_executor(self.decider, self._swap_processor, shipped)
+        if generation is None:
+            return
+        if self.deliveries is not None:
+            self.deliveries.reconfigure(generation.config)
+        level = generation.config.gateway.log_level
+        logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
+        log.info("worker running generation %d", generation.number)
+
+    def _swap_processor(self, shipped: GenerationFiles) -> Generation | None:
         assert self.processor is not None
         try:
-            validated = load_generation(self.config_path)  # what `gateway check` runs
-            config, services = validated.config, validated.services
-            notifier = build_helpdesk_notifier(config)
-        except (ConfigError, RuleError, ThemeError) as exc:
-            log.error("reload refused, keeping the last good rules:\n%s", exc)
-            return
-        self.processor.services, self.processor.notifier = services, notifier
-        routing_keys = {s.name: s.routing_key for s in config.services if s.routing_key}
-        for worker in self.workers:
-            if hasattr(worker.send, "routing_keys"):
-                worker.send.routing_keys = routing_keys
-                worker.send.events_url = config.pagerduty.events_url
-        log.info("rules reloaded: %s", ", ".join(services))
+            generation = compile_generation(shipped)
+            config = generation.config
+            notifier = build_helpdesk_notifier(config, files=generation.files)
+        except ProblemsError as exc:  # cannot happen with the parent's validated bytes
+            log.error(
+                "worker: generation %d refused, keeping the last good:\n%s", shipped.number, exc
+            )
+            return None
+        self.processor.reconfigure(
+            generation.services,
+            config.pagerduty,
+            regex_timeout=config.gateway.regex_timeout_seconds,
+            notifier=notifier,
+        )
+        self.generation = generation
+        return generation

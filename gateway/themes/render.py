@@ -41,6 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import jinja2
 
 from gateway.errors import Problem, ThemeError
+from gateway.files import FileSnapshot
 from gateway.sandbox import BudgetedSandbox
 
 TEXT_FILE = "message.txt.j2"
@@ -151,9 +152,9 @@ def _compile(env: jinja2.Environment, source: str, path: Path, offset: int = 0) 
     return env.template_class.from_code(env, code, env.make_globals(None))
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, files: FileSnapshot) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return files.read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ThemeError(Problem(str(path), f"cannot read template: {exc}")) from None
 
@@ -161,13 +162,14 @@ def _read(path: Path) -> str:
 class Themes:
     """Every theme of a templates directory, compiled once; `render()` builds an EmailMessage."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, files: FileSnapshot | None = None) -> None:
         self.directory = directory
+        self.files = FileSnapshot() if files is None else files  # see gateway.files
         self._header_env = _environment(single_line)
         self._body_env = _environment(None)
         self.themes: dict[str, Theme] = {}
         problems: list[Problem] = []
-        for folder in _theme_folders(directory):
+        for folder in _theme_folders(directory, self.files):
             try:
                 self.themes[folder.name] = self._load(folder)
             except ThemeError as exc:
@@ -177,9 +179,9 @@ class Themes:
 
     def _load(self, folder: Path) -> Theme:
         text_path = folder / TEXT_FILE
-        header_src, body_src, offset = _split_header_block(_read(text_path))
+        header_src, body_src, offset = _split_header_block(_read(text_path, self.files))
         html_path = folder / HTML_FILE
-        html_path = html_path if html_path.is_file() else None
+        html_path = html_path if self.files.is_file(html_path) else None
         sample_path = folder / SAMPLE_FILE
         return Theme(
             name=folder.name,
@@ -188,8 +190,10 @@ class Themes:
             body=_compile(self._body_env, body_src, text_path, offset),
             body_offset=offset,
             html_path=html_path,
-            html=_compile(self._body_env, _read(html_path), html_path) if html_path else None,
-            sample_path=sample_path if sample_path.is_file() else None,
+            html=_compile(self._body_env, _read(html_path, self.files), html_path)
+            if html_path
+            else None,
+            sample_path=sample_path if self.files.is_file(sample_path) else None,
         )
 
     def names(self) -> list[str]:
@@ -228,19 +232,20 @@ class Themes:
         if t.sample_path is None:
             path = t.text_path.parent / SAMPLE_FILE
             raise ThemeError(Problem(str(path), "missing: check renders every theme with it"))
-        return self.render(theme, load_context(t.sample_path))
+        return self.render(theme, load_context(t.sample_path, files=self.files))
 
 
-def _theme_folders(directory: Path) -> list[Path]:
-    if not directory.is_dir():
+def _theme_folders(directory: Path, files: FileSnapshot) -> list[Path]:
+    if not files.is_dir(directory):
         raise ThemeError(Problem(str(directory), "templates directory not found"))
-    return sorted(p for p in directory.iterdir() if (p / TEXT_FILE).is_file())
+    return sorted(p for p in files.iterdir(directory) if files.is_file(p / TEXT_FILE))
 
 
-def load_context(path: Path) -> dict[str, Any]:
+def load_context(path: Path, *, files: FileSnapshot | None = None) -> dict[str, Any]:
     """A JSON object from a file (a case, or a sample context)."""
+    files = FileSnapshot() if files is None else files
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(files.read_text(path))
     except OSError as exc:
         raise ThemeError(Problem(str(path), f"cannot read: {exc.strerror}")) from None
     except json.JSONDecodeError as exc:
@@ -358,10 +363,10 @@ def recipients(msg: EmailMessage) -> list[str]:
 # -- validation (`gateway check`) -------------------------------------------------------------
 
 
-def check(directory: Path) -> list[Problem]:
+def check(directory: Path, *, files: FileSnapshot | None = None) -> list[Problem]:
     """Compile every theme and render it with its sample.json; [] when all is well."""
     try:
-        themes = Themes(directory)
+        themes = Themes(directory, files=files)
     except ThemeError as exc:
         return exc.problems
     problems: list[Problem] = []

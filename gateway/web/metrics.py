@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -57,14 +57,65 @@ class Snapshot:
     taken_at: float = field(default_factory=time.time)
 
 
+# What the web side reads of the running parts. Protocols, because those parts are built by
+# later stages (runtime) or may move within intake; the web never imports them.
+
+
+class SmtpState(Protocol):
+    """The SMTP listener (`gateway.intake.smtp_listener.SmtpListener`)."""
+
+    @property
+    def bound(self) -> list[tuple[str, int]]: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def active_sessions(self) -> int: ...
+
+
+class AccountName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class PollerState(Protocol):
+    """One IMAP account's poller (`gateway.intake.imap.ImapPoller`)."""
+
+    @property
+    def settings(self) -> AccountName: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def last_success(self) -> float | None: ...
+    @property
+    def errors(self) -> int: ...
+
+
+class ReloadState(Protocol):
+    """The reloader (`gateway.runtime.reload.Reloader`)."""
+
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+
+
+class WorkerState(Protocol):
+    """The worker child's handle (`gateway.runtime.worker.WorkerProcess`)."""
+
+    @property
+    def restarts(self) -> int: ...
+
+
 @dataclass
 class LiveState:
     """This process's running parts, read at scrape time (all optional)."""
 
-    smtp: Any = None  # SmtpListener: .active_sessions, .bound, .closing
-    imap: Sequence[Any] = ()  # ImapPoller: .settings.name, .state, .last_success, .errors
-    reloader: Any = None  # Reloader: .reloads, .refused
-    processor: Any = None  # WorkerProcess: .restarts
+    smtp: SmtpState | None = None
+    imap: Sequence[PollerState] = ()
+    reloader: ReloadState | None = None
+    worker: WorkerState | None = None
 
 
 class GatewayMetrics:
@@ -114,14 +165,20 @@ class GatewayMetrics:
             reloads.add_metric(("ok",), live.reloader.reloads)
             reloads.add_metric(("refused",), live.reloader.refused)
             yield reloads
-        if live.processor is not None:
+            yield _gauge(
+                "gateway_config_generation",
+                "Configuration generation running (1 at start, +1 per accepted reload)",
+                (),
+                live.reloader.generation,
+            )
+        if live.worker is not None:
             restarts = CounterMetricFamily(
                 "gateway_processor_restarts", "Processor child restarts after a crash"
             )
-            restarts.add_metric((), live.processor.restarts)
+            restarts.add_metric((), live.worker.restarts)
             yield restarts
 
-    def _imap_families(self, pollers: Sequence[Any]) -> Iterable[Metric]:
+    def _imap_families(self, pollers: Sequence[PollerState]) -> Iterable[Metric]:
         if not pollers:
             return
         up = GaugeMetricFamily("gateway_imap_up", "Mailbox connected", labels=("account",))

@@ -1,7 +1,7 @@
-"""The operations side of `gateway serve`: systemd notify and watchdog, hot reload, the web
+"""The control plane of `gateway serve`: systemd notify and watchdog, hot reload, the web
 listener (health, metrics, status page) and the retention schedule.
 
-`Service` builds the mail path; this class attaches to it once the SMTP listener is bound,
+`Service` builds the mail path (`Runtime`); this attaches to it once the SMTP listener is bound,
 so `READY=1` means "mail is accepted now". Everything here is best effort for mail: a web port
 that is taken is logged and skipped, it never stops the gateway from taking mail.
 """
@@ -12,15 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
 
-from gateway.config import Config
-from gateway.intake.smtp_handler import GatewayHandler
-from gateway.logs import LEVELS
 from gateway.runtime import retention
+from gateway.runtime.parts import Runtime
 from gateway.runtime.reload import Generation, Reloader
 from gateway.runtime.systemd import ServiceManager
-from gateway.runtime.worker import WorkerProcess
 from gateway.store import StoreThread
 from gateway.web.metrics import LiveState
 from gateway.web.notify import NotifyEndpoint
@@ -30,28 +26,26 @@ from gateway.web.status import WebApp
 log = logging.getLogger(__name__)
 
 
-class Operations:
+class ControlPlane:
     """Start with `start()` after the listeners are bound; `close()` first thing on shutdown."""
 
-    def __init__(self, config: Config, service: Any, *, worker: WorkerProcess) -> None:
-        self.config = config
-        self.service = service  # .smtp, .imap, .stopping
-        self.worker = worker
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.manager = ServiceManager()
         self.reloader = Reloader(
-            config,
+            runtime.generation,
             self._apply,
             on_start=self.manager.reloading,
             on_end=lambda: self.manager.ready(),
         )
-        self.store = StoreThread(config.db_path, "ops")
+        self.store = StoreThread(runtime.generation.config.db_path, "ops")
         self.web: WebApp | None = None
         self.http: WebServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._reloads: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        stop = self.service.stopping
+        stop = self.runtime.stopping
         await self._start_web()
         self._install_sighup()
         self._tasks = [
@@ -66,7 +60,8 @@ class Operations:
         ]
         for task in self._tasks:
             task.add_done_callback(_log_failure)
-        self.manager.ready(f"accepting mail on {', '.join(self.config.smtp.listen)}")
+        listen = self.runtime.generation.config.smtp.listen
+        self.manager.ready(f"accepting mail on {', '.join(listen)}")
 
     async def close(self) -> None:
         """STOPPING=1, stop the web listener and the background tasks."""
@@ -81,15 +76,16 @@ class Operations:
         await asyncio.to_thread(self.store.close)
 
     async def _start_web(self) -> None:
-        listen = self.config.web.listen
+        runtime = self.runtime
+        listen = runtime.generation.config.web.listen
         if not listen:
             return
-        live = LiveState(self.service.smtp, self.service.imap, self.reloader, self.worker)
+        live = LiveState(runtime.smtp, runtime.imap, self.reloader, runtime.worker)
         self.web = WebApp(
             self.store,
-            self.config.web,
+            runtime.generation.config.web,
             live=live,
-            on_requeue=self.worker.wake_outbox,
+            on_requeue=runtime.worker.wake_outbox,
             notify=self._notify_endpoint(),
         )
         # the latency histogram counts jobs decided from now on, like any per-process metric
@@ -104,7 +100,7 @@ class Operations:
         log.info("web listening on http://%s (healthz, metrics, status page)", listen)
 
     def _notify_endpoint(self) -> NotifyEndpoint | None:
-        config = self.config
+        config = self.runtime.generation.config
         if not (config.web.notify_token and config.outgoing):
             return None
         return NotifyEndpoint(
@@ -112,7 +108,7 @@ class Operations:
             config.gateway.templates_dir,
             config.outgoing,
             config.web.notify_token,
-            on_queued=self.worker.wake_outbox,
+            on_queued=self.runtime.worker.wake_outbox,
         )
 
     def _install_sighup(self) -> None:
@@ -126,18 +122,11 @@ class Operations:
         task.add_done_callback(self._reloads.discard)
 
     def _apply(self, new: Generation) -> None:
-        """Swap what the parent holds; the worker child reloads by itself."""
-        config = new.config
-        self.worker.reload()
-        smtp = self.service.smtp
-        if smtp is not None:  # sessions in flight keep the handler they started with
-            old = smtp.handler
-            smtp.handler = GatewayHandler(config.services, old.spool, offer_auth=old.offer_auth)
-        self.config = config
+        """The mail path first (worker, SMTP), then what this side holds."""
+        self.runtime.apply(new)
         if self.web is not None:
-            self.web.settings = config.web
+            self.web.settings = new.config.web
             self.web.notify = self._notify_endpoint()  # recompiles the themes
-        logging.getLogger().setLevel(LEVELS.get(config.gateway.log_level, logging.INFO))
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -1,0 +1,103 @@
+"""The processor's two phases: themes render before the write transaction, and a decision whose
+incident changed in between is made again from the new state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import NotifySettings, OutgoingSettings, PagerDutySettings, ServiceSettings
+from gateway.decide.incidents import apply_action
+from gateway.decide.notifications import HelpdeskNotifier
+from gateway.decide.processor import Processor, load_services
+from gateway.intake.spool import incoming
+from gateway.outcomes import Outcome
+from gateway.store import Store
+from gateway.themes.render import Themes
+from tests.conftest import ROOT, RULES_DIR, desk_mail
+
+AGENTS = "agents@helpdesk.example"
+
+
+class WatchedThemes(Themes):
+    """The real themes; every render records its event and whether a transaction was open."""
+
+    def __init__(self, store: Store, before_render: Callable[[], None] = lambda: None) -> None:
+        super().__init__(ROOT / "templates")
+        self.store = store
+        self.before_render = before_render
+        self.renders: list[tuple[str, bool]] = []
+
+    def render(self, theme: str, context: Mapping[str, Any], **kwargs: Any):
+        self.renders.append((context["event"], self.store.conn.in_transaction))
+        self.before_render()
+        return super().render(theme, context, **kwargs)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "gateway.sqlite3")
+
+
+def processor(store: Store, themes: Themes) -> Processor:
+    notify = NotifySettings("incident_update", (AGENTS,), ("trigger", "duplicate", "resolve"))
+    settings = ServiceSettings(
+        "helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32, notify=notify
+    )
+    notifier = HelpdeskNotifier(themes, OutgoingSettings(from_addr="gw@gateway.example"))
+    return Processor(store, load_services((settings,)), PagerDutySettings(), notifier=notifier)
+
+
+def spool(store: Store, *mails: bytes) -> None:
+    store.accept([incoming(raw, source="cli", services=("helpdesk",)) for raw in mails])
+
+
+def mail_events(store: Store) -> list[str]:
+    """The X-Gateway-Event of each queued helpdesk mail, in queue order."""
+    items = [item for item in store.outbox() if item.kind == "mail"]
+    return [
+        line.split(":", 1)[1].strip()
+        for item in items
+        for line in item.payload["message"].splitlines()
+        if line.startswith("X-Gateway-Event:")
+    ]
+
+
+def test_themes_render_outside_the_write_transaction(store: Store) -> None:
+    themes = WatchedThemes(store)
+    spool(store, desk_mail("Printer on fire"), desk_mail("Printer on fire", "Resolved"))
+    outcomes = processor(store, themes).process_pending()
+    # one batch: the resolve saw the trigger decided just before it, although neither was
+    # committed when the themes rendered
+    assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED, Outcome.RESOLVED]
+    assert themes.renders == [("trigger", False), ("resolve", False)]
+    assert mail_events(store) == ["trigger", "resolve"]
+    (incident,) = store.incidents()
+    assert incident.state == "resolved" and incident.trigger_count == 1
+
+
+def test_an_incident_changed_between_the_phases_is_decided_again(
+    store: Store, tmp_path: Path
+) -> None:
+    other = Store(tmp_path / "gateway.sqlite3")  # e.g. `gateway ingest` in another process
+
+    def race() -> None:
+        if len(themes.renders) == 1:  # while the first verdict renders, another writer triggers
+            opened, _ = apply_action(
+                None, service="helpdesk", key="Printer on fire", action="trigger", now=1.0
+            )
+            assert opened is not None
+            with other.transaction():
+                other.save_incident(opened)
+
+    themes = WatchedThemes(store, race)
+    spool(store, desk_mail("Printer on fire"))
+    (outcome,) = processor(store, themes).process_pending()
+    assert outcome.outcome == Outcome.DUPLICATE  # not a second "triggered"
+    assert themes.renders == [("trigger", False), ("duplicate", False)]
+    assert mail_events(store) == ["duplicate"]  # the mail rendered for the stale read is dropped
+    (incident,) = store.incidents()
+    assert incident.trigger_count == 2
