@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import IncomingMail, OutboxResult, Store
+from gateway.store import IncomingMail, OutboxResult, Store, open_store
+from tests.store_support import counts
 
 
 def mail(
@@ -19,7 +20,7 @@ def mail(
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "db" / "gateway.sqlite3")
+    s = open_store(tmp_path / "db" / "gateway.sqlite3")
     yield s
     s.close()
 
@@ -32,9 +33,9 @@ def test_schema_is_versioned_and_durable(store: Store) -> None:
 
 def test_reopening_does_not_migrate_twice(tmp_path: Path) -> None:
     path = tmp_path / "g.sqlite3"
-    Store(path).accept([mail("a")])
-    again = Store(path)
-    assert again.counts()["messages"] == 1
+    open_store(path).accept([mail("a")])
+    again = open_store(path)
+    assert counts(again)["messages"] == 1
 
 
 def test_group_commit_accepts_a_batch(store: Store) -> None:
@@ -49,7 +50,7 @@ def test_duplicate_is_recorded_not_queued(store: Store) -> None:
     assert second.duplicate_of == first.id
     assert len(store.pending_jobs()) == 1
     assert store.raw_message(second.id) is None  # the copy's bytes are not kept twice
-    assert store.counts()["duplicates"] == 1
+    assert counts(store)["duplicates"] == 1
 
 
 def test_same_mail_for_a_new_service_is_not_a_duplicate(store: Store) -> None:
@@ -73,7 +74,7 @@ def test_failed_transaction_leaves_nothing(store: Store) -> None:
     with pytest.raises(RuntimeError), store.transaction():
         store.accept([mail("x")])
         raise RuntimeError("crash before commit")
-    assert store.counts()["messages"] == 0
+    assert counts(store)["messages"] == 0
 
 
 def test_outbox_keeps_per_key_order(store: Store) -> None:
@@ -106,7 +107,7 @@ def test_dead_letters_can_be_requeued(store: Store) -> None:
 
 def test_store_errors_are_transient(tmp_path: Path) -> None:
     path = tmp_path / "g.sqlite3"
-    store = Store(path, timeout=0.1)
+    store = open_store(path, timeout=0.1)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     from gateway.errors import StoreError
@@ -138,7 +139,7 @@ def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
         assert asyncio.run(scenario()) >= 1
     finally:
         writer.stop()
-    assert Store(tmp_path / "g.sqlite3").counts()["messages"] == 21  # cancelled ones were kept
+    assert counts(open_store(tmp_path / "g.sqlite3"))["messages"] == 21  # cancelled ones were kept
 
 
 def test_pending_jobs_are_bounded_by_size(store: Store) -> None:

@@ -27,7 +27,7 @@ from gateway.intake import spool as intake
 from gateway.logs import setup_logging
 from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
-from gateway.store import Store
+from gateway.store import Store, open_store
 
 EX_OK, EX_USAGE, EX_TEMPFAIL = 0, 1, 75
 
@@ -321,7 +321,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config.service(args.service)
     raw = _read_input(args.file)
     mail = intake.incoming(raw, source="cli", services=(args.service,), mail_from=args.sender)
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     [accepted] = store.accept([mail])  # one durable commit: only then exit 0
     if accepted.duplicate_of is not None:
         print(f"accepted as message {accepted.id} (duplicate of {accepted.duplicate_of})")
@@ -362,7 +362,7 @@ def cmd_imap_once(args: argparse.Namespace) -> int:
     if account is None:
         known = ", ".join(a.name for a in config.imap) or "none"
         raise UsageError(f"unknown imap account {args.name!r} (configured: {known})")
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     try:
         result = imap.run_once(account, store)
     except imap.ImapAuthError as exc:
@@ -383,7 +383,7 @@ def cmd_imap_once(args: argparse.Namespace) -> int:
 
 def cmd_incidents(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     rows = [
         [
             i.service,
@@ -405,7 +405,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 
 def cmd_messages(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     rows = [
         [
             j.message,
@@ -426,7 +426,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     if args.action == "retry":
         if args.id is None and not args.all:
             raise UsageError("outbox retry needs an item ID or --all")
@@ -498,7 +498,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
         raise UsageError(f"{config.path}: no [outgoing] section (set host, port and from)")
     _setup_logging(config, "warning")
     msg = _render_case(args, config.gateway.templates_dir, config.outgoing.from_addr)
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     try:
         sender = outgoing_mail.envelope_sender(config.outgoing.from_addr)
         item = outgoing_mail.queue_mail(store, msg, mail_from=sender)
@@ -558,7 +558,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if days <= 0:
         print("retention_days is 0: everything is kept, nothing to purge")
         return EX_OK
-    store = Store(config.db_path)
+    store = open_store(config.db_path)
     if args.dry_run:
         counts = retention.plan(store, days)
         print(f"would delete (older than {days} days): {retention.describe(counts)}")
@@ -582,7 +582,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.service:
         config.service(args.service)  # KeyError names the configured services
     results = replay.replay(
-        Store(config.db_path),
+        open_store(config.db_path),
         services,
         since,
         regex_timeout=config.gateway.regex_timeout_seconds,

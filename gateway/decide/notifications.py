@@ -14,7 +14,7 @@ from gateway.config import Config, NotifySettings, OutgoingSettings
 from gateway.decide import outgoing_mail
 from gateway.errors import ThemeError
 from gateway.outcomes import Outcome
-from gateway.store import Incident, Store
+from gateway.store import DecisionStore, Incident
 from gateway.themes import render as themes
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,12 @@ class HelpdeskNotifier:
     outgoing: OutgoingSettings
 
     def queue(
-        self, store: Store, notify: NotifySettings, outcome: str, incident: Incident, job: int
+        self,
+        store: DecisionStore,
+        notify: NotifySettings,
+        outcome: str,
+        incident: Incident,
+        job: int,
     ) -> int | None:
         """Queue the mail if `outcome` is one the service subscribed to; returns the item id."""
         event = EVENTS.get(outcome)

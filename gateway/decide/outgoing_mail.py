@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
-from gateway.store import Store
+from gateway.store import DecisionStore
 from gateway.themes.render import POLICY, recipients
 
 KIND = "mail"
@@ -32,7 +32,7 @@ def envelope_sender(from_addr: str) -> str:
 
 
 def queue_mail(
-    store: Store,
+    store: DecisionStore,
     msg: EmailMessage,
     *,
     mail_from: str,

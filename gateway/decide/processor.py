@@ -22,7 +22,7 @@ from gateway.errors import RuleError, RuleEvaluationError
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
-from gateway.store import PendingJob, Store
+from gateway.store import DecisionStore, PendingJob
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Processor:
 
     def __init__(
         self,
-        store: Store,
+        store: DecisionStore,
         services: Mapping[str, ServiceRuntime],
         pagerduty: PagerDutySettings,
         *,

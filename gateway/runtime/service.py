@@ -20,7 +20,7 @@ from gateway.intake.spool import SpoolWriter
 from gateway.runtime.operations import Operations
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import WorkerProcess
-from gateway.store import Checkpointer
+from gateway.store.sqlite import Checkpointer
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from gateway.delivery.outbox import Dispatcher
 from gateway.errors import ConfigError, RuleError, ThemeError
 from gateway.logs import setup_logging
 from gateway.runtime.reload import load_generation
-from gateway.store import Store, StoreThread
+from gateway.store import StoreThread, open_store
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class _Worker:
     def _new_processor(self) -> Processor:
         config = self.config
         return Processor(
-            Store(config.db_path, durable=False),
+            open_store(config.db_path, durable=False),
             load_services(config.services),
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,

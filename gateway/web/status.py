@@ -27,7 +27,7 @@ import jinja2
 
 from gateway.config import WebSettings
 from gateway.mail.parse import parse_message
-from gateway.store import Store, StoreThread
+from gateway.store import ReportStore, StoreThread
 from gateway.web.httpserver import HttpError, Request, Response
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
 from gateway.web.notify import NotifyEndpoint
@@ -105,7 +105,7 @@ class WebApp:
 
     async def _store_check(self) -> Check:
         try:
-            at = await asyncio.wait_for(self.store.call(Store.heartbeat), STORE_TIMEOUT)
+            at = await asyncio.wait_for(self.store.call(lambda s: s.heartbeat()), STORE_TIMEOUT)
         except Exception as exc:  # any failure to commit is exactly what this check reports
             return Check(False, {"error": f"{type(exc).__name__}: {exc}"})
         return Check(True, {"heartbeat": at})
@@ -217,7 +217,7 @@ def _age(seconds: float) -> str:
 # -- data for the pages (run in the store's thread) ---------------------------------------------
 
 
-def _index_data(store: Store) -> dict[str, Any]:
+def _index_data(store: ReportStore) -> dict[str, Any]:
     jobs = [{"job": job, "subject": _subject(head)} for job, head in store.recent_jobs(50)]
     outbox = store.outbox(("pending", "dead"), limit=200)
     return {
@@ -228,7 +228,7 @@ def _index_data(store: Store) -> dict[str, Any]:
     }
 
 
-def _job_data(store: Store, job: int) -> dict[str, Any] | None:
+def _job_data(store: ReportStore, job: int) -> dict[str, Any] | None:
     detail = store.job_detail(job)
     if detail is None:
         return None
