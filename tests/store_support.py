@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from gateway.store import Incident, IncomingMail, ReportStore
+from gateway.store import Incident, IncomingMail, ReportStore, Store, open_store
+
+
+class Backend:
+    """Opens connections to one database; closes them all at the end of the test."""
+
+    def __init__(self, name: str, location: str | os.PathLike[str]) -> None:
+        self.name = name
+        self.location = location
+        self._opened: list[Store] = []
+
+    def open(self, **hints: object) -> Store:
+        store = open_store(self.location, **hints)  # type: ignore[arg-type]
+        self._opened.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self._opened:
+            store.close()
 
 
 def mail(
