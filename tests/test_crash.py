@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from gateway.store import Store
+from gateway.store import open_store
 from tests.conftest import ROOT, GatewayProcess, free_port, wait_until, write_config
 from tests.pdserver import PagerDutyStandIn
 
@@ -58,7 +58,7 @@ def test_kill_9_under_load_loses_nothing_and_acts_once(
     acked = acknowledged(log)
     assert sorted(acked) == list(range(MESSAGES)), "the sender got a 250 for every mail"
     pd.wait_for(MESSAGES, timeout=120)
-    store = Store(config.parent / "data" / "gateway.sqlite3")
+    store = open_store(config.parent / "data" / "gateway.sqlite3")
     wait_until(lambda: store.outbox(("pending",)) == [], timeout=60, message="outbox not drained")
     gateway.stop()
 

@@ -22,7 +22,7 @@ from gateway.config import ImapSettings
 from gateway.intake import imap
 from gateway.intake.imap import Backoff, FolderSync, ImapAuthError, ImapError, ImapPoller
 from gateway.intake.spool import SpoolWriter
-from gateway.store import Store
+from gateway.store import open_store
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.dovecot import OAUTH_TOKEN, OAUTH_USER, PASSWORD, USER, Dovecot, require_dovecot
 
@@ -80,7 +80,7 @@ class Harness:
         self.db = directory / "gateway.sqlite3"
         self.spool = SpoolWriter(self.db)
         self.spool.start()
-        self.store = Store(self.db)
+        self.store = open_store(self.db)
         self.pollers: list[ImapPoller] = []
 
     def settings(self, **overrides: Any) -> ImapSettings:
@@ -421,7 +421,7 @@ class TestStartTls:
 def test_run_once(tmp_path: Path, dovecot: Dovecot) -> None:
     dovecot.append(desk_mail("cron one"))
     dovecot.append(desk_mail("cron two"))
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     try:
         settings = account_for(dovecot, after="delete")
         first = imap.run_once(settings, store)
@@ -434,7 +434,7 @@ def test_run_once(tmp_path: Path, dovecot: Dovecot) -> None:
 
 def test_folder_sync_filters_the_uid_star_quirk(tmp_path: Path, dovecot: Dovecot) -> None:
     dovecot.append(desk_mail("only one"))
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     settings = account_for(dovecot)
     client = imap.connect(settings)
     try:

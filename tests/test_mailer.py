@@ -27,7 +27,7 @@ from gateway.decide.outgoing_mail import mail_payload, queue_mail
 from gateway.delivery.mailer import MailSender, mail_dispatcher
 from gateway.delivery.outbox import RetryPolicy
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.store import OutboxItem, Store, StoreThread
+from gateway.store import OutboxItem, StoreThread, open_store
 from gateway.themes.render import Themes, incident_context, load_context, recipients
 from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.pdserver import PagerDutyStandIn
@@ -184,7 +184,7 @@ class TestOutbox:
 
     def test_relay_outage_delays_then_delivers_exactly_once(self, tmp_path: Path, message) -> None:
         db, port = tmp_path / "gw.sqlite3", free_port()
-        store = Store(db)
+        store = open_store(db)
         item_id = queue_mail(store, message, mail_from="gw@gateway.test")
         self.run_worker(db, port)  # nothing listens on `port`
         [pending] = store.outbox()
@@ -206,7 +206,7 @@ class TestOutbox:
 
     def test_rejection_is_a_dead_letter_with_the_reply(self, tmp_path: Path, sink: Sink, message):
         sink.handler.data_reply = "554 5.7.1 Spam score too high"
-        store = Store(tmp_path / "gw.sqlite3")
+        store = open_store(tmp_path / "gw.sqlite3")
         queue_mail(store, message, mail_from="gw@gateway.test")
         self.run_worker(store.path, sink.port)
         [dead] = store.outbox()
@@ -237,7 +237,7 @@ class TestCli:
         config = self.config(tmp_path, free_port())
         assert self.notify(config) == 0
         assert "queued as outbox item 1" in capsys.readouterr().err
-        [pending] = Store(tmp_path / "data" / "gateway.sqlite3").outbox()
+        [pending] = open_store(tmp_path / "data" / "gateway.sqlite3").outbox()
         assert pending.kind == "mail" and pending.state == "pending"
 
     def test_notify_without_outgoing_is_one_clear_error(self, tmp_path, capsys) -> None:
@@ -299,7 +299,7 @@ class TestRoundTrip:
         assert (resolve["event_action"], resolve["dedup_key"]) == ("resolve", trigger["dedup_key"])
 
         # The gateway's reply to the helpdesk is threaded to the case mail that triggered it.
-        store = Store(tmp_path / "data" / "gateway.sqlite3")
+        store = open_store(tmp_path / "data" / "gateway.sqlite3")
         [incident] = store.incidents()
         context = incident_context(
             "resolve", incident, to=["support@helpdesk.example"], from_addr="gw@gateway.test"
@@ -319,7 +319,7 @@ class TestRoundTrip:
         case = tmp_path / "update.json"
         case.write_text(json.dumps(context))
         self.notify(gateway, "incident_update", case)
-        store = Store(tmp_path / "data" / "gateway.sqlite3")
+        store = open_store(tmp_path / "data" / "gateway.sqlite3")
         [job] = wait_until(lambda: [j for j in store.jobs() if j.outcome], message="not processed")
         assert job.outcome == "loop_ignored"
         assert store.incidents() == [] and pd.events == []

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.cli import EX_OK, main
 from gateway.logs import JsonFormatter
-from gateway.store import Store
+from gateway.store import Store, open_store
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.ops_support import metric, running, web_config, worker_pid
 from tests.pdserver import PagerDutyStandIn
@@ -322,7 +322,7 @@ def test_retention_keeps_what_is_still_needed(cli: Cli) -> None:
         conn.execute("UPDATE outbox SET updated_at = ?, created_at = ?", (OLD, OLD))
         conn.execute("UPDATE incidents SET last_seen = ?", (OLD,))
     before = {t: cli.rows(t) for t in ("messages", "jobs", "outbox", "incidents")}
-    totals_before = counters(Store(cli.db))
+    totals_before = counters(open_store(cli.db))
 
     out = cli("purge", "--dry-run")
     assert "would delete (older than 30 days): 3 messages, 2 jobs" in out
@@ -333,7 +333,7 @@ def test_retention_keeps_what_is_still_needed(cli: Cli) -> None:
     assert cli.rows("messages") == 1 and cli.rows("jobs") == 1
     assert cli.rows("outbox") == 0  # delivered items go, pending/dead ones would stay
     assert cli.rows("events") == 0
-    store = Store(cli.db)
+    store = open_store(cli.db)
     (incident,) = store.incidents()
     assert incident.incident_key == "Printer on fire" and incident.is_open
     assert store.raw_message(incident.last_message)  # the open incident's mail is still there

@@ -14,7 +14,7 @@ from gateway.decide.events import build_event
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import PagerDutySender, RateLimiter, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.store import Store, StoreThread
+from gateway.store import StoreThread, open_store
 from tests.conftest import ROUTING_KEY
 from tests.pdserver import PagerDutyStandIn, validate_event
 
@@ -133,7 +133,7 @@ def _item(service: str):
 
 
 def _queue(db: Path, *events: tuple[str, str]) -> None:
-    store = Store(db)
+    store = open_store(db)
     with store.transaction():
         for action, key in events:
             payload = build_event(action=action, dedup_key=key, summary=key)
@@ -171,7 +171,7 @@ def test_500_then_202_delivers_once_in_order(tmp_path: Path, pd: PagerDutyStandI
 
 def test_400_is_a_dead_letter_with_the_response(tmp_path: Path, pd: PagerDutyStandIn) -> None:
     db = tmp_path / "g.sqlite3"
-    store = Store(db)
+    store = open_store(db)
     with store.transaction():
         store.add_outbox(
             "pagerduty", "helpdesk", "k", {"event_action": "trigger", "dedup_key": "k"}, None
@@ -201,7 +201,7 @@ def test_gives_up_after_the_configured_time(tmp_path: Path) -> None:
         store.close()
 
     asyncio.run(run())
-    dead = Store(db).outbox(("dead",))
+    dead = open_store(db).outbox(("dead",))
     assert len(dead) == 1 and dead[0].last_error.startswith("gave up after 1 attempts")
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import EX_OK, EX_TEMPFAIL, EX_USAGE, main
-from gateway.store import Store
+from gateway.store import Store, open_store
 from tests.conftest import ROUTING_KEY, desk_mail, write_config
 from tests.pdserver import PagerDutyStandIn
+from tests.store_support import counts
 
 
 class Gateway:
@@ -39,7 +40,7 @@ class Gateway:
 
     @property
     def store(self) -> Store:
-        return Store(self.config.parent / "data" / "gateway.sqlite3")
+        return open_store(self.config.parent / "data" / "gateway.sqlite3")
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_same_message_twice_is_processed_once(gateway: Gateway, pd: PagerDutySta
     code, out = gateway.ingest(raw)
     assert code == EX_OK and "duplicate of 1" in out
     assert events(pd) == [("trigger", "Disk full")]
-    assert gateway.store.counts()["duplicates"] == 1
+    assert counts(gateway.store)["duplicates"] == 1
 
 
 def _html_only(subject: str, status: str, encoding: str) -> bytes:

@@ -15,7 +15,7 @@ from gateway.decide.notifications import HelpdeskNotifier
 from gateway.decide.processor import Processor, load_services
 from gateway.intake.spool import incoming
 from gateway.outcomes import Outcome
-from gateway.store import Store
+from gateway.store import Store, open_store
 from gateway.themes.render import Themes
 from tests.conftest import ROOT, RULES_DIR, desk_mail
 
@@ -39,7 +39,7 @@ class WatchedThemes(Themes):
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "gateway.sqlite3")
+    return open_store(tmp_path / "gateway.sqlite3")
 
 
 def processor(store: Store, themes: Themes) -> Processor:
@@ -82,7 +82,7 @@ def test_themes_render_outside_the_write_transaction(store: Store) -> None:
 def test_an_incident_changed_between_the_phases_is_decided_again(
     store: Store, tmp_path: Path
 ) -> None:
-    other = Store(tmp_path / "gateway.sqlite3")  # e.g. `gateway ingest` in another process
+    other = open_store(tmp_path / "gateway.sqlite3")  # e.g. `gateway ingest` in another process
 
     def race() -> None:
         if len(themes.renders) == 1:  # while the first verdict renders, another writer triggers

@@ -17,7 +17,7 @@ from gateway.cli.common import (
     setup_logging,
 )
 from gateway.decide.processor import load_services
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if account is None:
         known = ", ".join(a.name for a in settings.imap) or "none"
         raise UsageError(f"unknown imap account {args.name!r} (configured: {known})")
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)
     try:
         result = imap.run_once(account, store)
     except imap.ImapAuthError as exc:

@@ -20,7 +20,7 @@ from gateway.cli.common import (
 from gateway.decide.processor import load_services
 from gateway.errors import ConfigError, RuleError
 from gateway.intake import spool as intake
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     settings.service(args.service)
     raw = read_input(args.file)
     mail = intake.incoming(raw, source="cli", services=(args.service,), mail_from=args.sender)
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)
     [accepted] = store.accept([mail])  # one durable commit: only then exit 0
     if accepted.duplicate_of is not None:
         print(f"accepted as message {accepted.id} (duplicate of {accepted.duplicate_of})")

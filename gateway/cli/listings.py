@@ -9,7 +9,7 @@ import asyncio
 from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, print_table
 from gateway.delivery import dispatch as delivery
 from gateway.display import when
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_incidents(args: argparse.Namespace) -> int:
-    store = Store(config(args).db_path)
+    store = open_store(config(args).db_path)
     rows = [
         [
             i.service,
@@ -67,7 +67,7 @@ def run_incidents(args: argparse.Namespace) -> int:
 
 
 def run_messages(args: argparse.Namespace) -> int:
-    store = Store(config(args).db_path)
+    store = open_store(config(args).db_path)
     rows = [
         [
             j.message,
@@ -88,7 +88,7 @@ def run_messages(args: argparse.Namespace) -> int:
 
 def run_outbox(args: argparse.Namespace) -> int:
     settings = config(args)
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)
     if args.action == "retry":
         if args.id is None and not args.all:
             raise UsageError("outbox retry needs an item ID or --all")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gateway.cli.common import EX_OK, add_command, config
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if days <= 0:
         print("retention_days is 0: everything is kept, nothing to purge")
         return EX_OK
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)
     if args.dry_run:
         counts = retention.plan(store, days)
         print(f"would delete (older than {days} days): {retention.describe(counts)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from gateway.cli.common import EX_OK, UsageError, add_command, config, print_table
 from gateway.decide.processor import load_services
 from gateway.display import when
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.service:
         settings.service(args.service)  # KeyError names the configured services
     results = replay.replay(
-        Store(settings.db_path),
+        open_store(settings.db_path),
         services,
         since,
         regex_timeout=settings.gateway.regex_timeout_seconds,

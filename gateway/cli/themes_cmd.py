@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, setup_logging
 from gateway.delivery import dispatch as delivery
-from gateway.store import Store
+from gateway.store import open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +58,7 @@ def run_notify(args: argparse.Namespace) -> int:
         raise UsageError(f"{settings.path}: no [outgoing] section (set host, port and from)")
     setup_logging(settings, "warning")
     msg = _render_case(args, settings.gateway.templates_dir, settings.outgoing.from_addr)
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)
     try:
         sender = outgoing_mail.envelope_sender(settings.outgoing.from_addr)
         item = outgoing_mail.queue_mail(store, msg, mail_from=sender)

@@ -19,7 +19,7 @@ from gateway.decide import outgoing_mail
 from gateway.errors import ThemeError
 from gateway.files import FileSnapshot
 from gateway.outcomes import Outcome
-from gateway.store import Incident, Store
+from gateway.store import DecisionStore, Incident
 from gateway.themes import render as themes
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class HelpdeskNotifier:
         return Notification(service, key, outgoing_mail.mail_payload(msg, sender, list(notify.to)))
 
 
-def queue(store: Store, notification: Notification, job: int) -> int | None:
+def queue(store: DecisionStore, notification: Notification, job: int) -> int | None:
     """Inside the decision's transaction: outbox the mail (or record why there is none)."""
     if notification.payload is None:
         log.error("notification for %s not sent: %s", notification.incident_key, notification.error)

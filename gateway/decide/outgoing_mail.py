@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
-from gateway.store import Store
+from gateway.store import DecisionStore
 from gateway.themes.render import POLICY, recipients
 
 KIND = "mail"
@@ -32,7 +32,7 @@ def envelope_sender(from_addr: str) -> str:
 
 
 def queue_mail(
-    store: Store,
+    store: DecisionStore,
     msg: EmailMessage,
     *,
     mail_from: str,
@@ -51,7 +51,12 @@ def queue_mail(
 
 
 def queue_payload(
-    store: Store, payload: dict[str, Any], *, service: str, order_key: str, job: int | None = None
+    store: DecisionStore,
+    payload: dict[str, Any],
+    *,
+    service: str,
+    order_key: str,
+    job: int | None = None,
 ) -> int:
     """Add an already serialized message (`mail_payload`) to the outbox."""
     with store.transaction():

@@ -31,7 +31,7 @@ from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
-from gateway.store import Incident, PendingJob, Store
+from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Processor:
 
     def __init__(
         self,
-        store: Store,
+        store: DecisionStore,
         services: Mapping[str, ServiceRuntime],
         pagerduty: PagerDutySettings,
         *,
@@ -395,7 +395,7 @@ def load_services(
 
 def build_processor(
     config: Config,
-    store: Store,
+    store: DecisionStore,
     services: Mapping[str, ServiceRuntime],
     *,
     on_outbox: Callable[[], None] | None = None,

@@ -18,7 +18,7 @@ from gateway.errors import RuleEvaluationError
 from gateway.mail.parse import parse_message
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import Ruleset, evaluate, load_ruleset
-from gateway.store import Store
+from gateway.store import ReportStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -87,7 +87,7 @@ def candidate_rules(
 
 
 def replay(
-    store: Store,
+    store: ReportStore,
     services: Mapping[str, ServiceRuntime],
     since: float,
     *,

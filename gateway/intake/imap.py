@@ -38,7 +38,7 @@ from gateway.backoff import Backoff
 from gateway.config import ImapSettings
 from gateway.errors import GatewayError
 from gateway.intake import spool as intake
-from gateway.store import Accepted, IncomingMail, Store
+from gateway.store import Accepted, ImapStore, IncomingMail, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ AcceptFn = Callable[[list[IncomingMail]], list[Accepted]]
 class FolderSync:
     """The fetch -> accept -> after-action -> advance cycle for one (account, folder)."""
 
-    def __init__(self, settings: ImapSettings, store: Store, accept: AcceptFn) -> None:
+    def __init__(self, settings: ImapSettings, store: ImapStore, accept: AcceptFn) -> None:
         self.settings = settings
         self.store = store
         self.accept = accept
@@ -390,7 +390,7 @@ class ImapPoller:
 
     def _run(self) -> None:
         try:
-            store = Store(self._db_path)
+            store = open_store(self._db_path)
         except Exception as exc:
             self._set_state(f"error: cannot open the database: {exc}")
             log.error(
@@ -409,7 +409,7 @@ class ImapPoller:
             store.close()
             self._set_state("stopped")
 
-    def _session(self, store: Store) -> None:
+    def _session(self, store: ImapStore) -> None:
         if not self._failures:  # while failing, the state keeps saying why
             self._set_state("connecting")
         self.attempts += 1

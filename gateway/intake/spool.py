@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.mail.fingerprint import fingerprint
-from gateway.store import Accepted, IncomingMail, Store
+from gateway.store import Accepted, IncomingMail, SpoolStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SpoolWriter:
 
     def _run(self) -> None:
         try:
-            store = Store(self._db_path, eager=True)
+            store = open_store(self._db_path, eager=True)
         except BaseException as exc:
             self._open_error = exc
             self._ready.set()
@@ -134,7 +134,7 @@ class SpoolWriter:
             batch.append(item)
         return batch, False
 
-    def _commit(self, store: Store, batch: list[_Request]) -> None:
+    def _commit(self, store: SpoolStore, batch: list[_Request]) -> None:
         try:
             results = store.accept([r.mail for r in batch])
         except StoreError as exc:

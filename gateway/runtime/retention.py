@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.store import Store, StoreThread
+from gateway.store import ReportStore, StoreThread
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ def cutoff(retention_days: int, now: float | None = None) -> float:
     return (time.time() if now is None else now) - retention_days * DAY
 
 
-def plan(store: Store, retention_days: int, now: float | None = None) -> dict[str, int]:
+def plan(store: ReportStore, retention_days: int, now: float | None = None) -> dict[str, int]:
     """What a purge would delete now; changes nothing."""
     return store.purge_plan(cutoff(retention_days, now))
 
 
 def purge(
-    store: Store, retention_days: int, now: float | None = None, batch: int = 1000
+    store: ReportStore, retention_days: int, now: float | None = None, batch: int = 1000
 ) -> dict[str, int]:
     """Delete batch after batch until nothing old is left; returns the totals per kind."""
     limit = cutoff(retention_days, now)

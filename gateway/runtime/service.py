@@ -23,7 +23,7 @@ from gateway.runtime.loop import run_event_loop
 from gateway.runtime.parts import Runtime
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import WorkerProcess
-from gateway.store import Checkpointer
+from gateway.store.sqlite import Checkpointer
 
 log = logging.getLogger(__name__)
 

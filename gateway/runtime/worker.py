@@ -53,7 +53,7 @@ from gateway.errors import ProblemsError
 from gateway.logs import LEVELS, setup_logging
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
-from gateway.store import Store, StoreThread
+from gateway.store import Store, StoreThread, open_store
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class _Worker:
         # the processor's store lives on this one thread, like every SQLite connection
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
+        self.decisions: Store | None = None  # the processor's connection, owned by `decider`
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,14 +206,16 @@ class _Worker:
             await delivering
             loop.remove_reader(self.inbox.fileno())
         store.close()
-        await loop.run_in_executor(self.decider, self.processor.store.close)
+        if self.decisions is not None:
+            await loop.run_in_executor(self.decider, self.decisions.close)
         self.decider.shutdown()
 
     def _new_processor(self) -> Processor:
         generation, config = self.generation, self.generation.config
+        self.decisions = open_store(self.db_path, durable=False)
         return build_processor(
             config,
-            Store(self.db_path, durable=False),
+            self.decisions,
             generation.services,
             on_outbox=self._wake_outboxes_threadsafe,
             files=generation.files,

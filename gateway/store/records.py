@@ -3,8 +3,6 @@ read and write. Plain frozen dataclasses, so a PostgreSQL backend returns the sa
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,15 +108,3 @@ class JobRecord:
     reason: str | None
     received_at: float
     source: str
-
-
-_INCIDENT_FIELDS = tuple(Incident.__dataclass_fields__)
-_INCIDENT_COLUMNS = ", ".join(_INCIDENT_FIELDS)
-_OUTBOX_FIELDS = tuple(OutboxItem.__dataclass_fields__)
-_OUTBOX_COLUMNS = ", ".join(_OUTBOX_FIELDS)
-
-
-def _outbox_item(row: Sequence[Any]) -> OutboxItem:
-    values = dict(zip(_OUTBOX_FIELDS, row, strict=True))
-    values["payload"] = json.loads(values["payload"])
-    return OutboxItem(**values)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.outcomes import Outcome
-from gateway.store import Store
+from gateway.store import ReportStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -133,7 +133,7 @@ class GatewayMetrics:
         self._families: list[Metric] = []
         self.registry.register(_Families(lambda: self._families))
 
-    def read(self, store: Store) -> Snapshot:
+    def read(self, store: ReportStore) -> Snapshot:
         """Run in the store's thread: totals, gauges and newly decided jobs' latencies."""
         if self.last_job is None:
             self.last_job = store.last_decided_job()

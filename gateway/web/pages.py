@@ -17,7 +17,7 @@ from starlette.responses import HTMLResponse
 
 from gateway import display
 from gateway.mail.parse import parse_message
-from gateway.store import Store
+from gateway.store import ReportStore
 
 BODY_CHARS = 100_000  # of a mail body shown on the detail page
 
@@ -49,7 +49,7 @@ def _environment() -> jinja2.Environment:
 # -- data for the pages (run in the store's thread) ---------------------------------------------
 
 
-def index_data(store: Store) -> dict[str, Any]:
+def index_data(store: ReportStore) -> dict[str, Any]:
     jobs = [{"job": job, "subject": _subject(head)} for job, head in store.recent_jobs(50)]
     outbox = store.outbox(("pending", "dead"), limit=200)
     return {
@@ -60,7 +60,7 @@ def index_data(store: Store) -> dict[str, Any]:
     }
 
 
-def job_data(store: Store, job: int) -> dict[str, Any] | None:
+def job_data(store: ReportStore, job: int) -> dict[str, Any] | None:
     detail = store.job_detail(job)
     if detail is None:
         return None

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import WebSettings
-from gateway.store import Store, StoreThread
+from gateway.store import StoreThread
 from gateway.web import pages
 from gateway.web.hardening import Limits, RequestLimits, SecureResponses
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
@@ -120,7 +120,7 @@ class WebApp:
 
     async def _store_check(self) -> Check:
         try:
-            at = await asyncio.wait_for(self.store.call(Store.heartbeat), STORE_TIMEOUT)
+            at = await asyncio.wait_for(self.store.call(lambda s: s.heartbeat()), STORE_TIMEOUT)
         except Exception as exc:  # any failure to commit is exactly what this check reports
             return Check(False, {"error": f"{type(exc).__name__}: {exc}"})
         return Check(True, {"heartbeat": at})

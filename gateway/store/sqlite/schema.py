@@ -1,4 +1,4 @@
-"""The database schema, as numbered migrations applied in order by `Store`."""
+"""The database schema, as numbered migrations applied in order by `Connection._migrate`."""
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[str, ...] = (

@@ -1,0 +1,31 @@
+"""Opening the configured backend: the one place that knows which backends exist."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gateway.errors import StoreError
+from gateway.store.protocols import Store
+
+
+def open_store(
+    location: str | os.PathLike[str],
+    *,
+    timeout: float = 30.0,
+    eager: bool = False,
+    durable: bool = True,
+) -> Store:
+    """A new connection to the store at `location`, for use by one thread.
+
+    A file path opens SQLite (the embedded default). `timeout` bounds the wait for the write
+    lock; `durable=False` trades the flush of each commit for speed where a power cut may lose
+    the last commits harmlessly; `eager` polls for the write lock instead of backing off (the
+    spool writer, whose commit an SMTP client waits on). A backend may ignore these hints.
+    """
+    if isinstance(location, str) and "://" in location:
+        scheme = location.partition("://")[0]
+        raise StoreError(f"unsupported store URL {scheme}://...: only SQLite files for now")
+    from gateway.store.sqlite import SQLiteStore
+
+    return SQLiteStore(Path(location), timeout=timeout, eager=eager, durable=durable)

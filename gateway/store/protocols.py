@@ -1,0 +1,242 @@
+"""What each consumer needs of the store: one `Protocol` per consumer, the backend's contract.
+
+A backend (SQLite in `gateway.store.sqlite`; PostgreSQL next) implements every protocol in one
+class; each consumer names only the protocol it uses, so the interface a backend must honour is
+exactly the union below, and `tests/store_contract/` checks the promises for every backend.
+
+    SpoolStore     accept                          intake/spool.py (SpoolWriter), `gateway ingest`
+    DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
+    OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
+    ImapStore      positions, success marks        intake/imap.py (FolderSync, ImapPoller)
+    ReportStore    listings, metrics, retention    web/status.py, web/metrics.py, cli, replay,
+                                                   runtime/retention.py
+    Store          all of them, plus close()       what `open_store` returns, for the wiring
+
+A store object belongs to one thread. Methods that write commit on their own unless they run
+inside ``with store.transaction():``, which makes everything in it one atomic commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from gateway.store.records import (
+    Accepted,
+    Incident,
+    IncomingMail,
+    JobRecord,
+    OutboxItem,
+    OutboxResult,
+    PendingJob,
+)
+
+Row = tuple[str, tuple[str, ...], float]  # (metric, label values, value)
+
+
+class EventLog(Protocol):
+    """The event log: what happened besides decisions (duplicates, would-send, failures)."""
+
+    def log_event(
+        self,
+        kind: str,
+        *,
+        service: str = "",
+        message: int | None = None,
+        incident_key: str | None = None,
+        detail: str = "",
+    ) -> None: ...
+
+
+class SpoolStore(Protocol):
+    """Acceptance: the commit an SMTP 250, an IMAP after-action and `ingest`'s exit 0 wait for."""
+
+    def accept(self, mails: Sequence[IncomingMail]) -> list[Accepted]:
+        """Durably store a batch in one commit (group commit); one job per (mail, service).
+
+        A mail whose fingerprint every one of its services already has is recorded as a
+        duplicate (`Accepted.duplicate_of`), its bytes dropped, and no job is created for it.
+        """
+        ...
+
+
+class DecisionStore(EventLog, Protocol):
+    """Deciding pending jobs: the decision, incident change and outbox items commit together."""
+
+    def transaction(self, *, durable: bool = True) -> AbstractContextManager[None]:
+        """One atomic commit; nested calls join the outer one. `durable=False` may skip the
+        flush to disk for bookkeeping whose loss in a power cut is harmless."""
+        ...
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside `transaction()`: an exception undoes only the writes made inside it."""
+        ...
+
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
+        """The oldest pending jobs in acceptance order: at most `limit`, and about `max_bytes`
+        of mail (always at least one)."""
+        ...
+
+    def job_is_pending(self, job: int) -> bool: ...
+
+    def finish_job(
+        self,
+        job: int,
+        *,
+        outcome: str,
+        reason: str,
+        rule: str | None = None,
+        action: str | None = None,
+        incident_key: str | None = None,
+        summary: str | None = None,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        trace: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Record the decision; False if the job was already decided (never decide twice)."""
+        ...
+
+    def incident(self, service: str, key: str) -> Incident | None: ...
+
+    def save_incident(self, incident: Incident) -> None:
+        """Insert or replace the incident of (service, incident_key)."""
+        ...
+
+    def add_outbox(
+        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+    ) -> int:
+        """Queue an item (due now) behind the pending items of its `order_key`; its id."""
+        ...
+
+
+class OutboxStore(Protocol):
+    """Delivering outbox items: per order key only the oldest pending item is ever due."""
+
+    def due_outbox(
+        self, now: float, limit: int = 100, kind: str | None = None, exclude: Sequence[int] = ()
+    ) -> list[OutboxItem]:
+        """The oldest pending item of each order key, if it is due at `now`, changing nothing.
+        `exclude`d items also hold back the rest of their key."""
+        ...
+
+    def claim_outbox(
+        self,
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int] = (),
+    ) -> list[OutboxItem]:
+        """Take due items for `lease_seconds`: nobody else (process or host) gets them until
+        the lease runs out or a result is recorded."""
+        ...
+
+    def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+        """Apply attempts' results in one commit: done, dead (with the response), or pending
+        again at `next_attempt_at`; each counts one attempt."""
+        ...
+
+    def next_outbox_due(self, kind: str | None = None) -> float | None:
+        """When the earliest pending item becomes due (None: nothing pending)."""
+        ...
+
+
+class ImapStore(EventLog, Protocol):
+    """Where each IMAP folder stands, so nothing is fetched into the spool twice."""
+
+    def imap_position(self, account: str, folder: str) -> tuple[int, int] | None:
+        """(UIDVALIDITY, last processed UID), or None if the folder was never polled."""
+        ...
+
+    def save_imap_position(
+        self, account: str, folder: str, uidvalidity: int, last_uid: int
+    ) -> None: ...
+
+    def mark_imap_success(self, account: str, folder: str, at: float | None = None) -> None:
+        """Record a completed fetch cycle (health: when did this mailbox last answer?)."""
+        ...
+
+
+class ReportStore(Protocol):
+    """What operators read and do: status page, /healthz, /metrics, CLI listings and retry,
+    replay, retention."""
+
+    def heartbeat(self, name: str = "healthz") -> float:
+        """Commit one tiny write and return its time: the store still takes commits."""
+        ...
+
+    def outbox_stats(self) -> tuple[int, float | None]:
+        """(pending count, created_at of the oldest pending item)."""
+        ...
+
+    def metric_totals(self) -> list[Row]:
+        """Counters (accepted, duplicates, decisions, rule_matches, outbox_done,
+        outbox_retries), monotonic across retention purges."""
+        ...
+
+    def metric_gauges(self) -> list[Row]:
+        """Levels: outbox depth/dead/oldest per kind, pending jobs, open incidents."""
+        ...
+
+    def decided_latencies(self, after_job: int, limit: int = 5000) -> list[tuple[int, float]]:
+        """(job id, seconds from acceptance to decision) of jobs decided after `after_job`."""
+        ...
+
+    def last_decided_job(self) -> int: ...
+
+    def recent_jobs(
+        self, limit: int = 50, head_bytes: int = 16384
+    ) -> list[tuple[JobRecord, bytes]]:
+        """Newest jobs first, with the first `head_bytes` of their mail."""
+        ...
+
+    def jobs(self, *, outcomes: Sequence[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        """Newest jobs first, optionally only those with one of `outcomes`."""
+        ...
+
+    def job_detail(self, job: int) -> dict[str, Any] | None:
+        """Every column of a job, with `details` and `trace` decoded."""
+        ...
+
+    def raw_message(self, message: int) -> bytes | None:
+        """The stored bytes (None once purged, or for a duplicate's copy)."""
+        ...
+
+    def incidents(self, *, open_only: bool = False, limit: int = 1000) -> list[Incident]:
+        """Most recently seen first."""
+        ...
+
+    def events(self, *, message: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first; only those of `message` if given."""
+        ...
+
+    def outbox(
+        self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000
+    ) -> list[OutboxItem]:
+        """Items in `states`, oldest first."""
+        ...
+
+    def requeue_outbox(self, item: int | None = None) -> int:
+        """Put dead letters (one, or all with None) back in the queue; returns how many."""
+        ...
+
+    def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Decided jobs of mail received since `since` whose raw bytes are still stored."""
+        ...
+
+    def purge_plan(self, cutoff: float) -> dict[str, int]:
+        """What `purge(cutoff)` would delete, changing nothing."""
+        ...
+
+    def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
+        """Delete one batch of rows older than `cutoff`; call until it returns all zeros.
+        Kept whatever their age: what pending jobs, open incidents and pending or dead outbox
+        items still need."""
+        ...
+
+
+class Store(SpoolStore, DecisionStore, OutboxStore, ImapStore, ReportStore, Protocol):
+    """A whole backend, as `open_store` returns it: for the code that wires consumers up."""
+
+    def close(self) -> None: ...

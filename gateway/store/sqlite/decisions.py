@@ -1,0 +1,79 @@
+"""Deciding jobs: pending jobs in acceptance order, the decision, the incident mirror."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.store.records import Incident, PendingJob
+from gateway.store.sqlite.connection import Connection
+from gateway.store.sqlite.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
+
+
+class DecisionQueries(Connection):
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
+        """The oldest pending jobs, at most `limit` and about `max_bytes` of mail (always at
+        least one), so a backlog of big messages never loads gigabytes at once."""
+        rows = self.conn.execute(
+            "SELECT id, message, service, raw, mail_from, source, received_at FROM ("
+            "  SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at,"
+            "   SUM(m.size) OVER (ORDER BY j.id) - m.size AS before"
+            "  FROM jobs j JOIN messages m ON m.id = j.message"
+            "  WHERE j.state = 'pending' ORDER BY j.id LIMIT ?"
+            ") WHERE before < ? ORDER BY id",
+            (limit, max_bytes),
+        ).fetchall()
+        return [PendingJob(r[0], r[1], r[2], r[3] or b"", r[4], r[5], r[6]) for r in rows]
+
+    def finish_job(
+        self,
+        job: int,
+        *,
+        outcome: str,
+        reason: str,
+        rule: str | None = None,
+        action: str | None = None,
+        incident_key: str | None = None,
+        summary: str | None = None,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        trace: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Record the decision; False if the job was already decided (never decide twice)."""
+        cursor = self.conn.execute(
+            "UPDATE jobs SET state='done', outcome=?, reason=?, rule=?, action=?, incident_key=?,"
+            " summary=?, severity=?, details=?, trace=?, decided_at=? WHERE id=? AND state='pending'",
+            (
+                outcome,
+                reason,
+                rule,
+                action,
+                incident_key,
+                summary,
+                severity,
+                json.dumps(details or {}),
+                json.dumps(trace or []),
+                time.time(),
+                job,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def job_is_pending(self, job: int) -> bool:
+        row = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone()
+        return row is not None and row[0] == "pending"
+
+    def incident(self, service: str, key: str) -> Incident | None:
+        row = self.conn.execute(
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=? AND incident_key=?",
+            (service, key),
+        ).fetchone()
+        return Incident(*row) if row else None
+
+    def save_incident(self, incident: Incident) -> None:
+        placeholders = ",".join("?" * len(INCIDENT_FIELDS))
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO incidents ({INCIDENT_COLUMNS}) VALUES ({placeholders})",
+            tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
+        )

@@ -1,0 +1,139 @@
+"""What only the SQLite backend does: WAL and synchronous settings, its locking, migrations.
+
+The promises every backend keeps are in `tests/store_contract/`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.store import open_store
+from gateway.store.sqlite import AUTOCHECKPOINT_PAGES, Checkpointer, SQLiteStore
+from gateway.store.sqlite.schema import MIGRATIONS
+from tests.store_support import counts, mail
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    s = open_store(tmp_path / "db" / "gateway.sqlite3")
+    assert isinstance(s, SQLiteStore)
+    yield s
+    s.close()
+
+
+def test_schema_is_versioned_and_durable(store: SQLiteStore) -> None:
+    assert store.schema_version >= 1
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_schema_version_is_the_last_migration(store: SQLiteStore) -> None:
+    assert store.schema_version == len(MIGRATIONS)
+
+
+def test_checkpoints_are_left_to_the_background(store: SQLiteStore) -> None:
+    pages = store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    assert pages == AUTOCHECKPOINT_PAGES
+
+
+def test_bookkeeping_commits_skip_the_fsync_and_restore_it(store: SQLiteStore) -> None:
+    def synchronous() -> int:
+        return store.conn.execute("PRAGMA synchronous").fetchone()[0]
+
+    with store.transaction(durable=False):
+        assert synchronous() == 1  # NORMAL
+    assert synchronous() == 2
+    store.claim_outbox(time.time(), 10, None, 60.0)  # leases are such bookkeeping
+    assert synchronous() == 2
+
+
+def test_a_non_durable_store_syncs_normally(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "g.sqlite3", durable=False)
+    assert isinstance(store, SQLiteStore)
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_store_errors_are_transient(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    store = open_store(path, timeout=0.1)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    with pytest.raises(StoreError):
+        store.accept([mail("x")])
+    blocker.execute("ROLLBACK")
+    assert store.accept([mail("x")])[0].duplicate_of is None
+
+
+def test_an_eager_store_waits_for_the_lock_up_to_its_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    store = open_store(path, timeout=0.2, eager=True)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        store.accept([mail("x")])
+    assert time.monotonic() - started >= 0.2
+    blocker.execute("ROLLBACK")
+
+
+def test_an_eager_store_opens_while_another_process_holds_the_database(tmp_path: Path) -> None:
+    """After a kill -9, the restarted spool writer opens the database while the old worker still
+    commits (or recovers the WAL): opening must wait like any connection, not fail at once."""
+    path = tmp_path / "g.sqlite3"
+    open_store(path).close()
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("PRAGMA locking_mode=EXCLUSIVE")
+    blocker.execute("BEGIN IMMEDIATE")
+    blocker.execute("CREATE TABLE held (x)")
+    release = threading.Timer(0.3, lambda: (blocker.execute("ROLLBACK"), blocker.close()))
+    release.start()
+    try:
+        store = open_store(path, timeout=30.0, eager=True)
+    finally:
+        release.join()
+    assert store.accept([mail("x")])[0].duplicate_of is None
+    store.close()
+
+
+def test_urls_of_other_backends_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="postgresql://"):
+        open_store("postgresql://gateway@db/gateway")
+
+
+def test_checkpointer_starts_and_stops(store: SQLiteStore) -> None:
+    store.accept([mail(f"m{i}") for i in range(10)])
+    checkpointer = Checkpointer(store.path, interval=0.01)
+    checkpointer.start()
+    time.sleep(0.05)
+    checkpointer.stop()
+
+
+def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
+    """An SMTP client that disconnects mid-commit must not kill the writer thread."""
+    import asyncio
+
+    from gateway.intake.spool import SpoolWriter
+
+    writer = SpoolWriter(tmp_path / "g.sqlite3")
+    writer.start()
+
+    async def scenario() -> int:
+        doomed = [asyncio.ensure_future(writer.accept(mail(f"c{i}"))) for i in range(20)]
+        await asyncio.sleep(0)
+        for task in doomed:
+            task.cancel()
+        later = await asyncio.wait_for(writer.accept(mail("after")), timeout=10)
+        return later.id
+
+    try:
+        assert asyncio.run(scenario()) >= 1
+    finally:
+        writer.stop()
+    assert counts(open_store(tmp_path / "g.sqlite3"))["messages"] == 21  # cancelled ones were kept
