@@ -78,6 +78,7 @@ class WorkerProcess:
         self._pipe: Connection | None = None
         self._outgoing: queue.SimpleQueue[tuple[Connection, Message] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="worker-pipe", daemon=True)
+        self._wake_queued = False  # a "wake" waits in `_outgoing`: later commits need no other
         self._stopping = False
         self.restarts = 0
 
@@ -94,11 +95,17 @@ class WorkerProcess:
         self._outgoing.put((parent_end, self.generation))
         if not self._writer.is_alive():
             self._writer.start()
+        self._wake_queued = False  # a wake still queued goes to the old pipe
         self.wake()  # resume whatever a previous run left pending
 
     def wake(self) -> None:
-        """Thread-safe; the spool writer calls it after every commit."""
-        self._post("wake")
+        """Thread-safe; the spool writer calls it after every commit. Under load one queued
+        "wake" stands for every commit before the writer thread sends it."""
+        if self._wake_queued:
+            return
+        self._wake_queued = True
+        if not self._post("wake"):
+            self._wake_queued = False
 
     def wake_outbox(self) -> None:
         self._post("outbox")
@@ -108,10 +115,12 @@ class WorkerProcess:
         self.generation = generation
         self._post(generation)
 
-    def _post(self, message: Message) -> None:
+    def _post(self, message: Message) -> bool:
         pipe = self._pipe
-        if pipe is not None:
-            self._outgoing.put((pipe, message))
+        if pipe is None:
+            return False
+        self._outgoing.put((pipe, message))
+        return True
 
     def _write(self) -> None:
         """The pipe writer thread: sends in order, never blocking the callers."""
@@ -120,6 +129,8 @@ class WorkerProcess:
             if message == _CLOSE:
                 pipe.close()
                 continue
+            if message == "wake":
+                self._wake_queued = False  # cleared before sending: a later commit posts again
             # a dead child is restarted by the supervisor and gets the generation again
             with contextlib.suppress(OSError):
                 pipe.send(message)
