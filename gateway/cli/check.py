@@ -1,4 +1,5 @@
-"""`gateway check`: validate what a running server's reload would load, and count it."""
+"""`gateway check`: validate what a running server's reload would load, and count it; and what
+`serve` needs at start besides: a writable data_dir and a healthy database."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ import argparse
 
 from gateway.cli.common import EX_OK, add_command
 from gateway.config import find_config_path
+from gateway.store import verify_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    add_command(subparsers, "check", run, "validate config, rule files and themes", "gateway check")
+    add_command(
+        subparsers,
+        "check",
+        run,
+        "validate config, rule files and themes, and the data_dir and database serve needs",
+        "gateway check",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,4 +32,5 @@ def run(args: argparse.Namespace) -> int:
     templates = config.gateway.templates_dir
     count = len(themes.Themes(templates).names()) if templates.exists() else 0
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
+    print(f"OK: {verify_store(config.db_path)}")  # StoreError: exit 75, as `serve` would
     return EX_OK

@@ -23,6 +23,7 @@ from gateway.runtime.loop import run_event_loop
 from gateway.runtime.parts import Runtime
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import WorkerProcess
+from gateway.store import verify_store
 from gateway.store.sqlite import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Service:
         # what `gateway check` runs: fail with file:line before listening
         generation = replace(load_generation(self.config.path), number=1)
         config = generation.config
+        verify_store(config.db_path)  # a damaged database is refused, never started over
         spool = SpoolWriter(config.db_path)
         runtime = self.runtime = Runtime(
             stopping=self.stopping,

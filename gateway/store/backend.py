@@ -23,9 +23,24 @@ def open_store(
     the last commits harmlessly; `eager` polls for the write lock instead of backing off (the
     spool writer, whose commit an SMTP client waits on). A backend may ignore these hints.
     """
-    if isinstance(location, str) and "://" in location:
-        scheme = location.partition("://")[0]
-        raise StoreError(f"unsupported store URL {scheme}://...: only SQLite files for now")
+    _refuse_urls(location)
     from gateway.store.sqlite import SQLiteStore
 
     return SQLiteStore(Path(location), timeout=timeout, eager=eager, durable=durable)
+
+
+def verify_store(location: str | os.PathLike[str]) -> str:
+    """StoreError (saying what to do) unless the store is healthy, or absent and creatable;
+    else one line on what was found. What `serve` and `gateway check` run once at start.
+    SQLite: the directory takes files, the database is writable, its header is SQLite's and
+    `PRAGMA quick_check` passes; every connection also refuses an empty or non-SQLite file."""
+    _refuse_urls(location)
+    from gateway.store.sqlite.integrity import verify
+
+    return verify(Path(location))
+
+
+def _refuse_urls(location: str | os.PathLike[str]) -> None:
+    if isinstance(location, str) and "://" in location:
+        scheme = location.partition("://")[0]
+        raise StoreError(f"unsupported store URL {scheme}://...: only SQLite files for now")

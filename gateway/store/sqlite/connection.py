@@ -12,13 +12,80 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
 from gateway.errors import StoreError
+from gateway.store.sqlite.integrity import ensure_database
 from gateway.store.sqlite.schema import MIGRATIONS
 
 AUTOCHECKPOINT_PAGES = 20_000  # about 80 MB of WAL
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations the database lacks (the caller holds the transaction)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for statement in filter(str.strip, script.split(";")):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+
+
+class GuardedCursor(sqlite3.Cursor):
+    """Reports a damaged page met while reading rows as StoreError (see GuardedConnection)."""
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as exc:
+            _raise_if_corrupt(exc)
+            raise
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as exc:
+            _raise_if_corrupt(exc)
+            raise
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as exc:
+            _raise_if_corrupt(exc)
+            raise
+
+
+class GuardedConnection(sqlite3.Connection):
+    """A sqlite3 connection whose corruption errors ("database disk image is malformed",
+    "file is not a database") are StoreError, so every caller answers them as a store failure
+    (SMTP 451, exit 75 with one line) instead of a traceback. Busy, I/O and constraint errors
+    keep their sqlite3 types: the store's own code handles those."""
+
+    def cursor(self, factory: Any = GuardedCursor) -> Any:  # execute() creates its cursor here
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_if_corrupt(exc)
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            _raise_if_corrupt(exc)
+            raise
+
+
+def _raise_if_corrupt(exc: sqlite3.DatabaseError) -> None:
+    """Corruption is exactly DatabaseError (SQLITE_CORRUPT, SQLITE_NOTADB); its subclasses
+    (busy, I/O, constraint) are left to the caller."""
+    if type(exc) is sqlite3.DatabaseError:
+        raise StoreError(f"database damaged: {exc}; run `gateway check`") from exc
 
 
 class Connection:
@@ -33,12 +100,16 @@ class Connection:
         self._lock_timeout = timeout
         self._eager = eager
         self._sync = "FULL" if durable else "NORMAL"
+        ensure_database(path, migrate)  # never silently start over on a damaged file
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread=False: a Store may be created in one thread and then used only by
             # the worker thread that owns it (e.g. a single-thread executor).
             conn = sqlite3.connect(
-                str(path), timeout=timeout, isolation_level=None, check_same_thread=False
+                str(path),
+                timeout=timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=GuardedConnection,
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._sync}")
@@ -61,11 +132,7 @@ class Connection:
 
     def _migrate(self) -> None:
         with self.transaction():
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {number}")
+            migrate(self.conn)
 
     @property
     def schema_version(self) -> int:
