@@ -1,21 +1,30 @@
 """The outbox worker: delivers durable outbox items (PagerDuty events, mail) with retries.
 
 Items were written in the same transaction as the decision that caused them, so a crash between
-decision and delivery only delays delivery (at-least-once; PagerDuty dedups by dedup_key). Each
-attempt holds a lease on its item, so several workers (serve, `outbox flush`) never send one
-item twice, and an item whose worker died becomes due again when the lease runs out. Per
+decision and delivery only delays delivery (at-least-once; PagerDuty dedups by dedup_key). Per
 order key only the oldest pending item is ever in flight, so a resolve never overtakes its
 trigger; different keys are delivered concurrently and a slow one holds up no other. Results are
 committed in batches, one fsync per batch. Temporary failures back off exponentially with jitter
 until `give_up_after`; rejected items become dead letters with the receiver's answer.
+
+Resends are bounded by what is in flight. Each attempt holds a lease (a claim naming this
+worker, `lease_owner()`), renewed while the attempt runs, so no other worker (serve, `outbox
+flush`) takes the item however long the attempt lasts, and this worker never claims an item
+it still has in flight. A worker killed mid-attempt leaves at most its items in flight
+(`concurrency` per kind, including those delivered but not yet recorded) to be sent again: a
+restarted worker releases the claims of dead workers on this host at once, other claims run
+out with their lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.backoff import Backoff
@@ -25,6 +34,33 @@ from gateway.store import OutboxItem, OutboxResult, StoreThread
 log = logging.getLogger(__name__)
 
 Sender = Callable[[OutboxItem], Awaitable[str]]
+
+
+def lease_owner(pid: int | None = None) -> str:
+    """How a worker names itself on its claims: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def dead_local_owners(owners: Iterable[str]) -> list[str]:
+    """The owners among `owners` that are processes of this host that no longer run (a pid
+    reused since only keeps a claim until its lease runs out)."""
+    host = socket.gethostname() + ":"
+    dead = []
+    for owner in owners:
+        pid = owner.removeprefix(host)
+        if owner.startswith(host) and pid.isdigit() and not _running(int(pid)):
+            dead.append(owner)
+    return dead
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,7 @@ class Dispatcher:
         concurrency: int = 16,
         lease_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        owner: str | None = None,
     ) -> None:
         self.store = store
         self.kind = kind
@@ -70,6 +107,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds  # longer than any one attempt can take
         self.clock = clock
+        self.owner = owner or lease_owner()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._results: list[OutboxResult] = []
         self._wake: asyncio.Event | None = None
@@ -84,45 +122,50 @@ class Dispatcher:
         """Deliver until `stop` is set, then let the attempts in flight finish and record them."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                await self._flush()
-                started = await self._start_due()
-            except Exception:
-                log.exception("%s outbox: store error, retrying shortly", self.kind)
-                started = 0
-                await asyncio.sleep(1.0)
-            if not started:
-                await self._sleep(stop, max_sleep)
-        await self._drain()
+        await self._release_dead_claims()
+        async with self._leases_kept():
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self._flush()
+                    started = await self._start_due()
+                except Exception:
+                    log.exception("%s outbox: store error, retrying shortly", self.kind)
+                    started = 0
+                    await asyncio.sleep(1.0)
+                if not started:
+                    await self._sleep(stop, max_sleep)
+            await self._drain()
 
     async def run_until_idle(self, deadline: float) -> None:
         """One-shot commands: try each due item once (a failure waits for its backoff, in
         `serve`), following each key's queue after successes, until the deadline."""
         tried: set[int] = set()
-        while self.clock() < deadline:
-            started = await self._start_due(exclude=tried)
-            tried.update(self._in_flight)
-            if not started and not self._in_flight:
-                break
-            await asyncio.wait(list(self._in_flight.values()), return_when="FIRST_COMPLETED")
-            await self._flush()
-        await self._drain()
+        async with self._leases_kept():
+            while self.clock() < deadline:
+                started = await self._start_due(exclude=tried)
+                tried.update(self._in_flight)
+                if not started and not self._in_flight:
+                    break
+                await asyncio.wait(list(self._in_flight.values()), return_when="FIRST_COMPLETED")
+                await self._flush()
+            await self._drain()
 
     async def run_once(self) -> int:
         """Attempt every item that is due now and record the results; returns how many."""
-        started = await self._start_due()
-        await self._drain()
+        async with self._leases_kept():
+            started = await self._start_due()
+            await self._drain()
         return started
 
     async def _start_due(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
         capacity = self.concurrency - len(self._in_flight)
         if capacity <= 0:
             return 0
-        now, lease, skip = self.clock(), self.lease_seconds, sorted(exclude)
+        now, lease, owner = self.clock(), self.lease_seconds, self.owner
+        skip = sorted(set(exclude) | set(self._in_flight))  # never claim our own item again
         items = await self.store.call(
-            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip)
+            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip, owner)
         )
         for item in items:
             self._in_flight[item.id] = asyncio.create_task(self._attempt(item))
@@ -133,7 +176,11 @@ class Dispatcher:
         if not self._results:
             return
         results, self._results = self._results, []
-        await self.store.call(lambda s: s.record_outbox(results))
+        try:
+            await self.store.call(lambda s: s.record_outbox(results))
+        except BaseException:
+            self._results[:0] = results  # recorded with the next flush, never forgotten
+            raise
         for result in results:
             self._in_flight.pop(result.id, None)
 
@@ -141,6 +188,53 @@ class Dispatcher:
         if self._in_flight:
             await asyncio.gather(*self._in_flight.values())
         await self._flush()
+
+    @contextlib.asynccontextmanager
+    async def _leases_kept(self) -> AsyncIterator[None]:
+        """Renew the claims of the attempts in flight while the body runs."""
+        keeper = asyncio.create_task(self._keep_leases())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_leases(self) -> None:
+        """Every third of the lease, extend it for what is in flight: an attempt that takes
+        long (a rate limit, a slow relay, a starved process) keeps its item to itself."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if self._in_flight:
+                await self._renew(sorted(self._in_flight))
+
+    async def _renew(self, items: list[int]) -> None:
+        until, owner = self.clock() + self.lease_seconds, self.owner
+        try:
+            await self.store.call(lambda s: s.renew_outbox_leases(items, owner, until))
+        except Exception:
+            log.exception("%s outbox: could not renew leases; retrying", self.kind)
+
+    async def _release_dead_claims(self) -> None:
+        """A worker that died mid-attempt (kill -9, OOM) left claims: make them due now
+        instead of when their lease runs out."""
+        try:
+            owners = await self.store.call(lambda s: s.outbox_lease_owners(self.kind))
+            for owner in dead_local_owners(owners):
+                await self._release(owner)
+        except Exception:  # their leases run out anyway
+            log.exception("%s outbox: could not release dead workers' claims", self.kind)
+
+    async def _release(self, owner: str) -> None:
+        now = self.clock()
+        count = await self.store.call(lambda s: s.release_outbox_leases(owner, now))
+        if count:
+            log.warning(
+                "%s outbox: %d item(s) claimed by %s, which is gone, are due again",
+                self.kind,
+                count,
+                owner,
+            )
 
     async def _sleep(self, stop: asyncio.Event, max_sleep: float) -> None:
         assert self._wake is not None
@@ -178,7 +272,7 @@ class Dispatcher:
 
     def _retry_or_give_up(self, item: OutboxItem, exc: TemporaryDeliveryError) -> OutboxResult:
         now = self.clock()
-        if now - item.created_at >= self.policy.give_up_after:
+        if now - (item.requeued_at or item.created_at) >= self.policy.give_up_after:
             message = f"gave up after {item.attempts + 1} attempts: {exc}"
             log.error("%s #%d %s", self.kind, item.id, message)
             return OutboxResult(item.id, "dead", error=message)

@@ -32,6 +32,7 @@ from gateway.store.records import (
     OutboxResult,
     PendingJob,
 )
+from gateway.store.requeue import Refusal, Requeued
 from gateway.store.thread import StoreThread
 
 __all__ = [
@@ -47,7 +48,9 @@ __all__ = [
     "OutboxResult",
     "OutboxStore",
     "PendingJob",
+    "Refusal",
     "ReportStore",
+    "Requeued",
     "SpoolStore",
     "Store",
     "StoreThread",

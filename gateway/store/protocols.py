@@ -31,6 +31,7 @@ from gateway.store.records import (
     OutboxResult,
     PendingJob,
 )
+from gateway.store.requeue import Requeued
 
 Row = tuple[str, tuple[str, ...], float]  # (metric, label values, value)
 
@@ -127,9 +128,23 @@ class OutboxStore(Protocol):
         kind: str | None,
         lease_seconds: float,
         exclude: Sequence[int] = (),
+        owner: str = "",
     ) -> list[OutboxItem]:
         """Take due items for `lease_seconds`: nobody else (process or host) gets them until
-        the lease runs out or a result is recorded."""
+        the lease runs out or a result is recorded. `owner` names the claiming worker."""
+        ...
+
+    def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
+        """Extend `owner`'s claims on `items` that are still pending and its own to `until`
+        (an attempt that outlives its lease is never claimed by another worker)."""
+        ...
+
+    def outbox_lease_owners(self, kind: str | None = None) -> list[str]:
+        """The workers holding claims on pending items (of `kind`)."""
+        ...
+
+    def release_outbox_leases(self, owner: str, now: float) -> int:
+        """Make the items a worker known to be dead (`owner`) had claimed due again at `now`."""
         ...
 
     def record_outbox(self, results: Sequence[OutboxResult]) -> None:
@@ -218,7 +233,22 @@ class ReportStore(Protocol):
         ...
 
     def requeue_outbox(self, item: int | None = None) -> int:
-        """Put dead letters (one, or all with None) back in the queue; returns how many."""
+        """Put dead letters (one, or all with None) back in the queue; returns how many.
+        Applies `retry_outbox`'s order rule (refused items are not counted)."""
+        ...
+
+    def outbox_item(self, item: int) -> OutboxItem | None: ...
+
+    def retry_outbox(self, item: int | None = None, *, force: bool = False) -> Requeued:
+        """Re-queue dead letters (one, or every one with None) ahead of their key's waiting
+        items, keeping `created_at` (`requeued_at` restarts the give-up clock). An item whose
+        key has a later item delivered or in flight is refused with the reason, unless
+        `force` (then listed in `forced`); see `gateway.store.requeue`."""
+        ...
+
+    def expedite_outbox(self, now: float, kind: str | None = None) -> int:
+        """Make every pending item waiting for a retry due at `now`; items in flight keep
+        their claim. How many were moved up."""
         ...
 
     def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:

@@ -76,9 +76,21 @@ class OutboxItem:
     state: str
     attempts: int
     created_at: float
-    next_attempt_at: float
+    next_attempt_at: float  # while claimed (lease_owner set): when the claim runs out
     last_error: str
     response: str
+    lease_owner: str = ""  # the worker ("host:pid") that claimed it; '' when not claimed
+    requeued_at: float | None = None  # when a dead letter was last re-queued
+
+    def in_flight(self, now: float) -> bool:
+        """Claimed by a worker whose lease still runs: it may be on the wire right now."""
+        return self.state == "pending" and bool(self.lease_owner) and self.next_attempt_at > now
+
+    def describe(self) -> str:
+        """A few words for people: a PagerDuty event's action and key, or a mail's subject."""
+        if "event_action" in self.payload:
+            return f"{self.payload['event_action']} {self.payload.get('dedup_key', '')}"[:80]
+        return f"mail {self.payload.get('subject', '')}"[:80]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway.errors import StoreError
-from gateway.store.sqlite.integrity import ensure_database
+from gateway.store.sqlite.integrity import ensure_database, not_a_database
 from gateway.store.sqlite.schema import MIGRATIONS
 
 AUTOCHECKPOINT_PAGES = 20_000  # about 80 MB of WAL
@@ -120,6 +120,10 @@ class Connection:
             conn.execute("PRAGMA foreign_keys=ON")
             if eager:  # opening waited like everyone (another process may hold the lock)
                 conn.execute("PRAGMA busy_timeout=0")
+        except StoreError as exc:  # corruption, as GuardedConnection reports it
+            if "file is not a database" in str(exc):
+                raise not_a_database(path) from exc
+            raise
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self.path = path

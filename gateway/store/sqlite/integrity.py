@@ -4,8 +4,11 @@ SQLite treats a zero-length file as an empty database, so a truncated or zeroed 
 "migrated" into a fresh one and every open incident and pending outbox item would vanish
 without a word. So:
 
-* every connection first reads the file's 100-byte header (`check_header`): an existing file
-  that is empty or not a SQLite database is refused with StoreError (SMTP 451, exit 75);
+* every connection first looks at the file (`check_file`): an existing file that is empty is
+  refused with StoreError (SMTP 451, exit 75), and one that is not a SQLite database fails
+  SQLite's own header check as the connection opens. Only `stat` is used here, never open():
+  closing any descriptor of the database file drops every POSIX lock this process holds on
+  it, including those of its live SQLite connections (lost writes, as the SQLite docs warn);
 * a database is created only where no file exists, and atomically (`create_database`): the
   schema is built in a temporary file that is then hard-linked into place, so a crash, or
   another process looking at the same moment, never sees a half-made database;
@@ -19,14 +22,13 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import StoreError
 
-HEADER = b"SQLite format 3\x00"
-HEADER_SIZE = 100
 QUICK_CHECK_LINES = 3  # problems quoted in the message; the rest are counted
 
 _ADVICE = (
@@ -35,25 +37,30 @@ _ADVICE = (
 )
 
 
-def check_header(path: Path) -> bool:
-    """True if `path` holds a SQLite database; False if there is no file; else StoreError."""
+def check_file(path: Path) -> bool:
+    """True if `path` exists (SQLite checks its header as it opens it), False if not;
+    StoreError if it is empty or not a file."""
     try:
-        with path.open("rb") as file:
-            header = file.read(HEADER_SIZE)
+        status = path.stat()
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise StoreError(f"cannot read database {path}: {exc.strerror or exc}") from None
-    if not header:
+    if not stat.S_ISREG(status.st_mode):
+        raise StoreError(f"database {path} is not a file")
+    if status.st_size == 0:
         raise StoreError(f"database {path} exists but is empty (0 bytes): {_ADVICE}")
-    if len(header) < HEADER_SIZE or not header.startswith(HEADER):
-        raise StoreError(f"{path} is not a SQLite database (bad header): {_ADVICE}")
     return True
+
+
+def not_a_database(path: Path) -> StoreError:
+    """What to say when SQLite finds no valid header in an existing file."""
+    return StoreError(f"{path} is not a SQLite database (bad header): {_ADVICE}")
 
 
 def ensure_database(path: Path, build: Callable[[sqlite3.Connection], None]) -> None:
     """Refuse a damaged file; create a missing database (schema built by `build`)."""
-    if check_header(path):
+    if check_file(path):
         return
     wal = path.with_name(path.name + "-wal")
     if wal.exists() and wal.stat().st_size:
@@ -117,12 +124,14 @@ def verify(path: Path) -> str:
     `PRAGMA quick_check`."""
     existed = path.parent.is_dir()
     check_directory(path.parent)
-    if not check_header(path):
+    if not check_file(path):
         where = "is writable" if existed else "can be created"
         return f"database {path} will be created ({path.parent} {where})"
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         _check_writable_file(name)
     problems = _quick_check(path)
+    if problems == ["file is not a database"]:
+        raise not_a_database(path)
     if problems:
         shown = "; ".join(problems[:QUICK_CHECK_LINES])
         if len(problems) > QUICK_CHECK_LINES:
@@ -171,11 +180,11 @@ def check_directory(directory: Path) -> None:
 
 def _check_writable_file(path: Path) -> None:
     """A database (or its -wal/-shm) that `serve` could read but not write fails only at the
-    first commit; opening it for update tells now (a -shm left by root is the classic)."""
+    first commit: tell now (a -shm left by root is the classic). Asked without opening it
+    (see the module docstring); a read-only mount is refused even for root."""
     try:
-        with path.open("r+b"):
-            pass
+        read_only_mount = os.statvfs(path).f_flag & os.ST_RDONLY
     except FileNotFoundError:
         return
-    except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if read_only_mount or not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(f"cannot write {path}: permission denied or read-only file system")

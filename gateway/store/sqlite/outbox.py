@@ -1,4 +1,9 @@
-"""The outbox: items queued with decisions, delivered per order key in order, under leases."""
+"""The outbox: items queued with decisions, delivered per order key in order, under leases.
+
+A claim sets `next_attempt_at` to the end of the lease and `lease_owner` to the claiming
+worker; a result clears the owner. So a pending item with an owner and a future
+`next_attempt_at` is in flight, and the claims of a worker known to be dead can be released.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.records import OutboxItem, OutboxResult
+from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.rows import OUTBOX_COLUMNS, outbox_item
 
@@ -54,16 +60,50 @@ class OutboxQueries(Connection):
         kind: str | None,
         lease_seconds: float,
         exclude: Sequence[int] = (),
+        owner: str = "",
     ) -> list[OutboxItem]:
         """Take due items for `lease_seconds` so no other worker (process or host) sends them
         too; a worker that dies mid-attempt loses the lease and the item becomes due again."""
         with self.transaction(durable=False):
             items = self.due_outbox(now, limit, kind, exclude)
             self.conn.executemany(
-                "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
-                [(now + lease_seconds, item.id) for item in items],
+                "UPDATE outbox SET next_attempt_at = ?, lease_owner = ? WHERE id = ?",
+                [(now + lease_seconds, owner, item.id) for item in items],
             )
         return items
+
+    def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
+        """Extend `owner`'s claims on `items` (still pending and still its own) to `until`."""
+        if not items:
+            return 0
+        marks = ",".join("?" * len(items))
+        with self.transaction(durable=False):
+            cursor = self.conn.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE state = 'pending'"
+                f" AND lease_owner = ? AND id IN ({marks})",
+                (until, owner, *items),
+            )
+        return cursor.rowcount
+
+    def outbox_lease_owners(self, kind: str | None = None) -> list[str]:
+        """The workers holding claims on pending items (of `kind`)."""
+        kind_filter = "AND kind = ?" if kind else ""
+        rows = self.conn.execute(
+            "SELECT DISTINCT lease_owner FROM outbox WHERE state = 'pending'"
+            f" AND lease_owner != '' {kind_filter}",
+            (kind,) if kind else (),
+        )
+        return [row[0] for row in rows]
+
+    def release_outbox_leases(self, owner: str, now: float) -> int:
+        """Make the items a dead worker (`owner`) had claimed due again at `now`."""
+        with self.transaction(durable=False):
+            cursor = self.conn.execute(
+                "UPDATE outbox SET next_attempt_at = MIN(next_attempt_at, ?), lease_owner = ''"
+                " WHERE state = 'pending' AND lease_owner = ?",
+                (now, owner),
+            )
+        return cursor.rowcount
 
     def next_outbox_due(self, kind: str | None = None) -> float | None:
         """When the earliest pending item becomes due, so workers can sleep until then."""
@@ -82,7 +122,7 @@ class OutboxQueries(Connection):
                 self.conn.execute(
                     "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?,"
                     " last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
-                    " updated_at = ? WHERE id = ? AND state = 'pending'",
+                    " lease_owner = '', updated_at = ? WHERE id = ? AND state = 'pending'",
                     (r.state, r.response, r.error, r.next_attempt_at, now, r.id),
                 )
 
@@ -96,15 +136,66 @@ class OutboxQueries(Connection):
         ).fetchall()
         return [outbox_item(r) for r in rows]
 
+    def outbox_item(self, item: int) -> OutboxItem | None:
+        row = self.conn.execute(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item,)
+        ).fetchone()
+        return outbox_item(row) if row else None
+
     def requeue_outbox(self, item: int | None = None) -> int:
         """Put dead letters (one, or all with None) back in the queue; returns how many."""
+        return len(self.retry_outbox(item).requeued)
+
+    def retry_outbox(self, item: int | None = None, *, force: bool = False) -> Requeued:
+        """Re-queue dead letters (one, or every one with None) ahead of their key's waiting
+        items, keeping `created_at`; refused while a later item of the key was delivered or
+        is in flight, unless `force` (`gateway.store.requeue`)."""
         now = time.time()
-        where, args = ("AND id = ?", (item,)) if item is not None else ("", ())
+        requeued: list[int] = []
+        refused: list[Refusal] = []
+        forced: list[Refusal] = []
         with self.transaction():
+            for wanted in [item] if item is not None else self._dead_ids():
+                found = self.outbox_item(wanted)
+                refusal = not_requeueable(wanted, found)
+                if refusal is None and found is not None:
+                    refusal = out_of_order(found, self._key_moved_on(found, now), now)
+                    if refusal is not None and force:
+                        forced.append(refusal)
+                        refusal = None
+                if refusal is not None:
+                    refused.append(refusal)
+                    continue
+                self.conn.execute(
+                    "UPDATE outbox SET state = 'pending', next_attempt_at = ?, updated_at = ?,"
+                    " requeued_at = ?, lease_owner = '' WHERE id = ? AND state = 'dead'",
+                    (now, now, now, wanted),
+                )
+                requeued.append(wanted)
+        return Requeued(tuple(requeued), tuple(refused), tuple(forced))
+
+    def _dead_ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM outbox WHERE state = 'dead'")]
+
+    def _key_moved_on(self, item: OutboxItem, now: float) -> OutboxItem | None:
+        """The first later item of `item`'s key that was delivered or is in flight."""
+        row = self.conn.execute(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE state IN ('done', 'pending')"
+            " AND order_key = ? AND id > ? AND (state = 'done' OR (lease_owner != ''"
+            " AND next_attempt_at > ?)) ORDER BY id LIMIT 1",
+            (item.order_key, item.id, now),
+        ).fetchone()
+        return outbox_item(row) if row else None
+
+    def expedite_outbox(self, now: float, kind: str | None = None) -> int:
+        """Make every pending item that is waiting for a retry due at `now` (`outbox flush
+        --all`); items in flight keep their claim. Returns how many were moved up."""
+        kind_filter = "AND kind = ?" if kind else ""
+        with self.transaction(durable=False):
             cursor = self.conn.execute(
-                "UPDATE outbox SET state = 'pending', next_attempt_at = ?, updated_at = ?,"
-                f" created_at = ? WHERE state = 'dead' {where}",
-                (now, now, now, *args),
+                "UPDATE outbox SET next_attempt_at = ? WHERE state = 'pending'"
+                f" AND next_attempt_at > ? AND lease_owner = '' {kind_filter}",
+                (now, now, *([kind] if kind else [])),
             )
         return cursor.rowcount
 

@@ -105,4 +105,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX IF EXISTS messages_fingerprint;
     """,
+    # 4: the outbox tells the truth. `lease_owner` names the worker ("host:pid") whose claim
+    # `next_attempt_at` holds while it is pending: a restarted worker releases a dead one's
+    # claims at once, and a re-queue can see an item in flight. `requeued_at` restarts the
+    # give-up clock of a re-queued dead letter while `created_at` keeps the original time.
+    """
+    ALTER TABLE outbox ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN requeued_at REAL;
+    """,
 )
