@@ -1,15 +1,21 @@
 """`gateway incidents | messages | outbox`: tables over the store (the outbox can also retry
-dead letters and flush what is due)."""
+dead letters and flush what is due; an incident can be resolved by hand)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import json
+import sys
+import time
+from datetime import UTC, datetime
 
 from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, print_table
+from gateway.decide.manual import ResolveRefused, resolve_incident
 from gateway.delivery import dispatch as delivery
 from gateway.display import when
-from gateway.store import open_store
+from gateway.store import OutboxItem, Store, open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--open", action="store_true", help="only triggered/acknowledged incidents")
     p.add_argument("--service", help="only this service")
+    p.add_argument(
+        "action", nargs="?", choices=["list", "resolve"], default="list", help="resolve SERVICE KEY"
+    )
+    p.add_argument("target", nargs="*", metavar="SERVICE KEY", help="the incident to resolve")
+    p.add_argument(
+        "--send", action="store_true", help="resolve: also send the resolve event to PagerDuty"
+    )
 
     p = add_command(
         subparsers,
@@ -37,15 +50,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "outbox",
         run_outbox,
-        "list pending and dead outbox items",
+        "list pending and dead outbox items; retry dead letters; flush what is due",
         "gateway outbox retry --all",
     )
     p.add_argument("action", nargs="?", choices=["list", "retry", "flush"], default="list")
     p.add_argument("id", nargs="?", type=int, help="item to retry")
-    p.add_argument("--all", action="store_true", help="retry every dead letter")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="retry: every dead letter; flush: also the items waiting for their next try",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retry: re-queue even after a later item of its key went out (out of order)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per item and line")
 
 
 def run_incidents(args: argparse.Namespace) -> int:
+    if args.action == "resolve":
+        return run_resolve(args)
     store = open_store(config(args).db_path)
     rows = [
         [
@@ -90,44 +115,137 @@ def run_outbox(args: argparse.Namespace) -> int:
     settings = config(args)
     store = open_store(settings.db_path)
     if args.action == "retry":
-        if args.id is None and not args.all:
-            raise UsageError("outbox retry needs an item ID or --all")
-        count = store.requeue_outbox(None if args.all else args.id)
-        print(f"re-queued {count} item(s)")
-        return EX_OK if count or args.all else EX_USAGE
+        return _retry(store, args)
     if args.action == "flush":
+        if args.all:
+            store.expedite_outbox(time.time())
         asyncio.run(delivery.deliver_due(settings, 60))
-    rows = [
-        [
-            o.id,
-            o.kind,
-            o.service,
-            o.state,
-            o.attempts,
-            when(o.created_at),
-            when(o.next_attempt_at) if o.state == "pending" else "-",
-            (o.last_error or "")[:80],
-            _describe(o.payload),
-        ]
-        for o in store.outbox()
-    ]
-    headers = [
-        "id",
-        "kind",
-        "service",
-        "state",
-        "attempts",
-        "created",
-        "next try",
-        "last error",
-        "item",
-    ]
-    print_table(rows, headers, "outbox is empty")
+    items = store.outbox()
+    if args.json:
+        now = time.time()
+        for item in items:
+            print(json.dumps(_outbox_record(item, now), ensure_ascii=False))
+        return EX_OK
+    print_table([_outbox_row(o) for o in items], OUTBOX_HEADERS, "outbox is empty")
     return EX_OK
 
 
-def _describe(payload: dict) -> str:
-    """One line for an outbox item: a PagerDuty event's action and key, or a mail's subject."""
-    if "event_action" in payload:
-        return f"{payload['event_action']} {payload.get('dedup_key', '')}"[:60]
-    return str(payload.get("subject", ""))[:60]
+OUTBOX_HEADERS = [
+    "id",
+    "kind",
+    "service",
+    "state",
+    "attempts",
+    "created",
+    "next try",
+    "last error",
+    "item",
+]
+
+
+def _outbox_row(o: OutboxItem) -> list[object]:
+    if o.in_flight(time.time()):
+        next_try = f"in flight ({o.lease_owner})"
+    else:
+        next_try = when(o.next_attempt_at) if o.state == "pending" else "-"
+    return [
+        o.id,
+        o.kind,
+        o.service,
+        o.state,
+        o.attempts,
+        when(o.created_at),
+        next_try,
+        (o.last_error or "")[:80],
+        o.describe()[:60],
+    ]
+
+
+def _outbox_record(o: OutboxItem, now: float) -> dict[str, object]:
+    """One `outbox --json` line; the fields are documented in the README."""
+    payload = o.payload
+    if o.kind == "mail":  # the rendered message can be large: its envelope and subject
+        payload = {k: payload.get(k) for k in ("mail_from", "rcpt_tos", "subject")}
+    return {
+        "id": o.id,
+        "kind": o.kind,
+        "service": o.service,
+        "order_key": o.order_key,
+        "state": o.state,
+        "in_flight": o.in_flight(now),
+        "lease_owner": o.lease_owner or None,
+        "attempts": o.attempts,
+        "created_at": _iso(o.created_at),
+        "requeued_at": _iso(o.requeued_at),
+        "next_attempt_at": _iso(o.next_attempt_at) if o.state == "pending" else None,
+        "item": o.describe(),
+        "last_error": o.last_error,
+        "response": o.response,
+        "payload": payload,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    """UTC, to the second, with a Z: what `jq fromdateiso8601` reads."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _retry(store: Store, args: argparse.Namespace) -> int:
+    """Re-queue one dead letter or all; say why for each one that was not (exit 1 then)."""
+    if args.id is None and not args.all:
+        raise UsageError("outbox retry needs an item ID or --all")
+    if args.id is not None and args.all:
+        raise UsageError("outbox retry takes an item ID or --all, not both")
+    outcome = store.retry_outbox(None if args.all else args.id, force=args.force)
+    if args.id is not None and outcome.refused:
+        print(f"error: {outcome.refused[0].reason}", file=sys.stderr)
+        return EX_USAGE
+    for forced in outcome.forced:
+        print(f"warning: re-queued out of order: {forced.reason}", file=sys.stderr)
+    items = ", ".join(f"#{i}" for i in outcome.requeued)
+    print(f"re-queued {len(outcome.requeued)} item(s){': ' + items if items else ''}")
+    for refusal in outcome.refused:
+        print(f"refused: {refusal.reason}", file=sys.stderr)
+    if outcome.requeued:
+        print("`gateway serve` sends them within seconds (or run `gateway outbox flush`)")
+    return EX_USAGE if outcome.refused else EX_OK
+
+
+def run_resolve(args: argparse.Namespace) -> int:
+    """`gateway incidents resolve SERVICE KEY [--send]`."""
+    if len(args.target) != 2:
+        raise UsageError("incidents resolve needs SERVICE and KEY (quote a key with spaces)")
+    service, key = args.target
+    settings = config(args)
+    known = {s.name: s for s in settings.services}
+    store = open_store(settings.db_path)
+    try:
+        done = resolve_incident(store, service, key, send=args.send, settings=known.get(service))
+    except ResolveRefused as exc:
+        print(f"error: {exc}{_did_you_mean(store, service, key)}", file=sys.stderr)
+        return EX_USAGE
+    state = (
+        "resolved" if done.was_open else f"was already resolved ({when(done.incident.resolved_at)})"
+    )
+    print(f"{service}: {key!r} {state} in the local mirror")
+    if done.queued is not None:
+        asyncio.run(delivery.deliver_due(settings, 2 * settings.pagerduty.timeout_seconds))
+        print(_resolve_delivery(store, done.queued))
+    return EX_OK
+
+
+def _resolve_delivery(store: Store, item: int) -> str:
+    sent = store.outbox_item(item)
+    if sent is not None and sent.state == "done":
+        return f"resolve event sent to PagerDuty (outbox #{item})"
+    if sent is not None and sent.last_error:
+        why = f": {sent.last_error}"
+    else:
+        why = " (it waits for the earlier items of its key)"
+    return f"resolve event queued as outbox #{item}, not sent yet{why}; `gateway serve` retries"
+
+
+def _did_you_mean(store: Store, service: str, key: str) -> str:
+    keys = [i.incident_key for i in store.incidents(open_only=True) if i.service == service]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    return f" (open incidents like it: {', '.join(repr(k) for k in close)})" if close else ""

@@ -16,6 +16,11 @@ MAX_EVENT_BYTES = 512 * 1024
 ACTIONS = ("trigger", "acknowledge", "resolve")
 
 
+def pagerduty_order_key(service: str, dedup_key: str) -> str:
+    """The outbox order key of a service's events for one incident: they go out in order."""
+    return f"pagerduty:{service}:{dedup_key}"
+
+
 def build_event(
     *,
     action: str,

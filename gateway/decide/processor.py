@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.decide import incidents, notifications
-from gateway.decide.events import build_event
+from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
@@ -324,7 +324,7 @@ class Processor:
         """Outbox the event, or (embedded default, no routing key) record what would be sent."""
         key = event["dedup_key"]
         if runtime.settings.routing_key:
-            order_key = f"pagerduty:{job.service}:{key}"
+            order_key = pagerduty_order_key(job.service, key)
             self.store.add_outbox("pagerduty", job.service, order_key, event, job.id)
             return True
         self.store.log_event(

@@ -185,9 +185,10 @@ class WebApp:
         given = await _form_field(request, "token")
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(403, "wrong token")
-        count = await self.store.call(lambda s: s.requeue_outbox(item))
-        if not count:
-            raise HTTPException(404, f"outbox item {item} is not a dead letter")
+        outcome = await self.store.call(lambda s: s.retry_outbox(item))
+        if outcome.refused:  # 409: out of order (the CLI's --force); 404: none or not dead
+            refusal = outcome.refused[0]
+            raise HTTPException(409 if refusal.overridable else 404, refusal.reason)
         self.on_requeue()
         return RedirectResponse(f"/?retried={item}#outbox", status_code=303)
 

@@ -138,3 +138,135 @@ def test_requeue_all_touches_only_dead_letters(store: Store) -> None:
     assert store.requeue_outbox() == 2
     assert sorted(i.id for i in store.due_outbox(time.time() + 1)) == [*dead, waiting]
     assert store.requeue_outbox() == 0
+
+
+# -- re-queue rule, claims and their owners (issue 11 items 4, 6 and 22) ---------------------
+
+
+def settle(store: Store, item: int, state: str) -> None:
+    store.record_outbox([OutboxResult(item, state, response="202" if state == "done" else "400")])
+
+
+def test_a_dead_trigger_is_not_requeued_after_its_resolve_was_delivered(store: Store) -> None:
+    trigger, resolve = add(store, "k", 1), add(store, "k", 2)
+    settle(store, trigger, "dead")
+    settle(store, resolve, "done")
+    outcome = store.retry_outbox(trigger)
+    assert outcome.requeued == () and outcome.forced == ()
+    [refusal] = outcome.refused
+    assert (refusal.item, refusal.overridable) == (trigger, True)
+    assert f"after #{resolve}" in refusal.reason and "already delivered" in refusal.reason
+    assert "--force" in refusal.reason
+    assert [o.state for o in store.outbox(("dead",))] == ["dead"]
+    assert store.requeue_outbox(trigger) == 0  # the status page's path follows the same rule
+
+
+def test_force_requeues_it_anyway_and_says_what_it_overrode(store: Store) -> None:
+    trigger, resolve = add(store, "k", 1), add(store, "k", 2)
+    settle(store, trigger, "dead")
+    settle(store, resolve, "done")
+    outcome = store.retry_outbox(trigger, force=True)
+    assert outcome.requeued == (trigger,) and outcome.refused == ()
+    assert [f.item for f in outcome.forced] == [trigger]
+    assert [i.id for i in store.due_outbox(time.time() + 1)] == [trigger]
+
+
+def test_a_dead_letter_goes_ahead_of_its_keys_waiting_items(store: Store) -> None:
+    first, second = add(store, "k", 1), add(store, "k", 2)
+    settle(store, first, "dead")
+    store.record_outbox(
+        [OutboxResult(second, "pending", error="HTTP 503", next_attempt_at=time.time() + LATER)]
+    )
+    assert store.retry_outbox(first).requeued == (first,)
+    assert [i.id for i in store.due_outbox(time.time() + 1)] == [first]  # before `second`
+
+
+def test_a_dead_letter_waits_while_a_later_item_of_its_key_is_in_flight(store: Store) -> None:
+    first, second = add(store, "k", 1), add(store, "k", 2)
+    settle(store, first, "dead")
+    assert [i.id for i in store.claim_outbox(time.time(), 10, None, 60.0, owner="w:1")] == [second]
+    [refusal] = store.retry_outbox(first).refused
+    assert "being delivered right now" in refusal.reason
+
+
+def test_retry_says_why_it_does_nothing(store: Store) -> None:
+    waiting, delivered = add(store, "a"), add(store, "b")
+    settle(store, delivered, "done")
+    reasons = {
+        item: store.retry_outbox(item).refused[0] for item in (waiting, delivered, delivered + 100)
+    }
+    assert "still pending (not dead)" in reasons[waiting].reason
+    assert "was delivered" in reasons[delivered].reason
+    assert reasons[delivered + 100].reason == f"no outbox item #{delivered + 100}"
+    assert not any(r.overridable for r in reasons.values())
+    assert store.retry_outbox(delivered, force=True).requeued == ()  # force is only for order
+
+
+def test_retry_keeps_the_created_time(store: Store) -> None:
+    item = add(store, "k")
+    [before] = store.outbox()
+    settle(store, item, "dead")
+    store.retry_outbox(item)
+    [after] = store.outbox()
+    assert after.created_at == before.created_at and after.state == "pending"
+    assert after.requeued_at is not None and after.requeued_at >= before.created_at
+
+
+def test_retry_all_requeues_what_the_rule_allows_and_lists_the_rest(store: Store) -> None:
+    blocked, its_resolve = add(store, "k", 1), add(store, "k", 2)
+    free = add(store, "j", 3)
+    settle(store, blocked, "dead")
+    settle(store, its_resolve, "done")
+    settle(store, free, "dead")
+    outcome = store.retry_outbox()
+    assert outcome.requeued == (free,)
+    assert [r.item for r in outcome.refused] == [blocked]
+
+
+def test_a_claim_names_its_worker_and_a_result_clears_it(store: Store) -> None:
+    item = add(store, "k")
+    now = time.time()
+    [claimed] = store.claim_outbox(now, 1, None, 60.0, owner="host:7")
+    [seen] = store.outbox()
+    assert seen.lease_owner == "host:7" and seen.in_flight(now)
+    assert store.outbox_lease_owners() == ["host:7"] and store.outbox_lease_owners("mail") == []
+    store.record_outbox([OutboxResult(claimed.id, "pending", error="503", next_attempt_at=now)])
+    [seen] = store.outbox()
+    assert seen.lease_owner == "" and not seen.in_flight(now) and seen.id == item
+
+
+def test_only_the_owner_renews_a_lease(store: Store) -> None:
+    item = add(store, "k")
+    now = time.time()
+    store.claim_outbox(now, 1, None, 1.0, owner="host:7")
+    assert store.renew_outbox_leases([item], "host:8", now + LATER) == 0
+    assert store.claim_outbox(now + 2, 1, None, 1.0, owner="host:8") != []  # ran out
+    assert store.renew_outbox_leases([item], "host:7", now + LATER) == 0  # no longer its own
+    assert store.renew_outbox_leases([item], "host:8", now + LATER) == 1
+    assert store.claim_outbox(now + 100, 1, None, 1.0, owner="host:9") == []
+
+
+def test_releasing_a_dead_workers_claims_makes_them_due(store: Store) -> None:
+    mine, theirs = add(store, "a"), add(store, "b")
+    now = time.time()
+    store.claim_outbox(now, 1, None, LATER, owner="host:1")
+    store.claim_outbox(now, 1, None, LATER, owner="host:2")
+    assert store.release_outbox_leases("host:2", now) == 1
+    assert [i.id for i in store.due_outbox(now)] == [theirs]
+    assert {o.id: o.lease_owner for o in store.outbox()} == {mine: "host:1", theirs: ""}
+
+
+def test_expedite_makes_waiting_retries_due_but_keeps_claims(store: Store) -> None:
+    waiting, claimed, mail = add(store, "a"), add(store, "b"), add(store, "m", kind="mail")
+    now = time.time()
+    store.record_outbox(
+        [
+            OutboxResult(waiting, "pending", error="503", next_attempt_at=now + LATER),
+            OutboxResult(mail, "pending", error="451", next_attempt_at=now + LATER),
+        ]
+    )
+    store.claim_outbox(now, 1, None, LATER, owner="host:1")
+    assert store.expedite_outbox(now, "pagerduty") == 1
+    assert [i.id for i in store.due_outbox(now)] == [waiting]
+    assert claimed not in [i.id for i in store.due_outbox(now + 1)]
+    assert store.expedite_outbox(now) == 1  # the mail too
