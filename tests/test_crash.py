@@ -11,13 +11,17 @@ them.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from gateway.store import open_store
+from gateway.delivery.outbox import lease_owner
+from gateway.store import Store, open_store
 from tests.conftest import ROOT, GatewayProcess, free_port, wait_until, write_config
+from tests.ops_support import worker_pid
 from tests.pdserver import PagerDutyStandIn
 
 MESSAGES = 2000
@@ -73,3 +77,67 @@ def test_kill_9_under_load_loses_nothing_and_acts_once(
     assert set(sent) == set(incidents), "every acknowledged mail's event reached PagerDuty"
     resent = sum(count - 1 for count in sent.values())
     assert resent <= KILLS * 16, f"{resent} events resent: more than were in flight at the kills"
+
+
+WORKER_KILLS = 3
+WORKER_LOAD = 600
+
+
+def claimed_by(store: Store, owner: str) -> set[str]:
+    """The dedup keys of the items `owner` had claimed and not recorded: in flight."""
+    return {
+        o.payload["dedup_key"]
+        for o in store.outbox(("pending",), limit=100_000)
+        if o.lease_owner == owner
+    }
+
+
+def test_kill_9_of_the_worker_resends_at_most_the_items_in_flight(
+    tmp_path: Path, pd: PagerDutyStandIn
+) -> None:
+    """Only the worker dies (the listener keeps accepting): each kill may resend the events it
+    had in flight, once each, and nothing else. The worker is stopped before it is killed, so
+    what it had claimed can be read from the store: that is the bound."""
+    port = free_port()
+    config = write_config(tmp_path, pd_url=pd.url, smtp_port=port)
+    gateway = GatewayProcess(config, port).start()
+    assert gateway.proc is not None
+    store = open_store(config.parent / "data" / "gateway.sqlite3")
+    log = tmp_path / "acknowledged.txt"
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "crash_sender.py"),
+            str(port),
+            str(WORKER_LOAD),
+            str(log),
+        ]
+    )
+    in_flight: Counter[str] = Counter()  # dedup key -> kills it was in flight at
+    try:
+        for kill in range(1, WORKER_KILLS + 1):
+            target = kill * WORKER_LOAD // (WORKER_KILLS + 1)
+            wait_until(lambda t=target: len(pd.events) >= t, timeout=120)
+            pid = wait_until(lambda: worker_pid(gateway.proc.pid), timeout=30)
+            os.kill(pid, signal.SIGSTOP)  # frozen mid-delivery: its claims stay as they are
+            in_flight.update(claimed_by(store, lease_owner(pid)))
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pid: worker_pid(gateway.proc.pid) not in (None, p), timeout=30)
+        assert sender.wait(timeout=240) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    pd.wait_for(WORKER_LOAD, timeout=120)
+    wait_until(lambda: store.outbox(("pending",)) == [], timeout=60, message="outbox not drained")
+    gateway.stop()
+
+    assert gateway.output().count("worker process exited with -9") == WORKER_KILLS
+    sent = Counter(e["dedup_key"] for e in pd.events)
+    assert set(sent) == {f"Crash case {n}" for n in acknowledged(log)}
+    resent = {key: count - 1 for key, count in sent.items() if count > 1}
+    over = {key: n for key, n in resent.items() if n > in_flight[key]}
+    assert over == {}, f"resent more often than in flight at a kill: {over}"
+    print(
+        f"\n{WORKER_KILLS} worker kills: {sum(in_flight.values())} events in flight,"
+        f" {sum(resent.values())} resent, {len(pd.events)} sent for {len(sent)} incidents"
+    )

@@ -11,9 +11,16 @@ import collections
 import time
 from pathlib import Path
 
+import httpx
+
+from gateway.config import load_config
+from gateway.decide.events import build_event
+from gateway.delivery.dispatch import Deliveries
 from gateway.delivery.outbox import Dispatcher, RetryPolicy, dead_local_owners, lease_owner
 from gateway.errors import StoreError
 from gateway.store import OutboxItem, StoreThread, open_store
+from tests.conftest import write_config
+from tests.pdserver import PagerDutyStandIn
 
 FAST = RetryPolicy(first_delay=0.01, max_delay=0.05)
 
@@ -45,17 +52,28 @@ class CountingSender:
         return "202"
 
 
-async def deliver_until_done(dispatcher: Dispatcher, store: StoreThread, seconds: float) -> None:
+async def deliver_until_done(
+    dispatcher: Dispatcher | Deliveries, store: StoreThread, seconds: float
+) -> None:
     stop = asyncio.Event()
-    running = asyncio.create_task(dispatcher.run(stop, max_sleep=0.02))
+    if isinstance(dispatcher, Dispatcher):
+        running = asyncio.create_task(dispatcher.run(stop, max_sleep=0.02))
+    else:
+        running = asyncio.create_task(dispatcher.run(stop))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         pending, _ = await store.call(lambda s: s.outbox_stats())
-        if not pending:
+        if not pending and not attempts_running():
             break
         await asyncio.sleep(0.02)
     stop.set()
     await running
+
+
+def attempts_running() -> list[asyncio.Task]:
+    """Delivery attempts still under way: an attempt that outlived its lease and was started
+    again kept running after its item was recorded, and sent it once more."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_attempt"]
 
 
 def test_an_attempt_that_outlives_its_lease_is_sent_once(tmp_path: Path) -> None:
@@ -186,3 +204,33 @@ def test_a_requeued_dead_letter_gets_the_whole_retry_time(tmp_path: Path) -> Non
     [again] = store.outbox()
     assert again.state == "pending", again.last_error  # two hours old, re-queued just now
     assert again.created_at == created and again.requeued_at is not None
+
+
+def test_a_rate_limited_burst_is_sent_once(tmp_path: Path, pd: PagerDutyStandIn) -> None:
+    """The serve wiring, with PagerDuty's documented 120 events/min limit switched on: the
+    last of 16 attempts in flight waits 7.5 s for its turn, longer than the 6 s lease a 0.5 s
+    HTTP timeout gives. Such waits used to end in the same event being claimed and sent
+    again (and again), with no worker killed at all."""
+    config_path = write_config(tmp_path, pd_url=pd.url)
+    config_path.write_text(
+        config_path.read_text().replace(
+            "timeout_seconds = 5", "timeout_seconds = 0.5\nrate_limit_per_minute = 120"
+        )
+    )
+    config = load_config(config_path)
+    keys = [f"burst {n}" for n in range(20)]
+    store = open_store(config.db_path)
+    with store.transaction():
+        for key in keys:
+            event = build_event(action="trigger", dedup_key=key, summary=key)
+            store.add_outbox("pagerduty", "helpdesk", f"pagerduty:helpdesk:{key}", event, None)
+
+    async def run() -> None:
+        thread = StoreThread(config.db_path)
+        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
+            await deliver_until_done(Deliveries(thread, client, config), thread, 60)
+        thread.close()
+
+    asyncio.run(run())
+    sent = collections.Counter(e["dedup_key"] for e in pd.events)
+    assert sent == dict.fromkeys(keys, 1)
