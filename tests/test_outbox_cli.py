@@ -222,6 +222,8 @@ def test_incidents_resolve_names_close_keys_when_there_is_no_such_incident(
     code, _, err = cli("incidents", "resolve", "helpdesk", "VPN down in berlin")
     assert code == EX_USAGE and "no incident 'VPN down in berlin'" in err
     assert "'VPN down in Berlin'" in err
+    code, _, err = cli("incidents", "resolve", "helpdsk", "VPN down in Berlin")
+    assert code == EX_USAGE and "(services in config.toml: helpdesk)" in err
     assert cli("incidents", "resolve", "helpdesk")[0] == EX_USAGE  # needs SERVICE and KEY
 
 

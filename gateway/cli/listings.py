@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "incidents",
         run_incidents,
-        "list the local incident mirror",
+        "list the local incident mirror, or resolve a stuck incident by hand",
         "gateway incidents --open",
     )
     p.add_argument("--open", action="store_true", help="only triggered/acknowledged incidents")
@@ -222,7 +222,10 @@ def run_resolve(args: argparse.Namespace) -> int:
     try:
         done = resolve_incident(store, service, key, send=args.send, settings=known.get(service))
     except ResolveRefused as exc:
-        print(f"error: {exc}{_did_you_mean(store, service, key)}", file=sys.stderr)
+        hint = _did_you_mean(store, service, key)
+        if service not in known:
+            hint += f" (services in {settings.path.name}: {', '.join(sorted(known))})"
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return EX_USAGE
     state = (
         "resolved" if done.was_open else f"was already resolved ({when(done.incident.resolved_at)})"

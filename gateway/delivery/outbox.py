@@ -141,6 +141,7 @@ class Dispatcher:
         """One-shot commands: try each due item once (a failure waits for its backoff, in
         `serve`), following each key's queue after successes, until the deadline."""
         tried: set[int] = set()
+        await self._release_dead_claims()
         async with self._leases_kept():
             while self.clock() < deadline:
                 started = await self._start_due(exclude=tried)

@@ -19,6 +19,7 @@ without a word. So:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import sqlite3
@@ -81,8 +82,7 @@ def create_database(path: Path, build: Callable[[sqlite3.Connection], None]) -> 
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
     try:
         _build(temporary, build)
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)  # atomic, and never replaces a database that appeared
+        _link(temporary, path)
         _sync_directory(path.parent)
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot create database {path}: {exc}") from None
@@ -90,6 +90,21 @@ def create_database(path: Path, build: Callable[[sqlite3.Connection], None]) -> 
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 temporary.with_name(temporary.name + suffix).unlink()
+
+
+def _link(temporary: Path, path: Path) -> None:
+    """Give the new database its name: a hard link is atomic and never replaces a database
+    another process created meanwhile (theirs is kept); a file system without hard links gets
+    a rename, unless the name appeared meanwhile."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if not path.exists():
+            os.replace(temporary, path)
 
 
 def _build(temporary: Path, build: Callable[[sqlite3.Connection], None]) -> None:
