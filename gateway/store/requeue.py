@@ -44,7 +44,7 @@ def not_requeueable(wanted: int, item: OutboxItem | None) -> Refusal | None:
     return Refusal(item.id, f"#{item.id} ({item.describe()}) {doing}: nothing to retry")
 
 
-def out_of_order(item: OutboxItem, later: OutboxItem | None, now: float) -> Refusal | None:
+def out_of_order(item: OutboxItem, later: OutboxItem | None) -> Refusal | None:
     """Refuse a dead letter whose key has moved on: `later` is its key's first later item
     that was delivered or is in flight (None: the item may go ahead of the rest)."""
     if later is None:

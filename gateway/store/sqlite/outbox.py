@@ -159,7 +159,7 @@ class OutboxQueries(Connection):
                 found = self.outbox_item(wanted)
                 refusal = not_requeueable(wanted, found)
                 if refusal is None and found is not None:
-                    refusal = out_of_order(found, self._key_moved_on(found, now), now)
+                    refusal = out_of_order(found, self._key_moved_on(found, now))
                     if refusal is not None and force:
                         forced.append(refusal)
                         refusal = None
