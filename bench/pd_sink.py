@@ -4,8 +4,8 @@
 
 It answers every POST with 202 over keep-alive connections, each response in one write (two
 writes stall a keep-alive client about 40 ms: Nagle + delayed ACK). With `--rate` it plays
-PagerDuty's throttling: a token bucket of that many events per second (burst: one second's
-worth) and `429` for anything beyond. It records, per request, the time it arrived, the answer,
+PagerDuty's throttling: at most that many events accepted in any one-second window, and `429`
+for anything beyond. It records, per request, the time it arrived, the answer,
 the event's action and its dedup_key; `GET /log` returns them as JSON lines, so a benchmark
 learns when each event reached "PagerDuty" without costing the measured cores much (the
 full-contract stand-in, `tests/pdserver.py`, costs about 0.1 ms of Python per event).
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,31 +43,33 @@ THROTTLED = _response(
 )
 
 
-class TokenBucket:
-    """`rate` events per second, at most `rate` at once; no rate: everything passes."""
+class Throttle:
+    """At most `rate` accepted events in any one-second window; no rate: everything passes.
+
+    Strict on purpose: a client pacing at exactly the limit still meets an occasional 429 when
+    network jitter bunches two of its requests, as it would against PagerDuty's quota."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
-        self.tokens = rate or 0.0
-        self.at = time.monotonic()
+        self.accepted: deque[float] = deque()
 
     def take(self) -> bool:
         if not self.rate:
             return True
         now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
+        while self.accepted and now - self.accepted[0] >= 1.0:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.rate:
             return False
-        self.tokens -= 1
+        self.accepted.append(now)
         return True
 
 
 class Sink(asyncio.Protocol):
     """One connection: requests parsed by Content-Length, each answered in one write."""
 
-    def __init__(self, bucket: TokenBucket, log: list[bytes]) -> None:
-        self.bucket = bucket
+    def __init__(self, throttle: Throttle, log: list[bytes]) -> None:
+        self.throttle = throttle
         self.log = log
         self.buffer = bytearray()
 
@@ -91,7 +94,7 @@ class Sink(asyncio.Protocol):
 
     def _answer(self, body: bytes) -> bytes:
         at = time.time()
-        accepted = self.bucket.take()
+        accepted = self.throttle.take()
         try:
             event = json.loads(body)
             action, key = event.get("event_action", ""), event.get("dedup_key", "")
@@ -103,9 +106,9 @@ class Sink(asyncio.Protocol):
 
 
 async def serve(port: int, rate: float | None) -> None:
-    bucket, log = TokenBucket(rate), []
+    throttle, log = Throttle(rate), []
     server = await asyncio.get_running_loop().create_server(
-        lambda: Sink(bucket, log), "127.0.0.1", port, backlog=1024
+        lambda: Sink(throttle, log), "127.0.0.1", port, backlog=1024
     )
     print("ready", flush=True)
     async with server:

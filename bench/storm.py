@@ -3,7 +3,7 @@
     python bench/storm.py [--messages 1504] [--cases 50] [--timeout 420]
 
 `gateway serve` (shipped settings, `[pagerduty] rate_limit_per_minute = 300`) delivers to
-`bench/pd_sink.py --rate 5`: it accepts 5 events/s (a token bucket, one second of burst) and
+`bench/pd_sink.py --rate 5`: it accepts 5 events in any one-second window and
 answers 429 beyond. The storm is 1,504 "Status: New" mails over 50 cases in a shuffled order,
 sent over 16 persistent sessions; right after its last mail was accepted, one new case follows.
 The run lasts until every event is delivered (or --timeout) and prints, next to the goals:
