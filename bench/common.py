@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.runtime.loop import run_event_loop
 from gateway.store import open_store
-from gateway.store.protocols import ReportStore
+from gateway.store.protocols import Store
 from tests.net import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -183,18 +183,18 @@ listen = "127.0.0.1:{free_port()}"
                 cwd=ROOT,
             )
         wait_for_port(self.port)
-        self._store: ReportStore | None = None
+        self._store: Store | None = None
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._store is not None:
-            self._store.close()  # type: ignore[attr-defined]
+            self._store.close()
         self.proc.terminate()
         self.proc.wait(60)
         self.tmp.cleanup()
 
     @property
-    def store(self) -> ReportStore:
+    def store(self) -> Store:
         """A read connection for the benchmark (its queries cost the benchmark's CPU, not the
         gateway's); opened once, before any load."""
         if self._store is None:

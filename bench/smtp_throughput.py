@@ -22,7 +22,6 @@ import argparse
 import smtplib
 import sys
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -122,7 +121,7 @@ def memory(log_level: str) -> None:
         big_messages(bare.port)
         bare_peak = peak_rss_mb(bare.proc.pid)
     with PdSink() as sink, GatewayServer(sink.url, log_level=log_level) as gateway:
-        time.sleep(1)  # the worker child starts after the listener
+        warm_up(gateway, 20)  # the worker child is up and has imported everything
         start_rss = peak_rss_mb(gateway.proc.pid)
         big_messages(gateway.port)
         gateway_peak = peak_rss_mb(gateway.proc.pid)
