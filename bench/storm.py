@@ -1,6 +1,6 @@
 """An alert storm against a throttling PagerDuty, then one new case.
 
-    python bench/storm.py [--messages 1504] [--cases 50] [--timeout 420]
+    python bench/storm.py [--messages 1504] [--cases 50] [--timeout 420] [--rate-limit 300|default]
 
 `gateway serve` (shipped settings, `[pagerduty] rate_limit_per_minute = 300`) delivers to
 `bench/pd_sink.py --rate 5`: it accepts 5 events in any one-second window and
@@ -31,8 +31,12 @@ from bench.common import GatewayServer, verdict, wait_until
 from bench.pd_sink import PdSink, Request
 from bench.workload import Mail, render, single_new, storm
 
-RATE_LIMIT_PER_MINUTE = 300
 ENDPOINT_RATE = 5.0
+
+
+def rate_limit(value: str) -> int | None:
+    """An int for `[pagerduty] rate_limit_per_minute`, or "default": leave it to the gateway."""
+    return None if value == "default" else int(value)
 
 
 def wait_ready(gateway: GatewayServer) -> None:
@@ -82,19 +86,28 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=50, help="cases the storm is about")
     parser.add_argument("--sessions", type=int, default=16, help="concurrent SMTP sessions")
     parser.add_argument("--timeout", type=float, default=420, help="seconds to wait, at most")
+    parser.add_argument(
+        "--rate-limit",
+        type=rate_limit,
+        default=300,
+        help="the gateway's rate_limit_per_minute, or 'default' (default: 300, as in the issue)",
+    )
+    parser.add_argument(
+        "--endpoint-rate", type=float, default=ENDPOINT_RATE, help="events/s the endpoint accepts"
+    )
     args = parser.parse_args()
     cases = min(args.cases, args.messages)
     mails = storm(args.messages, cases, "storm")
     late = single_new("late")
     with (
-        PdSink(rate=ENDPOINT_RATE) as sink,
-        GatewayServer(sink.url, rate_limit_per_minute=RATE_LIMIT_PER_MINUTE) as gateway,
+        PdSink(rate=args.endpoint_rate) as sink,
+        GatewayServer(sink.url, rate_limit_per_minute=args.rate_limit) as gateway,
     ):
         wait_ready(gateway)
         print(
             f"storm: {len(mails)} 'Status: New' mails over {cases} cases, {args.sessions} sessions;"
-            f" endpoint accepts {ENDPOINT_RATE:.0f} events/s, gateway"
-            f" rate_limit_per_minute = {RATE_LIMIT_PER_MINUTE}"
+            f" endpoint accepts {args.endpoint_rate:g} events/s, gateway"
+            f" rate_limit_per_minute = {'default' if args.rate_limit is None else args.rate_limit}"
         )
         sent = send_python(gateway.port, [m.raw for m in mails], sessions=args.sessions)
         late_sent = send_python(gateway.port, [late.raw], sessions=1).sent_at[0]
