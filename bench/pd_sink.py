@@ -27,6 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.common import wait_for_port  # noqa: E402
+from gateway.runtime.loop import run_event_loop  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 
 def _response(status: str, body: bytes) -> bytes:
@@ -132,10 +137,6 @@ class PdSink:
         self.rate = rate
 
     def __enter__(self) -> PdSink:
-        sys.path.insert(0, str(HERE.parent))
-        from bench.common import wait_for_port
-        from tests.net import free_port
-
         self.port = free_port()
         args = [sys.executable, str(HERE / "pd_sink.py"), str(self.port)]
         if self.rate:
@@ -163,9 +164,6 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--rate", type=float, help="accept this many events/s, 429 beyond")
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE.parent))
-    from gateway.runtime.loop import run_event_loop
-
     run_event_loop(serve(args.port, args.rate))
 
 
