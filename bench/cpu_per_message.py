@@ -1,0 +1,129 @@
+"""CPU per mail, delivery vs intake, and end-of-DATA -> PagerDuty latency, on matching mail.
+
+    python bench/cpu_per_message.py [--messages 3000] [--only steady-100,steady-500,burst]
+
+Three runs, each against a fresh `gateway serve` (shipped settings, log level info) delivering
+to `bench/pd_sink.py`, after a warm-up, with the mix of bench/workload.py (new cases, repeats,
+resolves of the shipped Desk.com rules), sent by the Python client (bench/clients.py):
+
+  steady-100  100 msg/s over 8 persistent sessions: the gateway process tree's CPU per mail
+              from /proc (listener, worker and any children; utime+stime before/after, until
+              the backlog is empty), split listener vs worker.  Goal <= 1.5 ms per mail.
+              End of DATA -> POST p50/p99 (new cases and resolves).  Goal p99 < 50 ms.
+  steady-500  the same at 500 msg/s.  Goal p99 < 250 ms.
+  burst       every mail as fast as 16 persistent sessions go: intake msg/s and end-to-end
+              delivered msg/s (until the last event reached the endpoint).  Goal >= 0.9x.
+
+An idle box is assumed by the goals; on a shared one these numbers move by tens of percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.clients import send_python
+from bench.common import GatewayServer, percentile, verdict
+from bench.measure import Run, run_load, warm_up
+from bench.pd_sink import PdSink
+from bench.workload import mixed, summary
+
+CPU_GOAL_MS = 1.5
+P99_GOALS_MS = {100: 50.0, 500: 250.0}
+DELIVERY_GOAL = 0.9
+STEADY_SESSIONS = 8
+
+
+def measured_run(args: argparse.Namespace, rate: float | None, sessions: int) -> Run:
+    mails = mixed(args.messages, "run")
+    with PdSink() as sink, GatewayServer(sink.url) as gateway:
+        warm_up(gateway)
+        send = partial(send_python, gateway.port, sessions=sessions, rate=rate)
+        return run_load(gateway, sink, mails, send, args.timeout)
+
+
+def report_cpu(run: Run) -> None:
+    total = run.cpu_ms_per_mail()
+    print(
+        f"  CPU per mail, gateway process tree: {total:.2f} ms"
+        f"   (goal <= {CPU_GOAL_MS} ms: {verdict(total <= CPU_GOAL_MS)})"
+    )
+    print(
+        f"    listener {run.cpu_ms_per_mail('root'):.2f} ms,"
+        f" worker and children {run.cpu_ms_per_mail('children'):.2f} ms"
+    )
+
+
+def report_latency(run: Run, goal_ms: float) -> None:
+    latencies, missing = run.latencies()
+    if not latencies:
+        print("  end of DATA -> POST: no event arrived")
+        return
+    p99 = percentile(latencies, 99) * 1000
+    print(
+        f"  end of DATA -> POST ({len(latencies)} new cases and resolves, {missing} missing):"
+        f" p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99:.1f} ms,"
+        f" max {max(latencies) * 1000:.1f} ms   (goal p99 < {goal_ms:.0f} ms:"
+        f" {verdict(p99 < goal_ms and not missing)})"
+    )
+
+
+def report_delivery(run: Run) -> None:
+    intake, delivered = run.sent.rate, run.delivered_rate
+    print(f"  intake {intake:.0f} msg/s ({run.sent.seconds:.1f} s)")
+    if delivered is None:
+        print("  delivered: NOT DONE, backlog left at the timeout")
+        return
+    ratio = delivered / intake
+    print(
+        f"  delivered {delivered:.0f} msg/s end to end, {ratio:.2f}x intake"
+        f"   (goal >= {DELIVERY_GOAL}x: {verdict(ratio >= DELIVERY_GOAL)})"
+    )
+
+
+def steady(args: argparse.Namespace, rate: int) -> None:
+    run = measured_run(args, rate, STEADY_SESSIONS)
+    print(
+        f"steady {rate} msg/s ({run.sent.rate:.0f} achieved), {STEADY_SESSIONS} persistent sessions:"
+    )
+    if not run.drained:
+        print(f"  NOT DONE: backlog left {args.timeout:.0f} s after the last mail")
+    report_cpu(run)
+    report_latency(run, P99_GOALS_MS[rate])
+
+
+def burst(args: argparse.Namespace) -> None:
+    run = measured_run(args, None, args.sessions)
+    print(f"burst over {args.sessions} persistent sessions:")
+    report_delivery(run)
+    report_cpu(run)
+
+
+RUNS = {
+    "steady-100": lambda args: steady(args, 100),
+    "steady-500": lambda args: steady(args, 500),
+    "burst": burst,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=3000, help="mails per run")
+    parser.add_argument("--sessions", type=int, default=16, help="sessions of the burst run")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for delivery")
+    parser.add_argument("--only", default=",".join(RUNS), help="comma-separated runs to do")
+    args = parser.parse_args()
+    print(summary(mixed(args.messages, "run")) + ", ~3 KB each, shipped log level (info)")
+    for name in args.only.split(","):
+        if name not in RUNS:
+            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
+        RUNS[name](args)
+
+
+if __name__ == "__main__":
+    main()
