@@ -44,11 +44,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-import httpx
-
 from gateway.decide.notifications import build_helpdesk_notifier
 from gateway.decide.processor import Processor, build_processor
-from gateway.delivery.dispatch import Deliveries
+from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.errors import ProblemsError
 from gateway.logs import LEVELS, setup_logging
 from gateway.runtime.loop import run_event_loop
@@ -209,8 +207,8 @@ class _Worker:
         config = self.generation.config
         log.info("worker running generation %d", self.generation.number)
         store = StoreThread(self.db_path, "outbox", durable=False)
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            self.deliveries = Deliveries(store, client, config)
+        async with pagerduty_transport(config) as transport:
+            self.deliveries = Deliveries(store, transport, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
             delivering = asyncio.create_task(self.deliveries.run(self.stop))
             await self._decide_until_stopped()
