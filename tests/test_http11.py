@@ -431,6 +431,22 @@ def test_https_with_an_untrusted_certificate_is_a_connection_error(ca: trustme.C
         asyncio.run(send())
 
 
+def test_httpx_own_client_behind_the_transport_interface(pd: PagerDutyStandIn) -> None:
+    """What a host behind a proxy uses: same sender, same answers."""
+    pd.fail_next(1, 429, Retry_After="3")
+
+    async def send() -> TemporaryDeliveryError:
+        async with ClientTransport() as transport:
+            sender = _sender(transport, pd.url)
+            with pytest.raises(TemporaryDeliveryError) as info:
+                await sender(_item("a"))
+            await sender(_item("a"))
+            return info.value
+
+    assert asyncio.run(send()).retry_after == 3.0
+    assert [event["dedup_key"] for event in pd.events] == ["a"]
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
