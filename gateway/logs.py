@@ -33,7 +33,11 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _ENCODER.encode(entry)
+
+
+# one encoder for every line: json.dumps builds a new one per call when given options
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
 _RECORD_ATTRIBUTES = frozenset(
@@ -63,6 +67,9 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
+    # No formatter here prints thread or process names: spare every record looking them up
+    # (the logging HOWTO's "Optimization" switches).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS.get(level, logging.INFO))

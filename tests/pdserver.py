@@ -97,13 +97,13 @@ class PagerDutyStandIn:
                 self.cond.wait(left)
             return list(self.events)
 
-    def _answer(self, body: bytes) -> tuple[int, str, dict[str, str]]:
+    def _answer(self, body: bytes, peer: Any = None) -> tuple[int, str, dict[str, str]]:
         try:
             event = json.loads(body)
         except ValueError:
             event = None
         with self.cond:
-            self.requests.append({"at": time.time(), "event": event})
+            self.requests.append({"at": time.time(), "event": event, "peer": peer})
             if self.script:
                 scripted = self.script.pop(0)
                 return scripted.status, scripted.body, scripted.headers
@@ -133,7 +133,9 @@ class PagerDutyStandIn:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
-                status, text, headers = standin._answer(self.rfile.read(length))
+                status, text, headers = standin._answer(
+                    self.rfile.read(length), self.client_address
+                )
                 data = text.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

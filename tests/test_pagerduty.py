@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from gateway.decide.events import build_event
+from gateway.delivery.http11 import KeepAliveTransport
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import PagerDutySender, RateLimiter, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
@@ -88,9 +89,10 @@ def test_network_errors_are_temporary() -> None:
         raise httpx.ConnectError("connection refused", request=request)
 
     async def send() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
-            sender = PagerDutySender(client, "http://pd/v2/enqueue", {"s": ROUTING_KEY})
-            await sender(_item("s"))
+        sender = PagerDutySender(
+            httpx.MockTransport(refuse), "http://pd/v2/enqueue", {"s": ROUTING_KEY}
+        )
+        await sender(_item("s"))
 
     with pytest.raises(TemporaryDeliveryError, match="connection error"):
         asyncio.run(send())
@@ -104,11 +106,12 @@ def test_reconfigure_switches_url_and_routing_keys() -> None:
         return httpx.Response(202, text='{"status":"success"}')
 
     async def send_twice() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(accept)) as client:
-            sender = PagerDutySender(client, "http://old/v2/enqueue", {"s": ROUTING_KEY})
-            await sender(_item("s"))
-            sender.reconfigure("http://new/v2/enqueue", {"s": "N" * 32})  # a rotated key
-            await sender(_item("s"))
+        sender = PagerDutySender(
+            httpx.MockTransport(accept), "http://old/v2/enqueue", {"s": ROUTING_KEY}
+        )
+        await sender(_item("s"))
+        sender.reconfigure("http://new/v2/enqueue", {"s": "N" * 32})  # a rotated key
+        await sender(_item("s"))
 
     asyncio.run(send_twice())
     assert seen == [("http://old/v2/enqueue", ROUTING_KEY), ("http://new/v2/enqueue", "N" * 32)]
@@ -144,8 +147,8 @@ def _queue(db: Path, *events: tuple[str, str]) -> None:
 async def _drain(db: Path, pd: PagerDutyStandIn, seconds: float = 10.0) -> None:
     store = StoreThread(db)
     try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            sender = PagerDutySender(client, pd.url, {"helpdesk": ROUTING_KEY})
+        async with KeepAliveTransport() as transport:
+            sender = PagerDutySender(transport, pd.url, {"helpdesk": ROUTING_KEY}, timeout=5)
             worker = Dispatcher(store, "pagerduty", sender, FAST)
             deadline = time.time() + seconds
             while time.time() < deadline:

@@ -3,6 +3,7 @@ incident changed in between is made again from the new state."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from gateway.config import NotifySettings, OutgoingSettings, PagerDutySettings, ServiceSettings
 from gateway.decide.incidents import apply_action
 from gateway.decide.notifications import HelpdeskNotifier
-from gateway.decide.processor import Processor, load_services
+from gateway.decide.processor import Processed, Processor, load_services
 from gateway.intake.spool import incoming
 from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
@@ -101,3 +102,33 @@ def test_an_incident_changed_between_the_phases_is_decided_again(
     assert mail_events(store) == ["duplicate"]  # the mail rendered for the stale read is dropped
     (incident,) = store.incidents()
     assert incident.trigger_count == 2
+
+
+def test_decision_lines_are_not_built_when_info_is_off(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line per decision is the info-level contract; at warning level, building each
+    line's text and fields is work nobody reads."""
+    built: list[int] = []
+    original = Processed.log_line
+    monkeypatch.setattr(Processed, "log_line", lambda self: built.append(1) or original(self))
+    monkeypatch.setattr(logging.getLogger("gateway.decide.processor"), "level", logging.WARNING)
+    spool(store, desk_mail("Printer on fire"))
+    (outcome,) = processor(store, WatchedThemes(store)).process_pending()
+    assert outcome.outcome == Outcome.TRIGGERED
+    assert built == []
+
+
+def test_the_stored_trace_lists_every_rule_tried(store: Store) -> None:
+    spool(store, desk_mail("Printer on fire"))
+    (outcome,) = processor(store, WatchedThemes(store)).process_pending()
+    detail = store.job_detail(outcome.job)
+    assert detail is not None
+    assert detail["trace"] == [
+        {"rule": "resolved case", "matched": False, "reason": "none of 2 conditions matched (any)"},
+        {
+            "rule": "new case",
+            "matched": True,
+            "reason": 'all 1 condition matched; key "Printer on fire"',
+        },
+    ]

@@ -1,13 +1,16 @@
-"""The parent's pipe to the worker: wake-ups are coalesced under load, and none is lost."""
+"""The pipe between parent and worker: wake-ups are coalesced under load, none is lost, and\nthe child spends as few thread switches on each as it can."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import multiprocessing
 import threading
 import time
 from pathlib import Path
 
 from gateway.runtime.reload import load_generation
-from gateway.runtime.worker import WorkerProcess
+from gateway.runtime.worker import BATCHES_PER_HOP, WorkerProcess, _Worker
 from tests.conftest import ROOT
 
 
@@ -53,3 +56,89 @@ def test_wakes_queued_behind_a_busy_pipe_collapse_into_one(tmp_path: Path) -> No
     finally:
         worker._outgoing.put(None)
         worker._writer.join(5)
+
+
+class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The decider thread, counting the trips the event loop makes to it."""
+
+    trips = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.trips += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+class ScriptedProcessor:
+    """Stands in for the Processor: `batches` non-empty batches, then nothing pending."""
+
+    def __init__(self, batches: int) -> None:
+        self.left = batches
+        self.calls = 0
+
+    def process_pending(self) -> list[int]:
+        self.calls += 1
+        if self.left == 0:
+            return []
+        self.left -= 1
+        return [self.calls]
+
+
+def _decide_once(tmp_path: Path, processor: ScriptedProcessor) -> int:
+    """One wake of the child's decide loop (then stop); returns the trips to the decider."""
+    generation = load_generation(ROOT / "config.toml")
+    child_end, _parent_end = multiprocessing.Pipe(duplex=False)
+    worker = _Worker(tmp_path / "g.sqlite3", generation, child_end)
+    worker.decider.shutdown()
+    decider = worker.decider = CountingExecutor(1)
+    worker.processor = processor  # type: ignore[assignment]
+
+    async def one_wake() -> None:
+        worker.wake.set()
+        worker.stop.set()
+        await worker._decide_until_stopped()
+
+    try:
+        asyncio.run(one_wake())
+    finally:
+        decider.shutdown()
+    return decider.trips
+
+
+def test_a_wake_takes_one_trip_to_the_decider_thread(tmp_path: Path) -> None:
+    """The query that finds nothing left runs on the decider thread with the batch before it:
+    at a steady rate every wake decides one mail, and each trip costs two thread switches."""
+    processor = ScriptedProcessor(batches=1)
+    assert _decide_once(tmp_path, processor) == 1
+    assert processor.calls == 2
+
+
+def test_a_backlog_returns_to_the_loop_between_rounds_of_batches(tmp_path: Path) -> None:
+    """A reload or stop waits for at most BATCHES_PER_HOP batches, not for the whole backlog."""
+    processor = ScriptedProcessor(batches=2 * BATCHES_PER_HOP + 2)
+    assert _decide_once(tmp_path, processor) == 3
+    assert processor.calls == 2 * BATCHES_PER_HOP + 3
+
+
+def test_the_child_handles_every_message_queued_on_its_pipe(tmp_path: Path) -> None:
+    """Several messages waiting at once are each handled (one per readable callback)."""
+    generation = load_generation(ROOT / "config.toml")
+    child_end, parent_end = multiprocessing.Pipe(duplex=False)
+    worker = _Worker(tmp_path / "g.sqlite3", generation, child_end)
+    handled: list[object] = []
+    worker._handle = handled.append  # type: ignore[method-assign]
+
+    async def receive() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(child_end.fileno(), worker._on_message)
+        for message in ("wake", "outbox", "wake"):
+            parent_end.send(message)
+        parent_end.close()  # then the parent is gone: the child stops
+        deadline = time.monotonic() + 10
+        while "stop" not in handled and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(receive())
+    finally:
+        worker.decider.shutdown()
+    assert handled == ["wake", "outbox", "wake", "stop"]

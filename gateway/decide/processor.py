@@ -30,7 +30,7 @@ from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
-from gateway.rules import Decision, Ruleset, evaluate, load_ruleset
+from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
 from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,9 @@ class Processor:
                     continue
                 if outcome is not None:
                     outcomes.append(outcome)
-        for outcome in outcomes:
-            log.info("%s", outcome.log_line(), extra=outcome.log_fields())
+        if log.isEnabledFor(logging.INFO):  # the line's text and fields are built only if shown
+            for outcome in outcomes:
+                log.info("%s", outcome.log_line(), extra=outcome.log_fields())
         if self.on_outbox and any(o.queued for o in outcomes):
             self.on_outbox()
         return outcomes, again
@@ -357,7 +358,7 @@ class Processor:
                 "summary": decision.summary,
                 "severity": decision.severity,
                 "details": dict(decision.details),
-                "trace": [dataclasses.asdict(step) for step in decision.trace],
+                "trace": [_trace_row(step) for step in decision.trace],
             }
         self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
         return Processed(
@@ -374,6 +375,14 @@ class Processor:
             event=event,
             queued=queued,
         )
+
+
+_TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
+
+
+def _trace_row(step: TraceStep) -> dict[str, object]:
+    """What `dataclasses.asdict` gives for a flat record, without its deep copy per value."""
+    return {name: getattr(step, name) for name in _TRACE_FIELDS}
 
 
 def load_services(

@@ -8,7 +8,7 @@ import time
 import httpx
 
 from gateway.config import Config
-from gateway.delivery import mailer
+from gateway.delivery import http11, mailer
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import PagerDutySender, RateLimiter
 from gateway.store import StoreThread
@@ -16,6 +16,11 @@ from gateway.store import StoreThread
 
 def retry_policy(config: Config) -> RetryPolicy:
     return RetryPolicy(give_up_after=config.pagerduty.max_retry_hours * 3600)
+
+
+def pagerduty_transport(config: Config) -> httpx.AsyncBaseTransport:
+    """One long-lived HTTP transport per process: keep-alive connections to the Events API."""
+    return http11.build_transport(config.pagerduty.events_url)
 
 
 def routing_keys(config: Config) -> dict[str, str]:
@@ -31,11 +36,17 @@ class Deliveries:
     `reconfigure`.
     """
 
-    def __init__(self, store: StoreThread, client: httpx.AsyncClient, config: Config) -> None:
+    def __init__(
+        self, store: StoreThread, transport: httpx.AsyncBaseTransport, config: Config
+    ) -> None:
         pd = config.pagerduty
         limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
         self.pagerduty = PagerDutySender(
-            client, pd.events_url, routing_keys(config), rate_limiter=limiter
+            transport,
+            pd.events_url,
+            routing_keys(config),
+            timeout=pd.timeout_seconds,
+            rate_limiter=limiter,
         )
         policy = retry_policy(config)
         # the lease outlives any one attempt (the HTTP timeout), so no item is sent twice at once
@@ -70,7 +81,7 @@ async def deliver_due(config: Config, seconds: float) -> None:
     store = StoreThread(config.db_path, "delivery")
     deadline = time.time() + seconds
     try:
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            await Deliveries(store, client, config).run_until_idle(deadline)
+        async with pagerduty_transport(config) as transport:
+            await Deliveries(store, transport, config).run_until_idle(deadline)
     finally:
         store.close()

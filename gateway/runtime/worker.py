@@ -44,11 +44,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-import httpx
-
 from gateway.decide.notifications import build_helpdesk_notifier
 from gateway.decide.processor import Processor, build_processor
-from gateway.delivery.dispatch import Deliveries
+from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.errors import ProblemsError
 from gateway.logs import LEVELS, setup_logging
 from gateway.runtime.loop import run_event_loop
@@ -62,6 +60,9 @@ log = logging.getLogger(__name__)
 # normal mail within tens of milliseconds; on the usual dedicated host it only yields to the
 # listener during bursts (bench/RESULTS.md: ratio 0.79-0.83 at 19, 0.75-0.81 at 10).
 WORKER_NICENESS = 19
+
+# batches of `Processor.process_pending` per trip to the decider thread
+BATCHES_PER_HOP = 5
 
 Message = str | GenerationFiles  # "wake" | "outbox" | "stop" | a generation
 _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
@@ -209,8 +210,8 @@ class _Worker:
         config = self.generation.config
         log.info("worker running generation %d", self.generation.number)
         store = StoreThread(self.db_path, "outbox", durable=False)
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            self.deliveries = Deliveries(store, client, config)
+        async with pagerduty_transport(config) as transport:
+            self.deliveries = Deliveries(store, transport, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
             delivering = asyncio.create_task(self.deliveries.run(self.stop))
             await self._decide_until_stopped()
@@ -239,26 +240,39 @@ class _Worker:
     async def _decide_until_stopped(self) -> None:
         """Decide pending jobs whenever woken (and every second, as a safety net)."""
         loop = asyncio.get_running_loop()
-        assert self.processor is not None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self.wake.wait()
             self.wake.clear()
             try:
-                while await loop.run_in_executor(self.decider, self.processor.process_pending):
+                while not await loop.run_in_executor(self.decider, self._decide_backlog):
                     pass
             except Exception:  # store trouble: the jobs stay pending, try again shortly
                 log.exception("processing failed; will retry")
             if self.stop.is_set():
                 return
 
+    def _decide_backlog(self) -> bool:
+        """On the decider thread: batches until none is pending (True), or until
+        `BATCHES_PER_HOP` ran (False), so a reload or stop can run between them. One hop per
+        wake: the query that finds nothing left runs on this thread too."""
+        processor = self.processor
+        assert processor is not None
+        return any(not processor.process_pending() for _ in range(BATCHES_PER_HOP))
+
     def _on_message(self) -> None:
+        """The pipe is readable: take one message; the loop calls again while more wait.
+
+        (`Connection.poll()` would build a selector on every call: it cost more than the
+        message it found.)"""
         try:
-            while self.inbox.poll():
-                self._handle(self.inbox.recv())
+            message = self.inbox.recv()
         except (EOFError, OSError):
-            self._handle("stop")  # the parent is gone
             asyncio.get_running_loop().remove_reader(self.inbox.fileno())
+            self._handle("stop")  # the parent is gone
+            return
+        self._handle(message)
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, GenerationFiles):
