@@ -11,11 +11,9 @@ import collections
 import time
 from pathlib import Path
 
-import httpx
-
 from gateway.config import load_config
 from gateway.decide.events import build_event
-from gateway.delivery.dispatch import Deliveries
+from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.delivery.outbox import Dispatcher, RetryPolicy, dead_local_owners, lease_owner
 from gateway.errors import StoreError
 from gateway.store import OutboxItem, StoreThread, open_store
@@ -227,8 +225,8 @@ def test_a_rate_limited_burst_is_sent_once(tmp_path: Path, pd: PagerDutyStandIn)
 
     async def run() -> None:
         thread = StoreThread(config.db_path)
-        async with httpx.AsyncClient(timeout=config.pagerduty.timeout_seconds) as client:
-            await deliver_until_done(Deliveries(thread, client, config), thread, 60)
+        async with pagerduty_transport(config) as transport:
+            await deliver_until_done(Deliveries(thread, transport, config), thread, 60)
         thread.close()
 
     asyncio.run(run())
