@@ -57,10 +57,10 @@ def test_version_is_accepted_before_and_after_the_subcommand(where: str, command
 def test_log_format_is_accepted_after_the_subcommand(
     cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("GATEWAY_LOG_FORMAT", raising=False)
+    monkeypatch.setenv("GATEWAY_LOG_FORMAT", "human")  # restored after the test
     ingest_in_a_process(cli.config, desk_mail("Printer on fire"))
     assert cli("incidents", "--log-format", "json").code == 0
-    assert os.environ["GATEWAY_LOG_FORMAT"] == "json"
+    assert os.environ["GATEWAY_LOG_FORMAT"] == "json"  # what the worker process follows
 
 
 def test_an_option_before_the_subcommand_is_kept_when_not_repeated_after(cli: Cli) -> None:
