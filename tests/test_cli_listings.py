@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.mail.parse import parse_message
+from gateway.mail.summary import subject_and_from
 from gateway.outcomes import Outcome
 from tests.cli_support import Cli, config_with_secrets, run_gateway
 from tests.conftest import ROOT, GatewayProcess, desk_mail, wait_until, write_config
@@ -235,3 +237,14 @@ def run_messages(config: Path) -> list[dict]:
     result = run_gateway("--config", str(config), "messages", "--json")
     assert result.returncode == 0, result.stderr
     return json_lines(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "tests" / "fixtures").rglob("*.eml")), ids=lambda p: p.name
+)
+def test_the_listed_subject_is_the_one_the_rules_see(path: Path) -> None:
+    raw = path.read_bytes()[:16384]  # what `list_jobs` hands over
+    subject, sender = subject_and_from(raw)
+    mail = parse_message(raw)
+    assert subject == mail.subject
+    assert mail.from_addr in sender.lower()

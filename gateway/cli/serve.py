@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 
 from gateway.cli.common import EX_USAGE, add_command, config, setup_logging
 from gateway.display import printable
 
 UNIT = "systemd/gateway.service"
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return service.run(settings)
     except OSError as exc:  # a listener could not bind: the operator's to fix, in one line
+        log.debug("serve stopped by an OSError", exc_info=True)  # the traceback, if asked for
         print(f"error: {printable(start_failure(exc))}", file=sys.stderr)
         return EX_USAGE
 
