@@ -141,7 +141,6 @@ class Config:
     imap: tuple[ImapSettings, ...] = ()
     outgoing: OutgoingSettings | None = None
     web: WebSettings = field(default_factory=WebSettings)
-    secrets_expanded: bool = True  # False: SECRET_KEYS hold their ${VAR} text (read-only use)
 
     def service(self, name: str) -> ServiceSettings:
         for service in self.services:
@@ -282,7 +281,6 @@ class _Reader:
             imap=tuple(imap),
             outgoing=outgoing,
             web=web,
-            secrets_expanded=self.secrets,
         )
 
     # -- generic helpers -------------------------------------------------------------------

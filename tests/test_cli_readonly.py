@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import load_config
+from gateway.errors import ConfigError
 from gateway.store import open_store
 from tests.cli_support import (
     Cli,
@@ -166,3 +168,19 @@ def test_unreadable_database_is_one_line_that_points_to_the_recipe(cli: Cli) -> 
     [line] = result.stderr.splitlines()
     assert "permission denied" in line and "read-only recipe" in line
     assert os.access(cli.db, os.R_OK)
+
+
+def test_without_secrets_only_the_secret_keys_stay_unexpanded(tmp_path: Path) -> None:
+    config = config_with_secrets(tmp_path)
+    text = config.read_text().replace('data_dir = "data"', 'data_dir = "${STATE_DIRECTORY}"')
+    config.write_text(text + '\n[outgoing]\npassword = "${RELAY_PASSWORD}"\n')
+    env = {"STATE_DIRECTORY": str(tmp_path / "state")}
+    settings = load_config(config, env, secrets=False)
+    assert settings.gateway.data_dir == tmp_path / "state"  # not a secret: expanded
+    assert settings.services[0].routing_key == "${PD_ROUTING_KEY}"
+    assert settings.imap[0].password == "${IMAP_PASSWORD}"
+    assert settings.outgoing is not None and settings.outgoing.password == "${RELAY_PASSWORD}"
+    with pytest.raises(ConfigError, match="STATE_DIRECTORY is not set"):
+        load_config(config, {}, secrets=False)  # what the listings need is still checked
+    with pytest.raises(ConfigError, match="RELAY_PASSWORD is not set"):
+        load_config(config, env)
