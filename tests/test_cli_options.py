@@ -156,3 +156,10 @@ def test_a_missing_config_says_where_it_looked_and_how_to_pass_one(tmp_path: Pat
         assert line.startswith("error: config.toml: config file not found: ")
         assert f"config.toml (in {tmp_path})" in line and "--config" in line
         assert "GATEWAY_CONFIG" in line
+
+
+def test_a_listing_started_without_stdout_does_not_crash(cli: Cli) -> None:
+    ingest_in_a_process(cli.config, desk_mail("Printer on fire"))
+    closed = ["sh", "-c", 'exec "$@" >&-', "sh"]  # `gateway messages >&-`
+    result = run_gateway("--config", str(cli.config), "messages", prefix=closed)
+    assert result.returncode == 0 and result.stderr == ""

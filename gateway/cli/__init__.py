@@ -10,6 +10,7 @@ fetchmail) retries the delivery later, 141 when the reader of the output went aw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     try:
         code = args.handler(args)
-        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return code
     except BrokenPipeError:
         _discard_stdout()
@@ -98,7 +100,8 @@ def _discard_stdout() -> None:
     """The reader closed the pipe: send what Python still holds to /dev/null, so the flush at
     exit cannot fail again with a traceback."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no usable stdout at all
+        os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
 
 
