@@ -224,7 +224,7 @@ def test_messages_list_mail_by_the_id_smtp_queued_it_as(tmp_path: Path) -> None:
 
         [row] = wait_until(listed, message="the mail was not decided")
         assert row["message"] == queued and row["job"] == 3  # the job id differs, secondary
-        log = wait_until(lambda: "would send" in gateway.output() and gateway.output())
+        log = wait_until(lambda: "key='Printer on fire'" in gateway.output() and gateway.output())
     finally:
         gateway.stop()
     [decided] = [x for x in log.splitlines() if "key='Printer on fire'" in x]
