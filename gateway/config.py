@@ -3,6 +3,10 @@
 Every mistake is reported with the file and the dotted key (``[[service]] #2 .rules``) so an
 operator can fix it without reading code. Secrets are never written in the file: ``${VAR}`` (or
 ``${VAR:-default}``) is replaced from the environment, and a missing variable is an error.
+
+Commands that only read (listings, `test-rules`, `purge --dry-run`) load with
+``secrets=False``: the keys in `SECRET_KEYS` keep their ``${VAR}`` text unexpanded, so an
+on-call engineer can run them without the service's secrets; `serve` and `check` expand all.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAP_SECURITY = ("tls", "starttls", "none")
 SMTP_TLS = ("none", "starttls", "implicit")
 NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve")
+# keys whose values are credentials: only the commands that talk to the outside expand them
+SECRET_KEYS = frozenset(
+    {"routing_key", "password", "oauth2_token", "oauth2_token_command", "token", "notify_token"}
+    | {"webhook_secret", "api_token"}
+)
 
 
 @dataclass(frozen=True)
@@ -151,13 +160,18 @@ def find_config_path(cli_value: str | None) -> Path:
 
 
 def load_config(
-    path: Path, environ: Mapping[str, str] | None = None, *, files: FileSnapshot | None = None
+    path: Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    files: FileSnapshot | None = None,
+    secrets: bool = True,
 ) -> Config:
     """Read, expand and validate config.toml; raises ConfigError with every problem found.
 
-    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`."""
+    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`.
+    `secrets=False` leaves the `SECRET_KEYS` unexpanded, for commands that never use them."""
     files = FileSnapshot() if files is None else files
-    reader = _Reader(path, os.environ if environ is None else environ, files)
+    reader = _Reader(path, os.environ if environ is None else environ, files, secrets=secrets)
     try:
         text = files.read_text(path)
         data = tomllib.loads(text)
@@ -198,8 +212,11 @@ _SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web
 class _Reader:
     """Walks the TOML tables, converting and collecting problems instead of stopping at one."""
 
-    def __init__(self, path: Path, environ: Mapping[str, str], files: FileSnapshot) -> None:
+    def __init__(
+        self, path: Path, environ: Mapping[str, str], files: FileSnapshot, *, secrets: bool = True
+    ) -> None:
         self.path = path
+        self.secrets = secrets
         self.base = path.parent.resolve()
         self.environ = environ
         self.files = files
@@ -335,6 +352,8 @@ class _Reader:
         and so is a shell-style $VAR that was meant to be expanded."""
         if not isinstance(value, str) or "$" not in value:
             return value
+        if not self.secrets and dotted.rpartition(".")[2] in SECRET_KEYS:
+            return value  # left as written: this command never uses it
         bare = _BARE_ENV.search(_ENV.sub("", value))
         if bare:
             name = bare.group(1)
@@ -449,7 +468,7 @@ class _Reader:
         if not rules:
             self.problem(f"{w}.rules", "at least one rule file is required")
         routing_key = self.get(w, t, "routing_key", str, None) or None
-        if routing_key is not None and len(routing_key) != 32:
+        if routing_key is not None and len(routing_key) != 32 and self.secrets:
             got = self.source_of(f"{w}.routing_key", routing_key)
             self.problem(
                 f"{w}.routing_key", f"a PagerDuty integration key has 32 characters; {got}"

@@ -7,6 +7,7 @@
     │                        template error): the message is quarantined with the reason
     ├── ThemeError           invalid or failing notification theme (file and line named)
     ├── StoreError           the store could not commit (transient: SMTP 451, ingest exit 75)
+    │   └── StoreMissing     a read-only command found no store to read (exit 1)
     └── DeliveryError        an outgoing call failed
         ├── TemporaryDeliveryError   retry later (429, 5xx, timeout, connection error)
         └── RejectedDeliveryError    never retry (400): dead letter
@@ -71,6 +72,11 @@ class RuleEvaluationError(GatewayError):
 
 class StoreError(GatewayError):
     """The store could not durably commit; the caller must answer 'try again later'."""
+
+
+class StoreMissing(StoreError):
+    """There is no store at the configured place yet, and a read-only command cannot create
+    one: usually the wrong --config or data_dir."""
 
 
 class DeliveryError(GatewayError):

@@ -1,12 +1,18 @@
-"""Logging setup: human lines on a terminal, JSON lines under systemd or when asked."""
+"""Logging setup: human lines on a terminal, JSON lines under systemd or when asked.
+
+Log lines carry mail data (senders, subjects, rule reasons), which is hostile: both formats
+escape control characters (`gateway.display.printable`), so a NUL in `MAIL FROM` or an ESC
+sequence in a subject can neither drive the operator's terminal nor forge a log line.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
+
+from gateway.display import json_line, printable
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -33,11 +39,18 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return _ENCODER.encode(entry)
+        return json_line(entry)
 
 
-# one encoder for every line: json.dumps builds a new one per call when given options
-_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+class HumanFormatter(logging.Formatter):
+    """`12:03:09 INFO    gateway.x: message`, escaped; the lines of a multi-line message
+    (reload problems, tracebacks) are indented so none of them can pass for a record."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True).replace("\n", "\n    ")
 
 
 _RECORD_ATTRIBUTES = frozenset(
@@ -64,9 +77,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     if choose_format(fmt) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(HumanFormatter())
     # No formatter here prints thread or process names: spare every record looking them up
     # (the logging HOWTO's "Optimization" switches).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

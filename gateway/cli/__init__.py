@@ -3,17 +3,18 @@
 Each command lives in its own module with `register(subparsers)` and `run(args) -> int`;
 shared helpers are in `common`. Exit codes: 0 ok, 1 usage or validation error, 75
 (EX_TEMPFAIL) transient failure in `ingest` so that an MTA pipe (Postfix `pipe`, procmail,
-fetchmail) retries the delivery later.
+fetchmail) retries the delivery later, 141 when the reader of the output went away
+(`gateway messages | head`). An operator's mistake is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__
 from gateway.cli import (
     check,
     hash_password,
@@ -26,10 +27,18 @@ from gateway.cli import (
     serve,
     themes_cmd,
 )
-from gateway.cli.common import EX_OK, EX_TEMPFAIL, EX_USAGE, UsageError
-from gateway.errors import ConfigError, RuleError, StoreError, ThemeError
+from gateway.cli.common import (
+    EX_OK,
+    EX_PIPE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    UsageError,
+    add_global_options,
+)
+from gateway.display import printable
+from gateway.errors import ConfigError, RuleError, StoreError, StoreMissing, ThemeError
 
-__all__ = ["EX_OK", "EX_TEMPFAIL", "EX_USAGE", "build_parser", "main"]
+__all__ = ["EX_OK", "EX_PIPE", "EX_TEMPFAIL", "EX_USAGE", "build_parser", "main"]
 
 # in the order `gateway --help` lists them
 COMMANDS = (
@@ -55,18 +64,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EX_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EX_PIPE
     except (ConfigError, RuleError, ThemeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return _fail(str(exc), EX_USAGE)
     except (UsageError, KeyError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return EX_USAGE
+        return _fail(str(exc.args[0] if exc.args else exc), EX_USAGE)
+    except StoreMissing as exc:
+        return _fail(
+            f"{exc}: nothing was received with this config yet, or it is the wrong one"
+            f" {_CONFIG_HINT}"
+        )
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return _fail(str(exc), EX_TEMPFAIL)
     except KeyboardInterrupt:
         return 130
+
+
+_CONFIG_HINT = "(the config is --config PATH, else $GATEWAY_CONFIG, else ./config.toml)"
+
+
+def _fail(message: str, code: int = EX_USAGE) -> int:
+    """One `error:` line (several for a list of problems), escaped: it may quote mail or
+    file content."""
+    print(f"error: {printable(message, keep_newlines=True)}", file=sys.stderr)
+    return code
+
+
+def _discard_stdout() -> None:
+    """The reader closed the pipe: send what Python still holds to /dev/null, so the flush at
+    exit cannot fail again with a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no usable stdout at all
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,15 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Email-parsing gateway: helpdesk mail -> parsing rules -> PagerDuty.",
     )
-    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
-    parser.add_argument(
-        "--config", help="config file (default: $GATEWAY_CONFIG, else ./config.toml)"
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "human", "json"],
-        help="override [gateway] log_format (auto: JSON lines under systemd or when piped)",
-    )
+    add_global_options(parser)  # also accepted after the subcommand (`add_command`)
     subparsers = parser.add_subparsers(metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)

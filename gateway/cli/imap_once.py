@@ -17,6 +17,7 @@ from gateway.cli.common import (
     setup_logging,
 )
 from gateway.decide.processor import load_services
+from gateway.display import printable
 from gateway.store import open_store
 
 
@@ -45,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(settings.db_path)
     try:
         result = imap.run_once(account, store)
-    except imap.ImapAuthError as exc:
-        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+    except imap.ImapAuthError as exc:  # the server's words: escaped like mail
+        print(f"error: imap {account.name}: {printable(exc)}", file=sys.stderr)
         return EX_USAGE
     except (imap.ImapError, OSError, imap.IMAPClient.Error) as exc:
-        print(f"error: imap {account.name}: {exc}", file=sys.stderr)
+        print(f"error: imap {account.name}: {printable(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
     print(
         f"{account.name}: accepted {result.accepted} message(s) ({result.duplicates} duplicate),"

@@ -1,21 +1,46 @@
-"""`gateway incidents | messages | outbox`: tables over the store (the outbox can also retry
-dead letters and flush what is due; an incident can be resolved by hand)."""
+"""`gateway incidents | messages | outbox`: listings over the store; the outbox can also retry
+dead letters and flush what is due, and an incident can be resolved by hand.
+
+Listings only read: they load the config without its secrets and open the store read-only,
+so they run with read access alone. Every listing has `--json` (one object per line, the
+fields documented in the README); incidents and messages take `--limit` / `--all` and their
+human tables end with "showing N of M". Values from mail are escaped in both
+(`gateway.display`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import difflib
-import json
 import sys
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
 
-from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, print_table
+from gateway.cli.common import (
+    EX_OK,
+    EX_USAGE,
+    UsageError,
+    add_command,
+    add_listing_options,
+    check_choice,
+    check_service,
+    config,
+    print_json_lines,
+    print_table,
+    reading_config,
+    reading_store,
+    showing,
+)
 from gateway.decide.manual import ResolveRefused, resolve_incident
 from gateway.delivery import dispatch as delivery
-from gateway.display import when
-from gateway.store import OutboxItem, Store, open_store
+from gateway.display import iso_utc, when
+from gateway.mail.summary import subject_and_from
+from gateway.outcomes import Outcome
+from gateway.store import Incident, ListedJob, OutboxItem, ReportStore, Store, open_store
+
+PAGE = 1000  # jobs read per query for --all
+OUTCOMES = (*(o.value for o in Outcome), "pending")  # what --outcome accepts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,16 +60,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--send", action="store_true", help="resolve: also send the resolve event to PagerDuty"
     )
+    add_listing_options(p)
 
     p = add_command(
         subparsers,
         "messages",
         run_messages,
-        "list recent messages with their decision and reason",
+        "list recent messages (by message id, as SMTP's `queued as N`) with sender, subject,"
+        " decision and reason",
         "gateway messages --outcome unmatched quarantined",
     )
-    p.add_argument("--outcome", nargs="+", help="only these outcomes")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--outcome", nargs="+", help=f"only these outcomes ({', '.join(OUTCOMES)})")
+    p.add_argument("--service", help="only this service")
+    add_listing_options(p)
 
     p = add_command(
         subparsers,
@@ -71,7 +99,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_incidents(args: argparse.Namespace) -> int:
     if args.action == "resolve":
         return run_resolve(args)
-    store = open_store(config(args).db_path)
+    settings = reading_config(args)
+    store = reading_store(settings)
+    service = check_service(args.service, settings, store)
+    total = store.count_incidents(open_only=args.open, service=service)
+    limit = max(total, 1) if args.all else args.limit
+    incidents = store.incidents(open_only=args.open, limit=limit, service=service)
+    if args.json:
+        print_json_lines(incident_json(i) for i in incidents)
+        return EX_OK
     rows = [
         [
             i.service,
@@ -83,37 +119,115 @@ def run_incidents(args: argparse.Namespace) -> int:
             when(i.first_seen),
             when(i.last_seen),
         ]
-        for i in store.incidents(open_only=args.open)
-        if not args.service or i.service == args.service
+        for i in incidents
     ]
     headers = ["service", "key", "state", "triggers", "acks", "resolves", "first seen", "last seen"]
     print_table(rows, headers, "no incidents")
+    if rows:
+        print(showing(len(rows), total, "incidents"))
     return EX_OK
+
+
+def incident_json(i: Incident) -> dict[str, object]:
+    """The `gateway incidents --json` object (fields documented in the README)."""
+    return {
+        "service": i.service,
+        "key": i.incident_key,
+        "state": i.state,
+        "summary": i.summary,
+        "triggers": i.trigger_count,
+        "acknowledges": i.acknowledge_count,
+        "resolves": i.resolve_count,
+        "times_opened": i.times_opened,
+        "first_seen": iso_utc(i.first_seen),
+        "last_seen": iso_utc(i.last_seen),
+        "opened_at": iso_utc(i.opened_at),
+        "resolved_at": iso_utc(i.resolved_at),
+        "last_message": i.last_message,
+    }
 
 
 def run_messages(args: argparse.Namespace) -> int:
-    store = open_store(config(args).db_path)
-    rows = [
-        [
-            j.message,
-            when(j.received_at),
-            j.source,
-            j.service,
-            j.outcome or "pending",
-            j.rule or "-",
-            j.incident_key or "-",
-            j.reason or "",
-        ]
-        for j in store.jobs(outcomes=args.outcome, limit=args.limit)
-    ]
-    headers = ["message", "received", "source", "service", "outcome", "rule", "key", "reason"]
-    print_table(rows, headers, "no messages")
+    outcomes = [check_choice("outcome", o, OUTCOMES) for o in args.outcome or ()] or None
+    settings = reading_config(args)
+    store = reading_store(settings)
+    service = check_service(args.service, settings, store)
+    total = store.count_jobs(outcomes=outcomes, service=service)
+    listed = _listed_jobs(store, outcomes, service, None if args.all else args.limit)
+    if args.json:
+        print_json_lines(message_json(item) for item in listed)
+        return EX_OK
+    rows = [_message_row(item) for item in listed]
+    headers = ["message", "received", "source", "service", "from", "subject", "outcome"]
+    print_table(rows, [*headers, "rule", "key", "reason"], "no messages")
+    if rows:
+        print(showing(len(rows), total, "messages"))
     return EX_OK
 
 
+def _listed_jobs(
+    store: ReportStore, outcomes: list[str] | None, service: str | None, limit: int | None
+) -> Iterator[ListedJob]:
+    """Newest first, page by page (--all on a big spool never holds every mail head at once)."""
+    before = None
+    while limit is None or limit > 0:
+        size = PAGE if limit is None else min(PAGE, limit)
+        page = store.list_jobs(outcomes=outcomes, service=service, before_job=before, limit=size)
+        yield from page
+        if len(page) < size:
+            return
+        before = page[-1].job.id
+        limit = None if limit is None else limit - len(page)
+
+
+def _message_row(item: ListedJob) -> list[object]:
+    j = item.job
+    subject, from_ = subject_and_from(item.head)
+    return [
+        j.message,
+        when(j.received_at),
+        j.source,
+        j.service,
+        _cut(from_ or item.mail_from or "", 40),
+        _cut(subject, 50),
+        j.outcome or "pending",
+        j.rule or "-",
+        j.incident_key or "-",
+        j.reason or "",
+    ]
+
+
+def message_json(item: ListedJob) -> dict[str, object]:
+    """The `gateway messages --json` object (fields documented in the README)."""
+    j = item.job
+    subject, from_ = subject_and_from(item.head)
+    return {
+        "message": j.message,
+        "job": j.id,
+        "received_at": iso_utc(j.received_at),
+        "source": j.source,
+        "service": j.service,
+        "sender": item.mail_from,
+        "from": from_,
+        "subject": subject,
+        "state": j.state,
+        "outcome": j.outcome,
+        "rule": j.rule,
+        "action": j.action,
+        "key": j.incident_key,
+        "summary": j.summary,
+        "reason": j.reason,
+    }
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def run_outbox(args: argparse.Namespace) -> int:
-    settings = config(args)
-    store = open_store(settings.db_path)
+    listing = args.action == "list"  # read-only: no secrets, no write access needed
+    settings = reading_config(args) if listing else config(args)
+    store = reading_store(settings) if listing else open_store(settings.db_path)
     if args.action == "retry":
         return _retry(store, args)
     if args.action == "flush":
@@ -123,8 +237,7 @@ def run_outbox(args: argparse.Namespace) -> int:
     items = store.outbox()
     if args.json:
         now = time.time()
-        for item in items:
-            print(json.dumps(_outbox_record(item, now), ensure_ascii=False))
+        print_json_lines(_outbox_record(item, now) for item in items)
         return EX_OK
     print_table([_outbox_row(o) for o in items], OUTBOX_HEADERS, "outbox is empty")
     return EX_OK
@@ -175,19 +288,14 @@ def _outbox_record(o: OutboxItem, now: float) -> dict[str, object]:
         "in_flight": o.in_flight(now),
         "lease_owner": o.lease_owner or None,
         "attempts": o.attempts,
-        "created_at": _iso(o.created_at),
-        "requeued_at": _iso(o.requeued_at),
-        "next_attempt_at": _iso(o.next_attempt_at) if o.state == "pending" else None,
+        "created_at": iso_utc(o.created_at),
+        "requeued_at": iso_utc(o.requeued_at),
+        "next_attempt_at": iso_utc(o.next_attempt_at) if o.state == "pending" else None,
         "item": o.describe(),
         "last_error": o.last_error,
         "response": o.response,
         "payload": payload,
     }
-
-
-def _iso(ts: float | None) -> str | None:
-    """UTC, to the second, with a Z: what `jq fromdateiso8601` reads."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _retry(store: Store, args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gateway.cli.common import EX_OK, add_command, config
+from gateway.cli.common import EX_OK, add_command, reading_config, reading_store
 from gateway.store import open_store
 
 
@@ -24,12 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.runtime import retention
 
-    settings = config(args)
+    settings = reading_config(args)  # purging needs no secret
     days = settings.gateway.retention_days if args.days is None else args.days
     if days <= 0:
         print("retention_days is 0: everything is kept, nothing to purge")
         return EX_OK
-    store = open_store(settings.db_path)
+    store = reading_store(settings) if args.dry_run else open_store(settings.db_path)
     if args.dry_run:
         counts = retention.plan(store, days)
         print(f"would delete (older than {days} days): {retention.describe(counts)}")

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gateway.cli.common import EX_OK, UsageError, add_command, config, print_table
+from gateway.cli.common import (
+    EX_OK,
+    UsageError,
+    add_command,
+    print_json_lines,
+    print_table,
+    reading_config,
+    reading_store,
+)
 from gateway.decide.processor import load_services
-from gateway.display import when
-from gateway.store import open_store
+from gateway.display import iso_utc, when
+
+if TYPE_CHECKING:
+    from gateway.decide.replay import Replayed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,12 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="accepted for clarity: replay never acts anyway"
     )
+    p.add_argument("--json", action="store_true", help="one JSON object per line, no summary")
 
 
 def run(args: argparse.Namespace) -> int:
     from gateway.decide import replay
 
-    settings = config(args)
+    settings = reading_config(args)  # replay only reads: no secrets, read-only store
     try:
         since = replay.parse_since(args.since)
     except ValueError as exc:
@@ -49,18 +61,35 @@ def run(args: argparse.Namespace) -> int:
     if args.service:
         settings.service(args.service)  # KeyError names the configured services
     results = replay.replay(
-        open_store(settings.db_path),
+        reading_store(settings),
         services,
         since,
         regex_timeout=settings.gateway.regex_timeout_seconds,
         only_service=args.service,
     )
+    shown = [r for r in results if r.changed or args.all]
+    if args.json:
+        print_json_lines(replayed_json(r) for r in shown)
+        return EX_OK
     rows = [
         [r.message, when(r.received_at), r.service, r.subject[:50], str(r.old), str(r.new)]
-        for r in results
-        if r.changed or args.all
+        for r in shown
     ]
     headers = ["message", "received", "service", "subject", "stored decision", "would now be"]
     print_table(rows, headers, "no differences")
     print(replay.summary(results))
     return EX_OK
+
+
+def replayed_json(r: Replayed) -> dict[str, object]:
+    """The `gateway replay --json` object (fields documented in the README)."""
+    return {
+        "message": r.message,
+        "job": r.job,
+        "received_at": iso_utc(r.received_at),
+        "service": r.service,
+        "subject": r.subject,
+        "changed": r.changed,
+        "stored": {"outcome": str(r.old.kind), "rule": r.old.rule, "key": r.old.key},
+        "would_be": {"outcome": str(r.new.kind), "rule": r.new.rule, "key": r.new.key},
+    }

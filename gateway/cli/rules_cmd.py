@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
-from gateway.cli.common import EX_OK, add_command, config, read_input
+from gateway.cli.common import EX_OK, add_command, read_input, reading_config
+from gateway.display import json_line, printable
 from gateway.errors import GatewayError
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.rules import Decision, evaluate, load_ruleset
@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="an .eml file, or - for standard input")
     p.add_argument("--service", help="service whose rules to use (default: the first)")
     p.add_argument("--rules", nargs="+", type=Path, help="rule files to use instead of a service's")
-    p.add_argument("--json", action="store_true", help="print the decision as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the decision as one JSON object (one line)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         ruleset = load_ruleset(args.rules)
         timeout = 0.5
     else:
-        settings = config(args)
+        settings = reading_config(args)  # rules only: no secrets needed
         name = args.service or settings.services[0].name
         ruleset = load_ruleset(list(settings.service(name).rules))
         timeout = settings.gateway.regex_timeout_seconds
@@ -41,18 +43,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         decision = evaluate(ruleset, mail, regex_timeout=timeout)
     except GatewayError as exc:
-        print(f"quarantined: {exc}")
+        if args.json:
+            print(json_line({**_mail_fields(mail), "quarantined": str(exc)}))
+        else:
+            print(f"quarantined: {printable(exc)}")
         return EX_OK
     if args.json:
-        print(json.dumps(asdict(decision), indent=2, ensure_ascii=False, default=str))
+        print(json_line({**_mail_fields(mail), **asdict(decision)}))
     else:
         _print_decision(mail, decision)
     return EX_OK
 
 
+def _mail_fields(mail: ParsedMail) -> dict[str, object]:
+    """What `--json` says about the mail itself, ahead of the decision's fields."""
+    loop = mail.loop_reason if mail.is_auto_reply or mail.is_bounce else None
+    return {"subject": mail.subject, "from": mail.from_, "loop_guard": loop}
+
+
 def _print_decision(mail: ParsedMail, decision: Decision) -> None:
     if mail.is_auto_reply or mail.is_bounce:
-        print(f"note:     the loop guard would ignore this mail ({mail.loop_reason})")
+        print(f"note:     the loop guard would ignore this mail ({printable(mail.loop_reason)})")
     lines = [
         ("subject", mail.subject),
         ("rule", decision.rule or "(none)"),
@@ -63,11 +74,11 @@ def _print_decision(mail: ParsedMail, decision: Decision) -> None:
         ("reason", decision.reason),
     ]
     for label, value in lines:
-        print(f"{label + ':':<9} {value}")
+        print(f"{label + ':':<9} {printable(value)}")
     for name, value in decision.details.items():
-        print(f"detail:   {name} = {value}")
+        print(f"detail:   {printable(name)} = {printable(value)}")
     for link in decision.links:
-        print(f"link:     {link.get('text', '')} {link.get('href', '')}")
+        print(f"link:     {printable(link.get('text', ''))} {printable(link.get('href', ''))}")
     print("trace:")
     for step in decision.trace:
-        print(f"  {'✔' if step.matched else '✘'} {step.rule}: {step.reason}")
+        print(f"  {'✔' if step.matched else '✘'} {printable(step.rule)}: {printable(step.reason)}")

@@ -8,8 +8,17 @@ import sys
 from email.message import EmailMessage
 from pathlib import Path
 
-from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, setup_logging
+from gateway.cli.common import (
+    EX_OK,
+    EX_USAGE,
+    UsageError,
+    add_command,
+    config,
+    reading_config,
+    setup_logging,
+)
 from gateway.delivery import dispatch as delivery
+from gateway.display import printable
 from gateway.store import open_store
 
 
@@ -42,7 +51,7 @@ def run_render(args: argparse.Namespace) -> int:
     from gateway.config import OutgoingSettings
     from gateway.themes.render import POLICY
 
-    settings = None if args.templates else config(args)
+    settings = None if args.templates else reading_config(args)  # renders, sends nothing
     directory = args.templates or settings.gateway.templates_dir
     outgoing = (settings.outgoing if settings else None) or OutgoingSettings()
     msg = _render_case(args, directory, outgoing.from_addr)
@@ -70,10 +79,13 @@ def run_notify(args: argparse.Namespace) -> int:
         print(f"sent {msg['Message-ID']} to {', '.join(outgoing_mail.recipients(msg))}")
         return EX_OK
     if left.state == "dead":
-        print(f"error: relay refused outbox item {item}: {left.last_error}", file=sys.stderr)
+        print(
+            f"error: relay refused outbox item {item}: {printable(left.last_error)}",
+            file=sys.stderr,
+        )
         return EX_USAGE
     print(
-        f"queued as outbox item {item}, not delivered yet ({left.last_error}); "
+        f"queued as outbox item {item}, not delivered yet ({printable(left.last_error)}); "
         "`gateway serve` retries it",
         file=sys.stderr,
     )
@@ -91,4 +103,6 @@ def _render_case(args: argparse.Namespace, directory: Path, default_from: str) -
             themes.replace_header(msg, "To", args.to)
     except themes.ThemeError as exc:
         raise UsageError(str(exc)) from None
+    except RecursionError:  # absurdly nested JSON: the parser runs out of stack
+        raise UsageError(f"{args.case}: JSON nested too deeply") from None
     return msg

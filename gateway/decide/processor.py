@@ -203,7 +203,7 @@ class Processor:
         try:
             return self._evaluate(job, ahead)
         except Exception as exc:
-            log.exception("job %d: internal error, quarantined", job.id)
+            log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
             return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
     def _evaluate(self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]) -> Verdict:
@@ -277,7 +277,7 @@ class Processor:
         except IncidentMoved:
             raise
         except Exception as exc:
-            log.exception("job %d: internal error, quarantined", job.id)
+            log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
             return self._finish(
                 job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}"
             )
@@ -335,7 +335,13 @@ class Processor:
             incident_key=key,
             detail=f"no routing_key: {event['event_action']} not sent",
         )
-        log.info("service %s has no routing_key; would send %s", job.service, json.dumps(event))
+        log.info(
+            "message=%d job=%d: service %s has no routing_key; would send %s",
+            job.message,
+            job.id,
+            job.service,
+            json.dumps(event),
+        )
         return False
 
     def _finish(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -133,10 +134,9 @@ class SmtpListener:
                 backlog=LISTEN_BACKLOG,
                 ssl_handshake_timeout=30.0 if tls else None,
             )
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"SMTP cannot listen on {entry}: {exc.strerror or exc}"
-            ) from exc
+        except OSError as exc:  # the loop's own wording repeats the address: say it once
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror or exc
+            raise OSError(exc.errno, f"SMTP cannot listen on {entry}: {reason}") from exc
         self.bound.extend(sock.getsockname()[:2] for sock in server.sockets)
         return server
 

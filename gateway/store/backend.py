@@ -15,6 +15,7 @@ def open_store(
     timeout: float = 30.0,
     eager: bool = False,
     durable: bool = True,
+    read_only: bool = False,
 ) -> Store:
     """A new connection to the store at `location`, for use by one thread.
 
@@ -22,11 +23,16 @@ def open_store(
     lock; `durable=False` trades the flush of each commit for speed where a power cut may lose
     the last commits harmlessly; `eager` polls for the write lock instead of backing off (the
     spool writer, whose commit an SMTP client waits on). A backend may ignore these hints.
+    `read_only` never creates, migrates or writes anything, so listings work with read access
+    alone (another user, a read-only state directory); it raises `StoreMissing` when there is
+    no store yet and `StoreError` when it cannot be read.
     """
     _refuse_urls(location)
     from gateway.store.sqlite import SQLiteStore
 
-    return SQLiteStore(Path(location), timeout=timeout, eager=eager, durable=durable)
+    return SQLiteStore(
+        Path(location), timeout=timeout, eager=eager, durable=durable, read_only=read_only
+    )
 
 
 def verify_store(location: str | os.PathLike[str]) -> str:

@@ -27,6 +27,7 @@ from gateway.store.records import (
     Incident,
     IncomingMail,
     JobRecord,
+    ListedJob,
     OutboxItem,
     OutboxResult,
     PendingJob,
@@ -210,6 +211,30 @@ class ReportStore(Protocol):
         """Newest jobs first, optionally only those with one of `outcomes`."""
         ...
 
+    def list_jobs(
+        self,
+        *,
+        outcomes: Sequence[str] | None = None,
+        service: str | None = None,
+        before_job: int | None = None,
+        limit: int = 100,
+        head_bytes: int = 16384,
+    ) -> list[ListedJob]:
+        """Newest jobs first, each with the first `head_bytes` of its mail; only those with one
+        of `outcomes` ('pending': not decided yet) and of `service`; only jobs older than
+        `before_job` (the next page of a listing)."""
+        ...
+
+    def count_jobs(
+        self, *, outcomes: Sequence[str] | None = None, service: str | None = None
+    ) -> int:
+        """How many jobs `list_jobs` would list with no limit."""
+        ...
+
+    def known_services(self) -> list[str]:
+        """Every service name the stored jobs and incidents mention, sorted."""
+        ...
+
     def job_detail(self, job: int) -> dict[str, Any] | None:
         """Every column of a job, with `details` and `trace` decoded."""
         ...
@@ -218,8 +243,14 @@ class ReportStore(Protocol):
         """The stored bytes (None once purged, or for a duplicate's copy)."""
         ...
 
-    def incidents(self, *, open_only: bool = False, limit: int = 1000) -> list[Incident]:
-        """Most recently seen first."""
+    def incidents(
+        self, *, open_only: bool = False, limit: int = 1000, service: str | None = None
+    ) -> list[Incident]:
+        """Most recently seen first; only those of `service` if given."""
+        ...
+
+    def count_incidents(self, *, open_only: bool = False, service: str | None = None) -> int:
+        """How many incidents `incidents` would list with no limit."""
         ...
 
     def events(self, *, message: int | None = None, limit: int = 200) -> list[dict[str, Any]]:

@@ -120,3 +120,13 @@ class JobRecord:
     reason: str | None
     received_at: float
     source: str
+
+
+@dataclass(frozen=True)
+class ListedJob:
+    """A job as `gateway messages` lists it, with its mail's envelope sender and first bytes
+    (enough for Subject and From, without loading whole mails)."""
+
+    job: JobRecord
+    mail_from: str | None
+    head: bytes

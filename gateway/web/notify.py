@@ -28,6 +28,7 @@ from gateway.store import StoreThread
 from gateway.themes import render as themes
 
 THEME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_DEPTH = 32  # of nested objects/arrays in a case: deeper is an attack, not a helpdesk case
 
 
 @dataclass
@@ -85,6 +86,24 @@ def _json_object(body: bytes) -> dict[str, Any]:
         value = json.loads(body or b"null")
     except ValueError as exc:
         raise HTTPException(400, f"body is not JSON: {exc}") from None
+    except RecursionError:  # the parser recurses per level: 30,000 levels exhaust the stack
+        raise HTTPException(400, f"JSON nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(value, dict):
         raise HTTPException(400, "body must be a JSON object (the case)")
+    if _depth_exceeds(value, MAX_DEPTH):  # the theme would walk it recursively too
+        raise HTTPException(400, f"JSON nested deeper than {MAX_DEPTH} levels")
     return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit`; iterative, so depth cannot break it."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in item)
+    return False

@@ -8,6 +8,7 @@ dict-shaped queries). One object per thread: SQLite connections must not be shar
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,11 +17,12 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.errors import StoreError
-from gateway.store.sqlite.integrity import ensure_database, not_a_database
+from gateway.errors import StoreError, StoreMissing
+from gateway.store.sqlite.integrity import check_file, ensure_database, not_a_database
 from gateway.store.sqlite.schema import MIGRATIONS
 
 AUTOCHECKPOINT_PAGES = 20_000  # about 80 MB of WAL
+_HINT = " (run as the gateway's user: see the README's read-only recipe)"
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -92,14 +94,24 @@ class Connection:
     """A connection to the gateway's database, for use by one thread."""
 
     def __init__(
-        self, path: Path, *, timeout: float = 30.0, eager: bool = False, durable: bool = True
+        self,
+        path: Path,
+        *,
+        timeout: float = 30.0,
+        eager: bool = False,
+        durable: bool = True,
+        read_only: bool = False,
     ) -> None:
         """`eager`: poll for the write lock every 0.2 ms instead of SQLite's busy handler,
         which sleeps 1, 2, 5, 10 ... ms between tries; for the spool writer, whose commit an
-        SMTP client is waiting on while the worker process holds the lock for a moment."""
+        SMTP client is waiting on while the worker process holds the lock for a moment.
+        `read_only`: see `_open_read_only`."""
         self._lock_timeout = timeout
         self._eager = eager
         self._sync = "FULL" if durable else "NORMAL"
+        if read_only:
+            self._open_read_only(path, timeout)
+            return
         ensure_database(path, migrate)  # never silently start over on a damaged file
         try:
             # check_same_thread=False: a Store may be created in one thread and then used only by
@@ -130,6 +142,46 @@ class Connection:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self._migrate()
+
+    def _open_read_only(self, path: Path, timeout: float) -> None:
+        """Open for reading only (SQLite `mode=ro`): no file, directory or migration is created,
+        so it works for another user with read access or on a read-only state directory.
+
+        A WAL reader needs to create the `-shm` file when it is missing: if it cannot (the
+        service is stopped and the directory is read-only), and no `-wal` file holds
+        unmerged commits, the file alone is the whole database and is read `immutable`."""
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise StoreMissing(f"no database at {path}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read database {path}: {exc.strerror}{_HINT}") from None
+        if not os.access(path, os.R_OK):
+            raise StoreError(f"cannot read database {path}: permission denied{_HINT}")
+        check_file(path)  # an empty or non-file database is refused here too
+        try:
+            try:
+                conn = _read_only_connection(path, timeout, immutable=False)
+            except sqlite3.OperationalError:
+                if Path(f"{path}-wal").exists():
+                    raise
+                conn = _read_only_connection(path, timeout, immutable=True)
+        except StoreError as exc:  # corruption, as GuardedConnection reports it
+            if "file is not a database" in str(exc):
+                raise not_a_database(path) from exc
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {path}: {exc}") from exc
+        self.path = path
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        version, current = self.schema_version, len(MIGRATIONS)
+        if version != current:
+            conn.close()
+            raise StoreError(
+                f"database {path} has schema version {version}, this gateway reads {current}:"
+                " a writing command (`gateway serve`, `ingest`) migrates it"
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -191,3 +243,23 @@ class Connection:
             except sqlite3.Error as exc:
                 raise StoreError(f"database busy or unwritable: {exc}") from exc
             time.sleep(0.0002)
+
+
+def _read_only_connection(path: Path, timeout: float, *, immutable: bool) -> sqlite3.Connection:
+    """A `mode=ro` connection, checked with a first read (SQLite opens lazily). Temporary
+    tables stay writable (`gateway purge --dry-run` counts through them)."""
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
+    conn = sqlite3.connect(
+        uri,
+        uri=True,
+        timeout=timeout,
+        isolation_level=None,
+        check_same_thread=False,
+        factory=GuardedConnection,
+    )
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn

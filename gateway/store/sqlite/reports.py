@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.store.records import Incident, JobRecord
+from gateway.store.records import Incident, JobRecord, ListedJob
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.rows import INCIDENT_COLUMNS, JOB_RECORD_COLUMNS
 
@@ -118,6 +118,38 @@ class ReportQueries(Connection):
         ).fetchall()
         return [JobRecord(*r) for r in rows]
 
+    def list_jobs(
+        self,
+        *,
+        outcomes: Sequence[str] | None = None,
+        service: str | None = None,
+        before_job: int | None = None,
+        limit: int = 100,
+        head_bytes: int = 16384,
+    ) -> list[ListedJob]:
+        where, args = _job_filter(outcomes, service)
+        if before_job is not None:
+            where, args = [*where, "j.id < ?"], [*args, before_job]
+        rows = self.conn.execute(
+            f"SELECT {JOB_RECORD_COLUMNS}, m.mail_from, substr(m.raw, 1, ?)"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            " ORDER BY j.id DESC LIMIT ?",
+            (head_bytes, *args, limit),
+        ).fetchall()
+        return [ListedJob(JobRecord(*r[:12]), r[12], bytes(r[13] or b"")) for r in rows]
+
+    def count_jobs(
+        self, *, outcomes: Sequence[str] | None = None, service: str | None = None
+    ) -> int:
+        where, args = _job_filter(outcomes, service)
+        return self.conn.execute(f"SELECT COUNT(*) FROM jobs j {_where(where)}", args).fetchone()[0]
+
+    def known_services(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT service FROM jobs UNION SELECT service FROM incidents ORDER BY 1"
+        )
+        return [service for (service,) in rows]
+
     def job_detail(self, job: int) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM jobs WHERE id = ?", [job]))
         if not rows:
@@ -131,13 +163,22 @@ class ReportQueries(Connection):
         row = self.conn.execute("SELECT raw FROM messages WHERE id = ?", (message,)).fetchone()
         return row[0] if row else None
 
-    def incidents(self, *, open_only: bool = False, limit: int = 1000) -> list[Incident]:
-        where = "WHERE state IN ('triggered','acknowledged')" if open_only else ""
+    def incidents(
+        self, *, open_only: bool = False, limit: int = 1000, service: str | None = None
+    ) -> list[Incident]:
+        where, args = _incident_filter(open_only, service)
         rows = self.conn.execute(
-            f"SELECT {INCIDENT_COLUMNS} FROM incidents {where} ORDER BY last_seen DESC LIMIT ?",
-            (limit,),
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents {_where(where)}"
+            " ORDER BY last_seen DESC LIMIT ?",
+            (*args, limit),
         ).fetchall()
         return [Incident(*r) for r in rows]
+
+    def count_incidents(self, *, open_only: bool = False, service: str | None = None) -> int:
+        where, args = _incident_filter(open_only, service)
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM incidents {_where(where)}", args
+        ).fetchone()[0]
 
     def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
         """Decided jobs of mail received since `since` whose raw bytes are still stored."""
@@ -150,3 +191,31 @@ class ReportQueries(Connection):
                 [since, limit],
             )
         )
+
+
+def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[list[str], list[Any]]:
+    """WHERE conditions (and their arguments) on jobs `j`; 'pending' means not decided yet."""
+    where: list[str] = []
+    args: list[Any] = []
+    if outcomes:
+        decided = [o for o in outcomes if o != "pending"]
+        either = [f"j.outcome IN ({','.join('?' * len(decided))})"] if decided else []
+        if "pending" in outcomes:
+            either.append("j.state = 'pending'")
+        where.append(f"({' OR '.join(either)})")
+        args += decided
+    if service is not None:
+        where.append("j.service = ?")
+        args.append(service)
+    return where, args
+
+
+def _incident_filter(open_only: bool, service: str | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = ["state IN ('triggered','acknowledged')"] if open_only else []
+    if service is None:
+        return where, []
+    return [*where, "service = ?"], [service]
+
+
+def _where(conditions: Sequence[str]) -> str:
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
