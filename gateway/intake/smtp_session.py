@@ -9,7 +9,8 @@ private members are reached) and, per connection:
   timeout restarts while bytes arrive, and the Received: line is written in front of the
   message while reading (no second copy of a big mail);
 * checks AUTH passwords off the event loop (`smtp_auth.AuthMechanisms`);
-* answers 451 4.3.0 for our own faults (never a traceback, never a 5xx).
+* answers 451 4.3.0 for our own faults (never a traceback, never a 5xx);
+* names no software or version in any reply (the greeting is `220 <hostname> ESMTP`).
 
 The business decisions (routing, sender policy, the spool) belong to the handler
 (`smtp_handler.GatewayHandler`); sockets and the session count to `smtp_listener`.
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+# After the host name in the greeting; aiosmtpd's default ("Python SMTP 1.4.6") tells a scanner
+# which release, and so which known bugs, it is talking to.
+GREETING_IDENT = "ESMTP"
 
 # StreamReader chunk limit: DATA lines longer than this arrive in pieces and are still accepted.
 READ_CHUNK_LIMIT = 64 * 1024
@@ -75,7 +79,7 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         require_auth: bool,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, ident=GREETING_IDENT, **kwargs)
         self._listener = listener
         self._users = users
         self._require_auth = require_auth
