@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAP_SECURITY = ("tls", "starttls", "none")
 SMTP_TLS = ("none", "starttls", "implicit")
 NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve")
+SENDER_CHECKS = ("envelope", "header", "both")  # what allowed_senders is matched against
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ServiceSettings:
     routing_key: str | None = None
     allowed_senders: tuple[str, ...] = ()
     notify: NotifySettings | None = None
+    allowed_senders_check: str = "envelope"  # envelope | header | both
 
 
 @dataclass(frozen=True)
@@ -441,7 +443,10 @@ class _Reader:
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
         w = f"service #{index}"
         self.check_keys(
-            w, t, {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
+            w,
+            t,
+            {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
+            | {"allowed_senders_check"},
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
@@ -461,6 +466,9 @@ class _Reader:
             routing_key=routing_key,
             allowed_senders=tuple(a.lower() for a in self.strings(w, t, "allowed_senders")),
             notify=self.notify(w, t["notify"]) if "notify" in t else None,
+            allowed_senders_check=self.get(
+                w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
+            ),
         )
 
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:

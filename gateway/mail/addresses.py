@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from email.policy import default
+from email.parser import BytesHeaderParser
+from email.policy import compat32, default
 from fnmatch import fnmatchcase
+
+from gateway.mail.headers import MAX_HEADER_CHARS, from_surrogates, unfold
+
+# Header fields are looked for in this much of a message: far more than any real header block.
+MAX_HEADER_BLOCK = 256 * 1024
 
 # RFC 5321 dot-string local part and a domain (or address literal); no quoting, no comments
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -72,3 +78,23 @@ def sender_matches(address: str | None, patterns: Iterable[str]) -> bool:
     if not address:
         return False
     return any(fnmatchcase(address, p.lower()) for p in patterns)
+
+
+def header_values(raw: bytes | bytearray, name: str) -> list[str]:
+    """The undecoded values of header field `name` (case-insensitive), unfolded, top first.
+
+    Read from the raw bytes rather than from the decoded `ParsedMail` headers: decoding an
+    encoded-word display name (`=?utf-8?q?Doe=2C_Jane?=`) can turn one address into what reads
+    as two, or make a display name read as an address.
+    """
+    try:
+        message = BytesHeaderParser(policy=compat32).parsebytes(bytes(raw[:MAX_HEADER_BLOCK]))
+        items = message.raw_items()
+    except Exception:  # the stdlib parser on hostile input: no values rather than a crash
+        return []
+    wanted = name.lower()
+    return [
+        from_surrogates(unfold(str(value)[:MAX_HEADER_CHARS])).strip()
+        for key, value in items
+        if key.strip().lower() == wanted
+    ]
