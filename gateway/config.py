@@ -52,6 +52,16 @@ class SmtpSettings:
     require_tls: bool = False
     require_auth: bool = False
     auth_users_file: Path | None = None
+    # Slot hogging: a session ends after this long however busy it is; DATA may go this long
+    # without a byte; one address may hold this many sessions that have not authenticated.
+    max_session_seconds: float = 600.0
+    data_timeout_seconds: float = 120.0
+    max_unauthenticated_per_ip: int = 20
+    # Password guessing: failures per address within auth_lockout_seconds before a lockout of
+    # that long; each failure is answered after a delay growing up to auth_failure_delay_seconds.
+    auth_max_failures: int = 10
+    auth_lockout_seconds: float = 300.0
+    auth_failure_delay_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -413,6 +423,7 @@ class _Reader:
             require_tls=self.get(w, t, "require_tls", bool, False),
             require_auth=self.get(w, t, "require_auth", bool, False),
             auth_users_file=self.path_value(w, t, "auth_users_file", None),
+            **self.smtp_limits(w, t),
         )
         if settings.tls != "none" and not (settings.tls_cert and settings.tls_key):
             self.problem(f"{w}.tls", "TLS enabled, but tls_cert and tls_key are not both set")
@@ -425,6 +436,21 @@ class _Reader:
             if value is not None and not self.files.is_file(value):
                 self.problem(f"{w}.{key}", f"file not found: {value}")
         return settings
+
+    def smtp_limits(self, w: str, t: dict[str, Any]) -> dict[str, Any]:
+        """The [smtp] keys that bound what one client may take (see SmtpSettings)."""
+        kinds: dict[str, tuple[type, Callable[[Any], str | None]]] = {
+            "max_session_seconds": (float, _positive),
+            "data_timeout_seconds": (float, _positive),
+            "max_unauthenticated_per_ip": (int, _at_least(1)),
+            "auth_max_failures": (int, _at_least(1)),
+            "auth_lockout_seconds": (float, _positive),
+            "auth_failure_delay_seconds": (float, _at_least(0)),
+        }
+        return {
+            key: self.get(w, t, key, kind, getattr(SmtpSettings, key), check=check)
+            for key, (kind, check) in kinds.items()
+        }
 
     def pagerduty(self, t: dict[str, Any]) -> PagerDutySettings:
         w = "pagerduty"
