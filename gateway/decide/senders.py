@@ -42,23 +42,24 @@ def sender_refusal(
     if not patterns:
         return None
     check = settings.allowed_senders_check
+    headers = header_values(raw, ("from", "return-path"))
     problem = None
     if check in ("envelope", "both"):
-        problem = _envelope_problem(raw, mail_from, patterns)
+        problem = _envelope_problem(headers["return-path"], mail_from, patterns)
     if problem is None and check in ("header", "both"):
-        problem = _header_problem(raw, patterns)
+        problem = _header_problem(headers["from"], patterns)
     if problem is None:
         return None
     return f'sender not allowed (allowed_senders_check = "{check}"): {problem}'
 
 
 def _envelope_problem(
-    raw: bytes | bytearray, mail_from: str | None, patterns: tuple[str, ...]
+    return_paths: list[str], mail_from: str | None, patterns: tuple[str, ...]
 ) -> str | None:
     if mail_from is not None:
         path, origin = mail_from, "MAIL FROM"
     else:
-        paths = header_values(raw, "return-path")
+        paths = return_paths
         if not paths:
             return "no Return-Path header, so the envelope sender is unknown"
         path, origin = paths[0], "Return-Path"
@@ -70,8 +71,7 @@ def _envelope_problem(
     return None
 
 
-def _header_problem(raw: bytes | bytearray, patterns: tuple[str, ...]) -> str | None:
-    values = header_values(raw, "from")
+def _header_problem(values: list[str], patterns: tuple[str, ...]) -> str | None:
     if not values:
         return "no From header"
     address = header_address(values)

@@ -293,9 +293,9 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
             status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
         self.envelope = Envelope()  # the transaction is over, as in aiosmtpd's own DATA
         await self.push(status)
-        self.restart_idle_timer()  # the client's next command gets the whole idle timeout
-        if self.transport is None:
+        if self.transport is None:  # gone meanwhile: no timer for a closed session
             return
+        self.restart_idle_timer()  # the client's next command gets the whole idle timeout
         if self._out_of_time or self._listener.closing:
             await self.push(REPLY_SESSION_TOO_LONG if self._out_of_time else REPLY_SHUTTING_DOWN)
             self.transport.close()
