@@ -87,6 +87,7 @@ SESSION_ATTRIBUTES = {
     "_data_timeout",
     "_committing",
     "_out_of_time",
+    "_draining",
     "_lifetime",
     "_client",
 }

@@ -19,7 +19,7 @@ from gateway.intake.smtp_listener import (
     REPLY_TOO_MANY_FROM_ADDRESS,
 )
 from gateway.intake.smtp_session import REPLY_SESSION_TOO_LONG
-from tests.conftest import desk_mail, free_port, write_config
+from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.ops_support import metric, running
 from tests.test_smtp import (
     S220_READY,
@@ -94,8 +94,9 @@ async def closed_by_server(wire: Wire, timeout: float = TIMEOUT) -> list[bytes]:
     """Read until the server closes the connection; the lines it sent before. Fails at the
     deadline, which is far beyond the short limits the tests configure."""
     lines = []
-    while line := await asyncio.wait_for(wire.reader.readline(), timeout):
-        lines.append(line.rstrip(b"\r\n"))
+    with contextlib.suppress(ConnectionResetError):  # a reset after the last line also ends it
+        while line := await asyncio.wait_for(wire.reader.readline(), timeout):
+            lines.append(line.rstrip(b"\r\n"))
     return lines
 
 
@@ -413,6 +414,7 @@ def test_password_guessing_against_gateway_serve_is_stopped_logged_and_counted(
     port, web_port = free_port(), free_port()
     config = write_config(
         tmp_path,
+        routing_key=None,  # local mode: nothing leaves the machine
         smtp_port=port,
         smtp_extra=(
             f'auth_users_file = "{users_file}"\nrequire_auth = true\n'
@@ -450,3 +452,42 @@ def test_password_guessing_against_gateway_serve_is_stopped_logged_and_counted(
     assert any("AUTH PLAIN failed for 'helpdesk'" in line for line in lines), log[-3000:]
     assert any("Too many failed authentication attempts" in line for line in lines)
     assert len(lines) <= 21 and "Traceback" not in log  # 20 a minute, and a note of the rest
+
+
+def test_slot_hoggers_do_not_lock_out_other_senders_end_to_end(tmp_path: Path) -> None:
+    """Issue 11's lock-out against `gateway serve`: clients on one address keep sessions open
+    with NOOPs; they get at most `max_unauthenticated_per_ip` slots, a helpdesk on another
+    address still delivers, and the hoggers are cut at `max_session_seconds`."""
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        routing_key=None,  # local mode: nothing leaves the machine
+        smtp_port=port,
+        smtp_extra="max_connections = 12\nmax_unauthenticated_per_ip = 8\nmax_session_seconds = 2",
+    )
+
+    async def scenario() -> None:
+        hogs = [await Wire.open(port) for _ in range(30)]
+        admitted = [wire for wire, greeting in hogs if greeting.code == S220_READY]
+        refused = [str(greeting) for _, greeting in hogs if greeting.code != S220_READY]
+        assert 1 <= len(admitted) <= 8 and set(refused) == {REPLY_TOO_MANY_FROM_ADDRESS}
+        keeping = [asyncio.create_task(keep_alive(wire, every=0.1)) for wire in admitted]
+        helpdesk, greeting = await open_from(port, "127.0.0.2")
+        assert greeting.code == S220_READY
+        await helpdesk.cmd("EHLO helpdesk")
+        assert (await helpdesk.send_mail(desk_mail("Delivered despite hoggers"))).code == S250_OK
+        await helpdesk.close()
+        ends = await asyncio.wait_for(asyncio.gather(*keeping), TIMEOUT)
+        assert all(replies[-1] == REPLY_SESSION_TOO_LONG for replies in ends), ends
+        for wire, _ in hogs:
+            await wire.close()
+
+    gateway = GatewayProcess(config, port).start()
+    try:
+        run(scenario)
+        wait_until(lambda: "key='Delivered despite hoggers'" in gateway.output())
+        assert gateway.stop() == 0
+    finally:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.kill()
+    assert "Traceback" not in gateway.output()

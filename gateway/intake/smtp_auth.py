@@ -246,6 +246,12 @@ MAX_AUTH_FAILURES = 3
 _HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
 
 
+def _shown(user: str) -> str:
+    """A client-chosen user name for the log: quoted, escaped, and cut (AUTH LOGIN's answer
+    to the username challenge may be a 64 KiB line)."""
+    return repr(user[:100]) + ("..." if len(user) > 100 else "")
+
+
 class AuthMechanisms:
     """AUTH PLAIN and LOGIN for `smtp_session.GatewaySMTP`, with the slow hash off the event loop.
 
@@ -337,7 +343,7 @@ class AuthMechanisms:
         self._auth_failures += 1
         self.refused(
             "auth_failed",
-            f"AUTH {mechanism} failed for {user!r}: failure {penalty.failures} from this address,"
+            f"AUTH {mechanism} failed for {_shown(user)}: failure {penalty.failures} from this address,"
             f" answered after {penalty.delay:.2f}s"
             + (", address now locked out" if penalty.locked else ""),
         )
@@ -353,7 +359,7 @@ class AuthMechanisms:
         remaining = self.login_throttle.locked_for(self.client_key())
         self.refused(
             "auth_locked_out",
-            f"AUTH {mechanism} for {user!r} refused, address locked out for {remaining:.0f}s"
+            f"AUTH {mechanism} for {_shown(user)} refused, address locked out for {remaining:.0f}s"
             f" more: {REPLY_AUTH_LOCKED_OUT[:9]}",
         )
         await self.push(REPLY_AUTH_LOCKED_OUT)

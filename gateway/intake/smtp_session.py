@@ -47,6 +47,9 @@ REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, try again"
+# After a last reply to a client that may still be sending, what it sends is read and dropped
+# this long before the socket closes (see `_close_after`).
+LINGER_SECONDS = 1.0
 # After the host name in the greeting; aiosmtpd's default ("Python SMTP 1.4.6") tells a scanner
 # which release, and so which known bugs, it is talking to.
 GREETING_IDENT = "ESMTP"
@@ -100,6 +103,7 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         self._in_data = False
         self._committing = False  # handle_DATA is storing the mail: its reply must go out
         self._out_of_time = False
+        self._draining = False  # a last reply went out: input is dropped until the close
         self._lifetime: asyncio.TimerHandle | None = None
         self._client = ""
         self._auth_failures = 0
@@ -151,8 +155,19 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         )
         if self._committing or self.transport is None:
             return
-        self.transport.write(REPLY_SESSION_TOO_LONG.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
-        self.transport.close()
+        self._close_after(REPLY_SESSION_TOO_LONG)
+
+    def _close_after(self, reply: str) -> None:
+        """Send a last reply and close, reading and dropping input for LINGER_SECONDS first.
+
+        A client in the middle of DATA keeps writing; closing at once would make our kernel
+        answer its next bytes with a reset, and a reset can discard the reply before the
+        client has read it. So the session stops processing input, and closes a moment later.
+        """
+        assert self.transport is not None
+        self.transport.write(reply.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+        self._draining = True
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     @property
     def login_throttle(self) -> AuthThrottle:
@@ -172,7 +187,7 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         self._listener.authenticated(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._admitted:
+        if self._admitted and not self._draining:
             super().data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -296,8 +311,10 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         if self.transport is None:  # gone meanwhile: no timer for a closed session
             return
         self.restart_idle_timer()  # the client's next command gets the whole idle timeout
-        if self._out_of_time or self._listener.closing:
-            await self.push(REPLY_SESSION_TOO_LONG if self._out_of_time else REPLY_SHUTTING_DOWN)
+        if self._out_of_time:
+            self._close_after(REPLY_SESSION_TOO_LONG)
+        elif self._listener.closing:
+            await self.push(REPLY_SHUTTING_DOWN)
             self.transport.close()
 
     def _trace_header(self) -> bytes:
