@@ -63,6 +63,7 @@ PUBLIC_ATTRIBUTES = (
 # Members of aiosmtpd's SMTP that the gateway's session classes define on purpose.
 OVERRIDDEN = {
     "line_length_limit",
+    "push",  # silent after the last reply (the session lifetime's 421)
     "_getaddr",  # in smtp_compat only, as parse_address
     "connection_made",
     "connection_lost",

@@ -28,6 +28,7 @@ from tests.test_smtp import (
     FakeSpool,
     Reply,
     Wire,
+    _dot_stuff,
     _plain,
     eventually,
     listening,
@@ -124,6 +125,32 @@ def test_noop_keepalive_cannot_hold_a_session_past_its_lifetime() -> None:
             await eventually(lambda: listener.active_sessions == 0)
             assert listener.refusals.counts["session_lifetime"] == 1
             await wire.close()
+
+    run(scenario)
+
+
+def test_nothing_is_answered_after_the_lifetime_421() -> None:
+    """A command the client pipelined behind its mail is read while the mail is committed and
+    the lifetime ends meanwhile: the 250 for the mail goes out, then the 421 as the very last
+    line; the pipelined NOOP gets no answer after it."""
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        spool = FakeSpool(gate=gate)
+        async with listening(settings(max_session_seconds=1.0), spool) as listener:
+            wire, _ = await Wire.open(port_of(listener))
+            await wire.cmd("EHLO client")
+            await wire.cmd("MAIL FROM:<a@helpdesk.example>")
+            await wire.cmd("RCPT TO:<desk@gw.example>")
+            assert (await wire.cmd("DATA")).code == 354
+            await wire.write(_dot_stuff(desk_mail("pipelined")) + b".\r\nNOOP\r\n")
+            await eventually(lambda: spool.waiting == 1)
+            await eventually(lambda: listener.refusals.counts["session_lifetime"] == 1)
+            gate.set()
+            lines = await closed_by_server(wire)
+            await wire.close()
+        assert lines[0].startswith(b"250 2.0.0 Ok: queued as ")
+        assert lines[1:] == [REPLY_SESSION_TOO_LONG.encode()]
 
     run(scenario)
 

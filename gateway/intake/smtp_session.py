@@ -186,6 +186,12 @@ class GatewaySMTP(AuthMechanisms, CompatSMTP):
         """AUTH succeeded: the session no longer counts as unauthenticated for its address."""
         self._listener.authenticated(self)
 
+    async def push(self, status: str | bytes) -> None:
+        """aiosmtpd's push, silent once the last reply went out: a command read just before
+        the session's end must not be answered after its 421."""
+        if not self._draining:
+            await super().push(status)
+
     def data_received(self, data: bytes) -> None:
         if self._admitted and not self._draining:
             super().data_received(data)
