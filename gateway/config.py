@@ -34,6 +34,7 @@ SECRET_KEYS = frozenset(
     {"routing_key", "password", "oauth2_token", "oauth2_token_command", "token", "notify_token"}
     | {"webhook_secret", "api_token"}
 )
+SENDER_CHECKS = ("envelope", "header", "both")  # what allowed_senders is matched against
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ class SmtpSettings:
     require_tls: bool = False
     require_auth: bool = False
     auth_users_file: Path | None = None
+    # Slot hogging: a session ends after this long however busy it is; DATA may go this long
+    # without a byte; one address may hold this many sessions that have not authenticated.
+    max_session_seconds: float = 600.0
+    data_timeout_seconds: float = 120.0
+    max_unauthenticated_per_ip: int = 20
+    # Password guessing: failures per address within auth_lockout_seconds before a lockout of
+    # that long; each failure is answered after a delay growing up to auth_failure_delay_seconds.
+    auth_max_failures: int = 10
+    auth_lockout_seconds: float = 300.0
+    auth_failure_delay_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class ServiceSettings:
     routing_key: str | None = None
     allowed_senders: tuple[str, ...] = ()
     notify: NotifySettings | None = None
+    allowed_senders_check: str = "envelope"  # envelope | header | both
 
 
 @dataclass(frozen=True)
@@ -430,6 +442,7 @@ class _Reader:
             require_tls=self.get(w, t, "require_tls", bool, False),
             require_auth=self.get(w, t, "require_auth", bool, False),
             auth_users_file=self.path_value(w, t, "auth_users_file", None),
+            **self.smtp_limits(w, t),
         )
         if settings.tls != "none" and not (settings.tls_cert and settings.tls_key):
             self.problem(f"{w}.tls", "TLS enabled, but tls_cert and tls_key are not both set")
@@ -442,6 +455,21 @@ class _Reader:
             if value is not None and not self.files.is_file(value):
                 self.problem(f"{w}.{key}", f"file not found: {value}")
         return settings
+
+    def smtp_limits(self, w: str, t: dict[str, Any]) -> dict[str, Any]:
+        """The [smtp] keys that bound what one client may take (see SmtpSettings)."""
+        kinds: dict[str, tuple[type, Callable[[Any], str | None]]] = {
+            "max_session_seconds": (float, _positive),
+            "data_timeout_seconds": (float, _positive),
+            "max_unauthenticated_per_ip": (int, _at_least(1)),
+            "auth_max_failures": (int, _at_least(1)),
+            "auth_lockout_seconds": (float, _positive),
+            "auth_failure_delay_seconds": (float, _at_least(0)),
+        }
+        return {
+            key: self.get(w, t, key, kind, getattr(SmtpSettings, key), check=check)
+            for key, (kind, check) in kinds.items()
+        }
 
     def pagerduty(self, t: dict[str, Any]) -> PagerDutySettings:
         w = "pagerduty"
@@ -460,7 +488,10 @@ class _Reader:
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
         w = f"service #{index}"
         self.check_keys(
-            w, t, {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
+            w,
+            t,
+            {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
+            | {"allowed_senders_check"},
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
@@ -480,6 +511,9 @@ class _Reader:
             routing_key=routing_key,
             allowed_senders=tuple(a.lower() for a in self.strings(w, t, "allowed_senders")),
             notify=self.notify(w, t["notify"]) if "notify" in t else None,
+            allowed_senders_check=self.get(
+                w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
+            ),
         )
 
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:

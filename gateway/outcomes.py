@@ -20,6 +20,7 @@ class Outcome(StrEnum):
     UNMATCHED = "unmatched"  # no rule matched; kept and visible
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
+    SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
 
     @property
     def is_action(self) -> bool:
@@ -28,5 +29,11 @@ class Outcome(StrEnum):
 
 
 NON_ACTIONS = frozenset(
-    {Outcome.DISCARDED, Outcome.UNMATCHED, Outcome.QUARANTINED, Outcome.LOOP_IGNORED}
+    {
+        Outcome.DISCARDED,
+        Outcome.UNMATCHED,
+        Outcome.QUARANTINED,
+        Outcome.LOOP_IGNORED,
+        Outcome.SENDER_REFUSED,
+    }
 )

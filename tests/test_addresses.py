@@ -27,6 +27,11 @@ TRUSTED = ("*@trusted.example", "alerts@partner.example")
         pytest.param("<x@trusted.example\x00>", None, id="nul"),
         pytest.param("<x y@trusted.example>", None, id="space"),
         pytest.param("<x@[192.0.2.1]>", "x@[192.0.2.1]", id="address-literal"),
+        pytest.param("<x@mail.trusted.example.>", "x@mail.trusted.example", id="trailing-dot"),
+        pytest.param("<x@trusted..example>", None, id="empty-label"),
+        # `(label\.?)+` backtracked exponentially here: 22 letters took seconds, 60 would hang
+        pytest.param("<x@" + "a" * 60 + "->", None, id="no-catastrophic-backtracking"),
+        pytest.param("<x@" + "a." * 2000 + "!>", None, id="many-labels"),
     ],
 )
 def test_envelope_addresses(path: str, expected: str | None) -> None:
@@ -47,6 +52,16 @@ def test_envelope_addresses(path: str, expected: str | None) -> None:
         pytest.param(["Team: a@trusted.example;"], None, id="group"),
         pytest.param([], None, id="no-from"),
         pytest.param(["not an address"], None, id="garbage"),
+        pytest.param(
+            ["=?utf-8?q?Doe=2C_Jane?= <Jane@Trusted.Example>"],
+            "jane@trusted.example",
+            id="encoded-display-name-with-comma",
+        ),
+        pytest.param(['"Doe, Jane" <jane@trusted.example>'], "jane@trusted.example", id="quoted"),
+        pytest.param(["x <a@trusted.example> <b@evil.example>"], None, id="two-angle-addrs"),
+        pytest.param(["<a@trusted.example"], None, id="unclosed-angle"),
+        pytest.param(["a " * 8000 + "<x@trusted.example"], None, id="long-odd-value"),
+        pytest.param(["Jane <jane@" + "a" * 60 + "->"], None, id="no-catastrophic-backtracking"),
     ],
 )
 def test_header_addresses(values: list[str], expected: str | None) -> None:

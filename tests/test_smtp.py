@@ -852,7 +852,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         directory,
         pd_url=pd.url,
         smtp_port=port,
-        smtp_extra=f"max_connections = 50\nmax_message_bytes = {LIMIT}",
+        # every test client comes from 127.0.0.1: let it use every slot
+        smtp_extra=f"max_connections = 50\nmax_unauthenticated_per_ip = 50\n"
+        f"max_message_bytes = {LIMIT}",
     )
     gateway = GatewayProcess(config, port).start()
     yield Served(pd, gateway, config)

@@ -63,6 +63,7 @@ PUBLIC_ATTRIBUTES = (
 # Members of aiosmtpd's SMTP that the gateway's session classes define on purpose.
 OVERRIDDEN = {
     "line_length_limit",
+    "push",  # silent after the last reply (the session lifetime's 421)
     "_getaddr",  # in smtp_compat only, as parse_address
     "connection_made",
     "connection_lost",
@@ -83,6 +84,13 @@ SESSION_ATTRIBUTES = {
     "_admitted",
     "_in_data",
     "_auth_failures",
+    "_max_session_seconds",
+    "_data_timeout",
+    "_committing",
+    "_out_of_time",
+    "_draining",
+    "_lifetime",
+    "_client",
 }
 
 
@@ -211,6 +219,13 @@ class ProbeSMTP(CompatSMTP):
         line = await self.stream_reader().readuntil(b"\r\n")
         await self.push("250 read " + line.decode("ascii").strip())
 
+    @syntax("XSHORT")
+    async def smtp_XSHORT(self, arg: str) -> None:
+        """Answers only if `restart_idle_timer(0.2)` did not end the session first."""
+        self.restart_idle_timer(0.2)
+        await asyncio.sleep(1.0)  # inside the session's 1.5 s timeout, beyond the 0.2 s one
+        await self.push("250 the short timeout did not apply")
+
     @syntax("XWAIT")
     async def smtp_XWAIT(self, arg: str) -> None:
         """Outlives the idle timeout only if `restart_idle_timer()` restarts it."""
@@ -269,6 +284,16 @@ def test_stream_reader_reads_the_connection() -> None:
 def test_restart_idle_timer_extends_the_idle_timeout() -> None:
     async def scenario(reader: Any, writer: Any) -> None:
         assert await command(reader, writer, "XWAIT") == "250 still here"
+
+    asyncio.run(asyncio.wait_for(probe_session(scenario), 30))
+
+
+def test_restart_idle_timer_with_a_duration_applies_it_once() -> None:
+    """DATA's own timeout: `_reset_timeout(duration)` arms the idle timer with `duration`."""
+
+    async def scenario(reader: Any, writer: Any) -> None:
+        with pytest.raises(ConnectionError):
+            await command(reader, writer, "XSHORT")  # closed after 0.2 s, not the 1.5 s timeout
 
     asyncio.run(asyncio.wait_for(probe_session(scenario), 30))
 

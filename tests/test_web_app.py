@@ -28,7 +28,9 @@ from tests.conftest import ROOT
 TOKEN = "retry-token"
 NOTIFY_TOKEN = "notify-token"
 CASE29 = ROOT / "tests" / "fixtures" / "case29.json"
-SMTP_UP = SimpleNamespace(bound=[("127.0.0.1", 2525)], closing=False, active_sessions=0)
+SMTP_UP = SimpleNamespace(
+    bound=[("127.0.0.1", 2525)], closing=False, active_sessions=0, refusal_counts={}
+)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.decide import incidents, notifications
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
+from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
@@ -210,6 +211,9 @@ class Processor:
         runtime = self.services.get(job.service)
         if runtime is None:
             return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
+        refusal = sender_refusal(runtime.settings, job.raw, job.mail_from)
+        if refusal is not None:
+            return Verdict(job, Outcome.SENDER_REFUSED, refusal)
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.decide.processor import ServiceRuntime
+from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleEvaluationError
 from gateway.mail.parse import parse_message
 from gateway.outcomes import NON_ACTIONS, Outcome
@@ -102,16 +103,18 @@ def replay(
         runtime = services.get(row["service"])
         if runtime is None:
             continue  # service no longer configured: nothing to compare with
-        results.append(_replay_one(row, runtime.ruleset, regex_timeout))
+        results.append(_replay_one(row, runtime, regex_timeout))
     return results
 
 
-def _replay_one(row: Mapping, ruleset: Ruleset, regex_timeout: float) -> Replayed:
+def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> Replayed:
     mail = parse_message(row["raw"], row["mail_from"])
-    if mail.is_auto_reply or mail.is_bounce:
+    if sender_refusal(runtime.settings, row["raw"], row["mail_from"]) is not None:
+        new = Effect(Outcome.SENDER_REFUSED, None, None)  # as the processor decides it
+    elif mail.is_auto_reply or mail.is_bounce:
         new = Effect(Outcome.LOOP_IGNORED, None, None)
     else:
-        new = _effect(ruleset, mail, regex_timeout)
+        new = _effect(runtime.ruleset, mail, regex_timeout)
     return Replayed(
         job=row["job"],
         message=row["message"],

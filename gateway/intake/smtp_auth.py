@@ -37,6 +37,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 
 from gateway.errors import ConfigError, Problem
+from gateway.intake.smtp_limits import AuthThrottle
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,17 @@ class UsersFile:
 # -- the AUTH mechanisms of the SMTP session ---------------------------------------------------
 
 REPLY_TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentication attempts"
+REPLY_AUTH_LOCKED_OUT = (
+    "454 4.7.0 Too many failed authentication attempts from your address, try again later"
+)
 MAX_AUTH_FAILURES = 3
 _HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
+
+
+def _shown(user: str) -> str:
+    """A client-chosen user name for the log: quoted, escaped, and cut (AUTH LOGIN's answer
+    to the username challenge may be a 64 KiB line)."""
+    return repr(user[:100]) + ("..." if len(user) > 100 else "")
 
 
 class AuthMechanisms:
@@ -247,8 +257,14 @@ class AuthMechanisms:
 
     aiosmtpd's `authenticator=` callback is synchronous, so a 35-250 ms scrypt/bcrypt check would
     stall every session; these replace its built-in mechanisms. Three failures end the session.
+    Across sessions, `smtp_limits.AuthThrottle` delays each failure of a client address and then
+    locks the address out: while it is, AUTH is answered 454 4.7.0 without checking anything,
+    also when a check that was already running would have succeeded (its answer would tell a
+    guesser the password).
+
     The session class provides `push`, `challenge_auth`, `session`, `transport`, `peer_text()`,
-    `_users` (a UsersFile or None) and `_auth_failures`.
+    `client_key()`, `refused()`, `authenticated()`, `login_throttle`, `_users` (a UsersFile or
+    None) and `_auth_failures`.
     """
 
     push: Any
@@ -256,11 +272,21 @@ class AuthMechanisms:
     session: Any
     transport: Any
     _users: UsersFile | None
+    login_throttle: AuthThrottle
     _auth_failures: int
     AuthLoginUsernameChallenge: str
     AuthLoginPasswordChallenge: str
 
     def peer_text(self) -> str:
+        raise NotImplementedError
+
+    def client_key(self) -> str:
+        raise NotImplementedError
+
+    def refused(self, reason: str, text: str) -> None:
+        raise NotImplementedError
+
+    def authenticated(self) -> None:
         raise NotImplementedError
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
@@ -299,15 +325,42 @@ class AuthMechanisms:
     async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         assert self.session is not None
         user = login.decode("utf-8", errors="replace")
-        peer = self.peer_text()
+        if self.login_throttle.locked_for(self.client_key()):
+            return await self._locked_out(mechanism, user)
         users = self._users
-        if users is not None and await asyncio.to_thread(users.verify, user, password):
-            log.info("smtp %s: AUTH %s ok for %r", peer, mechanism, user)
+        ok = users is not None and await asyncio.to_thread(users.verify, user, password)
+        if self.login_throttle.locked_for(self.client_key()):  # locked by other sessions meanwhile
+            return await self._locked_out(mechanism, user)
+        if ok:
+            log.info("smtp %s: AUTH %s ok for %r", self.peer_text(), mechanism, user)
+            self.authenticated()
             return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        return await self._failed(mechanism, user)
+
+    async def _failed(self, mechanism: str, user: str) -> AuthResult:
+        """A wrong user or password: counted, logged, answered after the throttle's delay."""
+        penalty = self.login_throttle.failed(self.client_key())
         self._auth_failures += 1
-        log.warning("smtp %s: AUTH %s failed for %r", peer, mechanism, user)
+        self.refused(
+            "auth_failed",
+            f"AUTH {mechanism} failed for {_shown(user)}: failure {penalty.failures} from this address,"
+            f" answered after {penalty.delay:.2f}s"
+            + (", address now locked out" if penalty.locked else ""),
+        )
+        await asyncio.sleep(penalty.delay)
         if self._auth_failures >= MAX_AUTH_FAILURES and self.transport is not None:
             await self.push(REPLY_TOO_MANY_AUTH_FAILURES)
             self.transport.close()
             return _HANDLED
         return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+
+    async def _locked_out(self, mechanism: str, user: str) -> AuthResult:
+        """The address is locked out: 454, no password checked, no answer revealed."""
+        remaining = self.login_throttle.locked_for(self.client_key())
+        self.refused(
+            "auth_locked_out",
+            f"AUTH {mechanism} for {_shown(user)} refused, address locked out for {remaining:.0f}s"
+            f" more: {REPLY_AUTH_LOCKED_OUT[:9]}",
+        )
+        await self.push(REPLY_AUTH_LOCKED_OUT)
+        return _HANDLED

@@ -9,8 +9,9 @@ with `challenge_auth`, `handle_exception`, `check_auth_needed`, and class attrib
     SMTP._reader (set by            the DATA reader streams      the StreamReader is handed to
       SMTP._cb_client_connected)    lines itself: long lines,    the private client-connected
                                     size cut-off, no copy        callback and kept nowhere else
-    SMTP._reset_timeout()           the idle timer restarts      the timer is only reset between
-                                    during a long DATA           commands; nothing public does it
+    SMTP._reset_timeout(duration)   the idle timer restarts      the timer is only reset between
+                                    during a long DATA, with     commands, always with `timeout`;
+                                    DATA's own timeout           nothing public does it
     SMTP._getaddr()                 fast path for the plain      the MAIL/RCPT address parser
                                     <local@domain> at MAIL/RCPT  has no hook or override point
     aiosmtpd.smtp.inspect / .dir    per-class cache for the      SMTP.__init__ introspects every
@@ -102,9 +103,10 @@ class CompatSMTP(SMTP):
         """The connection's reader (after STARTTLS it reads the decrypted stream)."""
         return self._reader
 
-    def restart_idle_timer(self) -> None:
-        """Start the session's idle timeout again, as aiosmtpd does after every command."""
-        self._reset_timeout()
+    def restart_idle_timer(self, duration: float | None = None) -> None:
+        """Start the session's idle timeout again, as aiosmtpd does after every command;
+        `duration` instead of the session's `timeout` for this one wait (DATA's own)."""
+        self._reset_timeout(duration)
 
 
 # -- aiosmtpd's per-connection introspection, cached ------------------------------------------

@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway.config import ServiceSettings
 from gateway.errors import StoreError
 from gateway.intake.spool import SpoolWriter, incoming
+from gateway.mail.addresses import envelope_address, sender_matches
 from gateway.store import Accepted, IncomingMail
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,17 @@ def _is_pattern(address: str) -> bool:
 
 
 def sender_allowed(mail_from: str, patterns: Iterable[str]) -> bool:
-    """True if the envelope sender matches one of `patterns`; no patterns allows everyone."""
+    """True if the envelope sender is one plain address matching one of `patterns`; no
+    patterns allows everyone. `"x@evil.example"@trusted.example` is not an address of
+    trusted.example: anything but one plain address is refused (`gateway.mail.addresses`)."""
     patterns = tuple(patterns)
-    sender = mail_from.lower()
-    return not patterns or any(fnmatchcase(sender, p.lower()) for p in patterns)
+    return not patterns or sender_matches(envelope_address(mail_from), patterns)
+
+
+def checks_envelope_at_rcpt(service: ServiceSettings) -> bool:
+    """Whether RCPT refuses a disallowed envelope sender for this service (550 5.7.1); with
+    `allowed_senders_check = "header"` only the From is checked, at decision time."""
+    return bool(service.allowed_senders) and service.allowed_senders_check != "header"
 
 
 # -- trace header -------------------------------------------------------------------------------
@@ -200,7 +208,10 @@ class GatewayHandler:
         name = self.route(address)
         if name is None:
             return REPLY_NO_SUCH_SERVICE.format(address=address)
-        if not sender_allowed(envelope_sender(envelope), self._by_name[name].allowed_senders):
+        service = self._by_name[name]
+        if checks_envelope_at_rcpt(service) and not sender_allowed(
+            envelope_sender(envelope), service.allowed_senders
+        ):
             return REPLY_SENDER_NOT_ALLOWED.format(address=address)
         return None
 

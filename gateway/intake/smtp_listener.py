@@ -3,9 +3,12 @@
 `SmtpListener` binds the configured addresses (plain, STARTTLS or implicit TLS) and builds one
 `smtp_session.GatewaySMTP` per connection with the current handler (a reload swaps `handler`;
 sessions in flight keep the one they started with). It admits sessions up to
-`max_connections` and refuses the rest with 421 before the greeting, logging refusals at most
-once a minute. Shutdown is graceful: idle sessions are told 421 at once, sessions in a
-transaction may finish (their 250 still waits for the spool commit).
+`max_connections`, and up to `max_unauthenticated_per_ip` sessions from one client address
+that have not authenticated; the rest get 421 before the greeting. With `require_auth`, an
+address locked out of AUTH (`smtp_limits.AuthThrottle`, kept here across sessions) gets 421
+too. Every refusal is counted by reason for `/metrics` and logged, rate-limited
+(`smtp_limits.Refusals`). Shutdown is graceful: idle sessions are told 421 at once, sessions in
+a transaction may finish (their 250 still waits for the spool commit).
 """
 
 from __future__ import annotations
@@ -15,22 +18,26 @@ import contextlib
 import logging
 import os
 import ssl
-import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.config import ServiceSettings, SmtpSettings, split_hostport
 from gateway.intake.smtp_auth import UsersFile
 from gateway.intake.smtp_compat import install_cached_inspection, silence_login_data_deprecation
 from gateway.intake.smtp_handler import GatewayHandler, format_peer
+from gateway.intake.smtp_limits import AuthThrottle, Refusals
 from gateway.intake.smtp_session import REPLY_SHUTTING_DOWN, GatewaySMTP
 from gateway.intake.spool import SpoolWriter
 
 log = logging.getLogger(__name__)
 
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+REPLY_TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
+REPLY_AUTH_LOCKED_OUT_AT_CONNECT = (
+    "421 4.7.0 Too many failed authentication attempts from your address, try again later"
+)
 LISTEN_BACKLOG = 1024
-REFUSAL_LOG_INTERVAL = 60.0
 
 
 class SmtpListener:
@@ -52,8 +59,14 @@ class SmtpListener:
         self.closing = False
         self._servers: list[asyncio.AbstractServer] = []
         self._sessions: set[GatewaySMTP] = set()
-        self._refused = 0
-        self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
+        self._unauthenticated: dict[GatewaySMTP, str] = {}  # session -> its client address
+        self._per_address: Counter[str] = Counter()  # unauthenticated sessions per address
+        self.login_throttle = AuthThrottle(
+            max_failures=settings.auth_max_failures,
+            lockout_seconds=settings.auth_lockout_seconds,
+            max_delay=settings.auth_failure_delay_seconds,
+        )
+        self.refusals = Refusals()
         self._all_gone = asyncio.Event()
         self._all_gone.set()
 
@@ -67,35 +80,54 @@ class SmtpListener:
             services, self.handler.spool, offer_auth=self.users is not None
         )
 
-    def admit(self, session: GatewaySMTP) -> str | None:
-        """Register a new session, or return the 421 reply that refuses it."""
-        if self.closing:
-            return REPLY_SHUTTING_DOWN
-        if len(self._sessions) >= self.settings.max_connections:
-            return REPLY_TOO_MANY_CONNECTIONS
+    @property
+    def refusal_counts(self) -> Mapping[str, int]:
+        """Refusals since start, by reason (`smtp_limits.REFUSAL_REASONS`), for `/metrics`."""
+        return self.refusals.counts
+
+    def admit(self, session: GatewaySMTP, peer: Any) -> str | None:
+        """Register a new session, or count, log and return the 421 reply that refuses it."""
+        refusal = self._refusal(session.client_key())
+        if refusal is not None:
+            reason, reply = refusal
+            self.refusals.record(reason, peer, f"connection refused: {reply}")
+            return reply
         self._sessions.add(session)
+        self._unauthenticated[session] = session.client_key()
+        self._per_address[session.client_key()] += 1
         self._all_gone.clear()
         return None
 
-    def log_refusal(self, peer: Any, reply: str) -> None:
-        """The first refusal at once, then one summary a minute: a flood must not flood the log."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            log.warning(
-                "smtp %s: refused: %s (%d refused since the last report)",
-                format_peer(peer),
-                reply,
-                self._refused,
-            )
-            self._refused = 0
-            self._refusal_logged_at = now
+    def _refusal(self, client: str) -> tuple[str, str] | None:
+        """(reason, reply) when a new connection from `client` must be refused."""
+        s = self.settings
+        if self.closing:
+            return "shutting_down", REPLY_SHUTTING_DOWN
+        if len(self._sessions) >= s.max_connections:
+            return "too_many_connections", REPLY_TOO_MANY_CONNECTIONS
+        if self._per_address[client] >= s.max_unauthenticated_per_ip:
+            return "too_many_from_address", REPLY_TOO_MANY_FROM_ADDRESS
+        if s.require_auth and self.login_throttle.locked_for(client):
+            return "auth_locked_out", REPLY_AUTH_LOCKED_OUT_AT_CONNECT
+        return None
+
+    def authenticated(self, session: GatewaySMTP) -> None:
+        """An authenticated session no longer counts against its address's cap."""
+        self._forget_unauthenticated(session)
 
     def release(self, session: GatewaySMTP) -> None:
         """Forget a session that has ended (shutdown waits until none is left)."""
+        self._forget_unauthenticated(session)
         self._sessions.discard(session)
         if not self._sessions:
             self._all_gone.set()
+
+    def _forget_unauthenticated(self, session: GatewaySMTP) -> None:
+        client = self._unauthenticated.pop(session, None)
+        if client is not None:
+            self._per_address[client] -= 1
+            if self._per_address[client] <= 0:
+                del self._per_address[client]
 
     async def start(self) -> None:
         """Listen on every configured address; OSError names the address that failed."""
@@ -154,6 +186,8 @@ class SmtpListener:
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=s.session_timeout_seconds,
+            max_session_seconds=s.max_session_seconds,
+            data_timeout_seconds=s.data_timeout_seconds,
             tls_context=starttls,
             require_starttls=s.require_tls and starttls is not None,
             # STARTTLS: no AUTH before it. Implicit TLS is encrypted from the first byte, and with

@@ -11,7 +11,7 @@ timestamps) is fed from jobs decided since this process started, like any per-pr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,6 +70,8 @@ class SmtpState(Protocol):
     def closing(self) -> bool: ...
     @property
     def active_sessions(self) -> int: ...
+    @property
+    def refusal_counts(self) -> Mapping[str, int]: ...
 
 
 class AccountName(Protocol):
@@ -157,6 +159,14 @@ class GatewayMetrics:
             yield _gauge(
                 "gateway_smtp_sessions", "SMTP sessions open now", (), live.smtp.active_sessions
             )
+            refusals = CounterMetricFamily(
+                "gateway_smtp_refusals",
+                "SMTP connections and AUTH attempts refused by a limit, by reason",
+                labels=("reason",),
+            )
+            for reason, count in live.smtp.refusal_counts.items():
+                refusals.add_metric((reason,), count)
+            yield refusals
         yield from self._imap_families(live.imap)
         if live.reloader is not None:
             reloads = CounterMetricFamily(
