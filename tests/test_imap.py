@@ -3,15 +3,18 @@ whole path (Dovecot -> `gateway serve` -> PagerDuty stand-in) through a real sub
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,7 +35,7 @@ from gateway.intake.imap import (
     compat,
 )
 from gateway.intake.spool import SpoolWriter
-from gateway.store import open_store
+from gateway.store import ImapPosition, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.status import WebApp
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
@@ -240,6 +243,11 @@ def test_keepalive_setting_bounds_every_socket_read(tmp_path: Path) -> None:
 
 class DeadIdleClient:
     """What imapclient does after the peer vanished: idle_check returns [] at once, forever."""
+
+    _imap = SimpleNamespace(file=io.BufferedReader(io.BytesIO(b"")))  # nothing left unread
+
+    def socket(self) -> Any:
+        return SimpleNamespace(gettimeout=lambda: None, settimeout=lambda timeout: None)
 
     def idle(self) -> None:
         pass
@@ -552,6 +560,27 @@ def test_mail_announced_during_a_search_is_taken_in_the_same_cycle(
         store.close()
 
 
+def test_mail_announced_with_the_idle_continuation_ends_that_idle(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """Mail that lands just before IDLE is announced in the same packet as "+ idling": imaplib
+    reads both, and idle_check, which polls the socket, would wait for the keepalive."""
+    settings = account_for(dovecot, keepalive_seconds=600.0)
+    poller = ImapPoller(settings, SpoolWriter(tmp_path / "db"), tmp_path / "db")  # not started
+    client = imap.connect(settings)
+    done = threading.Event()
+    try:
+        client.select_folder("INBOX")
+        dovecot.append(desk_mail("landed just before IDLE"))
+        idling = threading.Thread(target=lambda: (poller._idle(client), done.set()), daemon=True)
+        idling.start()
+        wait_until(done.is_set, timeout=10, message="the announcement was left in the buffer")
+    finally:
+        poller._stop.set()  # ends the IDLE loop if it is still waiting
+        wait_until(lambda: done.is_set() or not idling.is_alive(), timeout=5)
+        imap.close(client)
+
+
 def test_stop_right_after_the_commit_finishes_the_batch(harness: Harness) -> None:
     harness.server.append(desk_mail("one"))
     poller = ImapPoller(harness.settings(after="seen"), harness.spool, harness.db, backoff=FAST)
@@ -592,6 +621,22 @@ def test_after_action_cut_by_a_lost_connection_is_finished_without_refetch(
     harness.server.append(desk_mail("two"))  # a sync point: everything before it is done
     harness.wait_count(2)
     assert harness.count("duplicate_of IS NOT NULL") == 0, "the message was fetched again"
+    assert harness.store.imap_unfinished("desk", "INBOX") == []
+
+
+def test_after_action_left_unfinished_by_a_crash_is_applied_at_start(harness: Harness) -> None:
+    harness.server.append(desk_mail("one"))
+    with harness.server.client() as other:
+        uidvalidity = other.select_folder("INBOX", readonly=True)[b"UIDVALIDITY"]
+    # What a kill -9 right after the acceptance commit leaves behind: the mail and the
+    # position committed, the \\Seen flag never set.
+    raw = harness.server.message_file(1).read_bytes()
+    mail = FolderSync(harness.settings(), harness.store, harness.store.accept).incoming(raw)
+    harness.store.accept([mail], [ImapPosition("desk", "INBOX", uidvalidity, 1, unfinished=(1,))])
+    poller = harness.poller(after="seen")
+    wait_until(lambda: SEEN in folder_state(harness.server)[1], message="after-action not done")
+    wait_until(lambda: poller.state == "idle")
+    assert harness.count() == 1  # not fetched again
     assert harness.store.imap_unfinished("desk", "INBOX") == []
 
 

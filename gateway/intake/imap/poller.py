@@ -28,6 +28,7 @@ from imapclient import IMAPClient
 from gateway.backoff import Backoff
 from gateway.config import ImapSettings
 from gateway.intake import spool as intake
+from gateway.intake.imap import compat
 from gateway.intake.imap.connection import (
     ImapAuthError,
     ImapError,
@@ -231,6 +232,8 @@ class ImapPoller:
         not answer DONE is gone."""
         client.idle()
         deadline = time.monotonic() + _wait_seconds(self.settings.keepalive_seconds, until)
+        if compat.unread_input(client):  # mail announced with "+ idling": idle_check misses it
+            deadline = 0.0
         instant_empties = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
