@@ -550,7 +550,6 @@ class _Reader:
             from_addr=self.get(w, t, "from", str, "gateway@localhost"),
             timeout_seconds=self.get(w, t, "timeout_seconds", float, 30.0, check=_positive),
             tls_verify=self.get(w, t, "tls_verify", bool, True),
-            keepalive_seconds=self.get(w, t, "keepalive_seconds", float, 20.0, check=_keepalive),
         )
 
     def web(self, t: dict[str, Any]) -> WebSettings:
