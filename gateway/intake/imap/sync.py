@@ -73,6 +73,7 @@ class FolderSync:
         self.uidvalidity = 0
         self.last_uid = 0
         self.after: AfterAction | None = None
+        self.after_pending = False  # the last commit marked an after-action as unfinished
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -116,6 +117,18 @@ class FolderSync:
         that costs the connection must not starve new mail); repeat until a search finds
         nothing new and the server announced nothing meanwhile."""
         result = CycleResult()
+        completed = self.take_all(client, stopping, result)
+        if self.after_pending:  # the last batch's after-action is applied: clear its mark
+            self.store.imap_after_done(self.settings.name, self.settings.folder)
+            self.after_pending = False
+        if completed:
+            self.store.mark_imap_success(self.settings.name, self.settings.folder)
+        return result
+
+    def take_all(
+        self, client: IMAPClient, stopping: Callable[[], bool], result: CycleResult
+    ) -> bool:
+        """The cycle's loop; False if `stopping` ended it early (between batches)."""
         retry = self.owed.due(time.time())  # each owed UID is tried at most once per cycle
         while not stopping():
             compat.announced_new_mail(client)  # mail announced before this search: it finds it
@@ -125,13 +138,12 @@ class FolderSync:
             if not todo:
                 todo, retry = retry, []
             if not todo:
-                break
+                return True
             for chunk in _chunks(todo, _BATCH_MESSAGES):
                 if stopping():
-                    return result
+                    return False
                 self.take(client, chunk, result)
-        self.store.mark_imap_success(self.settings.name, self.settings.folder)
-        return result
+        return False
 
     def new_uids(self, client: IMAPClient) -> list[int]:
         # "UID n:*" always matches the highest UID, even when it is below n: filter.
@@ -180,6 +192,7 @@ class FolderSync:
                 result.accepted += 1
                 result.duplicates += accepted.duplicate_of is not None
             self.last_uid = position.last_uid
+            self.after_pending = bool(fetched)  # this commit replaced the previous mark
         self.owed.resolved(resolved)
         self.suspects.difference_update(batch)
         result.oversize += len(oversize)
@@ -245,8 +258,10 @@ class FolderSync:
     def finish_after(
         self, client: IMAPClient, uids: list[int], *, unfinished: bool = False
     ) -> None:
-        """Apply the after-action, then forget the UIDs' unfinished mark. A refusal (NO) is
-        logged and recorded once, never retried forever: the mail itself is safe."""
+        """Apply the after-action. A refusal (NO) is logged and recorded once, never retried
+        forever: the mail itself is safe. The unfinished mark is cleared here for what a lost
+        connection left (`unfinished`); a batch's own mark is replaced by the next batch's
+        commit and cleared at the end of the cycle (one write per cycle, not per batch)."""
         if not uids:
             return
         s = self.settings
@@ -264,7 +279,8 @@ class FolderSync:
             detail = f"imap {s.name}: after = {s.after!r} refused for UIDs {uids}: {exc}"
             log.error("%s; the messages are accepted and stay in %r", detail, s.folder)
             self.store.log_event("imap_after_failed", service=s.service, detail=detail)
-        self.store.imap_after_done(s.name, s.folder)
+        if unfinished:
+            self.store.imap_after_done(s.name, s.folder)
 
     def incoming(self, raw: bytes) -> IncomingMail:
         s = self.settings
