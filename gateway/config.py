@@ -97,7 +97,7 @@ class ImapSettings:
     poll_seconds: float = 60.0
     max_message_bytes: int = 10 * 1024 * 1024
     tls_verify: bool = True
-    keepalive_seconds: float = 20.0  # IDLE renewal / NOOP interval: a frozen server shows in 50 s
+    keepalive_seconds: float = 20.0  # IDLE renewal / NOOP interval: a hung server shows in ~50 s
 
 
 @dataclass(frozen=True)

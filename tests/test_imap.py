@@ -235,7 +235,7 @@ def test_keepalive_setting_bounds_every_socket_read(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, extra=table + "keepalive_seconds = 4\n"))
     assert imap.timeouts(config.imap[0]) == SocketTimeout(connect=6.0, read=6.0)
     default = load_config(write_config(tmp_path, extra=table)).imap[0]
-    assert default.keepalive_seconds == 20.0  # a hung server shows within 50 s
+    assert default.keepalive_seconds == 20.0  # a hung server shows in about 50 s
     assert imap.timeouts(default) == SocketTimeout(connect=15.0, read=30.0)
     with pytest.raises(ConfigError, match=r"keepalive_seconds.*at most 1500"):
         load_config(write_config(tmp_path, extra=table + "keepalive_seconds = 0\n"))
@@ -446,14 +446,18 @@ class Seam:
         return getattr(self._client, name)
 
 
-def leaving_out(uid: int, item: str, times: int | None) -> Any:
-    """A FETCH that leaves `uid` out of its answers for `item` (`times` times; None: always)."""
+def leaving_out(uid: int, item: str, times: int | None, garble: bool = False) -> Any:
+    """A FETCH that leaves `uid` out of its answers for `item` (`times` times; None: always),
+    or (`garble`) answers nonsense for it."""
     left = [times]
 
     def fetch(client: Any, uids: Any, data: Any) -> Any:
         answer = client.fetch(uids, data)
         if item in data and uid in answer and (left[0] is None or left[0] > 0):
-            del answer[uid]
+            if garble:
+                answer[uid] = {key: b"NIL?" for key in answer[uid]}
+            else:
+                del answer[uid]
             left[0] = None if left[0] is None else left[0] - 1
         return answer
 
@@ -503,6 +507,20 @@ def test_message_left_out_of_an_answer_is_retried_not_skipped(harness: Harness, 
     wait_until(lambda: harness.store.imap_failures() == [])
     assert harness.store.imap_position("desk", "INBOX")[1] == 3  # type: ignore[index]
     assert events(harness, "imap_vanished") == []
+
+
+def test_nonsense_size_answer_is_owed_and_stalls_nothing(harness: Harness) -> None:
+    for name in "ABC":
+        harness.server.append(desk_mail(f"case {name}"))
+    fetch = leaving_out(2, "RFC822.SIZE", times=None, garble=True)
+    harness.poller(
+        after="seen",
+        unreadable=QUICK_RETRY,
+        connect_fn=lambda settings: Seam(imap.connect(settings), fetch=fetch),
+    )
+    harness.wait_count(2)
+    wait_until(lambda: [f.uid for f in harness.store.imap_failures()] == [2])
+    assert subjects(harness) == ["case A", "case C"]
 
 
 def test_owed_message_that_vanishes_is_reported_and_forgotten(harness: Harness) -> None:
@@ -644,7 +662,7 @@ def test_after_action_left_unfinished_by_a_crash_is_applied_at_start(harness: Ha
 def test_frozen_server_is_noticed_and_mail_delivered_meanwhile_is_taken_once(
     harness: Harness, idle: bool
 ) -> None:
-    keepalive = 1.0  # the default is 20 s: a frozen server shows within 50 s
+    keepalive = 1.0  # the default is 20 s: a frozen server shows in about 50 s
     poller = harness.poller(idle=idle, poll_seconds=60.0, keepalive_seconds=keepalive)
     harness.server.append(desk_mail("before"))
     harness.wait_count(1)

@@ -159,7 +159,7 @@ class FolderSync:
                 self.take(client, [uid], result)
             return
         answers, errors = self.fetch(client, chunk, "RFC822.SIZE")
-        sizes = {uid: int(a[b"RFC822.SIZE"]) for uid, a in answers.items() if b"RFC822.SIZE" in a}
+        sizes = {uid: size for uid, a in answers.items() if (size := _size(a)) is not None}
         for batch in _by_size(chunk, sizes, _BATCH_BYTES):
             self.process(client, batch, sizes, errors, result)
 
@@ -300,7 +300,16 @@ class FolderSync:
 
 
 def _body(answers: dict[int, Any], uid: int) -> bytes | None:
-    return answers.get(uid, {}).get(b"BODY[]")
+    body = answers.get(uid, {}).get(b"BODY[]")
+    return body if isinstance(body, bytes) else None
+
+
+def _size(answer: dict[bytes, Any]) -> int | None:
+    """RFC822.SIZE as a number; None (the message is owed, not skipped) if it is not one."""
+    try:
+        return int(answer[b"RFC822.SIZE"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _chunks(uids: list[int], size: int) -> Iterator[list[int]]:
