@@ -118,6 +118,7 @@ class ImapSettings:
     poll_seconds: float = 60.0
     max_message_bytes: int = 10 * 1024 * 1024
     tls_verify: bool = True
+    keepalive_seconds: float = 20.0  # IDLE renewal / NOOP interval: a hung server shows in ~50 s
 
 
 @dataclass(frozen=True)
@@ -575,6 +576,7 @@ class _Reader:
                 w, t, "max_message_bytes", int, 10 * 1024 * 1024, check=_at_least(1024)
             ),
             tls_verify=self.get(w, t, "tls_verify", bool, True),
+            keepalive_seconds=self.get(w, t, "keepalive_seconds", float, 20.0, check=_keepalive),
         )
         credentials = [settings.password, settings.oauth2_token, settings.oauth2_token_command]
         if sum(c is not None for c in credentials) != 1:
@@ -647,6 +649,11 @@ def _at_least(minimum: int) -> Callable[[Any], str | None]:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _keepalive(value: float) -> str | None:
+    # RFC 2177: servers may drop a client that has not renewed IDLE for 29 minutes
+    return None if 0 < value <= 1500 else "must be more than 0 and at most 1500 seconds"
 
 
 def _port(value: int) -> str | None:

@@ -108,6 +108,7 @@ class Dovecot:
         tests need not pay for, so after `grace` the whole process group gets SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.thaw()  # a stopped process would keep SIGTERM pending
         self.proc.terminate()
         try:
             self.proc.wait(grace)
@@ -166,6 +167,40 @@ class Dovecot:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         return pids
+
+    def freeze(self) -> None:
+        """SIGSTOP every Dovecot process (they share the master's process group): the server
+        keeps its sockets and accepts TCP connections, but never answers, like a hung host."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def maildir(self, user: str = USER) -> Path:
+        return self.dir / "mail" / user
+
+    def deliver(self, raw: bytes, user: str = USER) -> None:
+        """Deliver into the INBOX maildir directly, as a local delivery agent does (tmp/, then a
+        rename into new/): mail arrives even while the IMAP server is frozen."""
+        box = self.maildir(user)
+        name = f"{time.time():.6f}.P{os.getpid()}.gateway-test"
+        tmp = box / "tmp" / name
+        tmp.write_bytes(raw)
+        os.chown(tmp, self.mail_user.pw_uid, self.mail_user.pw_gid)
+        tmp.rename(box / "new" / name)
+
+    def message_file(self, uid: int, user: str = USER) -> Path:
+        """The maildir file of INBOX message `uid` (from Dovecot's dovecot-uidlist)."""
+        box = self.maildir(user)
+        for line in (box / "dovecot-uidlist").read_text().splitlines()[1:]:
+            number, _, base = line.partition(" :")
+            if number.split()[0] == str(uid):
+                [path] = [p for sub in ("new", "cur") for p in (box / sub).glob(f"{base}*")]
+                return path
+        raise LookupError(f"no message with UID {uid} in {box}")
 
     def doveadm(self, *args: str) -> str:
         result = subprocess.run(

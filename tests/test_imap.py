@@ -3,26 +3,41 @@ whole path (Dovecot -> `gateway serve` -> PagerDuty stand-in) through a real sub
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from email import message_from_bytes
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trustme
-from imapclient import SEEN
+from imapclient import SEEN, SocketTimeout
 from imapclient.exceptions import LoginError
 
-from gateway.config import ImapSettings
+from gateway.config import ImapSettings, WebSettings, load_config
+from gateway.errors import ConfigError
 from gateway.intake import imap
-from gateway.intake.imap import Backoff, FolderSync, ImapAuthError, ImapError, ImapPoller
+from gateway.intake.imap import (
+    Backoff,
+    FolderSync,
+    ImapAuthError,
+    ImapError,
+    ImapPoller,
+    UnreadablePolicy,
+    compat,
+)
 from gateway.intake.spool import SpoolWriter
-from gateway.store import open_store
+from gateway.store import ImapPosition, open_store
+from gateway.web.metrics import LiveState
+from gateway.web.status import WebApp
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.dovecot import OAUTH_TOKEN, OAUTH_USER, PASSWORD, USER, Dovecot, require_dovecot
 
@@ -90,7 +105,7 @@ class Harness:
         self,
         backoff: Backoff = FAST,
         connect_fn: Any = imap.connect,
-        idle_renew_seconds: float = 600.0,
+        unreadable: UnreadablePolicy | None = None,
         **overrides: Any,
     ) -> ImapPoller:
         poller = ImapPoller(
@@ -99,7 +114,7 @@ class Harness:
             self.db,
             backoff=backoff,
             connect_fn=connect_fn,
-            idle_renew_seconds=idle_renew_seconds,
+            unreadable=unreadable,
         )
         poller.start()
         self.pollers.append(poller)
@@ -109,11 +124,10 @@ class Harness:
         return self.store.conn.execute(f"SELECT COUNT(*) FROM messages WHERE {where}").fetchone()[0]
 
     def wait_count(self, n: int, timeout: float = 10.0) -> None:
-        wait_until(
-            lambda: self.count() >= n,
-            timeout,
-            message=f"expected {n} spooled messages, got {self.count()}",
-        )
+        try:
+            wait_until(lambda: self.count() >= n, timeout)
+        except AssertionError:
+            raise AssertionError(f"expected {n} spooled messages, got {self.count()}") from None
 
     def close(self) -> None:
         for poller in self.pollers:
@@ -215,8 +229,25 @@ class TestLogin:
             imap.login(FakeClient(refuse=True), _account(password="bad"))  # type: ignore[arg-type]
 
 
+def test_keepalive_setting_bounds_every_socket_read(tmp_path: Path) -> None:
+    table = '[[imap]]\nname = "desk"\nhost = "h"\nusername = "u"\npassword = "p"\n'
+    table += 'service = "helpdesk"\n'
+    config = load_config(write_config(tmp_path, extra=table + "keepalive_seconds = 4\n"))
+    assert imap.timeouts(config.imap[0]) == SocketTimeout(connect=6.0, read=6.0)
+    default = load_config(write_config(tmp_path, extra=table)).imap[0]
+    assert default.keepalive_seconds == 20.0  # a hung server shows in about 50 s
+    assert imap.timeouts(default) == SocketTimeout(connect=15.0, read=30.0)
+    with pytest.raises(ConfigError, match=r"keepalive_seconds.*at most 1500"):
+        load_config(write_config(tmp_path, extra=table + "keepalive_seconds = 0\n"))
+
+
 class DeadIdleClient:
     """What imapclient does after the peer vanished: idle_check returns [] at once, forever."""
+
+    _imap = SimpleNamespace(file=io.BufferedReader(io.BytesIO(b"")))  # nothing left unread
+
+    def socket(self) -> Any:
+        return SimpleNamespace(gettimeout=lambda: None, settimeout=lambda timeout: None)
 
     def idle(self) -> None:
         pass
@@ -354,8 +385,8 @@ def test_stop_interrupts_idle_and_backoff_promptly(harness: Harness) -> None:
 def test_uidvalidity_change_rescans_without_double_action(harness: Harness) -> None:
     harness.server.append(desk_mail("first"))
     harness.server.append(desk_mail("second"))
-    # A short IDLE renewal: the renewal's fetch cycle is where a changed mailbox shows up.
-    poller = harness.poller(after="seen", idle_renew_seconds=0.5)
+    # A short keepalive (IDLE renewal): its fetch cycle is where a changed mailbox shows up.
+    poller = harness.poller(after="seen", keepalive_seconds=0.5)
     harness.wait_count(2)
     wait_until(lambda: poller.state == "idle")
     harness.server.doveadm("mailbox", "update", "-u", USER, "--uid-validity", "12345", "INBOX")
@@ -379,6 +410,285 @@ def test_xoauth2_with_token_command_against_dovecot(harness: Harness, tmp_path: 
     wait_until(lambda: poller.attempts == 2 and poller.state == "idle")
     assert runs.read_text().count("run") == 2  # a fresh token for every connection
     assert "method=XOAUTH2" in harness.server.output()
+
+
+# -- nothing skipped, nothing lost, no frozen server unnoticed (issue 11, items 1-3) ------------
+
+QUICK_RETRY = UnreadablePolicy(Backoff(initial=0.2, maximum=0.5, jitter=0.0), report_after=3)
+
+
+def subjects(h: Harness) -> list[str]:
+    """Subjects of the spooled mail that was not a duplicate, in acceptance order."""
+    rows = h.store.conn.execute("SELECT raw FROM messages WHERE raw IS NOT NULL ORDER BY id")
+    return [message_from_bytes(raw)["Subject"] for (raw,) in rows]
+
+
+def events(h: Harness, kind: str) -> list[str]:
+    rows = h.store.conn.execute("SELECT detail FROM events WHERE kind = ? ORDER BY id", (kind,))
+    return [detail for (detail,) in rows]
+
+
+class Seam:
+    """The fault-injection seam: a real, connected IMAPClient (through the poller's
+    `connect_fn`) whose named methods a test may wrap; everything else is the real client.
+
+    This stands in for a misbehaving server where real Dovecot cannot be made to misbehave on
+    cue (an answer that leaves a message out, a connection dropped right after a commit).
+    """
+
+    def __init__(self, client: Any, **overrides: Any) -> None:
+        self._client = client
+        self._overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return lambda *args, **kwargs: self._overrides[name](self._client, *args, **kwargs)
+        return getattr(self._client, name)
+
+
+def leaving_out(uid: int, item: str, times: int | None, garble: bool = False) -> Any:
+    """A FETCH that leaves `uid` out of its answers for `item` (`times` times; None: always),
+    or (`garble`) answers nonsense for it."""
+    left = [times]
+
+    def fetch(client: Any, uids: Any, data: Any) -> Any:
+        answer = client.fetch(uids, data)
+        if item in data and uid in answer and (left[0] is None or left[0] > 0):
+            if garble:
+                answer[uid] = {key: b"NIL?" for key in answer[uid]}
+            else:
+                del answer[uid]
+            left[0] = None if left[0] is None else left[0] - 1
+        return answer
+
+    return fetch
+
+
+def test_unreadable_message_does_not_block_the_rest_and_is_reported(harness: Harness) -> None:
+    for name in "ABCD":
+        harness.server.append(desk_mail(f"case {name}"))
+    # A real server fault: Dovecot cannot open the file, answers "FETCH failed" and hangs up.
+    harness.server.message_file(2).chmod(0)  # Dovecot moves it from new/ to cur/ later
+    harness.poller(after="seen", unreadable=QUICK_RETRY)
+    harness.wait_count(3)
+    wait_until(lambda: events(harness, "imap_unreadable"), message="no imap_unreadable event")
+    assert subjects(harness) == ["case A", "case C", "case D"]
+    [failure] = harness.store.imap_failures()
+    assert (failure.uid, failure.reported_at is not None) == (2, True)
+    assert failure.attempts >= 3 and "FETCH failed" in failure.error
+    assert "UID 2" in events(harness, "imap_unreadable")[0]
+    gauges = {(m, labels): v for m, labels, v in harness.store.metric_gauges()}
+    assert gauges[("imap_unreadable", ("desk",))] == 1
+    flags = folder_state(harness.server)
+    assert [SEEN in flags[uid] for uid in (1, 2, 3, 4)] == [True, False, True, True]
+    harness.server.message_file(2).chmod(0o600)  # fixed on the server: the next retry takes it
+    harness.wait_count(4)
+    wait_until(lambda: harness.store.imap_failures() == [], message="still owed")
+    assert subjects(harness)[-1] == "case B"
+    wait_until(lambda: SEEN in folder_state(harness.server)[2])
+    assert harness.count("duplicate_of IS NOT NULL") == 0
+
+
+@pytest.mark.parametrize(
+    "item",
+    [pytest.param("RFC822.SIZE", id="size-answer"), pytest.param("BODY.PEEK[]", id="body-answer")],
+)
+def test_message_left_out_of_an_answer_is_retried_not_skipped(harness: Harness, item: str) -> None:
+    for name in "ABC":
+        harness.server.append(desk_mail(f"case {name}"))
+    fetch = leaving_out(2, item, times=2)
+    harness.poller(
+        after="seen",
+        unreadable=QUICK_RETRY,
+        connect_fn=lambda settings: Seam(imap.connect(settings), fetch=fetch),
+    )
+    harness.wait_count(3)
+    assert sorted(subjects(harness)) == ["case A", "case B", "case C"]
+    wait_until(lambda: harness.store.imap_failures() == [])
+    assert harness.store.imap_position("desk", "INBOX")[1] == 3  # type: ignore[index]
+    assert events(harness, "imap_vanished") == []
+
+
+def test_nonsense_size_answer_is_owed_and_stalls_nothing(harness: Harness) -> None:
+    for name in "ABC":
+        harness.server.append(desk_mail(f"case {name}"))
+    fetch = leaving_out(2, "RFC822.SIZE", times=None, garble=True)
+    harness.poller(
+        after="seen",
+        unreadable=QUICK_RETRY,
+        connect_fn=lambda settings: Seam(imap.connect(settings), fetch=fetch),
+    )
+    harness.wait_count(2)
+    wait_until(lambda: [f.uid for f in harness.store.imap_failures()] == [2])
+    assert subjects(harness) == ["case A", "case C"]
+
+
+def test_owed_message_that_vanishes_is_reported_and_forgotten(harness: Harness) -> None:
+    for name in "ABC":
+        harness.server.append(desk_mail(f"case {name}"))
+    fetch = leaving_out(2, "RFC822.SIZE", times=None)
+    harness.poller(
+        after="seen",
+        unreadable=QUICK_RETRY,
+        connect_fn=lambda settings: Seam(imap.connect(settings), fetch=fetch),
+    )
+    harness.wait_count(2)
+    wait_until(lambda: [f.uid for f in harness.store.imap_failures()] == [2])
+    with harness.server.client() as other:  # someone deletes it in their mail client
+        other.select_folder("INBOX")
+        other.delete_messages([2])
+        other.expunge()
+    wait_until(lambda: events(harness, "imap_vanished"), message="no imap_vanished event")
+    assert "UID 2" in events(harness, "imap_vanished")[0]
+    assert harness.store.imap_failures() == []
+    assert subjects(harness) == ["case A", "case C"]
+
+
+def test_imapclient_outside_the_checked_range_is_refused() -> None:
+    compat.check_imapclient_version("3.0.1")
+    compat.check_imapclient_version("4.1.0")
+    with pytest.raises(compat.UnsupportedImapclientError, match=r"imapclient>=3.0,<5"):
+        compat.check_imapclient_version("5.0.0")
+
+
+def test_mail_announced_during_a_search_is_taken_in_the_same_cycle(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """Dovecot runs SEARCH on its view before syncing, and announces mail that landed
+    meanwhile only in the SEARCH's answer; IDLE never announces it again."""
+    dovecot.append(desk_mail("first"))
+    store = open_store(tmp_path / "db.sqlite3")
+    settings = account_for(dovecot)
+    client = imap.connect(settings)
+    landed: list[bool] = []
+
+    def search(real: Any, criteria: Any) -> Any:
+        if criteria[1] == "2:*" and not landed:
+            landed.append(True)
+            dovecot.append(desk_mail("landed during the search"))
+        return real.search(criteria)
+
+    try:
+        sync = FolderSync(settings, store, store.accept)
+        sync.open(client)
+        assert sync.run(Seam(client, search=search)).accepted == 2  # type: ignore[arg-type]
+        assert landed
+    finally:
+        imap.close(client)
+        store.close()
+
+
+def test_mail_announced_with_the_idle_continuation_ends_that_idle(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """Mail that lands just before IDLE is announced in the same packet as "+ idling": imaplib
+    reads both, and idle_check, which polls the socket, would wait for the keepalive."""
+    settings = account_for(dovecot, keepalive_seconds=600.0)
+    poller = ImapPoller(settings, SpoolWriter(tmp_path / "db"), tmp_path / "db")  # not started
+    client = imap.connect(settings)
+    done = threading.Event()
+    try:
+        client.select_folder("INBOX")
+        dovecot.append(desk_mail("landed just before IDLE"))
+        idling = threading.Thread(target=lambda: (poller._idle(client), done.set()), daemon=True)
+        idling.start()
+        wait_until(done.is_set, timeout=10, message="the announcement was left in the buffer")
+    finally:
+        poller._stop.set()  # ends the IDLE loop if it is still waiting
+        wait_until(lambda: done.is_set() or not idling.is_alive(), timeout=5)
+        imap.close(client)
+
+
+def test_stop_right_after_the_commit_finishes_the_batch(harness: Harness) -> None:
+    harness.server.append(desk_mail("one"))
+    poller = ImapPoller(harness.settings(after="seen"), harness.spool, harness.db, backoff=FAST)
+    stopped: list[bool] = []
+
+    def stop_once() -> None:  # SIGTERM arriving right between the commit and the \Seen flag
+        if not stopped:
+            stopped.append(True)
+            poller.stop()
+
+    harness.spool.on_commit(stop_once)
+    poller.start()
+    harness.pollers.append(poller)
+    wait_until(lambda: poller.state == "stopped" and stopped)
+    assert harness.count() == 1
+    assert SEEN in folder_state(harness.server)[1], "stopped between commit and after-action"
+    assert harness.store.imap_position("desk", "INBOX")[1] == 1  # type: ignore[index]
+    assert harness.store.imap_unfinished("desk", "INBOX") == []
+
+
+def test_after_action_cut_by_a_lost_connection_is_finished_without_refetch(
+    harness: Harness,
+) -> None:
+    harness.server.append(desk_mail("one"))
+    cut: list[bool] = []
+
+    def add_flags(real: Any, *args: Any, **kwargs: Any) -> Any:
+        if not cut:  # the connection drops right after the commit, before \Seen is set
+            cut.append(True)
+            imap.connection.interrupt(real)
+        return real.add_flags(*args, **kwargs)
+
+    poller = harness.poller(
+        after="seen", connect_fn=lambda settings: Seam(imap.connect(settings), add_flags=add_flags)
+    )
+    wait_until(lambda: SEEN in folder_state(harness.server).get(1, ()))
+    wait_until(lambda: poller.attempts >= 2 and poller.state == "idle")
+    harness.server.append(desk_mail("two"))  # a sync point: everything before it is done
+    harness.wait_count(2)
+    assert harness.count("duplicate_of IS NOT NULL") == 0, "the message was fetched again"
+    assert harness.store.imap_unfinished("desk", "INBOX") == []
+
+
+def test_after_action_left_unfinished_by_a_crash_is_applied_at_start(harness: Harness) -> None:
+    harness.server.append(desk_mail("one"))
+    with harness.server.client() as other:
+        uidvalidity = other.select_folder("INBOX", readonly=True)[b"UIDVALIDITY"]
+    # What a kill -9 right after the acceptance commit leaves behind: the mail and the
+    # position committed, the \\Seen flag never set.
+    raw = harness.server.message_file(1).read_bytes()
+    mail = FolderSync(harness.settings(), harness.store, harness.store.accept).incoming(raw)
+    harness.store.accept([mail], [ImapPosition("desk", "INBOX", uidvalidity, 1, unfinished=(1,))])
+    poller = harness.poller(after="seen")
+    wait_until(lambda: SEEN in folder_state(harness.server)[1], message="after-action not done")
+    wait_until(lambda: poller.state == "idle")
+    assert harness.count() == 1  # not fetched again
+    assert harness.store.imap_unfinished("desk", "INBOX") == []
+
+
+@pytest.mark.parametrize("idle", [pytest.param(True, id="idle"), pytest.param(False, id="polling")])
+def test_frozen_server_is_noticed_and_mail_delivered_meanwhile_is_taken_once(
+    harness: Harness, idle: bool
+) -> None:
+    keepalive = 1.0  # the default is 20 s: a frozen server shows in about 50 s
+    poller = harness.poller(idle=idle, poll_seconds=60.0, keepalive_seconds=keepalive)
+    harness.server.append(desk_mail("before"))
+    harness.wait_count(1)
+    wait_until(lambda: poller.state == ("idle" if idle else "polling") and poller.healthy)
+    harness.server.freeze()
+    try:
+        # 2.5 keepalive intervals, with room for a loaded machine
+        wait_until(lambda: not poller.healthy, timeout=10 * keepalive)
+        assert poller.state.startswith("error: ") and "did not answer" in poller.state
+        assert not imap_health(poller)["ok"]
+        harness.server.deliver(desk_mail("while frozen"))
+    finally:
+        harness.server.thaw()
+    harness.wait_count(2, timeout=30)
+    wait_until(lambda: poller.healthy and poller.state == ("idle" if idle else "polling"))
+    assert imap_health(poller)["ok"]
+    harness.server.append(desk_mail("after"))  # a sync point: everything before it is done
+    harness.wait_count(3)
+    assert subjects(harness) == ["before", "while frozen", "after"]
+    assert harness.count("duplicate_of IS NOT NULL") == 0
+
+
+def imap_health(poller: ImapPoller) -> dict[str, Any]:
+    """The account's entry in /healthz's `imap` check."""
+    app = WebApp(None, WebSettings(), live=LiveState(imap=[poller]))  # type: ignore[arg-type]
+    return app._imap_check(time.time()).detail["accounts"][poller.settings.name]
 
 
 class TestStartTls:

@@ -1,5 +1,6 @@
 """`gateway imap-once`: one fetch cycle of one [[imap]] account (for cron), then process and
-deliver like `ingest`; 75 (EX_TEMPFAIL) if the mailbox failed, 1 if it refused the login."""
+deliver like `ingest`; 75 (EX_TEMPFAIL) if the mailbox failed or a message could not be read
+(it is retried on the next run), 1 if it refused the login."""
 
 from __future__ import annotations
 
@@ -52,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     except (imap.ImapError, OSError, imap.IMAPClient.Error) as exc:
         print(f"error: imap {account.name}: {printable(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
+    unread = f", {result.failed} could not be read (retried next run)" if result.failed else ""
     print(
         f"{account.name}: accepted {result.accepted} message(s) ({result.duplicates} duplicate),"
-        f" {result.oversize} left in place as too big"
+        f" {result.oversize} left in place as too big{unread}"
     )
     if not args.no_deliver:
         process_and_deliver(settings, services, store)
-    return EX_OK
+    return EX_TEMPFAIL if result.failed else EX_OK  # cron should hear of an unread message

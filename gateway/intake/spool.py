@@ -3,7 +3,8 @@
 A mail is *accepted* only when `Store.accept` has committed it. The `SpoolWriter` owns the one
 writing connection for acceptance and commits whatever has queued up while the previous commit
 was running in one transaction (group commit), so many concurrent SMTP sessions share each
-fsync instead of paying one each.
+fsync instead of paying one each. An IMAP batch is one request carrying its folder's new
+position, which commits in the same transaction as the batch's mail.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import StoreError
 from gateway.mail.fingerprint import fingerprint
-from gateway.store import Accepted, IncomingMail, SpoolStore, open_store
+from gateway.store import Accepted, ImapPosition, IncomingMail, SpoolStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,17 @@ def incoming(
 
 @dataclass(frozen=True)
 class _Request:
-    mail: IncomingMail
-    future: concurrent.futures.Future[Accepted]
+    """One caller's mail: a single SMTP/ingest mail (its future gets its `Accepted`), or an
+    IMAP batch with its positions (its future gets the list)."""
+
+    mails: tuple[IncomingMail, ...]
+    future: concurrent.futures.Future[Any]
+    positions: tuple[ImapPosition, ...] = ()
+    single: bool = True
+
+    def resolve(self, results: list[Accepted]) -> None:
+        if not self.future.done():  # a caller that gave up still had its mail committed
+            self.future.set_result(results[0] if self.single else results)
 
 
 class SpoolWriter:
@@ -95,7 +106,15 @@ class SpoolWriter:
 
     def submit(self, mail: IncomingMail) -> concurrent.futures.Future[Accepted]:
         future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
-        self._queue.put(_Request(mail, future))
+        self._queue.put(_Request((mail,), future))
+        return future
+
+    def submit_batch(
+        self, mails: Sequence[IncomingMail], positions: Sequence[ImapPosition] = ()
+    ) -> concurrent.futures.Future[list[Accepted]]:
+        """Accept `mails` and save `positions` in one commit (an IMAP batch)."""
+        future: concurrent.futures.Future[list[Accepted]] = concurrent.futures.Future()
+        self._queue.put(_Request(tuple(mails), future, tuple(positions), single=False))
         return future
 
     async def accept(self, mail: IncomingMail) -> Accepted:
@@ -135,8 +154,10 @@ class SpoolWriter:
         return batch, False
 
     def _commit(self, store: SpoolStore, batch: list[_Request]) -> None:
+        mails = [mail for request in batch for mail in request.mails]
+        positions = [position for request in batch for position in request.positions]
         try:
-            results = store.accept([r.mail for r in batch])
+            results = store.accept(mails, positions)
         except StoreError as exc:
             log.error("spool commit of %d message(s) failed: %s", len(batch), exc)
             _fail(batch, exc)
@@ -145,9 +166,10 @@ class SpoolWriter:
             log.exception("unexpected spool failure")
             _fail(batch, StoreError(f"internal error: {exc}"))
             return
-        for request, result in zip(batch, results, strict=True):
-            if not request.future.done():  # a caller that gave up still had its mail committed
-                request.future.set_result(result)
+        start = 0
+        for request in batch:
+            request.resolve(results[start : start + len(request.mails)])
+            start += len(request.mails)
         for listener in self._listeners:
             listener()
 

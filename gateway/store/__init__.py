@@ -25,6 +25,8 @@ from gateway.store.protocols import (
 from gateway.store.records import (
     OPEN_STATES,
     Accepted,
+    ImapFailure,
+    ImapPosition,
     Incident,
     IncomingMail,
     JobRecord,
@@ -41,6 +43,8 @@ __all__ = [
     "Accepted",
     "DecisionStore",
     "EventLog",
+    "ImapFailure",
+    "ImapPosition",
     "ImapStore",
     "Incident",
     "IncomingMail",

@@ -7,7 +7,7 @@ exactly the union below, and `tests/store_contract/` checks the promises for eve
     SpoolStore     accept                          intake/spool.py (SpoolWriter), `gateway ingest`
     DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
-    ImapStore      positions, success marks        intake/imap.py (FolderSync, ImapPoller)
+    ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
     ReportStore    listings, metrics, retention    web/status.py, web/metrics.py, cli, replay,
                                                    runtime/retention.py
     Store          all of them, plus close()       what `open_store` returns, for the wiring
@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 from gateway.store.records import (
     Accepted,
+    ImapFailure,
+    ImapPosition,
     Incident,
     IncomingMail,
     JobRecord,
@@ -54,11 +56,14 @@ class EventLog(Protocol):
 class SpoolStore(Protocol):
     """Acceptance: the commit an SMTP 250, an IMAP after-action and `ingest`'s exit 0 wait for."""
 
-    def accept(self, mails: Sequence[IncomingMail]) -> list[Accepted]:
+    def accept(
+        self, mails: Sequence[IncomingMail], positions: Sequence[ImapPosition] = ()
+    ) -> list[Accepted]:
         """Durably store a batch in one commit (group commit); one job per (mail, service).
 
         A mail whose fingerprint every one of its services already has is recorded as a
         duplicate (`Accepted.duplicate_of`), its bytes dropped, and no job is created for it.
+        `positions` (IMAP folders the batch came from) are saved in the same commit.
         """
         ...
 
@@ -159,7 +164,10 @@ class OutboxStore(Protocol):
 
 
 class ImapStore(EventLog, Protocol):
-    """Where each IMAP folder stands, so nothing is fetched into the spool twice."""
+    """Where each IMAP folder stands, so nothing is fetched into the spool twice or skipped.
+
+    The position itself advances only with an acceptance commit (`SpoolStore.accept`); a UID
+    that could not be read is owed (`record_imap_failure`) before the position passes it."""
 
     def imap_position(self, account: str, folder: str) -> tuple[int, int] | None:
         """(UIDVALIDITY, last processed UID), or None if the folder was never polled."""
@@ -167,10 +175,44 @@ class ImapStore(EventLog, Protocol):
 
     def save_imap_position(
         self, account: str, folder: str, uidvalidity: int, last_uid: int
-    ) -> None: ...
+    ) -> None:
+        """Set the position outright, with no after-action due; a new UIDVALIDITY also forgets
+        what the old one owed."""
+        ...
 
     def mark_imap_success(self, account: str, folder: str, at: float | None = None) -> None:
         """Record a completed fetch cycle (health: when did this mailbox last answer?)."""
+        ...
+
+    def imap_unfinished(self, account: str, folder: str) -> list[int]:
+        """Accepted UIDs whose after-action was not confirmed (a crash or drop came between)."""
+        ...
+
+    def imap_after_done(self, account: str, folder: str) -> None:
+        """The after-action of the unfinished UIDs is applied: forget them."""
+        ...
+
+    def imap_owed(self, account: str, folder: str) -> list[ImapFailure]:
+        """The UIDs of a folder that could not be read yet (when each is due again, ...)."""
+        ...
+
+    def record_imap_failure(
+        self, account: str, folder: str, uid: int, error: str, retry_at: float
+    ) -> int:
+        """Owe `uid` (or count one more failure of it), due again at `retry_at`; the number of
+        failures so far."""
+        ...
+
+    def report_imap_failure(
+        self, account: str, folder: str, uid: int, *, service: str, detail: str
+    ) -> None:
+        """Mark an owed UID reported and log an `imap_unreadable` event, in one commit."""
+        ...
+
+    def forget_imap_failure(
+        self, account: str, folder: str, uid: int, *, service: str, detail: str
+    ) -> None:
+        """The UID vanished from the mailbox unread: owe it no more and log `imap_vanished`."""
         ...
 
 
@@ -192,7 +234,8 @@ class ReportStore(Protocol):
         ...
 
     def metric_gauges(self) -> list[Row]:
-        """Levels: outbox depth/dead/oldest per kind, pending jobs, open incidents."""
+        """Levels: outbox depth/dead/oldest per kind, pending jobs, open incidents, IMAP
+        messages owed (failing) and reported unreadable per account."""
         ...
 
     def decided_latencies(self, after_job: int, limit: int = 5000) -> list[tuple[int, float]]:
@@ -261,6 +304,10 @@ class ReportStore(Protocol):
         self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000
     ) -> list[OutboxItem]:
         """Items in `states`, oldest first."""
+        ...
+
+    def imap_failures(self) -> list[ImapFailure]:
+        """Every owed IMAP message (unreadable so far), oldest failure first."""
         ...
 
     def requeue_outbox(self, item: int | None = None) -> int:

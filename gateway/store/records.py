@@ -130,3 +130,32 @@ class ListedJob:
     job: JobRecord
     mail_from: str | None
     head: bytes
+
+
+@dataclass(frozen=True)
+class ImapPosition:
+    """Where an IMAP folder stands after a batch, committed in the batch's own acceptance commit
+    so that no crash can separate "accepted" from "position saved"."""
+
+    account: str
+    folder: str
+    uidvalidity: int
+    last_uid: int  # every UID up to it is accepted, reported oversize, or owed (an ImapFailure)
+    resolved: tuple[int, ...] = ()  # owed UIDs this batch accepted or reported: owed no more
+    unfinished: tuple[int, ...] = ()  # accepted UIDs whose after-action (seen/move) is still due
+
+
+@dataclass(frozen=True)
+class ImapFailure:
+    """A message the gateway could not read yet: retried with backoff, reported after a few
+    failures, forgotten only once it is accepted or has vanished from the mailbox."""
+
+    account: str
+    folder: str
+    uid: int
+    attempts: int
+    first_failed_at: float
+    last_failed_at: float
+    next_attempt_at: float
+    error: str
+    reported_at: float | None  # when it was reported as unreadable (None: still retrying quietly)

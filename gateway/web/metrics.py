@@ -44,6 +44,17 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "outbox_dead": ("gateway_outbox_dead_letters", "Dead letters waiting for retry", ("kind",)),
     "jobs_pending": ("gateway_jobs_pending", "Spooled jobs not decided yet", ()),
     "incidents_open": ("gateway_incidents_open", "Triggered or acknowledged", ("service",)),
+    # IMAP messages that could not be read: all owed ones, and those reported as unreadable
+    "imap_failing": (
+        "gateway_imap_messages_failing",
+        "Unread IMAP messages being retried",
+        ("account",),
+    ),
+    "imap_unreadable": (
+        "gateway_imap_messages_unreadable",
+        "Reported unreadable IMAP messages",
+        ("account",),
+    ),
 }
 
 
@@ -90,6 +101,8 @@ class PollerState(Protocol):
     def last_success(self) -> float | None: ...
     @property
     def errors(self) -> int: ...
+    @property
+    def healthy(self) -> bool: ...
 
 
 class ReloadState(Protocol):

@@ -57,6 +57,7 @@ def index_data(store: ReportStore) -> dict[str, Any]:
         "incidents": store.incidents(open_only=True, limit=200),
         "pending": [o for o in outbox if o.state == "pending"],
         "dead": [o for o in outbox if o.state == "dead"],
+        "imap_failures": store.imap_failures(),  # templates/imap_failures.html
     }
 
 

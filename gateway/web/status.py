@@ -142,7 +142,7 @@ class WebApp:
         accounts, ok = {}, True
         for poller in self.live.imap:
             since = now - (poller.last_success or self.started_at)
-            fine = since <= limit
+            fine = poller.healthy and since <= limit  # unhealthy: its connection failed
             ok = ok and fine
             accounts[poller.settings.name] = {
                 "ok": fine,

@@ -7,7 +7,7 @@ queries; together they satisfy every protocol in `gateway.store.protocols`:
     schema.py      the numbered migrations
     spool.py       acceptance and duplicates          events.py     the event log
     decisions.py   pending jobs, decisions, incidents outbox.py     queue, leases, results
-    imap.py        IMAP positions                     reports.py    listings, health, metrics
+    imap.py        IMAP positions, owed UIDs          reports.py    listings, health, metrics
     retention.py   batched purges                     checkpoint.py background WAL checkpoints
 
 Consumers open it through `gateway.store.open_store`; only the wiring (the service's

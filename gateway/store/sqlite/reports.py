@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.store.records import Incident, JobRecord, ListedJob
 from gateway.store.sqlite.connection import Connection
+from gateway.store.sqlite.imap import imap_gauges
 from gateway.store.sqlite.rows import INCIDENT_COLUMNS, JOB_RECORD_COLUMNS
 
 # Counter queries: label columns, then the value. {m} {j} {o} restrict messages, jobs and
@@ -81,7 +82,7 @@ class ReportQueries(Connection):
             " GROUP BY service"
         ):
             gauges.append(("incidents_open", (service,), count))
-        return gauges
+        return gauges + imap_gauges(self.conn)
 
     def decided_latencies(self, after_job: int, limit: int = 5000) -> list[tuple[int, float]]:
         """(job id, seconds from acceptance to decision) of jobs decided after `after_job`."""

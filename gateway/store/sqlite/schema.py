@@ -113,4 +113,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE outbox ADD COLUMN requeued_at REAL;
     """,
+    # 5: IMAP messages that could not be read yet (owed, retried with backoff, reported), and
+    # the accepted UIDs whose after-action is still due (the position commits with the batch).
+    """
+    ALTER TABLE imap_state ADD COLUMN unfinished TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE imap_failures (
+        account TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        first_failed_at REAL NOT NULL,
+        last_failed_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        reported_at REAL,
+        PRIMARY KEY (account, folder, uid)
+    );
+    """,
 )

@@ -6,18 +6,23 @@ import json
 import time
 from collections.abc import Sequence
 
-from gateway.store.records import Accepted, IncomingMail
-from gateway.store.sqlite.events import EventQueries
+from gateway.store.records import Accepted, ImapPosition, IncomingMail
+from gateway.store.sqlite.imap import ImapQueries
 
 
-class SpoolQueries(EventQueries):
-    def accept(self, mails: Sequence[IncomingMail]) -> list[Accepted]:
-        """Durably store a batch of mails in one FULL-synchronous commit (group commit)."""
+class SpoolQueries(ImapQueries):
+    def accept(
+        self, mails: Sequence[IncomingMail], positions: Sequence[ImapPosition] = ()
+    ) -> list[Accepted]:
+        """Durably store a batch of mails in one FULL-synchronous commit (group commit), with
+        the IMAP positions it moves to: a crash keeps both or neither."""
         now = time.time()
         results: list[Accepted] = []
         with self.transaction():
             for mail in mails:
                 results.append(self._accept_one(mail, now))
+            for position in positions:
+                self._advance_imap(position)
         return results
 
     def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
