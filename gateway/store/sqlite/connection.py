@@ -63,7 +63,7 @@ class Connection:
         with self.transaction():
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
+                for statement in _statements(script):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
 
@@ -120,3 +120,15 @@ class Connection:
             except sqlite3.Error as exc:
                 raise StoreError(f"database busy or unwritable: {exc}") from exc
             time.sleep(0.0002)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, whole: a trigger's body has `;` of its own."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        yield statement
