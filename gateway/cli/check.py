@@ -6,6 +6,7 @@ import argparse
 
 from gateway.cli.common import EX_OK, add_command
 from gateway.config import find_config_path
+from gateway.delivery.paging import local_mode_notice
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,4 +25,7 @@ def run(args: argparse.Namespace) -> int:
     templates = config.gateway.templates_dir
     count = len(themes.Themes(templates).names()) if templates.exists() else 0
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
+    notice = local_mode_notice(config.services)
+    if notice:  # valid, but nothing would page anyone: say so plainly
+        print(f"NOTE: {notice}")
     return EX_OK

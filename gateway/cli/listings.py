@@ -8,6 +8,7 @@ import asyncio
 
 from gateway.cli.common import EX_OK, EX_USAGE, UsageError, add_command, config, print_table
 from gateway.delivery import dispatch as delivery
+from gateway.delivery.paging import delivery_of, local_services
 from gateway.display import when
 from gateway.store import open_store
 
@@ -46,12 +47,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_incidents(args: argparse.Namespace) -> int:
-    store = open_store(config(args).db_path)
+    settings = config(args)
+    store = open_store(settings.db_path)
+    local = local_services(settings.services)
     rows = [
         [
             i.service,
             i.incident_key,
             i.state,
+            str(delivery_of(store, i, local))[:90],
             i.trigger_count,
             i.acknowledge_count,
             i.resolve_count,
@@ -62,6 +66,7 @@ def run_incidents(args: argparse.Namespace) -> int:
         if not args.service or i.service == args.service
     ]
     headers = ["service", "key", "state", "triggers", "acks", "resolves", "first seen", "last seen"]
+    headers.insert(3, "PagerDuty")  # what PagerDuty was told: delivered / pending / NOT DELIVERED
     print_table(rows, headers, "no incidents")
     return EX_OK
 

@@ -32,6 +32,7 @@ from gateway.store.records import (
     MinuteCount,
     MinuteLatency,
     OutboxAttempt,
+    OutboxEntry,
     OutboxItem,
     OutboxResult,
     PendingJob,
@@ -289,7 +290,9 @@ class ReportStore(Protocol):
         """The items one decision queued, oldest first."""
         ...
 
-    def outbox_item(self, item: int) -> OutboxItem | None: ...
+    def outbox_item(self, item: int) -> OutboxEntry | None:
+        """One item in any state, with the job and message that queued it."""
+        ...
 
     def outbox_attempts(self, items: Sequence[int]) -> list[OutboxAttempt]:
         """Each recorded attempt of these items (result, error, answer) and each re-queue

@@ -169,3 +169,12 @@ class JobHistory:
     job: JobRecord
     decided_at: float | None
     head: bytes
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An outbox item with the decision that queued it (None for mail sent by POST /notify)."""
+
+    item: OutboxItem
+    job: int | None
+    message: int | None

@@ -133,8 +133,11 @@ def test_outbox_of_keys_of_job_and_by_id(store: Store) -> None:
     assert [i.id for i in store.outbox_of_keys(["pd:k", "mail:k"], limit=2)] == [other, dead]
     assert store.outbox_of_keys([]) == []
     assert [i.id for i in store.outbox_of_job(job)] == [old, dead]
-    item = store.outbox_item(dead)
-    assert item is not None and (item.state, item.last_error) == ("dead", "400")
+    entry = store.outbox_item(dead)
+    assert entry is not None and (entry.item.state, entry.item.last_error) == ("dead", "400")
+    assert (entry.job, entry.message) == (job, store.jobs()[0].message)
+    unqueued = store.outbox_item(other)
+    assert unqueued is not None and (unqueued.job, unqueued.message) == (None, None)
     assert store.outbox_item(other + 100) is None
 
 

@@ -16,6 +16,7 @@ from gateway.store.records import (
     MinuteCount,
     MinuteLatency,
     OutboxAttempt,
+    OutboxEntry,
     OutboxItem,
 )
 from gateway.store.sqlite.connection import Connection
@@ -265,11 +266,14 @@ class ReportQueries(Connection):
         ).fetchall()
         return [outbox_item(r) for r in rows]
 
-    def outbox_item(self, item: int) -> OutboxItem | None:
+    def outbox_item(self, item: int) -> OutboxEntry | None:
+        columns = ", ".join(f"o.{c.strip()}" for c in OUTBOX_COLUMNS.split(","))
         row = self.conn.execute(
-            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?", (item,)
+            f"SELECT {columns}, o.job, j.message FROM outbox o"
+            " LEFT JOIN jobs j ON j.id = o.job WHERE o.id = ?",
+            (item,),
         ).fetchone()
-        return outbox_item(row) if row else None
+        return OutboxEntry(outbox_item(row[:-2]), row[-2], row[-1]) if row else None
 
     def outbox_attempts(self, items: Sequence[int]) -> list[OutboxAttempt]:
         """Every recorded attempt (and re-queue) of these items, in the order they happened."""
