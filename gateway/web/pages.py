@@ -292,20 +292,22 @@ def _job_moments(job: JobRecord, decided_at: float | None, subject: str) -> list
 
 def _attempt_moment(attempt: OutboxAttempt, item: OutboxItem | None) -> Moment:
     what = describe_item(item) if item else f"outbox #{attempt.item}"
+    head = f"attempt {attempt.attempt}: {what}"
     link = f"/outbox/{attempt.item}"
+    answer = attempt.response[:300]
     if attempt.state == "requeued":
         return Moment(attempt.at, "attempt", f"{what} re-queued by an operator", link)
-    answer = attempt.response[:300] or attempt.error
     if attempt.state == "done":
-        text = f"attempt {attempt.attempt}: {what} delivered" + (
-            f", answer {answer}" if answer else ""
-        )
+        text = f"{head} delivered" + (f", answer {answer}" if answer else "")
         return Moment(attempt.at, "attempt", text, link)
+    why = attempt.error or answer
+    if answer and answer not in why:
+        why = f"{why}, answer {answer}"
     if attempt.state == "dead":
-        text = f"attempt {attempt.attempt}: {what} NOT DELIVERED (dead letter): {answer}"
-        return Moment(attempt.at, "attempt", text, link, bad=True)
-    text = f"attempt {attempt.attempt}: {what} failed, will retry: {attempt.error}"
-    return Moment(attempt.at, "attempt", text, link, bad=True)
+        return Moment(
+            attempt.at, "attempt", f"{head} NOT DELIVERED (dead letter): {why}", link, True
+        )
+    return Moment(attempt.at, "attempt", f"{head} failed, will retry: {why}", link, True)
 
 
 def _by_item(attempts: Sequence[OutboxAttempt]) -> dict[int, list[OutboxAttempt]]:
