@@ -78,7 +78,7 @@ def item(
             [],
             True,
             DeliveryState.NOT_DELIVERED,
-            "local mode: the service has no routing_key, nothing is sent to PagerDuty",
+            "local mode (no routing_key): nothing is sent to PagerDuty",
             id="local-mode",
         ),
         pytest.param(

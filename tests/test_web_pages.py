@@ -96,7 +96,7 @@ def test_an_incident_in_local_mode_is_not_delivered(web: WebApp, seed: Store) ->
     with seed.transaction():
         seed.save_incident(incident("Kept here", at=time.time()))
     row = incident_row(get(web, "/"), "Kept here")
-    assert "NOT DELIVERED: local mode: the service has no routing_key" in row
+    assert "NOT DELIVERED: local mode (no routing_key)" in row
 
 
 def test_a_later_delivered_event_makes_an_earlier_dead_letter_a_note(

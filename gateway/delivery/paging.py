@@ -81,7 +81,7 @@ def incident_delivery(items: Sequence[OutboxItem], *, local: bool) -> Delivery:
         return Delivery(DeliveryState.PENDING, _waiting(waiting[-1]), ids)
     if not items:
         if local:
-            reason = "local mode: the service has no routing_key, nothing is sent to PagerDuty"
+            reason = "local mode (no routing_key): nothing is sent to PagerDuty"
             return Delivery(DeliveryState.NOT_DELIVERED, reason, ids)
         reason = "no PagerDuty event on record (decided without a routing_key, or past retention)"
         return Delivery(DeliveryState.UNKNOWN, reason, ids)
