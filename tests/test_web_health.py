@@ -38,7 +38,9 @@ def seed(db: Path) -> Iterator[Store]:
 @pytest.fixture
 def web(db: Path, seed: Store) -> Iterator[WebApp]:
     thread = StoreThread(db, "web-test")
-    yield WebApp(thread, WebSettings(), live=LiveState(smtp=SMTP_UP), services=[service()])
+    app = WebApp(thread, WebSettings(), live=LiveState(smtp=SMTP_UP))
+    app.services = [service()]  # as the control plane sets it, at start and on reload
+    yield app
     thread.close()
 
 
