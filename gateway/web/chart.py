@@ -168,14 +168,14 @@ def mail_chart(rows: Iterable[MinuteCount], frame: Axes) -> MailChart:
 
 def _stack(frame: Axes, minute: float, per: dict[str, int], top: int) -> Iterable[Bar]:
     width = max(1.0, frame.minute_width - (1.0 if frame.minute_width >= 3 else 0.0))
-    base = 0
+    base, x, label = 0, frame.x(minute), clock(minute)
     for category in CATEGORIES:
         count = per.get(category, 0)
         if not count:
             continue
         y_top, y_base = _y_count(base + count, top), _y_count(base, top)
-        title = f"{clock(minute)}: {count} {category}"
-        yield Bar(frame.x(minute), y_top, width, y_base - y_top, category, minute, count, title)
+        title = f"{label}: {count} {category}"
+        yield Bar(x, y_top, width, y_base - y_top, category, minute, count, title)
         base += count
 
 
@@ -244,3 +244,8 @@ def seconds_words(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def number(value: float) -> str:
+    """A coordinate as short as SVG allows: `70`, `12.5` (the charts have thousands)."""
+    return f"{value:.1f}".removesuffix(".0")

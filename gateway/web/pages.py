@@ -71,6 +71,7 @@ def _environment() -> jinja2.Environment:
     env.filters["age"] = lambda ts: words.ago(ts, time.time())
     env.filters["duration"] = words.duration
     env.filters["seconds"] = chart.seconds_words
+    env.filters["n"] = chart.number
     env.filters["event"] = describe_item
     env.globals["MEANING"] = chart.MEANING
     env.globals["geometry"] = chart.GEOMETRY

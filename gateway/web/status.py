@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -89,7 +90,13 @@ class WebApp:
                 Route("/outbox/{item:rowid}/retry", self.retry, methods=["POST"]),
                 Route("/notify/{theme}", self.notify_theme, methods=["POST"]),
             ],
-            middleware=[Middleware(SecureResponses), Middleware(RequestLimits, self.limits)],
+            middleware=[
+                Middleware(SecureResponses),
+                Middleware(RequestLimits, self.limits),
+                # a day of per-minute bars is ~1 MB of SVG and compresses ~10x; no page
+                # carries a secret for a compression side channel to reveal
+                Middleware(GZipMiddleware, minimum_size=4096, compresslevel=6),
+            ],
         )
         self.app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect
 
