@@ -55,18 +55,18 @@ def run_incidents(args: argparse.Namespace) -> int:
             i.service,
             i.incident_key,
             i.state,
-            str(delivery_of(store, i, local))[:90],
             i.trigger_count,
             i.acknowledge_count,
             i.resolve_count,
             when(i.first_seen),
             when(i.last_seen),
+            str(delivery_of(store, i, local))[:90],
         ]
         for i in store.incidents(open_only=args.open)
         if not args.service or i.service == args.service
     ]
     headers = ["service", "key", "state", "triggers", "acks", "resolves", "first seen", "last seen"]
-    headers.insert(3, "PagerDuty")  # what PagerDuty was told: delivered / pending / NOT DELIVERED
+    headers.append("PagerDuty")  # what PagerDuty was told: delivered / pending / NOT DELIVERED
     print_table(rows, headers, "no incidents")
     return EX_OK
 

@@ -1,9 +1,14 @@
 """The web app: `/healthz`, Prometheus `/metrics`, and a read-only status page, as Starlette routes.
 
 `WebApp` is the ASGI app `gateway serve` hands to `WebServer`; it holds references to the
-running service's parts, which a reload swaps (`settings`, `notify`), and every handler reads
-them per request. Every answer passes `gateway.web.hardening` (security headers, size and time
-limits, a logged 500 instead of a stack trace).
+running service's parts, which a reload swaps (`settings`, `services`, `notify`), and every
+handler reads them per request. Every answer passes `gateway.web.hardening` (security headers,
+size and time limits, a logged 500 instead of a stack trace).
+
+Health is `gateway.web.health` (each condition that impairs paging, in words); the pages are
+`/` (health, charts, incidents with what PagerDuty was told, outbox, recent mail),
+`/messages/N` (a mail by the id `queued as N` gave; `/jobs/N` redirects there),
+`/incident?service=&key=` (its timeline) and `/outbox/N` (an item and its attempts).
 
 The page shows hostile content (mail subjects, bodies, HTML) so every template is autoescaped
 and the Content-Security-Policy forbids scripts. The only state change is "retry this dead
