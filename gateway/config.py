@@ -140,6 +140,12 @@ class WebSettings:
     notify_token: str | None = None  # bearer token of POST /notify/<theme>; unset = off
     outbox_max_age_seconds: float = 900.0  # /healthz fails when a pending item is older
     imap_max_silence_seconds: float = 900.0  # /healthz fails when a mailbox is silent longer
+    job_max_age_seconds: float = 300.0  # ... when a mail waits longer for its decision
+    dead_letter_hours: float = 24.0  # ... while a dead letter is younger than this
+    worker_max_restarts: int = 3  # ... when the worker restarted this often
+    worker_restart_window_seconds: float = 600.0  # ... within this window
+    stale_incident_hours: float = 24.0  # the status page flags incidents open longer
+    refresh_seconds: int = 60  # the status page reloads itself this often (0: never)
 
 
 @dataclass(frozen=True)
@@ -621,7 +627,21 @@ class _Reader:
             imap_max_silence_seconds=self.get(
                 w, t, "imap_max_silence_seconds", float, 900.0, check=_positive
             ),
+            **{  # the health thresholds: numbers greater than 0
+                name: self.get(w, t, name, float, getattr(WebSettings, name), check=_positive)
+                for name in _WEB_THRESHOLDS
+            },
+            worker_max_restarts=self.get(w, t, "worker_max_restarts", int, 3, check=_at_least(1)),
+            refresh_seconds=self.get(w, t, "refresh_seconds", int, 60, check=_at_least(0)),
         )
+
+
+_WEB_THRESHOLDS = (
+    "job_max_age_seconds",
+    "dead_letter_hours",
+    "worker_restart_window_seconds",
+    "stale_incident_hours",
+)
 
 
 def _fields(cls: type) -> tuple[Any, ...]:

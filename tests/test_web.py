@@ -3,6 +3,11 @@ scripted run, the status page's escaping, the retry form's token, and HTTP harde
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import smtplib
 import socket
 import sqlite3
 import urllib.parse
@@ -12,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import desk_mail, wait_until
-from tests.ops_support import WebGateway, metric, running, web_config
+from tests.conftest import desk_mail, free_port, wait_until, write_config
+from tests.ops_support import WebGateway, metric, running, web_config, worker_pid
 from tests.pdserver import PagerDutyStandIn
 
 TOKEN = "correct horse battery staple"
@@ -162,3 +167,93 @@ def test_http_hardening(web_gateway: WebGateway) -> None:
         assert answer.split(b" ", 2)[1] == status, (case.id, answer[:200])
         assert b"Content-Security-Policy: default-src 'none'" in answer
     assert web_gateway.health()[0] == 200  # and it still serves
+
+
+# -- health that tells the truth, against a real `gateway serve` (issue 11, items 9 and 21) ------
+
+BAD_RULE = """
+[[rule]]
+name = "broken"
+conditions = [ { field = "body", op = "resembles", value = "x" } ]
+action = "trigger"
+incident_key = { field = "subject" }
+"""
+
+
+def reasons(gateway: WebGateway) -> list[str]:
+    """Why /healthz fails ([] while it answers 200, or does not answer yet)."""
+    status, body = gateway.get("/healthz")
+    return json.loads(body)["reasons"] if status == 503 else []
+
+
+def test_healthz_names_a_refused_reload_and_recovers_when_it_is_fixed(
+    tmp_path: Path, pd: PagerDutyStandIn
+) -> None:
+    config, port, web_port = web_config(tmp_path, pd.url, own_rules=True)
+    rules = tmp_path / "rules" / "helpdesk.toml"
+    original = rules.read_text()
+    with running(config, port, web_port) as gateway:
+        rules.write_text(BAD_RULE + original)
+        [reason] = wait_until(lambda: reasons(gateway), message=gateway.output())
+        assert "the last reload (changed:" in reason and "was REFUSED" in reason
+        assert f"{rules}:" in reason and "unknown op 'resembles'" in reason
+        assert "still running generation 1" in reason
+        rules.write_text(original)
+        wait_until(lambda: gateway.health()[0] == 200, message=gateway.output())
+
+
+def test_healthz_fails_while_the_worker_crashes_in_a_loop(
+    tmp_path: Path, pd: PagerDutyStandIn
+) -> None:
+    config, port, web_port = web_config(tmp_path, pd.url, web="worker_max_restarts = 3")
+    with running(config, port, web_port) as gateway:
+        assert gateway.proc is not None
+        for crash in range(3):
+            worker = wait_until(lambda: worker_pid(gateway.proc.pid), message=gateway.output())
+            assert gateway.health()[0] == 200, (crash, gateway.health())
+            os.kill(worker, signal.SIGKILL)
+            wait_until(
+                lambda w=worker: worker_pid(gateway.proc.pid) not in (None, w),
+                message=gateway.output(),
+            )
+        [reason] = wait_until(lambda: reasons(gateway), message=gateway.output())
+        assert "the worker restarted 3 times in the last 10.0m" in reason
+
+
+def test_healthz_fails_in_local_mode_and_the_page_says_so(tmp_path: Path) -> None:
+    port, web_port = free_port(), free_port()
+    web = f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
+    gateway = WebGateway(
+        write_config(tmp_path, routing_key=None, smtp_port=port, extra=web), port, web_port
+    )
+    try:
+        gateway.start()
+        [reason] = wait_until(lambda: reasons(gateway), message=gateway.output())
+        assert reason.startswith("PagerDuty delivery is OFF for helpdesk: no routing_key")
+        status, page = gateway.get("/")
+        assert status == 200 and "DEGRADED" in page and "local mode" in page
+    finally:
+        gateway.stop()
+
+
+def test_the_id_in_queued_as_names_the_mail_on_the_status_page(
+    web_gateway: WebGateway, pd: PagerDutyStandIn
+) -> None:
+    first = desk_mail("Printer on fire")
+    web_gateway.send(first)
+    web_gateway.send(first)  # a redelivery: a message of its own, no job
+    with smtplib.SMTP("127.0.0.1", web_gateway.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("support@helpdesk.example")
+        client.rcpt("desk@gateway.example")
+        code, reply = client.data(desk_mail("Disk full"))
+    assert code == 250
+    message = int(re.search(rb"queued as (\d+)", reply).group(1))  # type: ignore[union-attr]
+    assert message == 3  # the job is number 2: the ids differ
+    pd.wait_for(2)
+    status, page = web_gateway.get(f"/messages/{message}")
+    assert status == 200 and f"<h1>Message {message}</h1>" in page and "Disk full" in page
+    status, index = web_gateway.get("/")
+    assert f'<a href="/messages/{message}">{message}</a>' in index
+    status, redirected = web_gateway.get("/jobs/2")  # old links: the job's message
+    assert status == 200 and f"<h1>Message {message}</h1>" in redirected

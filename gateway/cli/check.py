@@ -7,6 +7,7 @@ import argparse
 
 from gateway.cli.common import EX_OK, add_command
 from gateway.config import find_config_path
+from gateway.delivery.paging import local_mode_notice
 from gateway.store import verify_store
 
 
@@ -33,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     count = len(themes.Themes(templates).names()) if templates.exists() else 0
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
     print(f"OK: {verify_store(config.db_path)}")  # StoreError: exit 75, as `serve` would
+    notice = local_mode_notice(config.services)
+    if notice:  # valid, but nothing would page anyone: say so plainly
+        print(f"NOTE: {notice}")
     return EX_OK

@@ -34,6 +34,7 @@ from gateway.cli.common import (
 )
 from gateway.decide.manual import ResolveRefused, resolve_incident
 from gateway.delivery import dispatch as delivery
+from gateway.delivery.paging import delivery_of, local_services
 from gateway.display import iso_utc, when
 from gateway.mail.summary import subject_and_from
 from gateway.outcomes import Outcome
@@ -102,6 +103,7 @@ def run_incidents(args: argparse.Namespace) -> int:
     settings = reading_config(args)
     store = reading_store(settings)
     service = check_service(args.service, settings, store)
+    local = local_services(settings.services)
     total = store.count_incidents(open_only=args.open, service=service)
     limit = max(total, 1) if args.all else args.limit
     incidents = store.incidents(open_only=args.open, limit=limit, service=service)
@@ -118,10 +120,12 @@ def run_incidents(args: argparse.Namespace) -> int:
             i.resolve_count,
             when(i.first_seen),
             when(i.last_seen),
+            str(delivery_of(store, i, local))[:90],
         ]
         for i in incidents
     ]
     headers = ["service", "key", "state", "triggers", "acks", "resolves", "first seen", "last seen"]
+    headers.append("PagerDuty")  # what PagerDuty was told: delivered / pending / NOT DELIVERED
     print_table(rows, headers, "no incidents")
     if rows:
         print(showing(len(rows), total, "incidents"))

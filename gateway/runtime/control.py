@@ -25,6 +25,8 @@ from gateway.web.status import WebApp
 
 log = logging.getLogger(__name__)
 
+WORKER_WATCH_SECONDS = 1.0  # the supervisor itself looks every 1-5 s
+
 
 class ControlPlane:
     """Start with `start()` after the listeners are bound; `close()` first thing on shutdown."""
@@ -48,7 +50,7 @@ class ControlPlane:
         stop = self.runtime.stopping
         await self._start_web()
         self._install_sighup()
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self.manager.watchdog(stop), name="watchdog"),
             asyncio.create_task(self.reloader.watch(stop), name="reload-watch"),
             asyncio.create_task(
@@ -87,7 +89,9 @@ class ControlPlane:
             live=live,
             on_requeue=runtime.worker.wake_outbox,
             notify=self._notify_endpoint(),
+            services=runtime.generation.config.services,
         )
+        self._tasks.append(asyncio.create_task(self._watch_worker(), name="worker-watch"))
         # the latency histogram counts jobs decided from now on, like any per-process metric
         self.web.metrics.last_job = await self.store.call(lambda s: s.last_decided_job())
         http = WebServer(listen, self.web)
@@ -126,7 +130,17 @@ class ControlPlane:
         self.runtime.apply(new)
         if self.web is not None:
             self.web.settings = new.config.web
+            self.web.services = new.config.services  # routing keys: local mode or not
             self.web.notify = self._notify_endpoint()  # recompiles the themes
+
+    async def _watch_worker(self) -> None:
+        """Health input: the supervisor only counts restarts; this notes when they happen,
+        so /healthz can tell one crash from a crash loop."""
+        while not self.runtime.stopping.is_set():
+            if self.web is not None:
+                self.web.restarts.observe(self.runtime.worker.restarts)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.runtime.stopping.wait(), WORKER_WATCH_SECONDS)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.decide.processor import ServiceRuntime, load_services
-from gateway.errors import ProblemsError, ThemeError
+from gateway.errors import Problem, ProblemsError, ThemeError
 from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("[pagerduty] max_retry_hours", lambda c: c.pagerduty.max_retry_hours),
     ("[pagerduty] rate_limit_per_minute", lambda c: c.pagerduty.rate_limit_per_minute),
 )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The last refused reload, until one is accepted: what /healthz and the status page show."""
+
+    at: float
+    reason: str  # what triggered it: "SIGHUP", "changed: <files>"
+    problems: tuple[Problem, ...]
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,7 @@ class Reloader:
         self.on_end = on_end
         self.reloads = 0
         self.refused = 0
+        self.last_refusal: Refusal | None = None
         self._lock = asyncio.Lock()
         self._signature = signature(watched_files(current.config))
 
@@ -180,6 +191,7 @@ class Reloader:
             validated = await asyncio.to_thread(load_generation, self.config.path)
         except ProblemsError as exc:
             self.refused += 1
+            self.last_refusal = Refusal(time.time(), reason, tuple(exc.problems))
             log.error(
                 "reload (%s) refused, keeping the last good configuration (generation %d):\n%s",
                 reason,
@@ -193,6 +205,7 @@ class Reloader:
         self.apply(new)
         self.current = new
         self.reloads += 1
+        self.last_refusal = None
         rules = sum(len(s.ruleset.rules) for s in new.services.values())
         log.info(
             "reloaded (%s): generation %d, %d service(s), %d rule(s)",

@@ -8,8 +8,8 @@ exactly the union below, and `tests/store_contract/` checks the promises for eve
     DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
     ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
-    ReportStore    listings, metrics, retention    web/status.py, web/metrics.py, cli, replay,
-                                                   runtime/retention.py
+    ReportStore    listings, metrics, retention,   web/status.py, web/metrics.py, cli, replay,
+                   status page data                runtime/retention.py
     Store          all of them, plus close()       what `open_store` returns, for the wiring
 
 A store object belongs to one thread. Methods that write commit on their own unless they run
@@ -28,8 +28,14 @@ from gateway.store.records import (
     ImapPosition,
     Incident,
     IncomingMail,
+    JobHistory,
     JobRecord,
     ListedJob,
+    MessageRecord,
+    MinuteCount,
+    MinuteLatency,
+    OutboxAttempt,
+    OutboxEntry,
     OutboxItem,
     OutboxResult,
     PendingJob,
@@ -245,9 +251,15 @@ class ReportStore(Protocol):
     def last_decided_job(self) -> int: ...
 
     def recent_jobs(
-        self, limit: int = 50, head_bytes: int = 16384
+        self,
+        limit: int = 50,
+        head_bytes: int = 16384,
+        *,
+        outcomes: Sequence[str] | None = None,
+        service: str | None = None,
     ) -> list[tuple[JobRecord, bytes]]:
-        """Newest jobs first, with the first `head_bytes` of their mail."""
+        """Newest jobs first, with the first `head_bytes` of their mail; optionally only
+        those with one of `outcomes` ('pending' for undecided jobs) and of `service`."""
         ...
 
     def jobs(self, *, outcomes: Sequence[str] | None = None, limit: int = 100) -> list[JobRecord]:
@@ -341,6 +353,58 @@ class ReportStore(Protocol):
         """Delete one batch of rows older than `cutoff`; call until it returns all zeros.
         Kept whatever their age: what pending jobs, open incidents and pending or dead outbox
         items still need."""
+        ...
+
+    # -- health and the status page (gateway.web) --
+
+    def oldest_pending_job(self) -> float | None:
+        """When the oldest mail still waiting for its decision was accepted (None: none)."""
+        ...
+
+    def dead_letter_stats(self) -> tuple[int, float | None]:
+        """(dead letters, when the newest of them became dead)."""
+        ...
+
+    def mail_minutes(self, since: float) -> list[MinuteCount]:
+        """Mails received since `since`, counted per minute of receipt and outcome: each job
+        counts with its outcome ('pending' while undecided), each redelivered copy as
+        `REDELIVERED`. Costs the rows of the window, not of the table."""
+        ...
+
+    def delivery_minutes(self, since: float) -> list[MinuteLatency]:
+        """Per minute of receipt since `since`: PagerDuty events delivered for that mail and
+        the nearest-rank p50/p99 of acceptance -> recorded 2xx."""
+        ...
+
+    def incident(self, service: str, key: str) -> Incident | None: ...
+
+    def message(self, message: int) -> MessageRecord | None:
+        """A stored mail's envelope and its jobs (the id `queued as N` named)."""
+        ...
+
+    def incident_jobs(
+        self, service: str, key: str, limit: int = 200, head_bytes: int = 16384
+    ) -> list[JobHistory]:
+        """The newest jobs decided with this incident key, newest first."""
+        ...
+
+    def outbox_of_keys(
+        self, order_keys: Sequence[str], since: float = 0.0, limit: int = 200
+    ) -> list[OutboxItem]:
+        """The newest items (any state) of these order keys created at or after `since`."""
+        ...
+
+    def outbox_of_job(self, job: int) -> list[OutboxItem]:
+        """The items one decision queued, oldest first."""
+        ...
+
+    def outbox_entry(self, item: int) -> OutboxEntry | None:
+        """One item in any state, with the job and message that queued it."""
+        ...
+
+    def outbox_attempts(self, items: Sequence[int]) -> list[OutboxAttempt]:
+        """Each recorded attempt of these items (result, error, answer) and each re-queue
+        ('requeued'), in the order they happened."""
         ...
 
 

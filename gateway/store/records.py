@@ -132,6 +132,67 @@ class ListedJob:
     head: bytes
 
 
+# -- what the status page reads (reports) -------------------------------------------------------
+
+REDELIVERED = "redelivered"  # `mail_minutes`' outcome for a copy recognised as a duplicate
+
+
+@dataclass(frozen=True)
+class MinuteCount:
+    """Mails received in one minute (`minute`: its start, Unix time) with one outcome."""
+
+    minute: float
+    outcome: str  # a job's outcome, 'pending', or REDELIVERED
+    count: int
+
+
+@dataclass(frozen=True)
+class MinuteLatency:
+    """PagerDuty deliveries of mail received in one minute: end of DATA -> 2xx, in seconds."""
+
+    minute: float
+    deliveries: int
+    p50: float
+    p99: float
+
+
+@dataclass(frozen=True)
+class OutboxAttempt:
+    """One delivery attempt of an outbox item and its answer, or an operator's re-queue."""
+
+    item: int
+    at: float
+    attempt: int
+    state: str  # 'done' | 'dead' | 'pending' (failed, retried later) | 'requeued'
+    error: str
+    response: str
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """One accepted mail as stored (its id is the one `250 ... queued as N` gave)."""
+
+    id: int
+    received_at: float
+    source: str
+    peer: str
+    mail_from: str | None
+    rcpt_tos: tuple[str, ...]
+    message_id: str
+    size: int
+    duplicate_of: int | None
+    jobs: tuple[int, ...]  # one per service it was accepted for; none for a duplicate
+
+
+@dataclass(frozen=True)
+class JobHistory:
+    """A job with when it was decided and the first bytes of its mail (for its subject)."""
+
+    job: JobRecord
+    decided_at: float | None
+    head: bytes
+
+
 @dataclass(frozen=True)
 class ImapPosition:
     """Where an IMAP folder stands after a batch, committed in the batch's own acceptance commit
@@ -159,3 +220,12 @@ class ImapFailure:
     next_attempt_at: float
     error: str
     reported_at: float | None  # when it was reported as unreadable (None: still retrying quietly)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An outbox item with the decision that queued it (None for mail sent by POST /notify)."""
+
+    item: OutboxItem
+    job: int | None
+    message: int | None

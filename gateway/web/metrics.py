@@ -18,6 +18,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway.errors import Problem
 from gateway.outcomes import Outcome
 from gateway.store import ReportStore
 
@@ -105,6 +106,17 @@ class PollerState(Protocol):
     def healthy(self) -> bool: ...
 
 
+class RefusalState(Protocol):
+    """A refused reload (`gateway.runtime.reload.Refusal`)."""
+
+    @property
+    def at(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def problems(self) -> Sequence[Problem]: ...
+
+
 class ReloadState(Protocol):
     """The reloader (`gateway.runtime.reload.Reloader`)."""
 
@@ -114,6 +126,8 @@ class ReloadState(Protocol):
     def refused(self) -> int: ...
     @property
     def generation(self) -> int: ...
+    @property
+    def last_refusal(self) -> RefusalState | None: ...
 
 
 class WorkerState(Protocol):

@@ -1,9 +1,14 @@
 """The web app: `/healthz`, Prometheus `/metrics`, and a read-only status page, as Starlette routes.
 
 `WebApp` is the ASGI app `gateway serve` hands to `WebServer`; it holds references to the
-running service's parts, which a reload swaps (`settings`, `notify`), and every handler reads
-them per request. Every answer passes `gateway.web.hardening` (security headers, size and time
-limits, a logged 500 instead of a stack trace).
+running service's parts, which a reload swaps (`settings`, `services`, `notify`), and every
+handler reads them per request. Every answer passes `gateway.web.hardening` (security headers,
+size and time limits, a logged 500 instead of a stack trace).
+
+Health is `gateway.web.health` (each condition that impairs paging, in words); the pages are
+`/` (health, charts, incidents with what PagerDuty was told, outbox, recent mail),
+`/messages/N` (a mail by the id `queued as N` gave; `/jobs/N` redirects there),
+`/incident?service=&key=` (its timeline) and `/outbox/N` (an item and its attempts).
 
 The page shows hostile content (mail subjects, bodies, HTML) so every template is autoescaped
 and the Content-Security-Policy forbids scripts. The only state change is "retry this dead
@@ -17,27 +22,31 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.config import WebSettings
+from gateway.config import ServiceSettings, WebSettings
 from gateway.store import StoreThread
-from gateway.web import pages
+from gateway.web import chart, health, pages
 from gateway.web.hardening import Limits, RequestLimits, SecureResponses
+from gateway.web.health import Check, RestartHistory
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
 from gateway.web.notify import NotifyEndpoint
+
+log = logging.getLogger(__name__)
 
 STORE_TIMEOUT = 5.0
 
@@ -58,12 +67,6 @@ register_url_convertor("rowid", RowId())
 
 
 @dataclass
-class Check:
-    ok: bool
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class WebApp:
     """The routes; holds references to the running service's parts (swapped on reload)."""
 
@@ -75,6 +78,8 @@ class WebApp:
     started_at: float = field(default_factory=time.time)
     notify: NotifyEndpoint | None = None  # POST /notify/<theme>, when configured
     limits: Limits = field(default_factory=Limits)
+    services: Sequence[ServiceSettings] = ()  # the running configuration's (swapped on reload)
+    restarts: RestartHistory = field(default_factory=RestartHistory)
 
     def __post_init__(self) -> None:
         self.pages = pages.Pages()
@@ -83,11 +88,20 @@ class WebApp:
                 Route("/", self.index, methods=["GET"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.metrics_page, methods=["GET"]),
-                Route("/jobs/{job:rowid}", self.job_page, methods=["GET"]),
+                Route("/messages/{message:rowid}", self.message_page, methods=["GET"]),
+                Route("/jobs/{job:rowid}", self.job_redirect, methods=["GET"]),
+                Route("/incident", self.incident_page, methods=["GET"]),
+                Route("/outbox/{item:rowid}", self.outbox_page, methods=["GET"]),
                 Route("/outbox/{item:rowid}/retry", self.retry, methods=["POST"]),
                 Route("/notify/{theme}", self.notify_theme, methods=["POST"]),
             ],
-            middleware=[Middleware(SecureResponses), Middleware(RequestLimits, self.limits)],
+            middleware=[
+                Middleware(SecureResponses),
+                Middleware(RequestLimits, self.limits),
+                # a day of per-minute bars is ~1 MB of SVG and compresses ~10x; no page
+                # carries a secret for a compression side channel to reveal
+                Middleware(GZipMiddleware, minimum_size=4096, compresslevel=6),
+            ],
         )
         self.app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect
 
@@ -99,57 +113,42 @@ class WebApp:
     async def healthz(self, request: Request) -> Response:
         checks = await self.health()
         ok = all(c.ok for c in checks.values())
-        body = {"status": "ok" if ok else "failing", **{k: asdict(v) for k, v in checks.items()}}
+        body = {
+            "status": "ok" if ok else "failing",
+            "reasons": [c.words for c in checks.values() if not c.ok],
+            **{name: check.as_json() for name, check in checks.items()},
+        }
         text = json.dumps(body, indent=2)
         return Response(text, 200 if ok else 503, media_type="application/json")
 
     async def health(self) -> dict[str, Check]:
-        now = time.time()
-        checks = {"smtp": self._smtp_check(), "store": await self._store_check()}
-        checks["outbox"] = await self._outbox_check(now)
-        if self.live.imap:
-            checks["imap"] = self._imap_check(now)
+        """Every check; any failing one makes /healthz 503 and the page red."""
+        now, settings, live = time.time(), self.settings, self.live
+        facts, error = await self._facts()
+        checks = {
+            "smtp": health.smtp_check(live.smtp),
+            "store": health.store_check(facts, error),
+            "outbox": health.outbox_check(facts, settings, now),
+            "processing": health.processing_check(facts, settings, now),
+            "dead_letters": health.dead_letter_check(facts, settings, now),
+            "pagerduty": health.pagerduty_check(self.services),
+        }
+        if live.worker is not None:
+            self.restarts.observe(live.worker.restarts, now)
+            checks["worker"] = health.worker_check(self.restarts, settings, now)
+        if live.imap:
+            checks["imap"] = health.imap_check(live.imap, settings, self.started_at, now)
+        if live.reloader is not None:
+            refusal = live.reloader.last_refusal
+            checks["reload"] = health.reload_check(refusal, live.reloader.generation)
         return checks
 
-    def _smtp_check(self) -> Check:
-        smtp = self.live.smtp
-        if smtp is None:
-            return Check(False, {"error": "not started"})
-        bound = [f"{h}:{p}" for h, p in smtp.bound]
-        return Check(bool(bound) and not smtp.closing, {"listening": bound})
-
-    async def _store_check(self) -> Check:
+    async def _facts(self) -> tuple[health.StoreFacts | None, str]:
         try:
-            at = await asyncio.wait_for(self.store.call(lambda s: s.heartbeat()), STORE_TIMEOUT)
-        except Exception as exc:  # any failure to commit is exactly what this check reports
-            return Check(False, {"error": f"{type(exc).__name__}: {exc}"})
-        return Check(True, {"heartbeat": at})
-
-    async def _outbox_check(self, now: float) -> Check:
-        try:
-            pending, oldest = await asyncio.wait_for(
-                self.store.call(lambda s: s.outbox_stats()), STORE_TIMEOUT
-            )
-        except Exception as exc:
-            return Check(False, {"error": f"{type(exc).__name__}: {exc}"})
-        age = now - oldest if oldest else 0.0
-        limit = self.settings.outbox_max_age_seconds
-        return Check(age <= limit, {"pending": pending, "oldest_age_seconds": round(age, 1),
-                                    "max_age_seconds": limit})  # fmt: skip
-
-    def _imap_check(self, now: float) -> Check:
-        limit = self.settings.imap_max_silence_seconds
-        accounts, ok = {}, True
-        for poller in self.live.imap:
-            since = now - (poller.last_success or self.started_at)
-            fine = poller.healthy and since <= limit  # unhealthy: its connection failed
-            ok = ok and fine
-            accounts[poller.settings.name] = {
-                "ok": fine,
-                "state": poller.state,
-                "last_success": poller.last_success,
-            }
-        return Check(ok, {"accounts": accounts, "max_silence_seconds": limit})
+            facts = await asyncio.wait_for(self.store.call(health.read_facts), STORE_TIMEOUT)
+        except Exception as exc:  # any failure to commit is exactly what the store check reports
+            return None, f"{type(exc).__name__}: {exc}"
+        return facts, ""
 
     async def metrics_page(self, request: Request) -> Response:
         snapshot = await self.store.call(self.metrics.read)
@@ -157,8 +156,18 @@ class WebApp:
 
     # -- status page -------------------------------------------------------------------------
 
+    def _context(self) -> pages.PageContext:
+        local = frozenset(health.local_services(self.services))
+        return pages.PageContext(self.settings, local)
+
     async def index(self, request: Request) -> Response:
-        data = await self.store.call(pages.index_data)
+        names = [s.name for s in self.services]
+        try:
+            query = pages.parse_index_query(_multi(request), names)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        context = self._context()
+        data = await self.store.call(lambda s: pages.index_data(s, query, context))
         checks = await self.health()
         notice = request.query_params.get("retried", "")
         return self.pages.render(
@@ -166,15 +175,47 @@ class WebApp:
             checks=checks,
             notice=f"Outbox item {notice} re-queued." if notice.isdigit() else "",
             retry_enabled=bool(self.settings.token),
+            query=query,
+            services=names,
+            outcomes=pages.FILTER_OUTCOMES,
+            windows=chart.WINDOWS_HOURS,
+            refresh=self.settings.refresh_seconds,
+            stale_hours=self.settings.stale_incident_hours,
             **data,
         )
 
-    async def job_page(self, request: Request) -> Response:
-        job: int = request.path_params["job"]
-        data = await self.store.call(lambda s: pages.job_data(s, job))
+    async def message_page(self, request: Request) -> Response:
+        message: int = request.path_params["message"]
+        data = await self.store.call(lambda s: pages.message_data(s, message))
         if data is None:
+            raise HTTPException(404, f"no message {message}")
+        return self.pages.render("message.html", **data)
+
+    async def job_redirect(self, request: Request) -> Response:
+        """Old links name a job: its message's page, at that job's decision."""
+        job: int = request.path_params["job"]
+        detail = await self.store.call(lambda s: s.job_detail(job))
+        if detail is None:
             raise HTTPException(404, f"no job {job}")
-        return self.pages.render("job.html", **data)
+        return RedirectResponse(f"/messages/{detail['message']}#job-{job}", status_code=302)
+
+    async def incident_page(self, request: Request) -> Response:
+        service = request.query_params.get("service", "")
+        key = request.query_params.get("key", "")
+        if not service or not key:
+            raise HTTPException(400, "name the incident: /incident?service=NAME&key=KEY")
+        context = self._context()
+        data = await self.store.call(lambda s: pages.incident_data(s, service, key, context))
+        if data is None:
+            raise HTTPException(404, f"no incident {key!r} of service {service!r}")
+        return self.pages.render("incident.html", **data)
+
+    async def outbox_page(self, request: Request) -> Response:
+        item: int = request.path_params["item"]
+        data = await self.store.call(lambda s: pages.outbox_data(s, item))
+        if data is None:
+            raise HTTPException(404, f"no outbox item {item}")
+        return self.pages.render("outbox.html", retry_enabled=bool(self.settings.token), **data)
 
     async def retry(self, request: Request) -> Response:
         item: int = request.path_params["item"]
@@ -189,6 +230,12 @@ class WebApp:
         if outcome.refused:  # 409: out of order (the CLI's --force); 404: none or not dead
             refusal = outcome.refused[0]
             raise HTTPException(409 if refusal.overridable else 404, refusal.reason)
+        entry = await self.store.call(lambda s: s.outbox_entry(item))
+        log.info(
+            "outbox item %d (message %s) re-queued from the status page",
+            item,
+            entry.message if entry else "-",
+        )
         self.on_requeue()
         return RedirectResponse(f"/?retried={item}#outbox", status_code=303)
 
@@ -196,6 +243,12 @@ class WebApp:
         if self.notify is None:
             raise HTTPException(404, "POST /notify is off: set [web] notify_token and [outgoing]")
         return await self.notify(request, request.path_params["theme"])
+
+
+def _multi(request: Request) -> dict[str, list[str]]:
+    """Query parameters with every value of a repeated name."""
+    params = request.query_params
+    return {name: params.getlist(name) for name in params}
 
 
 def _check_origin(request: Request) -> None:

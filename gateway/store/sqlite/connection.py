@@ -29,7 +29,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations the database lacks (the caller holds the transaction)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        for statement in filter(str.strip, script.split(";")):
+        for statement in _statements(script):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number}")
 
@@ -263,3 +263,15 @@ def _read_only_connection(path: Path, timeout: float, *, immutable: bool) -> sql
         conn.close()
         raise
     return conn
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, whole: a trigger's body has `;` of its own."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        yield statement

@@ -7,10 +7,27 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.store.records import Incident, JobRecord, ListedJob
+from gateway.store.records import (
+    REDELIVERED,
+    Incident,
+    JobHistory,
+    JobRecord,
+    ListedJob,
+    MessageRecord,
+    MinuteCount,
+    MinuteLatency,
+    OutboxAttempt,
+    OutboxEntry,
+    OutboxItem,
+)
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.imap import imap_gauges
-from gateway.store.sqlite.rows import INCIDENT_COLUMNS, JOB_RECORD_COLUMNS
+from gateway.store.sqlite.rows import (
+    INCIDENT_COLUMNS,
+    JOB_RECORD_COLUMNS,
+    OUTBOX_COLUMNS,
+    outbox_item,
+)
 
 # Counter queries: label columns, then the value. {m} {j} {o} restrict messages, jobs and
 # outbox rows: "1" for the live totals, the purge selection for retention's offsets.
@@ -97,13 +114,21 @@ class ReportQueries(Connection):
         return row[0] or 0
 
     def recent_jobs(
-        self, limit: int = 50, head_bytes: int = 16384
+        self,
+        limit: int = 50,
+        head_bytes: int = 16384,
+        *,
+        outcomes: Sequence[str] | None = None,
+        service: str | None = None,
     ) -> list[tuple[JobRecord, bytes]]:
-        """Newest jobs with the first bytes of their mail (enough for the Subject header)."""
+        """Newest jobs with the first bytes of their mail (enough for the Subject header),
+        optionally only those with one of `outcomes` ('pending': undecided) or of `service`."""
+        where, args = _job_filter(outcomes, service)
         rows = self.conn.execute(
             f"SELECT {JOB_RECORD_COLUMNS}, substr(m.raw, 1, ?)"
-            " FROM jobs j JOIN messages m ON m.id = j.message ORDER BY j.id DESC LIMIT ?",
-            (head_bytes, limit),
+            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            " ORDER BY j.id DESC LIMIT ?",
+            (head_bytes, *args, limit),
         ).fetchall()
         return [(JobRecord(*r[:12]), bytes(r[12] or b"")) for r in rows]
 
@@ -192,6 +217,119 @@ class ReportQueries(Connection):
                 [since, limit],
             )
         )
+
+    # -- health and the status page --------------------------------------------------------
+
+    def oldest_pending_job(self) -> float | None:
+        """When the oldest mail still waiting for its decision was accepted."""
+        row = self.conn.execute(
+            "SELECT m.received_at FROM jobs j JOIN messages m ON m.id = j.message"
+            " WHERE j.state = 'pending' ORDER BY j.id LIMIT 1"
+        ).fetchone()
+        return row[0] if row else None
+
+    def dead_letter_stats(self) -> tuple[int, float | None]:
+        """(dead letters, when the newest of them died)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), MAX(updated_at) FROM outbox WHERE state = 'dead'"
+        ).fetchone()
+        return row[0], row[1]
+
+    def mail_minutes(self, since: float) -> list[MinuteCount]:
+        """Mails received since `since` per minute and outcome; ranges over the window only
+        (messages by their time index, their jobs by `jobs(message)`)."""
+        rows = self.conn.execute(
+            "SELECT CAST(m.received_at / 60 AS INTEGER) * 60, COALESCE(j.outcome, 'pending'),"
+            " COUNT(*) FROM messages m CROSS JOIN jobs j ON j.message = m.id"
+            " WHERE m.received_at >= ? GROUP BY 1, 2"
+            " UNION ALL SELECT CAST(received_at / 60 AS INTEGER) * 60, ?, COUNT(*) FROM messages"
+            " WHERE received_at >= ? AND duplicate_of IS NOT NULL GROUP BY 1 ORDER BY 1, 2",
+            (since, REDELIVERED, since),
+        ).fetchall()
+        return [MinuteCount(float(minute), outcome, count) for minute, outcome, count in rows]
+
+    def delivery_minutes(self, since: float) -> list[MinuteLatency]:
+        """Per minute of receipt since `since`: how many PagerDuty events were delivered and
+        the p50/p99 (nearest rank) of end of DATA -> 2xx recorded, computed in SQL."""
+        rows = self.conn.execute(
+            "WITH l AS (SELECT CAST(m.received_at / 60 AS INTEGER) * 60 AS minute,"
+            "   o.updated_at - m.received_at AS s FROM messages m"  # CROSS JOIN: this order
+            "   CROSS JOIN jobs j ON j.message = m.id CROSS JOIN outbox o ON o.job = j.id"
+            "   WHERE m.received_at >= ? AND o.kind = 'pagerduty' AND o.state = 'done'),"
+            " r AS (SELECT minute, s, ROW_NUMBER() OVER (PARTITION BY minute ORDER BY s) AS rn,"
+            "   COUNT(*) OVER (PARTITION BY minute) AS n FROM l)"
+            " SELECT minute, n, MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN s END),"
+            " MAX(CASE WHEN rn = (n * 99 + 99) / 100 THEN s END) FROM r GROUP BY minute, n"
+            " ORDER BY minute",
+            (since,),
+        ).fetchall()
+        return [MinuteLatency(float(m), n, max(0.0, p50), max(0.0, p99)) for m, n, p50, p99 in rows]
+
+    def message(self, message: int) -> MessageRecord | None:
+        row = self.conn.execute(
+            "SELECT id, received_at, source, peer, mail_from, rcpt_tos, message_id, size,"
+            " duplicate_of FROM messages WHERE id = ?",
+            (message,),
+        ).fetchone()
+        if row is None:
+            return None
+        jobs = self.conn.execute("SELECT id FROM jobs WHERE message = ? ORDER BY id", (message,))
+        rcpt = tuple(json.loads(row[5] or "[]"))
+        return MessageRecord(*row[:5], rcpt, *row[6:], jobs=tuple(j for (j,) in jobs))
+
+    def incident_jobs(
+        self, service: str, key: str, limit: int = 200, head_bytes: int = 16384
+    ) -> list[JobHistory]:
+        """The newest jobs decided for the incident key (a scan of the jobs: on demand)."""
+        rows = self.conn.execute(
+            f"SELECT {JOB_RECORD_COLUMNS}, j.decided_at, substr(m.raw, 1, ?)"
+            " FROM jobs j JOIN messages m ON m.id = j.message"
+            " WHERE j.service = ? AND j.incident_key = ? ORDER BY j.id DESC LIMIT ?",
+            (head_bytes, service, key, limit),
+        ).fetchall()
+        return [JobHistory(JobRecord(*r[:12]), r[12], bytes(r[13] or b"")) for r in rows]
+
+    def outbox_of_keys(
+        self, order_keys: Sequence[str], since: float = 0.0, limit: int = 200
+    ) -> list[OutboxItem]:
+        """The newest items of these order keys created at or after `since`, in any state."""
+        if not order_keys:
+            return []
+        marks = ",".join("?" * len(order_keys))
+        rows = self.conn.execute(  # state IN (...) lets the (state, order_key) index serve this
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE state IN ('pending', 'dead', 'done')"
+            f" AND order_key IN ({marks}) AND created_at >= ? ORDER BY id DESC LIMIT ?",
+            (*order_keys, since, limit),
+        ).fetchall()
+        return [outbox_item(r) for r in rows]
+
+    def outbox_of_job(self, job: int) -> list[OutboxItem]:
+        """What one decision queued (PagerDuty events, helpdesk mail), oldest first."""
+        rows = self.conn.execute(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE job = ? ORDER BY id", (job,)
+        ).fetchall()
+        return [outbox_item(r) for r in rows]
+
+    def outbox_entry(self, item: int) -> OutboxEntry | None:
+        columns = ", ".join(f"o.{c.strip()}" for c in OUTBOX_COLUMNS.split(","))
+        row = self.conn.execute(
+            f"SELECT {columns}, o.job, j.message FROM outbox o"
+            " LEFT JOIN jobs j ON j.id = o.job WHERE o.id = ?",
+            (item,),
+        ).fetchone()
+        return OutboxEntry(outbox_item(row[:-2]), row[-2], row[-1]) if row else None
+
+    def outbox_attempts(self, items: Sequence[int]) -> list[OutboxAttempt]:
+        """Every recorded attempt (and re-queue) of these items, in the order they happened."""
+        if not items:
+            return []
+        marks = ",".join("?" * len(items))
+        rows = self.conn.execute(
+            "SELECT item, at, attempt, state, error, response FROM outbox_attempts"
+            f" WHERE item IN ({marks}) ORDER BY id",
+            tuple(items),
+        ).fetchall()
+        return [OutboxAttempt(*r) for r in rows]
 
 
 def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[list[str], list[Any]]:

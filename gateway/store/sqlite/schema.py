@@ -130,4 +130,37 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (account, folder, uid)
     );
     """,
+    # 6: what the status page shows. Every delivery attempt and its answer (and every re-queue)
+    # is kept by triggers, so whichever code records results, the incident timeline sees each
+    # one; attempts go with their item when retention deletes it. jobs(message) and
+    # outbox(job) grow in insertion order (cheap appends) and serve the per-minute chart, the
+    # message page and retention's lookups.
+    """
+    CREATE TABLE outbox_attempts (
+        id INTEGER PRIMARY KEY,
+        item INTEGER NOT NULL,
+        at REAL NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        response TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX outbox_attempts_item ON outbox_attempts(item, id);
+    CREATE TRIGGER outbox_attempt_recorded AFTER UPDATE OF attempts ON outbox
+    WHEN NEW.attempts > OLD.attempts BEGIN
+        INSERT INTO outbox_attempts (item, at, attempt, state, error, response)
+        VALUES (NEW.id, NEW.updated_at, NEW.attempts, NEW.state, NEW.last_error,
+                substr(NEW.response, 1, 2000));
+    END;
+    CREATE TRIGGER outbox_requeued AFTER UPDATE OF state ON outbox
+    WHEN OLD.state = 'dead' AND NEW.state = 'pending' BEGIN
+        INSERT INTO outbox_attempts (item, at, attempt, state)
+        VALUES (NEW.id, NEW.updated_at, NEW.attempts, 'requeued');
+    END;
+    CREATE TRIGGER outbox_attempts_purged AFTER DELETE ON outbox BEGIN
+        DELETE FROM outbox_attempts WHERE item = OLD.id;
+    END;
+    CREATE INDEX jobs_message ON jobs(message);
+    CREATE INDEX outbox_job ON outbox(job);
+    """,
 )
