@@ -36,8 +36,7 @@ from gateway.intake.imap import (
 )
 from gateway.intake.spool import SpoolWriter
 from gateway.store import ImapPosition, open_store
-from gateway.web.metrics import LiveState
-from gateway.web.status import WebApp
+from gateway.web import health
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.dovecot import OAUTH_TOKEN, OAUTH_USER, PASSWORD, USER, Dovecot, require_dovecot
 
@@ -687,8 +686,8 @@ def test_frozen_server_is_noticed_and_mail_delivered_meanwhile_is_taken_once(
 
 def imap_health(poller: ImapPoller) -> dict[str, Any]:
     """The account's entry in /healthz's `imap` check."""
-    app = WebApp(None, WebSettings(), live=LiveState(imap=[poller]))  # type: ignore[arg-type]
-    return app._imap_check(time.time()).detail["accounts"][poller.settings.name]
+    check = health.imap_check([poller], WebSettings(), started=time.time(), now=time.time())
+    return check.detail["accounts"][poller.settings.name]
 
 
 class TestStartTls:

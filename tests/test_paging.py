@@ -140,10 +140,10 @@ def test_gateway_check_says_plainly_when_paging_is_off(
 ) -> None:
     code, out = Gateway(write_config(tmp_path, routing_key=None), capsys)("check")
     assert code == 0
-    assert out.splitlines()[1] == (
+    assert (
         "NOTE: PagerDuty delivery is OFF for helpdesk: no routing_key (local mode), "
         "incidents are kept here and nothing is sent"
-    )
+    ) in out.splitlines()
     paging = tmp_path / "paging"
     paging.mkdir()
     code, out = Gateway(write_config(paging, pd_url="http://x"), capsys)("check")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gateway.cli.common import (
 )
 from gateway.delivery import dispatch as delivery
 from gateway.display import printable
-from gateway.store import open_store
+from gateway.store import OutboxItem, Store, open_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,8 +74,9 @@ def run_notify(args: argparse.Namespace) -> int:
         item = outgoing_mail.queue_mail(store, msg, mail_from=sender)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    asyncio.run(delivery.deliver_due(settings, 2 * settings.outgoing.timeout_seconds))
-    left = {o.id: o for o in store.outbox(("pending", "dead"), limit=100_000)}.get(item)
+    seconds = 2 * settings.outgoing.timeout_seconds
+    asyncio.run(delivery.deliver_due(settings, seconds))
+    left = _after_others_are_done(store, item, time.monotonic() + seconds)
     if left is None:
         print(f"sent {msg['Message-ID']} to {', '.join(outgoing_mail.recipients(msg))}")
         return EX_OK
@@ -90,6 +92,18 @@ def run_notify(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EX_OK
+
+
+def _after_others_are_done(store: Store, item: int, deadline: float) -> OutboxItem | None:
+    """The item if it is still pending or dead, None once delivered. A running `gateway serve`
+    may have claimed it first: then wait (until `deadline`) for its attempt to finish."""
+    while True:
+        left = store.outbox_item(item)
+        if left is None or left.state == "done":
+            return None
+        if not left.in_flight(time.time()) or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
 
 
 def _render_case(args: argparse.Namespace, directory: Path, default_from: str) -> EmailMessage:
