@@ -48,7 +48,7 @@ def client_key(peer: Any) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
     return str(address)
 
 
