@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.delivery.paging import DeliveryState, incident_delivery, order_key
+from gateway.decide.events import pagerduty_order_key as order_key
+from gateway.delivery.paging import DeliveryState, incident_delivery
 from gateway.store import OutboxItem
 from tests.conftest import desk_mail, write_config
 from tests.pdserver import PagerDutyStandIn

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from gateway.config import ServiceSettings
+from gateway.decide.events import pagerduty_order_key
 from gateway.store import OutboxResult, Store
 from tests.store_support import incident, mail
 
@@ -32,11 +33,6 @@ def call(app: Any, method: str, path: str, **kwargs: Any) -> httpx.Response:
 
 def service(name: str = "helpdesk", routing_key: str | None = "R" * 32) -> ServiceSettings:
     return ServiceSettings(name, ("desk@*",), (Path("helpdesk.toml"),), routing_key=routing_key)
-
-
-def order_key(service: str, key: str) -> str:
-    """As the processor queues a service's events for one key (per-key order)."""
-    return f"pagerduty:{service}:{key}"
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,9 @@ def page_for(
         )
         store.save_incident(incident(key, at=at, service=service, last_message=accepted.id))
         payload = {"event_action": "trigger", "dedup_key": key}
-        item = store.add_outbox("pagerduty", service, order_key(service, key), payload, job.id)
+        item = store.add_outbox(
+            "pagerduty", service, pagerduty_order_key(service, key), payload, job.id
+        )
     for result in results or ():
         store.record_outbox(
             [

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.config import ServiceSettings
+from gateway.decide.events import pagerduty_order_key
 from gateway.store import Incident, OutboxItem, ReportStore
 
 
@@ -53,12 +54,6 @@ def local_mode_notice(services: Sequence[ServiceSettings]) -> str | None:
     )
 
 
-def order_key(service: str, key: str) -> str:
-    """The outbox order key of a service's events for one incident key (as the processor
-    queues them: per-key order is what keeps a resolve behind its trigger)."""
-    return f"pagerduty:{service}:{key}"
-
-
 def episode_start(incident: Incident) -> float:
     """Events older than this belong to an earlier opening of the same key."""
     return incident.opened_at or incident.first_seen
@@ -67,7 +62,7 @@ def episode_start(incident: Incident) -> float:
 def delivery_of(store: ReportStore, incident: Incident, local: Collection[str]) -> Delivery:
     """What PagerDuty was told since the incident (last) opened; `local`: the services in
     local mode. Reads the key's newest items only (the head of a queue is among them)."""
-    key = order_key(incident.service, incident.incident_key)
+    key = pagerduty_order_key(incident.service, incident.incident_key)
     items = store.outbox_of_keys([key], since=episode_start(incident), limit=20)
     return incident_delivery(items, local=incident.service in local)
 
