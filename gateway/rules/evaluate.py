@@ -24,6 +24,7 @@ from gateway.rules.model import (
     Condition,
     Decision,
     Extractor,
+    Filter,
     Rule,
     Ruleset,
     TraceStep,
@@ -109,17 +110,28 @@ def _test(cond: Condition, fields: _Fields, timeout: float, rule: str) -> bool:
 
 
 def _match(rule: Rule, fields: _Fields, timeout: float) -> tuple[bool, str]:
-    """(matched, reason) for a rule's conditions; all short-circuits on the first 'no'."""
-    conds = rule.conditions
-    if rule.match == "any":
+    """(matched, reason) for a rule's conditions."""
+    return _match_conditions(rule.conditions, rule.match, fields, timeout, rule.name)
+
+
+def _match_conditions(
+    conds: tuple[Condition, ...], match: str, fields: _Fields, timeout: float, name: str
+) -> tuple[bool, str]:
+    """(matched, reason) for rules and filters alike; all short-circuits on the first 'no'."""
+    if match == "any":
         for number, cond in enumerate(conds, 1):
-            if _test(cond, fields, timeout, rule.name):
+            if _test(cond, fields, timeout, name):
                 return True, f"condition {number} {cond.describe()}: yes (any)"
         return False, f"none of {_count(len(conds))} matched (any)"
     for number, cond in enumerate(conds, 1):
-        if not _test(cond, fields, timeout, rule.name):
+        if not _test(cond, fields, timeout, name):
             return False, f"condition {number} {cond.describe()}: no"
     return True, f"all {_count(len(conds))} matched"
+
+
+def _match_filter(stop: Filter, fields: _Fields, timeout: float) -> tuple[bool, str]:
+    """(passed, reason) for a [filter]: the same condition logic as a rule's `match`."""
+    return _match_conditions(stop.conditions, stop.mode, fields, timeout, "[filter]")
 
 
 def _count(number: int) -> str:
@@ -255,6 +267,11 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
     """
     fields = _Fields(mail)
     trace: list[TraceStep] = []
+    for stop in ruleset.filters:
+        passed, why = _match_filter(stop, fields, regex_timeout)
+        trace.append(TraceStep(stop.label, passed, why))
+        if not passed:
+            return _filtered(stop, mail, tuple(trace), why)
     for rule in ruleset.rules:
         if not rule.enabled:
             trace.append(TraceStep(rule.name, False, "disabled"))
@@ -296,6 +313,22 @@ def _decide(
         links=_links(rule, ctx),
         trace=trace,
         reason=f'matched rule "{rule.name}"{where}',
+    )
+
+
+def _filtered(stop: Filter, mail: ParsedMail, trace: tuple[TraceStep, ...], why: str) -> Decision:
+    """Stopped by a [filter]: no rule is tried, nothing is sent; the mail is kept, visible."""
+    return Decision(
+        rule=None,
+        action="discard",
+        incident_key=None,
+        summary=_collapse(mail.subject, MAX_SUMMARY) or NO_SUBJECT,
+        severity="",
+        details={},
+        links=(),
+        trace=trace,
+        reason=f"filtered by {stop.label}: {why}",
+        filtered=True,
     )
 
 

@@ -27,6 +27,7 @@ from gateway.rules.model import (
     TEMPLATE_NAMES,
     Condition,
     Extractor,
+    Filter,
     Link,
     Rule,
     Ruleset,
@@ -36,7 +37,7 @@ from gateway.rules.templates import ENV, compile_template, is_template
 from gateway.sandbox import BudgetExceeded
 from gateway.toml_locator import TomlLocator
 
-TOP_KEYS = ("rule", "unmatched", "keys")
+TOP_KEYS = ("rule", "unmatched", "keys", "filter")
 RULE_KEYS = (
     "name",
     "enabled",
@@ -55,6 +56,7 @@ EXTRACTOR_HOWS = ("regex", "between", "after", "before")
 LINK_KEYS = ("href", "text")
 UNMATCHED_KEYS = ("action", "summary", "severity")
 KEYS_KEYS = ("strip_tags",)
+FILTER_KEYS = ("mode", "conditions")
 SAMPLE_CONTEXT: dict[str, Any] = {  # what templates see on an empty mail
     **dict.fromkeys(TEMPLATE_NAMES, ""),
     "headers": {},
@@ -380,6 +382,7 @@ class _Collected:
         self.unmatched_at = ""
         self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
         self.tags: list[str] = []
+        self.filters: list[Filter] = []
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -400,6 +403,22 @@ def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
         scope.summary(raw, "{{ subject }}"),
         scope.severity(raw, "warning"),
     )
+
+
+def _filter(chk: _Checker, raw: Any, out: _Collected) -> None:
+    """`[filter]`: mode = "all" | "any" and conditions in the rule syntax."""
+    scope = _Scope(chk, chk.loc.span("filter"), "filter")
+    if not isinstance(raw, dict):
+        scope.add("[filter] must be a table with mode and conditions")
+        return
+    before = len(chk.problems)
+    scope.unknown(raw, FILTER_KEYS)
+    mode = raw.get("mode", "all")
+    if mode not in ("all", "any"):
+        scope.add(f'mode must be "all" or "any", not {mode!r}', "mode")
+    conditions = _conditions(scope, raw.get("conditions"))
+    if len(chk.problems) == before:
+        out.filters.append(Filter(conditions, mode, chk.file, scope.line))
 
 
 def _keys(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -446,6 +465,7 @@ def _check_file(path: Path, problems: list[Problem], out: _Collected, files: Fil
 _SECTIONS: dict[str, Callable[[_Checker, Any, _Collected], None]] = {
     "unmatched": _unmatched,
     "keys": _keys,
+    "filter": _filter,
 }
 
 
@@ -492,4 +512,5 @@ def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Rul
         unmatched_severity=severity,
         strip_tags=tuple(out.tags),
         files=tuple(str(p) for p in paths),
+        filters=tuple(out.filters),
     )

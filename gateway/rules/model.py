@@ -151,6 +151,25 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Filter:
+    """A `[filter]` table: mail must pass it before any rule is tried (PagerDuty's email
+    filters). Mail that does not pass is kept as `filtered` and nothing is sent."""
+
+    conditions: tuple[Condition, ...]
+    mode: str = "all"
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        """'[filter] (name.toml:line)' for traces: which file's filter stopped the mail."""
+        if not self.file:
+            return "[filter]"
+        name = self.file.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"[filter] ({name}:{self.line})" if self.line else f"[filter] ({name})"
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """All rules of one service (in order, across its files) plus the unmatched policy."""
 
@@ -160,6 +179,7 @@ class Ruleset:
     unmatched_severity: str = "warning"
     strip_tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    filters: tuple[Filter, ...] = ()  # every one must pass (one per file at most)
 
 
 @dataclass(frozen=True)
@@ -185,3 +205,4 @@ class Decision:
     trace: tuple[TraceStep, ...]
     reason: str
     unmatched: bool = False
+    filtered: bool = False  # stopped by a [filter]: kept as `filtered`, nothing sent
