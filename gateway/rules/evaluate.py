@@ -279,10 +279,9 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
         matched, why = _match(rule, fields, regex_timeout)
         key = None
         if matched and rule.action in KEYED_ACTIONS:
-            raw = extract(rule.incident_key, fields, regex_timeout, rule.name)
-            key = normalise_key(raw, ruleset.strip_tags) if raw else ""
+            key = _key(rule, fields, regex_timeout, ruleset.strip_tags)
             if not key:
-                why = f"{why}, but incident key not found ({rule.incident_key.describe()})"
+                why = f"{why}, but incident key not found ({rule.describe_key()})"
                 matched = False
             else:
                 why = f'{why}; key "{key}"'
@@ -290,6 +289,18 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
         if matched:
             return _decide(rule, mail, fields, key, tuple(trace), regex_timeout)
     return _unmatched(ruleset, mail, tuple(trace))
+
+
+def _key(rule: Rule, fields: _Fields, timeout: float, tags: tuple[str, ...]) -> str:
+    """The normalised key from the first of the rule's key extractors that finds one."""
+    raw = extract(rule.incident_key, fields, timeout, rule.name)
+    key = normalise_key(raw, tags) if raw else ""
+    for extractor in rule.key_fallbacks:
+        if key:
+            break
+        raw = extract(extractor, fields, timeout, rule.name)
+        key = normalise_key(raw, tags) if raw else ""
+    return key
 
 
 def _decide(

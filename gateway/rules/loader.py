@@ -332,7 +332,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         scope.add(f'match must be "all" or "any", not {match!r}', "match")
     enabled = scope.boolean(raw, "enabled")
     conditions = _conditions(scope, raw.get("conditions"))
-    key = _extractor(scope, raw.get("incident_key", "subject"), "incident_key")
+    key, fallbacks = _incident_key(scope, raw.get("incident_key", "subject"))
     summary = scope.summary(raw, "{{ subject }}")
     severity = scope.severity(raw, "critical")
     details, links = _details(scope, raw.get("details")), _links(scope, raw.get("links"))
@@ -344,6 +344,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         action=action,
         match=match,
         incident_key=key,
+        key_fallbacks=fallbacks,
         summary=summary,
         severity=severity,
         details=details,
@@ -352,6 +353,20 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         file=chk.file,
         line=scope.line,
     )
+
+
+def _incident_key(scope: _Scope, raw: Any) -> tuple[Extractor | None, tuple[Extractor, ...]]:
+    """One extractor, or a list tried in order (the first that finds a key wins), so a ticket
+    number can come from the subject or, failing that, from a link in the body."""
+    if not isinstance(raw, list):
+        return _extractor(scope, raw, "incident_key"), ()
+    if not raw:
+        scope.add("incident_key must not be an empty list", "incident_key")
+        return None, ()
+    built = [_extractor(scope, item, "incident_key", n) for n, item in enumerate(raw)]
+    if any(ex is None for ex in built):
+        return None, ()
+    return built[0], tuple(ex for ex in built[1:] if ex is not None)
 
 
 def _rule_name(scope: _Scope, name: Any, names: dict[str, str]) -> None:

@@ -134,6 +134,7 @@ class Rule:
     action: str
     match: str = "all"
     incident_key: Extractor = Extractor(field="subject")
+    key_fallbacks: tuple[Extractor, ...] = ()  # incident_key = [a, b, ...]: tried in order
     summary: str = DEFAULT_SUMMARY
     severity: str = "critical"
     details: tuple[tuple[str, Extractor | str], ...] = ()
@@ -141,6 +142,10 @@ class Rule:
     enabled: bool = True
     file: str = ""
     line: int | None = None
+
+    def describe_key(self) -> str:
+        """The key's extractor(s) for traces: 'subject regex ... or body regex ...'."""
+        return " or ".join(ex.describe() for ex in (self.incident_key, *self.key_fallbacks))
 
     @property
     def where(self) -> str:
