@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from gateway.errors import RuleError
 from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
 from gateway.themes.render import Themes
@@ -144,3 +145,65 @@ def test_one_tickets_mails_meet_in_one_incident(
         "acknowledge_no_open_incident",  # 05 another ticket, French "En attente"
         "unmatched",  # 06 the satisfaction survey
     ]
+
+
+# --------------------------------------------------------------------------- incident_key lists
+
+KEY_LIST_RULES = """
+[[rule]]
+name = "ticket"
+conditions = [{ op = "always" }]
+action = "trigger"
+incident_key = [
+  { field = "subject", regex = '\\(#(\\d+)\\)' },
+  { field = "body", regex = '/tickets/(\\d+)' },
+]
+"""
+
+
+def key_list_decision(tmp_path: Path, subject: str, body: str):
+    path = tmp_path / "keys.toml"
+    path.write_text(KEY_LIST_RULES, encoding="utf-8")
+    raw = f"Subject: {subject}\r\nFrom: a@b.example\r\n\r\n{body}\r\n".encode()
+    return evaluate(load_ruleset([path]), parse_message(raw))
+
+
+def test_a_key_list_takes_the_first_extractor_that_finds_a_key(tmp_path: Path) -> None:
+    both = key_list_decision(tmp_path, "Disk full (#12)", "https://x.example/tickets/99")
+    assert both.incident_key == "12"
+    body_only = key_list_decision(tmp_path, "Re: disk full", "https://x.example/tickets/99")
+    assert body_only.incident_key == "99"
+
+
+def test_a_key_list_that_finds_nothing_does_not_match_and_says_what_it_tried(
+    tmp_path: Path,
+) -> None:
+    decision = key_list_decision(tmp_path, "Disk full", "no link")
+    assert decision.unmatched
+    [step] = decision.trace
+    assert "incident key not found (subject regex" in step.reason
+    assert "or body regex '/tickets/(\\\\d+)')" in step.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "line", "message"),
+    [
+        ("[]", 5, "incident_key must not be an empty list"),
+        ('[{ field = "subject" }, { field = "bodie" }]', 5, "unknown field 'bodie'"),
+        ('[{ field = "subject" }, { field = "body", regex = "(" }]', 5, "bad regex"),
+    ],
+    ids=["empty", "field", "regex"],
+)
+def test_a_bad_key_list_is_reported_with_file_and_line(
+    tmp_path: Path, key: str, line: int, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[[rule]]\nname = "x"\nconditions = [{ op = "always" }]\naction = "trigger"\n'
+        f"incident_key = {key}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(RuleError) as caught:
+        load_ruleset([path])
+    [problem] = caught.value.problems
+    assert (problem.line, message in problem.message) == (line, True), problem
