@@ -208,3 +208,25 @@ def test_a_bad_key_list_is_reported_with_file_and_line(
         load_ruleset([path])
     [problem] = caught.value.problems
     assert (problem.line, message in problem.message) == (line, True), problem
+
+
+@pytest.mark.parametrize("pack", PACKS)
+def test_the_packs_commented_filter_admits_its_own_helpdesk(tmp_path: Path, pack: str) -> None:
+    """Uncommented, with the fixtures' domain for "yourcompany", each pack's [filter] loads and
+    lets every mail of that helpdesk through, and stops a stranger's copy of one."""
+    text = (RULES_DIR / f"{pack}.toml").read_text(encoding="utf-8")
+    block = text[text.index("# [filter]") :].split("\n\n", 1)[0]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    rules = tmp_path / f"{pack}.toml"
+    rules.write_text(text + "\n" + uncommented.replace("yourcompany", "acme") + "\n")
+    ruleset = load_ruleset([rules])
+    assert len(ruleset.filters) == 1
+    for name, expected in expectations(pack).items():
+        raw = (FIXTURES / pack / name).read_bytes()
+        decision = evaluate(ruleset, parse_message(raw))
+        if expected["action"] != "discard":
+            assert not decision.filtered and decision.action == expected["action"], name
+    first = sorted(expectations(pack))[0]
+    raw = (FIXTURES / pack / first).read_bytes()
+    forged = raw.replace(b"acme", b"evil", 1)  # the From line comes first in these fixtures
+    assert evaluate(ruleset, parse_message(forged)).filtered
