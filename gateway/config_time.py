@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.schedules import (
     DAY_GROUPS,
@@ -24,8 +24,22 @@ from gateway.schedules import (
     to_instant,
 )
 
-if TYPE_CHECKING:
-    from gateway.config import _Reader
+
+class _Reader(Protocol):
+    """What these readers use of `gateway.config`'s reader (no import: config imports us)."""
+
+    problems: list[Any]
+
+    def problem(self, key: str, message: str) -> None: ...
+    def line_of(self, dotted: str) -> int | None: ...
+    def in_section(self, name: str, nth: int = 0) -> None: ...
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]: ...
+    def array(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]: ...
+    def check_keys(self, where: str, table: dict[str, Any], allowed: set[str]) -> None: ...
+    def get(
+        self, where: str, table: dict[str, Any], key: str, kind: Any, *args: Any, **kw: Any
+    ) -> Any: ...
+
 
 MAINTENANCE_MODES = ("suppress", "downgrade")
 SEVERITIES = ("critical", "error", "warning", "info")
