@@ -32,6 +32,7 @@ from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
+from gateway.schedules import Schedule
 from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,9 @@ class Processor:
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
         try:
-            decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
+            decision = evaluate(
+                runtime.ruleset, mail, regex_timeout=self.regex_timeout, at=job.received_at
+            )
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
         if decision.action == "discard" or decision.incident_key is None:
@@ -396,14 +399,17 @@ def _trace_row(step: TraceStep) -> dict[str, object]:
 
 
 def load_services(
-    services: tuple[ServiceSettings, ...], *, files: FileSnapshot | None = None
+    services: tuple[ServiceSettings, ...],
+    *,
+    files: FileSnapshot | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
 ) -> dict[str, ServiceRuntime]:
     """Compile every service's rule files; RuleError lists all problems of all services."""
     runtimes: dict[str, ServiceRuntime] = {}
     problems = []
     for settings in services:
         try:
-            ruleset = load_ruleset(list(settings.rules), files=files)
+            ruleset = load_ruleset(list(settings.rules), files=files, schedules=schedules)
             runtimes[settings.name] = ServiceRuntime(settings, ruleset)
         except RuleError as exc:
             problems.extend(exc.problems)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from gateway.rules.model import (
     OPS,
     SEVERITIES,
     TEMPLATE_NAMES,
+    TIME_FIELD,
+    TIME_OPS,
     Condition,
     Extractor,
     Link,
@@ -34,6 +36,7 @@ from gateway.rules.model import (
 )
 from gateway.rules.templates import ENV, compile_template, is_template
 from gateway.sandbox import BudgetExceeded
+from gateway.schedules import Schedule
 from gateway.toml_locator import TomlLocator
 
 TOP_KEYS = ("rule", "unmatched", "keys")
@@ -64,15 +67,23 @@ SAMPLE_CONTEXT: dict[str, Any] = {  # what templates see on an empty mail
 }
 _HEADER_FIELD = re.compile(r"^[A-Za-z0-9-]+$")
 _TOML_LINE = re.compile(r"at line (\d+)")
+_WITHIN = re.compile(r"\bwithin\s*(?:\.\s*([A-Za-z0-9_]+)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 
 
 class _Checker:
     """Validation of one file: collects problems, locating each in the source text."""
 
-    def __init__(self, file: str, text: str, problems: list[Problem]) -> None:
+    def __init__(
+        self,
+        file: str,
+        text: str,
+        problems: list[Problem],
+        schedules: Mapping[str, Schedule] | None = None,
+    ) -> None:
         self.file = file
         self.loc = TomlLocator(text)
         self.problems = problems
+        self.schedules = schedules or {}  # config.toml's, for `time` conditions
 
     def add(self, message: str, line: int | None, key: str | None = None) -> None:
         self.problems.append(Problem(self.file, message, line, key))
@@ -145,6 +156,14 @@ class _Scope:
             self.chk.add(f"bad template: {exc.message}", where, self._key(path))
             return False
         unknown = sorted(names - set(TEMPLATE_NAMES) - set(ENV.globals))
+        schedules = {a or b for a, b in _WITHIN.findall(source)} - set(self.chk.schedules)
+        if schedules:
+            known = ", ".join(sorted(self.chk.schedules)) or "none"
+            self.add(
+                f"unknown schedule(s) {', '.join(sorted(schedules))} after within. (defined: {known})",
+                *path,
+            )
+            return False
         if unknown:
             self.add(
                 f"unknown template variable(s) {', '.join(unknown)}; "
@@ -200,6 +219,8 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
         return None
     before = len(scope.chk.problems)
     scope.unknown(raw, CONDITION_KEYS, *path)
+    if raw.get("field") == TIME_FIELD:
+        return _time_condition(scope, raw, path)
     op = raw.get("op")
     if op not in OPS:
         what = "missing op" if op is None else f"unknown op {op!r}"
@@ -220,6 +241,25 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
     if len(scope.chk.problems) > before or value is None:
         return None
     return Condition(raw["field"], op, value, ignore_case, scope.at(*path))
+
+
+def _time_condition(
+    scope: _Scope, raw: dict[str, Any], path: tuple[str | int, ...]
+) -> Condition | None:
+    """{ field = "time", op = "within" | "outside", value = "<schedule in config.toml>" }."""
+    before = len(scope.chk.problems)
+    op, name = raw.get("op"), raw.get("value")
+    if op not in TIME_OPS:
+        scope.add(f"field time takes op within or outside, not {op!r}", *path, "op")
+    schedule = scope.chk.schedules.get(name) if isinstance(name, str) else None
+    if schedule is None:
+        known = (
+            ", ".join(sorted(scope.chk.schedules)) or "none; define [schedules.NAME] in config.toml"
+        )
+        scope.add(f"unknown schedule {name!r} (defined: {known})", *path, "value")
+    if len(scope.chk.problems) > before or schedule is None:
+        return None
+    return Condition(TIME_FIELD, op, name, line=scope.at(*path), _schedule=schedule)
 
 
 def _extractor(scope: _Scope, raw: Any, *path: str | int) -> Extractor | None:
@@ -380,6 +420,7 @@ class _Collected:
         self.unmatched_at = ""
         self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
         self.tags: list[str] = []
+        self.schedules: Mapping[str, Schedule] = {}
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -439,7 +480,7 @@ def _check_file(path: Path, problems: list[Problem], out: _Collected, files: Fil
         line = int(found.group(1)) if found else None
         problems.append(Problem(file, f"TOML syntax error: {exc}", line))
         return
-    chk = _Checker(file, text, problems)
+    chk = _Checker(file, text, problems, out.schedules)
     _sections(chk, data, out)
 
 
@@ -473,13 +514,20 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
             out.rules.append(rule)
 
 
-def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Ruleset:
+def load_ruleset(
+    paths: list[Path],
+    *,
+    files: FileSnapshot | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
+) -> Ruleset:
     """Validate every file, then raise one RuleError with all problems, or return the Ruleset.
 
-    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`."""
+    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`.
+    `schedules` are config.toml's, which `time` conditions name."""
     files = FileSnapshot() if files is None else files
     problems: list[Problem] = []
     out = _Collected()
+    out.schedules = schedules or {}
     for path in paths:
         _check_file(Path(path), problems, out, files)
     if problems:
@@ -492,4 +540,5 @@ def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Rul
         unmatched_severity=severity,
         strip_tags=tuple(out.tags),
         files=tuple(str(p) for p in paths),
+        schedules=tuple(out.schedules.values()),
     )

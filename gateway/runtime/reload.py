@@ -83,7 +83,7 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
     """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
     files = FileSnapshot() if files is None else files
     config = load_config(config_path, files=files)
-    services = load_services(config.services, files=files)
+    services = load_services(config.services, files=files, schedules=config.schedules)
     from gateway.themes import render as themes
 
     if files.exists(config.gateway.templates_dir) or uses_themes(config):
