@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.config import Config, load_config
+from gateway.decide import heartbeats
 from gateway.decide.processor import ServiceRuntime, load_services
-from gateway.errors import Problem, ProblemsError, ThemeError
+from gateway.errors import ConfigError, Problem, ProblemsError, ThemeError
 from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
     files = FileSnapshot() if files is None else files
     config = load_config(config_path, files=files)
     services = load_services(config.services, files=files, schedules=config.schedules)
+    rulesets = {name: runtime.ruleset for name, runtime in services.items()}
+    problems = heartbeats.rule_problems(config.heartbeats, rulesets, config.path)
+    if problems:
+        raise ConfigError(problems)
     from gateway.themes import render as themes
 
     if files.exists(config.gateway.templates_dir) or uses_themes(config):
