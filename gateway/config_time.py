@@ -57,7 +57,7 @@ class HeartbeatSettings:
     interval_seconds: float
     grace_seconds: float = 0.0
     severity: str = "critical"
-    line: int | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)  # of its `rule =`
 
     @property
     def incident_key(self) -> str:
@@ -263,7 +263,7 @@ def _heartbeat(
     severity = reader.get(w, t, "severity", str, "critical", check=_one_of(SEVERITIES))
     if len(reader.problems) > before:
         return None
-    line = reader.line_of(w)
+    line = reader.line_of(f"{w}.rule")  # where an unknown rule is reported (rules load later)
     return HeartbeatSettings(name, service, rule, interval, grace, severity, line)
 
 
