@@ -3,16 +3,20 @@ such; acknowledges and resolves still go through. Instants are fixed."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
+from gateway.config import WebSettings, load_config
 from gateway.errors import ConfigError
 from gateway.outcomes import Outcome
-from gateway.store import Store, open_store
+from gateway.store import Store, StoreThread, open_store
+from gateway.web.metrics import LiveState
+from gateway.web.status import WebApp
 from tests.conftest import desk_mail, write_config
 from tests.time_support import Clock, accept_at, berlin, config, processor
+from tests.web_support import SMTP_UP, call
 
 WINDOWS = """
 [schedules.deploys]
@@ -155,3 +159,26 @@ def test_a_local_window_takes_its_zone_from_timezone(tmp_path: Path) -> None:
     (window,) = config(tmp_path, extra).maintenance
     assert window.start == berlin("2026-11-01T06:30")  # 01:30 EDT (first of two 01:30s)
     assert window.end == berlin("2026-11-01T09:00")  # 03:00 EST
+
+
+def test_status_page_summarises_the_windows_and_what_they_suppressed(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = config(tmp_path, WINDOWS)
+    accept_at(store, monkeypatch, berlin("2026-12-01T23:30"), desk_mail("Disk full"))
+    processor(store, settings, Clock(berlin("2026-12-01T23:30"))).process_pending()
+    thread = StoreThread(tmp_path / "gateway.sqlite3", "web-test")
+    try:
+        app = WebApp(thread, WebSettings(), live=LiveState(smtp=SMTP_UP))
+        app.services, app.maintenance = list(settings.services), settings.maintenance
+        response = call(app, "GET", "/")
+    finally:
+        thread.close()
+    assert response.status_code == 200
+    rows = re.findall(r'<tr class="maintenance.*?</tr>', response.text, re.S)
+    assert len(rows) == 2
+    upgrade, deploys = rows
+    assert "database upgrade" in upgrade and "suppressed" in upgrade
+    assert "once, 2026-12-01 21:00 UTC - 2026-12-02 01:00 UTC" in upgrade
+    assert 'outcome=maintenance_suppressed&amp;service=helpdesk">1</a>' in upgrade
+    assert "downgraded to info" in deploys and "schedule deploys" in deploys

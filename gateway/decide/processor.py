@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.config_time import HeartbeatSettings
-from gateway.decide import heartbeats, incidents, notifications
+from gateway.decide import incidents, notifications
 from gateway.decide.events import build_event, pagerduty_order_key
-from gateway.decide.maintenance import active_window, during_maintenance, milder
+from gateway.decide.heartbeat_duties import HeartbeatDuties
+from gateway.decide.maintenance import active_window, during_maintenance
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
@@ -35,13 +36,12 @@ from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
 from gateway.schedules import MaintenanceWindow, Schedule
-from gateway.store import DecisionStore, HeartbeatState, Incident, PendingJob
+from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
 
 # rounds per `process_pending` for jobs whose incident changed between the phases
 DECIDE_ROUNDS = 3
-HEARTBEAT_CHECK_SECONDS = 1.0  # how often `check_heartbeats` looks for overdue mail
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Processed:
         }
 
 
-class Processor:
+class Processor(HeartbeatDuties):
     """Decides pending jobs. `services` may be swapped (hot reload) between batches."""
 
     def __init__(
@@ -297,7 +297,8 @@ class Processor:
                     )
                 else:
                     done = self._act(verdict)
-                if self._heartbeats_seen(verdict):
+                rule = verdict.decision.rule if verdict.decision is not None else None
+                if self.heartbeats_seen(job, rule):
                     done = dataclasses.replace(done, queued=True)
                 return done
         except IncidentMoved:
@@ -407,138 +408,6 @@ class Processor:
             event=event,
             queued=queued,
         )
-
-    # -- heartbeats: expected mail ------------------------------------------------------------
-
-    def check_heartbeats(self) -> list[str]:
-        """Trigger `heartbeat:<name>` for each expected mail now overdue (at most once a
-        second); the names triggered. A suppressing maintenance window of the heartbeat's
-        service postpones the trigger until it ends; a downgrading one lowers its severity."""
-        now = self.clock()
-        if not self.heartbeats or now - self._heartbeats_checked < HEARTBEAT_CHECK_SECONDS:
-            return []
-        self._heartbeats_checked = now
-        states = {s.name: s for s in self.store.mail_heartbeats()}
-        due = [b for b in self.heartbeats if self._heartbeat_due(b, states.get(b.name), now)]
-        if not due:
-            return []
-        with self.store.transaction():
-            states = {s.name: s for s in self.store.mail_heartbeats()}  # under the lock
-            triggered = [b.name for b in due if self._heartbeat_missing(b, states, now)]
-        if triggered and self.on_outbox:
-            self.on_outbox()
-        return triggered
-
-    def _heartbeat_due(
-        self, beat: HeartbeatSettings, state: HeartbeatState | None, now: float
-    ) -> bool:
-        """Whether a write is needed: a first sighting to record, or an overdue heartbeat."""
-        if state is None or state.service != beat.service:
-            return True  # start watching (again, when it moved to another service)
-        if not heartbeats.is_overdue(beat, state, now):
-            return False
-        window = active_window(self.maintenance, beat.service, now)
-        return window is None or window.mode != "suppress"
-
-    def _heartbeat_missing(
-        self, beat: HeartbeatSettings, states: Mapping[str, HeartbeatState], now: float
-    ) -> bool:
-        """Inside the transaction: record a first watch, or trigger; True if it triggered."""
-        state = states.get(beat.name)
-        if state is None or state.service != beat.service:
-            self.store.save_mail_heartbeat(HeartbeatState(beat.name, beat.service, now))
-            return False
-        if not heartbeats.is_overdue(beat, state, now):
-            return False  # another processor saw it or reported it meanwhile
-        key = beat.incident_key
-        summary = heartbeats.missing_summary(beat.name, state.last_seen)
-        changed, _ = incidents.apply_action(
-            self.store.incident(beat.service, key),
-            service=beat.service,
-            key=key,
-            action="trigger",
-            now=now,
-            summary=summary,
-        )
-        if changed is not None:
-            self.store.save_incident(changed)
-        window = active_window(self.maintenance, beat.service, now)
-        severity = beat.severity if window is None else milder(beat.severity, window.severity)
-        event = build_event(
-            action="trigger",
-            dedup_key=key,
-            summary=summary,
-            severity=severity,
-            source=self.pagerduty.source,
-            component=beat.service,
-            rule=f"heartbeat {beat.name}",
-            details=heartbeats.missing_details(beat, state),
-            client_url=self.pagerduty.client_url,
-        )
-        self._queue_own_event(beat.service, event, summary)
-        self.store.save_mail_heartbeat(dataclasses.replace(state, missing_since=now))
-        log.warning("heartbeat %s missing: triggered %s on %s", beat.name, key, beat.service)
-        return True
-
-    def _heartbeats_seen(self, verdict: Verdict) -> bool:
-        """Phase 2: the mail counts for the heartbeats of its rule; a missing one is resolved.
-        True if an event was queued."""
-        decision, job = verdict.decision, verdict.job
-        beats = heartbeats.matching(self.heartbeats, job.service, decision and decision.rule)
-        if not beats:
-            return False
-        states = {s.name: s for s in self.store.mail_heartbeats()}
-        queued = False
-        for beat in beats:
-            state = states.get(beat.name) or HeartbeatState(
-                beat.name, beat.service, job.received_at
-            )
-            if state.missing_since is not None:
-                queued = self._heartbeat_back(beat, job) or queued
-            last = max(job.received_at, state.last_seen or job.received_at)
-            self.store.save_mail_heartbeat(
-                dataclasses.replace(
-                    state,
-                    service=beat.service,
-                    last_seen=last,
-                    last_message=job.message,
-                    missing_since=None,
-                )
-            )
-        return queued
-
-    def _heartbeat_back(self, beat: HeartbeatSettings, job: PendingJob) -> bool:
-        """Resolve `heartbeat:<name>`, which this gateway opened when the mail went missing."""
-        key = beat.incident_key
-        changed, _ = incidents.apply_action(
-            self.store.incident(beat.service, key),
-            service=beat.service,
-            key=key,
-            action="resolve",
-            now=self.clock(),
-            message=job.message,
-        )
-        if changed is not None:
-            self.store.save_incident(changed)
-        event = build_event(action="resolve", dedup_key=key)
-        log.info("heartbeat %s back (message %d): resolving %s", beat.name, job.message, key)
-        return self._queue_own_event(beat.service, event, f"heartbeat {beat.name} is back")
-
-    def _queue_own_event(self, service: str, event: dict, why: str) -> bool:
-        """An event the gateway raises itself (no mail behind it): outbox or would-send."""
-        key = event["dedup_key"]
-        runtime = self.services.get(service)
-        if runtime is not None and runtime.settings.routing_key:
-            order_key = pagerduty_order_key(service, key)
-            self.store.add_outbox("pagerduty", service, order_key, event, None)
-            return True
-        self.store.log_event(
-            "would_send",
-            service=service,
-            incident_key=key,
-            detail=f"no routing_key: {event['event_action']} not sent ({why})",
-        )
-        return False
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
