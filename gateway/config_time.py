@@ -58,6 +58,11 @@ class HeartbeatSettings:
     grace_seconds: float = 0.0
     severity: str = "critical"
     line: int | None = field(default=None, compare=False)  # of its `rule =`
+    # ... or conditions in the rule syntax (compiled by gateway.decide.heartbeats), any mail
+    # of the service meeting them counts, whatever rule decides it
+    conditions: tuple[Any, ...] = ()
+    match: str = "all"
+    index: int = field(default=0, compare=False)  # its place among the [[heartbeat]] tables
 
     @property
     def incident_key(self) -> str:
@@ -250,21 +255,28 @@ def _heartbeat(
     reader: _Reader, index: int, t: dict[str, Any], services: set[str]
 ) -> HeartbeatSettings | None:
     w = f"heartbeat #{index}"
-    reader.check_keys(w, t, {"name", "service", "rule", "interval", "grace", "severity"})
+    allowed = {"name", "service", "rule", "conditions", "match", "interval", "grace", "severity"}
+    reader.check_keys(w, t, allowed)
     name = reader.get(w, t, "name", str, f"heartbeat{index}", required=True)
     w = f"heartbeat {name!r}"
     before = len(reader.problems)
     if not _NAME.match(name):
         reader.problem(f"{w}.name", "a heartbeat name may use letters, digits, _ and - only")
     service = _service(reader, w, t, services)
-    rule = reader.get(w, t, "rule", str, "", required=True)
+    rule = reader.get(w, t, "rule", str, "")
+    conditions = reader.get(w, t, "conditions", list, [])
+    match = reader.get(w, t, "match", str, "all", check=_one_of(("all", "any")))
+    if bool(rule) == bool(conditions):
+        reader.problem(w, "give either rule (a rule's name) or conditions (rule syntax)")
     interval = _duration(reader, w, t, "interval", required=True)
     grace = _duration(reader, w, t, "grace", required=False)
     severity = reader.get(w, t, "severity", str, "critical", check=_one_of(SEVERITIES))
     if len(reader.problems) > before:
         return None
     line = reader.line_of(f"{w}.rule")  # where an unknown rule is reported (rules load later)
-    return HeartbeatSettings(name, service, rule, interval, grace, severity, line)
+    return HeartbeatSettings(
+        name, service, rule, interval, grace, severity, line, tuple(conditions), match, index - 1
+    )
 
 
 def _duration(reader: _Reader, w: str, t: dict[str, Any], key: str, *, required: bool) -> float:

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, RuleError
 from gateway.outcomes import Outcome
 from gateway.runtime.reload import load_generation
 from gateway.store import HeartbeatState, Store, open_store
@@ -245,3 +245,54 @@ def test_missing_heartbeat_triggers_and_resolves_across_a_restart_of_serve(
         assert "never" not in row and "ago" in row and "MISSING" not in row
     finally:
         gateway.stop()
+
+
+CONDITIONS_HEARTBEAT = """
+[[heartbeat]]
+name = "cron-db1"
+service = "helpdesk"
+conditions = [
+  { field = "from", op = "contains", value = "backup@db1.example" },
+  { field = "subject", op = "contains", value = "OK" },
+]
+interval = "1h"
+"""
+
+
+def test_a_heartbeat_recognises_its_mail_by_its_own_conditions(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever rule decides the mail (here: none, it is unmatched), it counts."""
+    path = write_config(tmp_path, extra=CONDITIONS_HEARTBEAT)
+    load_generation(path)  # passes `gateway check`
+    settings = load_config(path)
+    clock = Clock(berlin("2026-12-01T03:00"))
+    gateway = processor(store, settings, clock)
+    gateway.check_heartbeats()
+    clock.now += HOUR
+    assert gateway.check_heartbeats() == ["cron-db1"]
+    accept_at(store, monkeypatch, clock.now, backup_mail())
+    (done,) = gateway.process_pending()
+    assert done.outcome == Outcome.UNMATCHED
+    assert events(store) == [("trigger", "heartbeat:cron-db1"), ("resolve", "heartbeat:cron-db1")]
+
+
+def test_a_bad_heartbeat_condition_fails_check_with_file_and_line(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        extra=CONDITIONS_HEARTBEAT.replace('"contains", value = "OK"', '"has", value = "OK"'),
+    )
+    line = (
+        path.read_text().splitlines().index('  { field = "subject", op = "has", value = "OK" },')
+        + 1
+    )
+    with pytest.raises(RuleError) as caught:
+        load_generation(path)
+    assert f"{path}:{line}:" in str(caught.value) and "unknown op 'has'" in str(caught.value)
+
+
+def test_a_heartbeat_needs_a_rule_or_conditions_not_both(tmp_path: Path) -> None:
+    path = write_config(tmp_path, extra=CONDITIONS_HEARTBEAT + 'rule = "new case"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "give either rule (a rule's name) or conditions" in str(caught.value)

@@ -16,7 +16,12 @@ from gateway.config_time import HeartbeatSettings
 from gateway.decide import heartbeats, incidents
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.maintenance import active_window, milder
-from gateway.schedules import MaintenanceWindow
+from gateway.errors import RuleEvaluationError
+from gateway.mail.parse import ParsedMail
+from gateway.rules import Ruleset
+from gateway.rules.evaluate import conditions_match
+from gateway.rules.model import Condition
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.store import DecisionStore, HeartbeatState, PendingJob
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,7 @@ class _Service(Protocol):
     """What is read of a `ServiceRuntime` (processor.py imports this module, not vice versa)."""
 
     settings: ServiceSettings
+    ruleset: Ruleset
 
 
 class HeartbeatDuties:
@@ -40,7 +46,9 @@ class HeartbeatDuties:
     on_outbox: Callable[[], None] | None
     maintenance: tuple[MaintenanceWindow, ...]
     heartbeats: tuple[HeartbeatSettings, ...]
+    regex_timeout: float
     _heartbeats_checked: float = float("-inf")
+    _expected: dict[str, tuple[Condition, ...]]  # heartbeat name -> its own conditions
 
     def check_heartbeats(self) -> list[str]:
         """Trigger `heartbeat:<name>` for each expected mail now overdue (at most once a
@@ -112,10 +120,38 @@ class HeartbeatDuties:
         log.warning("heartbeat %s missing: triggered %s on %s", beat.name, key, beat.service)
         return True
 
-    def heartbeats_seen(self, job: PendingJob, rule: str | None) -> bool:
-        """Phase 2: the mail counts for the heartbeats of its rule; a missing one is resolved.
+    def expect_mail(self, beats: tuple[HeartbeatSettings, ...]) -> None:
+        """Compile the heartbeats' own conditions (validated already by `gateway check`)."""
+        schedules: dict[str, Schedule] = {}
+        for runtime in self.services.values():
+            schedules.update((s.name, s) for s in runtime.ruleset.schedules)
+        self._expected = heartbeats.compile_conditions(beats, "", "", schedules)
+
+    def expected_mail(self, job: PendingJob, mail: ParsedMail, rule: str | None) -> tuple[str, ...]:
+        """Phase 1: the names of the heartbeats a decided mail counts for: by its rule, or by
+        their own conditions (a regex timeout there only means "not this one")."""
+        names = [b.name for b in heartbeats.matching(self.heartbeats, job.service, rule)]
+        for beat in self.heartbeats:
+            conditions = self._expected.get(beat.name)
+            if conditions and beat.service == job.service and beat.name not in names:
+                try:
+                    if conditions_match(
+                        conditions,
+                        mail,
+                        match=beat.match,
+                        at=job.received_at,
+                        regex_timeout=self.regex_timeout,
+                        name=f"heartbeat {beat.name}",
+                    ):
+                        names.append(beat.name)
+                except RuleEvaluationError as exc:
+                    log.warning("message=%d: %s", job.message, exc)
+        return tuple(names)
+
+    def heartbeats_seen(self, job: PendingJob, names: tuple[str, ...]) -> bool:
+        """Phase 2: the mail counts for these heartbeats; a missing one is resolved.
         True if an event was queued."""
-        beats = heartbeats.matching(self.heartbeats, job.service, rule)
+        beats = [b for b in self.heartbeats if b.name in names]
         if not beats:
             return False
         states = {s.name: s for s in self.store.mail_heartbeats()}

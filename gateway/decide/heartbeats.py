@@ -17,8 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.config_time import HeartbeatSettings
-from gateway.errors import Problem
+from gateway.errors import Problem, RuleError
 from gateway.rules import Ruleset
+from gateway.rules.loader import load_conditions
+from gateway.rules.model import Condition
+from gateway.schedules import Schedule
 from gateway.store import HeartbeatState
 
 
@@ -53,9 +56,36 @@ def matching(
     beats: Iterable[HeartbeatSettings], service: str, rule: str | None
 ) -> list[HeartbeatSettings]:
     """The heartbeats a mail decided by `rule` for `service` counts for."""
-    if rule is None:
+    if not rule:
         return []
     return [b for b in beats if b.service == service and b.rule == rule]
+
+
+def compile_conditions(
+    beats: Iterable[HeartbeatSettings], file: str, text: str, schedules: Mapping[str, Schedule]
+) -> dict[str, tuple[Condition, ...]]:
+    """Each heartbeat's own `conditions`, checked like a rule's; RuleError names config.toml's
+    lines (found in `text`)."""
+    compiled: dict[str, tuple[Condition, ...]] = {}
+    problems: list[Problem] = []
+    for beat in beats:
+        if not beat.conditions:
+            continue
+        try:
+            compiled[beat.name] = load_conditions(
+                file,
+                text,
+                "heartbeat",
+                beat.index,
+                list(beat.conditions),
+                label=f"heartbeat {beat.name!r}",
+                schedules=schedules,
+            )
+        except RuleError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RuleError(problems)
+    return compiled
 
 
 def rule_problems(
@@ -65,7 +95,7 @@ def rule_problems(
     problems = []
     for beat in beats:
         ruleset = rulesets.get(beat.service)
-        if ruleset is None or any(r.name == beat.rule for r in ruleset.rules):
+        if not beat.rule or ruleset is None or any(r.name == beat.rule for r in ruleset.rules):
             continue
         known = ", ".join(repr(r.name) for r in ruleset.rules) or "none"
         problems.append(

@@ -73,6 +73,7 @@ class Verdict:
     decision: Decision | None = None
     event: dict | None = None
     change: IncidentChange | None = None  # with `event`: the incident action to apply
+    heartbeats: tuple[str, ...] = ()  # the [[heartbeat]]s this mail counts for
 
 
 class IncidentMoved(Exception):
@@ -146,6 +147,7 @@ class Processor(HeartbeatDuties):
         self.maintenance = maintenance
         self.heartbeats = heartbeats
         self._heartbeats_checked = float("-inf")
+        self.expect_mail(heartbeats)
 
     def reconfigure(
         self,
@@ -161,6 +163,7 @@ class Processor(HeartbeatDuties):
         self.services, self.pagerduty = services, pagerduty
         self.regex_timeout, self.notifier = regex_timeout, notifier
         self.maintenance, self.heartbeats = maintenance, heartbeats
+        self.expect_mail(heartbeats)
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -235,17 +238,26 @@ class Processor(HeartbeatDuties):
             )
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
+        seen = self.expected_mail(job, mail, decision.rule)  # [[heartbeat]]s it counts for
         if decision.action == "discard" or decision.incident_key is None:
             outcome = Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
-            return Verdict(job, outcome, decision.reason, decision=decision)
+            return Verdict(job, outcome, decision.reason, decision=decision, heartbeats=seen)
         window = active_window(self.maintenance, job.service, job.received_at)
         decision, suppressed = during_maintenance(decision, window)
         if suppressed:
-            return Verdict(job, Outcome.MAINTENANCE, decision.reason, decision=decision)
+            return Verdict(
+                job, Outcome.MAINTENANCE, decision.reason, decision=decision, heartbeats=seen
+            )
         event = self._event(runtime, mail, decision)
         change = self._change(job, runtime, decision, mail.message_id, ahead)
         return Verdict(
-            job, change.outcome, decision.reason, decision=decision, event=event, change=change
+            job,
+            change.outcome,
+            decision.reason,
+            decision=decision,
+            event=event,
+            change=change,
+            heartbeats=seen,
         )
 
     def _change(
@@ -297,8 +309,7 @@ class Processor(HeartbeatDuties):
                     )
                 else:
                     done = self._act(verdict)
-                rule = verdict.decision.rule if verdict.decision is not None else None
-                if self.heartbeats_seen(job, rule):
+                if self.heartbeats_seen(job, verdict.heartbeats):
                     done = dataclasses.replace(done, queued=True)
                 return done
         except IncidentMoved:

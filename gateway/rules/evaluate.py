@@ -361,3 +361,18 @@ def _unmatched(
         reason=f"no rule matched ({tried}); [unmatched] action = {action}",
         unmatched=True,
     )
+
+
+def conditions_match(
+    conditions: tuple[Condition, ...],
+    mail: ParsedMail,
+    *,
+    match: str = "all",
+    at: float | None = None,
+    regex_timeout: float = 0.5,
+    name: str = "conditions",
+) -> bool:
+    """Whether a mail meets conditions that belong to no rule (a `[[heartbeat]]`'s), judged
+    as a rule's are. Raises RuleEvaluationError on a regex timeout."""
+    probe = Rule(name=name, conditions=conditions, action="discard", match=match)
+    return _match(probe, _Fields(mail, at), regex_timeout)[0]

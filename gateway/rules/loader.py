@@ -542,3 +542,23 @@ def load_ruleset(
         files=tuple(str(p) for p in paths),
         schedules=tuple(out.schedules.values()),
     )
+
+
+def load_conditions(
+    file: str,
+    text: str,
+    table: str,
+    nth: int,
+    raw: Any,
+    *,
+    label: str,
+    schedules: Mapping[str, Schedule] | None = None,
+) -> tuple[Condition, ...]:
+    """Conditions written outside a rule file (config.toml's `[[heartbeat]]`), with a rule's
+    checks and file:line errors: `table`/`nth` locate them in `text`. Raises RuleError."""
+    problems: list[Problem] = []
+    chk = _Checker(file, text, problems, schedules)
+    conditions = _conditions(_Scope(chk, chk.loc.span(table, nth), label), raw)
+    if problems:
+        raise RuleError(problems)
+    return conditions

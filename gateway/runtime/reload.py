@@ -89,6 +89,8 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
     problems = heartbeats.rule_problems(config.heartbeats, rulesets, config.path)
     if problems:
         raise ConfigError(problems)
+    text = files.read_text(config.path)  # already read: where a bad heartbeat condition is
+    heartbeats.compile_conditions(config.heartbeats, str(config.path), text, config.schedules)
     from gateway.themes import render as themes
 
     if files.exists(config.gateway.templates_dir) or uses_themes(config):
