@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import WebSettings, load_config
+from gateway.decide.replay import replay
 from gateway.errors import ConfigError
 from gateway.outcomes import Outcome
 from gateway.store import Store, StoreThread, open_store
@@ -182,3 +183,14 @@ def test_status_page_summarises_the_windows_and_what_they_suppressed(
     assert "once, 2026-12-01 21:00 UTC - 2026-12-02 01:00 UTC" in upgrade
     assert 'outcome=maintenance_suppressed&amp;service=helpdesk">1</a>' in upgrade
     assert "downgraded to info" in deploys and "schedule deploys" in deploys
+
+
+def test_replay_does_not_report_a_suppressed_trigger_as_a_rule_change(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = config(tmp_path, WINDOWS)
+    accept_at(store, monkeypatch, berlin("2026-12-01T23:30"), desk_mail("Disk full"))
+    gateway = processor(store, settings, Clock(berlin("2026-12-01T23:30")))
+    gateway.process_pending()
+    (replayed,) = replay(store, gateway.services, since=0)
+    assert not replayed.changed, (replayed.old, replayed.new)

@@ -150,7 +150,11 @@ def _effect(ruleset: Ruleset, mail, regex_timeout: float, at: float) -> Effect:
 def stored_effect(
     outcome: str | None, action: str | None, rule: str | None, key: str | None
 ) -> Effect:
-    """The stored decision in the same terms (outcomes like trigger_duplicate -> trigger)."""
+    """The stored decision in the same terms (outcomes like trigger_duplicate -> trigger).
+    A trigger a maintenance window suppressed is still what the rules decided: replay
+    compares rules, and windows are configuration."""
+    if outcome == Outcome.MAINTENANCE and action is not None:
+        return Effect(action, rule, key)
     if outcome in NON_ACTIONS or action in (None, "discard"):
         kind = outcome if outcome in NON_ACTIONS else Outcome.DISCARDED
         return Effect(kind, rule, None)
