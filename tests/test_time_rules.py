@@ -190,3 +190,12 @@ def test_check_names_file_and_line_of_a_bad_schedule_in_config(
     out = capsys.readouterr()
     assert f"{config}:{line}:" in out.out + out.err
     assert "unknown time zone 'Europe/Berlim'" in out.out + out.err
+
+
+def test_the_word_within_in_template_text_is_not_a_schedule(tmp_path: Path) -> None:
+    rules = URGENT.replace('summary = "{{ subject }}"', 'summary = "{{ subject }} (within.reach)"')
+    config, rule_file = setup(tmp_path, rules)
+    ruleset = load_ruleset([rule_file], schedules=load_config(config).schedules)
+    decision = evaluate(ruleset, parse_message(urgent_mail()), at=berlin("2026-12-23T10:00"))
+    assert decision.summary == "Checkout is down (within.reach)"
+    assert decision.severity == "warning"

@@ -15,7 +15,7 @@ from typing import Any
 
 import jinja2
 import regex
-from jinja2 import meta
+from jinja2 import meta, nodes
 
 from gateway.errors import Problem, RuleError
 from gateway.files import FileSnapshot
@@ -67,7 +67,18 @@ SAMPLE_CONTEXT: dict[str, Any] = {  # what templates see on an empty mail
 }
 _HEADER_FIELD = re.compile(r"^[A-Za-z0-9-]+$")
 _TOML_LINE = re.compile(r"at line (\d+)")
-_WITHIN = re.compile(r"\bwithin\s*(?:\.\s*([A-Za-z0-9_]+)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+
+
+def _schedules_read(parsed: nodes.Template) -> set[str]:
+    """The schedule names a template reads as `within.NAME` or `within["NAME"]`."""
+    names = set()
+    for node in parsed.find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node.node, nodes.Name) and node.node.name == "within":
+            if isinstance(node, nodes.Getattr):
+                names.add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                names.add(node.arg.value)
+    return names
 
 
 class _Checker:
@@ -150,13 +161,14 @@ class _Scope:
         if line is not None and re.search(r"(\"\"\"|''')\s*$", self.chk.loc.lines[line - 1]):
             line += 1  # a multi-line string starts on the next line
         try:
-            names = meta.find_undeclared_variables(ENV.parse(source))
+            parsed = ENV.parse(source)
+            names = meta.find_undeclared_variables(parsed)
         except jinja2.TemplateSyntaxError as exc:
             where = None if line is None else line + (exc.lineno or 1) - 1
             self.chk.add(f"bad template: {exc.message}", where, self._key(path))
             return False
         unknown = sorted(names - set(TEMPLATE_NAMES) - set(ENV.globals))
-        schedules = {a or b for a, b in _WITHIN.findall(source)} - set(self.chk.schedules)
+        schedules = _schedules_read(parsed) - set(self.chk.schedules)
         if schedules:
             known = ", ".join(sorted(self.chk.schedules)) or "none"
             self.add(
