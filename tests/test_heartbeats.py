@@ -13,15 +13,19 @@ import httpx
 import pytest
 
 from gateway.cli import main
-from gateway.config import load_config
+from gateway.config import WebSettings, load_config
+from gateway.config_time import HeartbeatSettings
 from gateway.errors import ConfigError, RuleError
 from gateway.outcomes import Outcome
 from gateway.runtime.reload import load_generation
-from gateway.store import HeartbeatState, Store, open_store
+from gateway.store import HeartbeatState, Store, StoreThread, open_store
+from gateway.web.metrics import LiveState
+from gateway.web.status import WebApp
 from tests.conftest import GatewayProcess, wait_until, write_config
 from tests.net import free_port
 from tests.pdserver import PagerDutyStandIn
 from tests.time_support import Clock, accept_at, berlin, processor
+from tests.web_support import SMTP_UP, call
 
 HOUR = 3600.0
 BACKUP_RULES = """
@@ -275,6 +279,21 @@ def test_a_heartbeat_recognises_its_mail_by_its_own_conditions(
     (done,) = gateway.process_pending()
     assert done.outcome == Outcome.UNMATCHED
     assert events(store) == [("trigger", "heartbeat:cron-db1"), ("resolve", "heartbeat:cron-db1")]
+    row = status_row(tmp_path, settings.heartbeats, "cron-db1")
+    assert "its own 2 condition(s) (all)" in row and "1.0h + 0s grace" in row
+    assert "ago" in row and "MISSING" not in row
+
+
+def status_row(tmp_path: Path, beats: tuple[HeartbeatSettings, ...], name: str) -> str:
+    """The heartbeat's row on the status page, served from the test's store."""
+    thread = StoreThread(tmp_path / "gateway.sqlite3", "web-test")
+    try:
+        app = WebApp(thread, WebSettings(), live=LiveState(smtp=SMTP_UP))
+        app.heartbeats = beats
+        page = call(app, "GET", "/").text
+    finally:
+        thread.close()
+    return page.split(f'id="heartbeat-{name}"', 1)[1].split("</tr>", 1)[0]
 
 
 def test_a_bad_heartbeat_condition_fails_check_with_file_and_line(tmp_path: Path) -> None:
