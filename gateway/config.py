@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config_time import HeartbeatSettings, read_heartbeats, read_maintenance, read_schedules
 from gateway.errors import ConfigError, Problem
 from gateway.files import FileSnapshot
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.toml_locator import TomlLocator
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -160,6 +162,10 @@ class Config:
     imap: tuple[ImapSettings, ...] = ()
     outgoing: OutgoingSettings | None = None
     web: WebSettings = field(default_factory=WebSettings)
+    # gateway/config_time.py: named schedules, maintenance windows, expected mail
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    maintenance: tuple[MaintenanceWindow, ...] = ()
+    heartbeats: tuple[HeartbeatSettings, ...] = ()
 
     def service(self, name: str) -> ServiceSettings:
         for service in self.services:
@@ -226,6 +232,7 @@ def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BARE_ENV = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: the shell's, not ours
 _SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web")
+_TIME_SECTIONS = ("schedules", "maintenance", "heartbeat")  # gateway/config_time.py
 
 
 class _Reader:
@@ -264,7 +271,7 @@ class _Reader:
         self.section = (name, nth)
 
     def build(self, data: dict[str, Any]) -> Config:
-        self.check_keys("", data, set(_SECTIONS))
+        self.check_keys("", data, {*_SECTIONS, *_TIME_SECTIONS})
         self.in_section("gateway")
         gateway = self.gateway(self.table(data, "gateway"))
         services = []
@@ -291,6 +298,9 @@ class _Reader:
         pagerduty = self.pagerduty(self.table(data, "pagerduty"))
         self.in_section("web")
         web = self.web(self.table(data, "web"))
+        schedules = read_schedules(self, data)
+        maintenance = read_maintenance(self, data, names, schedules)
+        heartbeats = read_heartbeats(self, data, names)
         return Config(
             path=self.path,
             gateway=gateway,
@@ -300,6 +310,9 @@ class _Reader:
             imap=tuple(imap),
             outgoing=outgoing,
             web=web,
+            schedules=schedules,
+            maintenance=maintenance,
+            heartbeats=heartbeats,
         )
 
     # -- generic helpers -------------------------------------------------------------------

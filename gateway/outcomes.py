@@ -22,6 +22,7 @@ class Outcome(StrEnum):
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
+    MAINTENANCE = "maintenance_suppressed"  # a trigger during a suppressing maintenance window
 
     @property
     def is_action(self) -> bool:
@@ -37,5 +38,6 @@ NON_ACTIONS = frozenset(
         Outcome.QUARANTINED,
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,
+        Outcome.MAINTENANCE,
     }
 )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 from gateway.cli.common import EX_OK, add_command, read_input, reading_config
+from gateway.config import find_config_path
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError
 from gateway.mail.parse import ParsedMail, parse_message
@@ -27,21 +29,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the decision as one JSON object (one line)"
     )
+    p.add_argument(
+        "--at",
+        type=_instant,
+        help="judge time conditions at this ISO time (e.g. 2026-12-24T10:00+01:00); default now",
+    )
+
+
+def _instant(text: str) -> float:
+    """An ISO 8601 date-time with an offset -> Unix time."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date-time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. +01:00 or Z")
+    return value.timestamp()
 
 
 def run(args: argparse.Namespace) -> int:
     raw = read_input(args.file)
-    if args.rules:
-        ruleset = load_ruleset(args.rules)
+    if args.rules:  # the config, where there is one, still supplies the schedules
+        path = find_config_path(args.config)
+        schedules = reading_config(args).schedules if path.is_file() else {}
+        ruleset = load_ruleset(args.rules, schedules=schedules)
         timeout = 0.5
     else:
         settings = reading_config(args)  # rules only: no secrets needed
         name = args.service or settings.services[0].name
-        ruleset = load_ruleset(list(settings.service(name).rules))
+        ruleset = load_ruleset(list(settings.service(name).rules), schedules=settings.schedules)
         timeout = settings.gateway.regex_timeout_seconds
     mail = parse_message(raw)
     try:
-        decision = evaluate(ruleset, mail, regex_timeout=timeout)
+        decision = evaluate(ruleset, mail, regex_timeout=timeout, at=args.at)
     except GatewayError as exc:
         if args.json:
             print(json_line({**_mail_fields(mail), "quarantined": str(exc)}))

@@ -23,8 +23,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
+from gateway.config_time import HeartbeatSettings
 from gateway.decide import incidents, notifications
 from gateway.decide.events import build_event, pagerduty_order_key
+from gateway.decide.heartbeat_duties import HeartbeatDuties
+from gateway.decide.maintenance import active_window, during_maintenance
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
@@ -32,6 +35,7 @@ from gateway.files import FileSnapshot
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ class Verdict:
     decision: Decision | None = None
     event: dict | None = None
     change: IncidentChange | None = None  # with `event`: the incident action to apply
+    heartbeats: tuple[str, ...] = ()  # the [[heartbeat]]s this mail counts for
 
 
 class IncidentMoved(Exception):
@@ -116,7 +121,7 @@ class Processed:
         }
 
 
-class Processor:
+class Processor(HeartbeatDuties):
     """Decides pending jobs. `services` may be swapped (hot reload) between batches."""
 
     def __init__(
@@ -129,6 +134,8 @@ class Processor:
         on_outbox: Callable[[], None] | None = None,
         notifier: HelpdeskNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        maintenance: tuple[MaintenanceWindow, ...] = (),
+        heartbeats: tuple[HeartbeatSettings, ...] = (),
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -137,6 +144,10 @@ class Processor:
         self.regex_timeout = regex_timeout
         self.on_outbox = on_outbox
         self.clock = clock
+        self.maintenance = maintenance
+        self.heartbeats = heartbeats
+        self._heartbeats_checked = float("-inf")
+        self.expect_mail(heartbeats)
 
     def reconfigure(
         self,
@@ -145,10 +156,14 @@ class Processor:
         *,
         regex_timeout: float,
         notifier: HelpdeskNotifier | None,
+        maintenance: tuple[MaintenanceWindow, ...] = (),
+        heartbeats: tuple[HeartbeatSettings, ...] = (),
     ) -> None:
         """A new configuration generation; call between batches (on the processing thread)."""
         self.services, self.pagerduty = services, pagerduty
         self.regex_timeout, self.notifier = regex_timeout, notifier
+        self.maintenance, self.heartbeats = maintenance, heartbeats
+        self.expect_mail(heartbeats)
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -218,16 +233,31 @@ class Processor:
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
         try:
-            decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
+            decision = evaluate(
+                runtime.ruleset, mail, regex_timeout=self.regex_timeout, at=job.received_at
+            )
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
+        seen = self.expected_mail(job, mail, decision.rule)  # [[heartbeat]]s it counts for
         if decision.action == "discard" or decision.incident_key is None:
             outcome = non_action_outcome(decision)
-            return Verdict(job, outcome, decision.reason, decision=decision)
+            return Verdict(job, outcome, decision.reason, decision=decision, heartbeats=seen)
+        window = active_window(self.maintenance, job.service, job.received_at)
+        decision, suppressed = during_maintenance(decision, window)
+        if suppressed:
+            return Verdict(
+                job, Outcome.MAINTENANCE, decision.reason, decision=decision, heartbeats=seen
+            )
         event = self._event(runtime, mail, decision)
         change = self._change(job, runtime, decision, mail.message_id, ahead)
         return Verdict(
-            job, change.outcome, decision.reason, decision=decision, event=event, change=change
+            job,
+            change.outcome,
+            decision.reason,
+            decision=decision,
+            event=event,
+            change=change,
+            heartbeats=seen,
         )
 
     def _change(
@@ -270,14 +300,18 @@ class Processor:
                 if not self.store.job_is_pending(job.id):
                     return None  # another processor (e.g. `gateway ingest`) decided it first
                 if verdict.change is None:
-                    return self._finish(
+                    done = self._finish(
                         job,
                         verdict.outcome,
                         verdict.reason,
                         rule=verdict.rule,
                         decision=verdict.decision,
                     )
-                return self._act(verdict)
+                else:
+                    done = self._act(verdict)
+                if self.heartbeats_seen(job, verdict.heartbeats):
+                    done = dataclasses.replace(done, queued=True)
+                return done
         except IncidentMoved:
             raise
         except Exception as exc:
@@ -403,14 +437,17 @@ def _trace_row(step: TraceStep) -> dict[str, object]:
 
 
 def load_services(
-    services: tuple[ServiceSettings, ...], *, files: FileSnapshot | None = None
+    services: tuple[ServiceSettings, ...],
+    *,
+    files: FileSnapshot | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
 ) -> dict[str, ServiceRuntime]:
     """Compile every service's rule files; RuleError lists all problems of all services."""
     runtimes: dict[str, ServiceRuntime] = {}
     problems = []
     for settings in services:
         try:
-            ruleset = load_ruleset(list(settings.rules), files=files)
+            ruleset = load_ruleset(list(settings.rules), files=files, schedules=schedules)
             runtimes[settings.name] = ServiceRuntime(settings, ruleset)
         except RuleError as exc:
             problems.extend(exc.problems)
@@ -439,4 +476,6 @@ def build_processor(
         regex_timeout=config.gateway.regex_timeout_seconds,
         on_outbox=on_outbox,
         notifier=build_helpdesk_notifier(config, files=files),
+        maintenance=config.maintenance,
+        heartbeats=config.heartbeats,
     )

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import regex
-from jinja2 import meta
+from jinja2 import meta, nodes
 
 from gateway.errors import Problem, RuleError
 from gateway.files import FileSnapshot
@@ -25,6 +25,8 @@ from gateway.rules.model import (
     OPS,
     SEVERITIES,
     TEMPLATE_NAMES,
+    TIME_FIELD,
+    TIME_OPS,
     Condition,
     Extractor,
     Filter,
@@ -35,6 +37,7 @@ from gateway.rules.model import (
 )
 from gateway.rules.templates import ENV, compile_template, is_template
 from gateway.sandbox import BudgetExceeded
+from gateway.schedules import Schedule
 from gateway.toml_locator import TomlLocator
 
 TOP_KEYS = ("rule", "unmatched", "keys", "filter")
@@ -68,13 +71,32 @@ _HEADER_FIELD = re.compile(r"^[A-Za-z0-9-]+$")
 _TOML_LINE = re.compile(r"at line (\d+)")
 
 
+def _schedules_read(parsed: nodes.Template) -> set[str]:
+    """The schedule names a template reads as `within.NAME` or `within["NAME"]`."""
+    names = set()
+    for node in parsed.find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node.node, nodes.Name) and node.node.name == "within":
+            if isinstance(node, nodes.Getattr):
+                names.add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                names.add(node.arg.value)
+    return names
+
+
 class _Checker:
     """Validation of one file: collects problems, locating each in the source text."""
 
-    def __init__(self, file: str, text: str, problems: list[Problem]) -> None:
+    def __init__(
+        self,
+        file: str,
+        text: str,
+        problems: list[Problem],
+        schedules: Mapping[str, Schedule] | None = None,
+    ) -> None:
         self.file = file
         self.loc = TomlLocator(text)
         self.problems = problems
+        self.schedules = schedules or {}  # config.toml's, for `time` conditions
 
     def add(self, message: str, line: int | None, key: str | None = None) -> None:
         self.problems.append(Problem(self.file, message, line, key))
@@ -141,12 +163,21 @@ class _Scope:
         if line is not None and re.search(r"(\"\"\"|''')\s*$", self.chk.loc.lines[line - 1]):
             line += 1  # a multi-line string starts on the next line
         try:
-            names = meta.find_undeclared_variables(ENV.parse(source))
+            parsed = ENV.parse(source)
+            names = meta.find_undeclared_variables(parsed)
         except jinja2.TemplateSyntaxError as exc:
             where = None if line is None else line + (exc.lineno or 1) - 1
             self.chk.add(f"bad template: {exc.message}", where, self._key(path))
             return False
         unknown = sorted(names - set(TEMPLATE_NAMES) - set(ENV.globals))
+        schedules = _schedules_read(parsed) - set(self.chk.schedules)
+        if schedules:
+            known = ", ".join(sorted(self.chk.schedules)) or "none"
+            self.add(
+                f"unknown schedule(s) {', '.join(sorted(schedules))} after within. (defined: {known})",
+                *path,
+            )
+            return False
         if unknown:
             self.add(
                 f"unknown template variable(s) {', '.join(unknown)}; "
@@ -202,6 +233,8 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
         return None
     before = len(scope.chk.problems)
     scope.unknown(raw, CONDITION_KEYS, *path)
+    if raw.get("field") == TIME_FIELD:
+        return _time_condition(scope, raw, path)
     op = raw.get("op")
     if op not in OPS:
         what = "missing op" if op is None else f"unknown op {op!r}"
@@ -222,6 +255,25 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
     if len(scope.chk.problems) > before or value is None:
         return None
     return Condition(raw["field"], op, value, ignore_case, scope.at(*path))
+
+
+def _time_condition(
+    scope: _Scope, raw: dict[str, Any], path: tuple[str | int, ...]
+) -> Condition | None:
+    """{ field = "time", op = "within" | "outside", value = "<schedule in config.toml>" }."""
+    before = len(scope.chk.problems)
+    op, name = raw.get("op"), raw.get("value")
+    if op not in TIME_OPS:
+        scope.add(f"field time takes op within or outside, not {op!r}", *path, "op")
+    schedule = scope.chk.schedules.get(name) if isinstance(name, str) else None
+    if schedule is None:
+        known = (
+            ", ".join(sorted(scope.chk.schedules)) or "none; define [schedules.NAME] in config.toml"
+        )
+        scope.add(f"unknown schedule {name!r} (defined: {known})", *path, "value")
+    if len(scope.chk.problems) > before or schedule is None:
+        return None
+    return Condition(TIME_FIELD, op, name, line=scope.at(*path), _schedule=schedule)
 
 
 def _extractor(scope: _Scope, raw: Any, *path: str | int) -> Extractor | None:
@@ -398,6 +450,7 @@ class _Collected:
         self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
         self.tags: list[str] = []
         self.filters: list[Filter] = []
+        self.schedules: Mapping[str, Schedule] = {}
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -473,7 +526,7 @@ def _check_file(path: Path, problems: list[Problem], out: _Collected, files: Fil
         line = int(found.group(1)) if found else None
         problems.append(Problem(file, f"TOML syntax error: {exc}", line))
         return
-    chk = _Checker(file, text, problems)
+    chk = _Checker(file, text, problems, out.schedules)
     _sections(chk, data, out)
 
 
@@ -508,13 +561,20 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
             out.rules.append(rule)
 
 
-def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Ruleset:
+def load_ruleset(
+    paths: list[Path],
+    *,
+    files: FileSnapshot | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
+) -> Ruleset:
     """Validate every file, then raise one RuleError with all problems, or return the Ruleset.
 
-    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`."""
+    `files` records what was read (and, frozen, replaces the disk): see `gateway.files`.
+    `schedules` are config.toml's, which `time` conditions name."""
     files = FileSnapshot() if files is None else files
     problems: list[Problem] = []
     out = _Collected()
+    out.schedules = schedules or {}
     for path in paths:
         _check_file(Path(path), problems, out, files)
     if problems:
@@ -528,4 +588,25 @@ def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Rul
         strip_tags=tuple(out.tags),
         files=tuple(str(p) for p in paths),
         filters=tuple(out.filters),
+        schedules=tuple(out.schedules.values()),
     )
+
+
+def load_conditions(
+    file: str,
+    text: str,
+    table: str,
+    nth: int,
+    raw: Any,
+    *,
+    label: str,
+    schedules: Mapping[str, Schedule] | None = None,
+) -> tuple[Condition, ...]:
+    """Conditions written outside a rule file (config.toml's `[[heartbeat]]`), with a rule's
+    checks and file:line errors: `table`/`nth` locate them in `text`. Raises RuleError."""
+    problems: list[Problem] = []
+    chk = _Checker(file, text, problems, schedules)
+    conditions = _conditions(_Scope(chk, chk.loc.span(table, nth), label), raw)
+    if problems:
+        raise RuleError(problems)
+    return conditions

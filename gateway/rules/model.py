@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import regex
 
+from gateway.schedules import Schedule
+
 ACTIONS = ("trigger", "acknowledge", "resolve", "discard")
 KEYED_ACTIONS = ("trigger", "acknowledge", "resolve")
 SEVERITIES = ("critical", "error", "warning", "info")
@@ -23,6 +25,8 @@ OPS = (
     "not_matches",
     "always",
 )
+TIME_FIELD = "time"  # { field = "time", op = "within" | "outside", value = "<schedule>" }
+TIME_OPS = ("within", "outside")
 TEMPLATE_NAMES = (  # what summary / severity / details / links templates may use
     "subject",
     "body",
@@ -38,6 +42,7 @@ TEMPLATE_NAMES = (  # what summary / severity / details / links templates may us
     "key",
     "rule",
     "details",
+    "within",  # schedule name -> whether the mail arrived within it
 )
 MAX_KEY = 255  # PagerDuty dedup_key limit
 MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
@@ -62,6 +67,7 @@ class Condition:
     line: int | None = None
     _pattern: regex.Pattern[str] | None = field(default=None, compare=False, repr=False)
     _folded: str = field(default="", compare=False, repr=False)
+    _schedule: Schedule | None = field(default=None, compare=False, repr=False)  # time ops
 
     def __post_init__(self) -> None:
         if self.op in ("matches", "not_matches") and self._pattern is None:
@@ -185,6 +191,7 @@ class Ruleset:
     strip_tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     filters: tuple[Filter, ...] = ()  # every one must pass (one per file at most)
+    schedules: tuple[Schedule, ...] = ()  # config.toml's, for the `within` template name
 
 
 @dataclass(frozen=True)

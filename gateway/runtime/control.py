@@ -90,6 +90,8 @@ class ControlPlane:
             on_requeue=runtime.worker.wake_outbox,
             notify=self._notify_endpoint(),
             services=runtime.generation.config.services,
+            maintenance=runtime.generation.config.maintenance,
+            heartbeats=runtime.generation.config.heartbeats,
         )
         self._tasks.append(asyncio.create_task(self._watch_worker(), name="worker-watch"))
         # the latency histogram counts jobs decided from now on, like any per-process metric
@@ -131,6 +133,8 @@ class ControlPlane:
         if self.web is not None:
             self.web.settings = new.config.web
             self.web.services = new.config.services  # routing keys: local mode or not
+            self.web.maintenance = new.config.maintenance
+            self.web.heartbeats = new.config.heartbeats
             self.web.notify = self._notify_endpoint()  # recompiles the themes
 
     async def _watch_worker(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from gateway.store.records import (
     Accepted,
+    HeartbeatState,
     ImapFailure,
     ImapPosition,
     Incident,
@@ -74,7 +75,19 @@ class SpoolStore(Protocol):
         ...
 
 
-class DecisionStore(EventLog, Protocol):
+class HeartbeatStore(Protocol):
+    """Expected mail (`[[heartbeat]]`): when each was last seen and whether it is missing."""
+
+    def mail_heartbeats(self) -> list[HeartbeatState]:
+        """Every heartbeat's state, by name."""
+        ...
+
+    def save_mail_heartbeat(self, state: HeartbeatState) -> None:
+        """Insert or replace the state of `state.name`."""
+        ...
+
+
+class DecisionStore(EventLog, HeartbeatStore, Protocol):
     """Deciding pending jobs: the decision, incident change and outbox items commit together."""
 
     def transaction(self, *, durable: bool = True) -> AbstractContextManager[None]:
@@ -222,7 +235,7 @@ class ImapStore(EventLog, Protocol):
         ...
 
 
-class ReportStore(Protocol):
+class ReportStore(HeartbeatStore, Protocol):
     """What operators read and do: status page, /healthz, /metrics, CLI listings and retry,
     replay, retention."""
 

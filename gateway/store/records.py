@@ -229,3 +229,19 @@ class OutboxEntry:
     item: OutboxItem
     job: int | None
     message: int | None
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    """Where one `[[heartbeat]]` (expected mail) stands; it survives restarts.
+
+    The deadline counts from `last_seen`, or from `watched_since` (when the gateway first
+    watched for it) until a first mail arrives; `missing_since` is set while the gateway's own
+    `heartbeat:<name>` incident is open."""
+
+    name: str
+    service: str
+    watched_since: float
+    last_seen: float | None = None
+    last_message: int | None = None
+    missing_since: float | None = None

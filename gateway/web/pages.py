@@ -22,9 +22,11 @@ import jinja2
 from starlette.responses import HTMLResponse
 
 from gateway.config import WebSettings
+from gateway.config_time import HeartbeatSettings
 from gateway.delivery.paging import Delivery, delivery_of
 from gateway.mail.parse import parse_message
 from gateway.outcomes import Outcome
+from gateway.schedules import MaintenanceWindow
 from gateway.store import (
     Incident,
     JobHistory,
@@ -33,7 +35,7 @@ from gateway.store import (
     OutboxItem,
     ReportStore,
 )
-from gateway.web import chart, words
+from gateway.web import chart, timing, words
 
 BODY_CHARS = 100_000  # of a mail body shown on the detail page
 RECENT_MESSAGES = 50
@@ -146,6 +148,8 @@ class PageContext:
     settings: WebSettings
     local: frozenset[str] = frozenset()  # services in local mode (no routing_key)
     now: float = field(default_factory=time.time)
+    maintenance: tuple[MaintenanceWindow, ...] = ()  # config.toml's [[maintenance]]
+    heartbeats: tuple[HeartbeatSettings, ...] = ()  # config.toml's [[heartbeat]]
 
 
 def incident_link(service: str, key: str) -> str:
@@ -166,6 +170,8 @@ def index_data(store: ReportStore, query: IndexQuery, context: PageContext) -> d
         "imap_failures": store.imap_failures(),  # templates/imap_failures.html
         "mail_chart": chart.mail_chart(store.mail_minutes(frame.start), frame),
         "latency_chart": chart.latency_chart(store.delivery_minutes(frame.start), frame),
+        "maintenance": timing.maintenance_rows(store, context.maintenance, context.now),
+        "heartbeats": timing.heartbeat_rows(store, context.heartbeats),  # _timing.html
     }
 
 

@@ -39,6 +39,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import ServiceSettings, WebSettings
+from gateway.config_time import HeartbeatSettings
+from gateway.schedules import MaintenanceWindow
 from gateway.store import StoreThread
 from gateway.web import chart, health, pages
 from gateway.web.hardening import Limits, RequestLimits, SecureResponses
@@ -79,6 +81,8 @@ class WebApp:
     notify: NotifyEndpoint | None = None  # POST /notify/<theme>, when configured
     limits: Limits = field(default_factory=Limits)
     services: Sequence[ServiceSettings] = ()  # the running configuration's (swapped on reload)
+    maintenance: tuple[MaintenanceWindow, ...] = ()  # ... and these two as well
+    heartbeats: tuple[HeartbeatSettings, ...] = ()
     restarts: RestartHistory = field(default_factory=RestartHistory)
 
     def __post_init__(self) -> None:
@@ -158,7 +162,9 @@ class WebApp:
 
     def _context(self) -> pages.PageContext:
         local = frozenset(health.local_services(self.services))
-        return pages.PageContext(self.settings, local)
+        return pages.PageContext(
+            self.settings, local, maintenance=self.maintenance, heartbeats=self.heartbeats
+        )
 
     async def index(self, request: Request) -> Response:
         names = [s.name for s in self.services]

@@ -163,4 +163,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_message ON jobs(message);
     CREATE INDEX outbox_job ON outbox(job);
     """,
+    # heartbeats (`[[heartbeat]]`): when each expected mail was last seen, and whether the
+    # gateway's own `heartbeat:<name>` incident for it is open. Keyed by the configured name.
+    """
+    CREATE TABLE mail_heartbeats (
+        name TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        watched_since REAL NOT NULL,
+        last_seen REAL,
+        last_message INTEGER,
+        missing_since REAL
+    );
+    """,
 )
