@@ -24,6 +24,7 @@ from gateway.rules.model import (
     Condition,
     Decision,
     Extractor,
+    PagerDutyDecision,
     Rule,
     Ruleset,
     TraceStep,
@@ -321,3 +322,34 @@ def _unmatched(ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...])
         reason=f"no rule matched ({tried}); [unmatched] action = {action}",
         unmatched=True,
     )
+
+
+# --------------------------------------------------------------------------- reverse rules
+
+
+class _EventFields:
+    """A PagerDuty event's fields (`PAGERDUTY_FIELDS`), shaped like a mail for `_Fields`."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+
+    def field(self, name: str) -> str:
+        return self.values.get(name, "")
+
+
+def evaluate_pagerduty(
+    ruleset: Ruleset, fields: Mapping[str, str], *, regex_timeout: float = 0.5
+) -> PagerDutyDecision:
+    """The first enabled `[[pagerduty_rule]]` whose conditions hold for the event's fields;
+    none matching means "mirror" (and the service's `notify.on` shorthand decides on mail)."""
+    texts = _Fields(_EventFields(fields))  # type: ignore[arg-type]
+    trace: list[TraceStep] = []
+    for rule in ruleset.pagerduty_rules:
+        if not rule.enabled:
+            trace.append(TraceStep(rule.name, False, "disabled"))
+            continue
+        matched, reason = _match(rule, texts, regex_timeout)  # type: ignore[arg-type]
+        trace.append(TraceStep(rule.name, matched, reason))
+        if matched:
+            return PagerDutyDecision(rule.name, rule.action, rule.theme, rule.to, tuple(trace))
+    return PagerDutyDecision(None, "mirror", trace=tuple(trace))

@@ -23,11 +23,14 @@ from gateway.mail.parse import FIELDS
 from gateway.rules.model import (
     ACTIONS,
     OPS,
+    PAGERDUTY_ACTIONS,
+    PAGERDUTY_FIELDS,
     SEVERITIES,
     TEMPLATE_NAMES,
     Condition,
     Extractor,
     Link,
+    PagerDutyRule,
     Rule,
     Ruleset,
     compile_regex,
@@ -36,7 +39,8 @@ from gateway.rules.templates import ENV, compile_template, is_template
 from gateway.sandbox import BudgetExceeded
 from gateway.toml_locator import TomlLocator
 
-TOP_KEYS = ("rule", "unmatched", "keys")
+TOP_KEYS = ("rule", "pagerduty_rule", "unmatched", "keys")
+PAGERDUTY_RULE_KEYS = ("name", "enabled", "match", "conditions", "action", "theme", "to")
 RULE_KEYS = (
     "name",
     "enabled",
@@ -116,7 +120,12 @@ class _Scope:
             return False
         return value
 
-    def field(self, value: Any, *path: str | int) -> bool:
+    def field(self, value: Any, *path: str | int, allowed: tuple[str, ...] = ()) -> bool:
+        if allowed:  # a reverse rule's fields: the PagerDuty event's, no headers
+            if isinstance(value, str) and value in allowed:
+                return True
+            self.add(f"unknown field {value!r}; use one of {', '.join(allowed)}", *path, "field")
+            return False
         if isinstance(value, str) and (
             value in FIELDS
             or (value.startswith("headers.") and _HEADER_FIELD.match(value[len("headers.") :]))
@@ -193,7 +202,9 @@ class _Scope:
 # --------------------------------------------------------------------------- rules
 
 
-def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
+def _condition(
+    scope: _Scope, raw: Any, number: int, fields: tuple[str, ...] = ()
+) -> Condition | None:
     path: tuple[str | int, ...] = ("conditions", number)
     if not isinstance(raw, dict):
         scope.add("a condition must be a table like { field = ..., op = ..., value = ... }", *path)
@@ -211,7 +222,7 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
     if "field" not in raw:
         scope.add("missing field", *path)
     else:
-        scope.field(raw["field"], *path)
+        scope.field(raw["field"], *path, allowed=fields)
     value = scope.string(raw, "value", *path)
     if "value" not in raw and op in OPS:
         scope.add(f"missing value (required for op {op!r})", *path)
@@ -299,14 +310,14 @@ def _links(scope: _Scope, raw: Any) -> tuple[Link, ...]:
     return tuple(result)
 
 
-def _conditions(scope: _Scope, raw: Any) -> tuple[Condition, ...]:
+def _conditions(scope: _Scope, raw: Any, fields: tuple[str, ...] = ()) -> tuple[Condition, ...]:
     if raw is None:
         scope.add('missing conditions; use [{ op = "always" }] to match every message')
         return ()
     if not isinstance(raw, list) or not raw:
         scope.add('conditions must be a non-empty list; [{ op = "always" }] matches all')
         return ()
-    built = [_condition(scope, item, number) for number, item in enumerate(raw)]
+    built = [_condition(scope, item, number, fields) for number, item in enumerate(raw)]
     return tuple(c for c in built if c is not None)
 
 
@@ -352,6 +363,55 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
     )
 
 
+def _pagerduty_rule(
+    chk: _Checker, index: int, raw: Any, names: dict[str, str]
+) -> PagerDutyRule | None:
+    """A `[[pagerduty_rule]]`: conditions on a webhook event's fields, and what to do."""
+    span = chk.loc.span("pagerduty_rule", index)
+    name = raw.get("name") if isinstance(raw, dict) else None
+    label = (
+        f"pagerduty_rule {name!r}"
+        if isinstance(name, str) and name
+        else (f"pagerduty_rule #{index + 1}")
+    )
+    scope = _Scope(chk, span, label)
+    if not isinstance(raw, dict):
+        scope.add("[[pagerduty_rule]] must be a table")
+        return None
+    before = len(chk.problems)
+    scope.unknown(raw, PAGERDUTY_RULE_KEYS)
+    _rule_name(scope, name, names)
+    action = raw.get("action", "notify")
+    if action not in PAGERDUTY_ACTIONS:
+        scope.add(f"unknown action {action!r}; use one of {', '.join(PAGERDUTY_ACTIONS)}", "action")
+    match = raw.get("match", "all")
+    if match not in ("all", "any"):
+        scope.add(f'match must be "all" or "any", not {match!r}', "match")
+    enabled = scope.boolean(raw, "enabled")
+    conditions = _conditions(scope, raw.get("conditions"), PAGERDUTY_FIELDS)
+    theme = scope.string(raw, "theme") or "incident_update"
+    to = raw.get("to", [])
+    to = [to] if isinstance(to, str) else to
+    if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
+        scope.add('to must be a list of addresses, e.g. ["support@helpdesk.example"]', "to")
+        to = []
+    if action == "notify" and not to:
+        scope.add('action "notify" needs to = ["address", ...]', *(("to",) if "to" in raw else ()))
+    if len(chk.problems) > before:
+        return None
+    return PagerDutyRule(
+        name=name,
+        conditions=conditions,
+        action=action,
+        match=match,
+        theme=theme,
+        to=tuple(to),
+        enabled=enabled,
+        file=chk.file,
+        line=scope.line,
+    )
+
+
 def _rule_name(scope: _Scope, name: Any, names: dict[str, str]) -> None:
     """Names must be present and unique across all of a service's files (traces use them)."""
     if not isinstance(name, str) or not name.strip():
@@ -380,6 +440,7 @@ class _Collected:
         self.unmatched_at = ""
         self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
         self.tags: list[str] = []
+        self.pagerduty_rules: list[PagerDutyRule] = []
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -453,6 +514,8 @@ def _sections(chk: _Checker, data: dict[str, Any], out: _Collected) -> None:
     for key, value in data.items():
         if key == "rule":
             _rules(chk, value, out)
+        elif key == "pagerduty_rule":
+            _pagerduty_rules(chk, value, out)
         elif key in _SECTIONS:
             _SECTIONS[key](chk, value, out)
         else:
@@ -471,6 +534,19 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
         rule = _rule(chk, index, raw, out.names)
         if rule is not None:
             out.rules.append(rule)
+
+
+def _pagerduty_rules(chk: _Checker, value: Any, out: _Collected) -> None:
+    if not isinstance(value, list):
+        chk.add(
+            "reverse rules are written [[pagerduty_rule]] (double brackets), one per rule",
+            chk.loc.top("pagerduty_rule"),
+        )
+        return
+    for index, raw in enumerate(value):
+        rule = _pagerduty_rule(chk, index, raw, out.names)
+        if rule is not None:
+            out.pagerduty_rules.append(rule)
 
 
 def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Ruleset:
@@ -492,4 +568,5 @@ def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Rul
         unmatched_severity=severity,
         strip_tags=tuple(out.tags),
         files=tuple(str(p) for p in paths),
+        pagerduty_rules=tuple(out.pagerduty_rules),
     )

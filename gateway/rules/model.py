@@ -39,6 +39,19 @@ TEMPLATE_NAMES = (  # what summary / severity / details / links templates may us
     "rule",
     "details",
 )
+# reverse rules ([[pagerduty_rule]]): what a Webhooks v3 event offers to conditions, and actions
+PAGERDUTY_FIELDS = (
+    "event_type",
+    "title",
+    "status",
+    "service",
+    "escalation_policy",
+    "priority",
+    "urgency",
+    "assignee",
+    "note",
+)
+PAGERDUTY_ACTIONS = ("notify", "mirror", "discard")
 MAX_KEY = 255  # PagerDuty dedup_key limit
 MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
 MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
@@ -151,6 +164,39 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class PagerDutyRule:
+    """A reverse rule: a PagerDuty-side event -> tell the helpdesk (a theme to addresses),
+    only update the incident mirror, or discard the event (recorded, nothing changes)."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+    action: str  # notify | mirror | discard
+    match: str = "all"
+    theme: str = "incident_update"
+    to: tuple[str, ...] = ()
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        if not self.file:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class PagerDutyDecision:
+    """What a PagerDuty-side event does: the first matching reverse rule, or none."""
+
+    rule: str | None  # None: no reverse rule matched (the mirror is updated; `notify.on` applies)
+    action: str  # notify | mirror | discard
+    theme: str = ""
+    to: tuple[str, ...] = ()
+    trace: tuple[TraceStep, ...] = ()
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """All rules of one service (in order, across its files) plus the unmatched policy."""
 
@@ -160,6 +206,7 @@ class Ruleset:
     unmatched_severity: str = "warning"
     strip_tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    pagerduty_rules: tuple[PagerDutyRule, ...] = ()
 
 
 @dataclass(frozen=True)

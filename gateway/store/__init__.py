@@ -18,6 +18,7 @@ from gateway.store.protocols import (
     EventLog,
     ImapStore,
     OutboxStore,
+    PagerDutyWebhookStore,
     ReportStore,
     SpoolStore,
     Store,
@@ -40,6 +41,7 @@ from gateway.store.records import (
     OutboxEntry,
     OutboxItem,
     OutboxResult,
+    PagerDutyEvent,
     PendingJob,
 )
 from gateway.store.requeue import Refusal, Requeued
@@ -67,6 +69,8 @@ __all__ = [
     "OutboxItem",
     "OutboxResult",
     "OutboxStore",
+    "PagerDutyEvent",
+    "PagerDutyWebhookStore",
     "PendingJob",
     "Refusal",
     "ReportStore",

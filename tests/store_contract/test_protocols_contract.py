@@ -15,6 +15,7 @@ PROTOCOLS = [
     protocols.OutboxStore,
     protocols.ImapStore,
     protocols.ReportStore,
+    protocols.PagerDutyWebhookStore,
     protocols.Store,
 ]
 
