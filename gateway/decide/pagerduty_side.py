@@ -21,12 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.config import ServiceSettings
+from gateway.config import Config, ServiceSettings
 from gateway.decide import notifications
 from gateway.decide.notifications import HelpdeskNotifier, Notification
-from gateway.errors import RuleEvaluationError
+from gateway.errors import Problem, RuleEvaluationError
+from gateway.files import FileSnapshot
 from gateway.rules import PagerDutyDecision, Ruleset, evaluate_pagerduty
 from gateway.store import DecisionStore, Incident, PagerDutyEvent
+from gateway.themes import render as themes
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +320,25 @@ _NO_INCIDENT = Incident(
     last_message=None,
     case_message_id="",
 )
+
+
+def reverse_rule_problems(
+    config: Config, services: Mapping[str, Any], files: FileSnapshot
+) -> list[Problem]:
+    """A `[[pagerduty_rule]]` that mails needs an [outgoing] relay and an existing theme
+    (`services`: the processor's ServiceRuntime per name; checked by `gateway check`)."""
+    rules = [r for s in services.values() for r in s.ruleset.pagerduty_rules if r.to]
+    if not rules:
+        return []
+    directory = config.gateway.templates_dir
+    names = themes.Themes(directory, files=files).names() if files.exists(directory) else []
+    problems = []
+    for rule in dict.fromkeys(rules):  # a file shared by services: once
+        where = f"pagerduty_rule {rule.name!r}"
+        if config.outgoing is None:
+            problems.append(Problem(rule.file, f"{where} sends mail: needs an [outgoing] relay",
+                                    rule.line, where))  # fmt: skip
+        if rule.theme not in names:
+            problems.append(Problem(rule.file, f"{where}: no theme {rule.theme!r} in {directory}",
+                                    rule.line, f"{where}.theme"))  # fmt: skip
+    return problems

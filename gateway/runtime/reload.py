@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.config import Config, load_config
+from gateway.decide.pagerduty_side import reverse_rule_problems
 from gateway.decide.processor import ServiceRuntime, load_services
-from gateway.errors import Problem, ProblemsError, ThemeError
+from gateway.errors import Problem, ProblemsError, RuleError, ThemeError
 from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
         problems = themes.check(config.gateway.templates_dir, files=files)
         if problems:
             raise ThemeError(problems)
+    problems = reverse_rule_problems(config, services, files)
+    if problems:
+        raise RuleError(problems)
     return Generation(config, services, files)
 
 
@@ -101,7 +105,11 @@ def compile_generation(shipped: GenerationFiles) -> Generation:
 
 def uses_themes(config: Config) -> bool:
     """Without these, a missing templates directory is no error: nothing would render."""
-    return any(s.notify for s in config.services) or bool(config.web.notify_token)
+    return (
+        any(s.notify for s in config.services)
+        or bool(config.web.notify_token)
+        or bool(config.pagerduty.webhook_secret)
+    )
 
 
 def restart_required(old: Config, new: Config) -> list[str]:
