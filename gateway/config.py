@@ -96,6 +96,8 @@ class PagerDutySettings:
     api_token: str = ""  # REST API token for rule actions (set_priority, add_note, ...)
     api_url: str = DEFAULT_API_URL
     api_from: str = ""  # the PagerDuty user's email the REST API wants in `From` for writes
+    api_requester_id: str = ""  # that user's id: responder requests name their requester
+    api_rate_limit_per_minute: int = 900  # PagerDuty allows about 960 REST calls/min per token
 
 
 @dataclass(frozen=True)
@@ -509,6 +511,10 @@ class _Reader:
             api_token=self.get(w, t, "api_token", str, ""),
             api_url=self.get(w, t, "api_url", str, DEFAULT_API_URL, check=_url),
             api_from=self.get(w, t, "api_from", str, ""),
+            api_requester_id=self.get(w, t, "api_requester_id", str, ""),
+            api_rate_limit_per_minute=self.get(
+                w, t, "api_rate_limit_per_minute", int, 900, check=_at_least(1)
+            ),
         )
 
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
-from gateway.decide import incidents, notifications
+from gateway.decide import incidents, notifications, rest_actions
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.decide.pagerduty_side import PagerDutySide
@@ -323,9 +323,24 @@ class Processor:
         else:
             event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
             queued = self._queue_event(job, runtime, event) or queued
+        queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
             job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
         )
+
+    def _queue_rest(self, job: PendingJob, decision: Decision, change: IncidentChange) -> bool:
+        """The rule's REST actions (priority, urgency, note, assignment) for this incident."""
+        assert decision.incident_key is not None
+        count = rest_actions.queue_rest_actions(
+            self.store,
+            decision.rest,
+            service=job.service,
+            key=decision.incident_key,
+            incident=change.changed or change.basis,
+            job=job.id,
+            enabled=bool(self.pagerduty.api_token),
+        )
+        return count > 0
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
         details = {

@@ -18,6 +18,7 @@ from gateway.rules.model import (
     DEFAULT_SUMMARY,
     KEYED_ACTIONS,
     MAX_DETAIL,
+    MAX_NOTE,
     MAX_SUMMARY,
     NO_SUBJECT,
     SEVERITIES,
@@ -297,7 +298,20 @@ def _decide(
         links=_links(rule, ctx),
         trace=trace,
         reason=f'matched rule "{rule.name}"{where}',
+        rest=_rest(rule, ctx),
     )
+
+
+def _rest(rule: Rule, ctx: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The rule's REST actions, with its note rendered (cut to PagerDuty's limit)."""
+    actions = []
+    for name, value in rule.rest:
+        if name == "add_note":
+            value = render(value, ctx, rule.name, "add_note").strip()[:MAX_NOTE]
+            if not value:
+                continue  # an empty note is no note
+        actions.append((name, value))
+    return tuple(actions)
 
 
 def _unmatched(ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...]) -> Decision:

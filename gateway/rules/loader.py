@@ -25,8 +25,11 @@ from gateway.rules.model import (
     OPS,
     PAGERDUTY_ACTIONS,
     PAGERDUTY_FIELDS,
+    REST_ACTIONS,
     SEVERITIES,
     TEMPLATE_NAMES,
+    TRIGGER_ONLY_REST,
+    URGENCIES,
     Condition,
     Extractor,
     Link,
@@ -52,6 +55,7 @@ RULE_KEYS = (
     "severity",
     "details",
     "links",
+    *REST_ACTIONS,
 )
 CONDITION_KEYS = ("field", "op", "value", "ignore_case")
 EXTRACTOR_KEYS = ("field", "regex", "between", "after", "before", "ignore_case")
@@ -345,6 +349,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
     summary = scope.summary(raw, "{{ subject }}")
     severity = scope.severity(raw, "critical")
     details, links = _details(scope, raw.get("details")), _links(scope, raw.get("links"))
+    rest = _rest_actions(scope, raw, action)
     if len(chk.problems) > before or key is None:
         return None
     return Rule(
@@ -360,7 +365,47 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         enabled=enabled,
         file=chk.file,
         line=scope.line,
+        rest=rest,
     )
+
+
+def _rest_actions(scope: _Scope, raw: dict[str, Any], action: Any) -> tuple[tuple[str, str], ...]:
+    """`set_priority = "P1"`, `set_urgency = "high"`, `add_note = "{{ body }}"`,
+    `reassign` / `add_responders = { escalation_policy = "PXXXXXX" }` (or `user = ...`)."""
+    found: list[tuple[str, str]] = []
+    for name in REST_ACTIONS:
+        if name not in raw:
+            continue
+        if action == "discard" or (name in TRIGGER_ONLY_REST and action != "trigger"):
+            needs = "trigger" if name in TRIGGER_ONLY_REST else "trigger, acknowledge or resolve"
+            scope.add(f"{name} needs action {needs}", name)
+            continue
+        value = raw[name]
+        if name in ("reassign", "add_responders"):
+            target = _rest_target(scope, name, value)
+            if target:
+                found.append((name, target))
+            continue
+        if not isinstance(value, str) or not value.strip():
+            scope.add(f"{name} must be a non-empty string", name)
+        elif name == "set_urgency" and value not in URGENCIES:
+            scope.add(f"set_urgency must be {' or '.join(URGENCIES)}, not {value!r}", name)
+        elif name != "add_note" or scope.template(value, name):
+            found.append((name, value))
+    return tuple(found)
+
+
+def _rest_target(scope: _Scope, name: str, value: Any) -> str | None:
+    kinds = ("escalation_policy", "user")
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
+        scope.add(f'{name} must be {{ escalation_policy = "PXXXXXX" }} or {{ user = "PXXXXXX" }}',
+                  name)  # fmt: skip
+        return None
+    kind, ident = next(iter(value.items()))
+    if not isinstance(ident, str) or not re.fullmatch(r"[A-Z0-9]{2,20}", ident):
+        scope.add(f"{name}.{kind} must be a PagerDuty id such as PABC123, not {ident!r}", name)
+        return None
+    return f"{kind}:{ident}"
 
 
 def _pagerduty_rule(

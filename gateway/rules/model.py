@@ -52,6 +52,11 @@ PAGERDUTY_FIELDS = (
     "note",
 )
 PAGERDUTY_ACTIONS = ("notify", "mirror", "discard")
+# REST API actions a mail rule may add (with `[pagerduty] api_token`): what the Events API can't
+REST_ACTIONS = ("set_priority", "set_urgency", "add_note", "reassign", "add_responders")
+TRIGGER_ONLY_REST = ("set_priority", "set_urgency")
+URGENCIES = ("high", "low")
+MAX_NOTE = 25_000  # PagerDuty's note content limit
 MAX_KEY = 255  # PagerDuty dedup_key limit
 MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
 MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
@@ -154,6 +159,9 @@ class Rule:
     enabled: bool = True
     file: str = ""
     line: int | None = None
+    # REST actions, in REST_ACTIONS order: (action, value); a note is a template, a target
+    # is "escalation_policy:PXXXXXX" or "user:PXXXXXX"
+    rest: tuple[tuple[str, str], ...] = ()
 
     @property
     def where(self) -> str:
@@ -232,3 +240,4 @@ class Decision:
     trace: tuple[TraceStep, ...]
     reason: str
     unmatched: bool = False
+    rest: tuple[tuple[str, str], ...] = ()  # REST actions, a note rendered
