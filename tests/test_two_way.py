@@ -85,8 +85,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 class TestWebhookReceiver:
     def test_a_signed_event_changes_the_mirror(self, rig: Rig) -> None:
         rig.open_case("Printer on fire")
-        status, _ = post(rig.gateway, event_body("incident.acknowledged", "Printer on fire"))
+        status, answer = post(rig.gateway, event_body("incident.acknowledged", "Printer on fire"))
         assert status == 202
+        # committed before the 2xx: another connection sees it at once, without waiting
+        (stored,) = rig.store.pagerduty_events(incident_key="Printer on fire")
+        assert answer == f'{{"stored":{stored.id}}}'
         incident = wait_for_incident(rig.store, "Printer on fire", state="acknowledged")
         assert incident.pd_status == "acknowledged"
         assert incident.assignees == "Tenex Engineer"

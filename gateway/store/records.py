@@ -110,6 +110,8 @@ class OutboxItem:
         """A few words for people: a PagerDuty event's action and key, or a mail's subject."""
         if "event_action" in self.payload:
             return f"{self.payload['event_action']} {self.payload.get('dedup_key', '')}"[:80]
+        if self.kind == "pagerduty_rest":
+            return f"{self.payload.get('action')} {self.payload.get('incident_key', '')}"[:80]
         return f"mail {self.payload.get('subject', '')}"[:80]
 
 

@@ -349,6 +349,8 @@ def describe_item(item: OutboxItem) -> str:
     payload = item.payload
     if "event_action" in payload:
         return f"PagerDuty {payload['event_action']} {payload.get('dedup_key', '')!r}"
+    if item.kind == "pagerduty_rest":
+        return f"PagerDuty REST {payload.get('action')} {payload.get('incident_key', '')!r}"
     return f"mail {str(payload.get('subject', ''))!r}"
 
 
