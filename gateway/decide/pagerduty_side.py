@@ -64,7 +64,7 @@ class WebhookFacts:
     def rule_fields(self, incident: Incident | None) -> dict[str, str]:
         """The reverse rules' fields; what the event leaves out comes from the mirror."""
         known = incident or _NO_INCIDENT
-        assignees = self.assignees if self.assignees is not None else None
+        assignees = self.assignees
         return {
             "event_type": self.event_type,
             "title": self.title or known.summary,
