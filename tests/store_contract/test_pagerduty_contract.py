@@ -58,3 +58,13 @@ def test_a_note_is_filed_under_the_key_it_was_found_by(store: Store) -> None:
     assert event is not None
     store.finish_pagerduty_event(event, outcome="mirrored", incident_key="VPN down")
     assert [e.id for e in store.pagerduty_events(incident_key="VPN down")] == [event]
+
+
+def test_retention_purges_decided_webhooks_and_keeps_pending_ones(store: Store) -> None:
+    decided, pending = add(store, "w1", "e1"), add(store, "w2", "e2")
+    assert decided is not None and pending is not None
+    store.finish_pagerduty_event(decided, outcome="unknown_key")
+    assert store.purge_plan(2000.0)["events"] == 1
+    assert store.purge(2000.0)["events"] == 1
+    assert [e.id for e in store.pagerduty_events()] == [pending]
+    assert store.purge(2000.0)["events"] == 0
