@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.config_time import HeartbeatSettings
-from gateway.decide import incidents, notifications
+from gateway.decide import incidents, notifications, rest_actions
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.heartbeat_duties import HeartbeatDuties
 from gateway.decide.maintenance import active_window, during_maintenance
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
+from gateway.decide.pagerduty_side import PagerDutySide
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
@@ -148,6 +149,7 @@ class Processor(HeartbeatDuties):
         self.heartbeats = heartbeats
         self._heartbeats_checked = float("-inf")
         self.expect_mail(heartbeats)
+        self.pagerduty_side = PagerDutySide(store, clock=clock, regex_timeout=regex_timeout)
 
     def reconfigure(
         self,
@@ -171,6 +173,7 @@ class Processor(HeartbeatDuties):
         Parsing, rules and themes (the CPU work) run before the write transaction, so the spool
         writer is never kept waiting for them; the short transaction then applies every decision.
         """
+        self._decide_pagerduty_events()
         jobs = self.store.pending_jobs(batch)
         outcomes: list[Processed] = []
         for _ in range(DECIDE_ROUNDS):
@@ -181,6 +184,15 @@ class Processor(HeartbeatDuties):
         if jobs:
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
         return outcomes
+
+    def _decide_pagerduty_events(self) -> None:
+        """Webhook deliveries first: they are few, and a mail judged after them sees what
+        PagerDuty said (e.g. an incident resolved there opens anew on the next "new" mail)."""
+        services = {n: (r.settings, r.ruleset) for n, r in self.services.items()}
+        self.pagerduty_side.regex_timeout = self.regex_timeout
+        _decided, mailed = self.pagerduty_side.process_pending(services, self.notifier)
+        if mailed and self.on_outbox:
+            self.on_outbox()
 
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
@@ -249,7 +261,7 @@ class Processor(HeartbeatDuties):
                 job, Outcome.MAINTENANCE, decision.reason, decision=decision, heartbeats=seen
             )
         event = self._event(runtime, mail, decision)
-        change = self._change(job, runtime, decision, mail.message_id, ahead)
+        change = self._change(job, runtime, decision, mail, ahead)
         return Verdict(
             job,
             change.outcome,
@@ -265,7 +277,7 @@ class Processor(HeartbeatDuties):
         job: PendingJob,
         runtime: ServiceRuntime,
         decision: Decision,
-        case_message_id: str,
+        mail: ParsedMail,
         ahead: dict[tuple[str, str], Incident | None],
     ) -> IncidentChange:
         """The incident after the action, and the helpdesk mail it causes, rendered here."""
@@ -281,7 +293,9 @@ class Processor(HeartbeatDuties):
             now=self.clock(),
             summary=decision.summary,
             message=job.message,
-            case_message_id=case_message_id,
+            case_message_id=mail.message_id,
+            routing_key=runtime.settings.routing_key or "",
+            case_fields=_case_fields(mail, decision),
         )
         notification = None
         notify = runtime.settings.notify
@@ -332,10 +346,35 @@ class Processor(HeartbeatDuties):
             if change.notification is not None:
                 queued = notifications.queue(self.store, change.notification, job.id) is not None
         runtime = self.services[job.service]
-        queued = self._queue_event(job, runtime, event) or queued
+        if _is_echo(change.basis, decision.action):
+            self.store.log_event(
+                "echo_suppressed",
+                service=job.service,
+                message=job.message,
+                incident_key=decision.incident_key,
+                detail=f"{decision.action} not sent: PagerDuty itself changed the incident",
+            )
+        else:
+            event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
+            queued = self._queue_event(job, runtime, event) or queued
+        queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
             job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
         )
+
+    def _queue_rest(self, job: PendingJob, decision: Decision, change: IncidentChange) -> bool:
+        """The rule's REST actions (priority, urgency, note, assignment) for this incident."""
+        assert decision.incident_key is not None
+        count = rest_actions.queue_rest_actions(
+            self.store,
+            decision.rest,
+            service=job.service,
+            key=decision.incident_key,
+            incident=change.changed or change.basis,
+            job=job.id,
+            enabled=bool(self.pagerduty.api_token),
+        )
+        return count > 0
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
         details = {
@@ -419,6 +458,39 @@ class Processor(HeartbeatDuties):
             event=event,
             queued=queued,
         )
+
+
+def _case_fields(mail: ParsedMail, decision: Decision) -> str:
+    """What the helpdesk's later notifications about this incident may quote of the case."""
+    fields = {
+        "subject": mail.subject,
+        "from": mail.from_,
+        "message_id": mail.message_id,
+        "key": decision.incident_key,
+        "details": dict(decision.details),
+    }
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def _is_echo(basis: Incident | None, action: str) -> bool:
+    """A mail acknowledging or resolving what PagerDuty already acknowledged or resolved
+    (the helpdesk reacting to our own notification): sending it back would be an echo."""
+    if basis is None or basis.changed_by != "pagerduty" or action == "trigger":
+        return False
+    if action == "resolve":
+        return basis.state == "resolved"
+    return basis.state in ("acknowledged", "resolved")
+
+
+def _with_opening_key(event: dict, basis: Incident | None, current: str | None) -> dict:
+    """PagerDuty drops an acknowledge/resolve sent with another routing key than the
+    trigger's: after a rotation, an incident's later events carry the key that opened it (the
+    sender uses a payload's own `routing_key` over the service's)."""
+    if event.get("event_action") == "trigger" or basis is None or not basis.is_open:
+        return event
+    if not basis.routing_key or basis.routing_key == current:
+        return event
+    return {**event, "routing_key": basis.routing_key}
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))

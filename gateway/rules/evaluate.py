@@ -19,6 +19,7 @@ from gateway.rules.model import (
     DEFAULT_SUMMARY,
     KEYED_ACTIONS,
     MAX_DETAIL,
+    MAX_NOTE,
     MAX_SUMMARY,
     NO_SUBJECT,
     SEVERITIES,
@@ -26,6 +27,7 @@ from gateway.rules.model import (
     Decision,
     Extractor,
     Filter,
+    PagerDutyDecision,
     Rule,
     Ruleset,
     TraceStep,
@@ -362,7 +364,20 @@ def _decide(
         links=_links(rule, ctx),
         trace=trace,
         reason=f'matched rule "{rule.name}"{where}',
+        rest=_rest(rule, ctx),
     )
+
+
+def _rest(rule: Rule, ctx: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The rule's REST actions, with its note rendered (cut to PagerDuty's limit)."""
+    actions = []
+    for name, value in rule.rest:
+        if name == "add_note":
+            value = render(value, ctx, rule.name, "add_note").strip()[:MAX_NOTE]
+            if not value:
+                continue  # an empty note is no note
+        actions.append((name, value))
+    return tuple(actions)
 
 
 def _filtered(stop: Filter, mail: ParsedMail, trace: tuple[TraceStep, ...], why: str) -> Decision:
@@ -420,3 +435,34 @@ def conditions_match(
     as a rule's are. Raises RuleEvaluationError on a regex timeout."""
     probe = Rule(name=name, conditions=conditions, action="discard", match=match)
     return _match(probe, _Fields(mail, at), regex_timeout)[0]
+
+
+# --------------------------------------------------------------------------- reverse rules
+
+
+class _EventFields:
+    """A PagerDuty event's fields (`PAGERDUTY_FIELDS`), shaped like a mail for `_Fields`."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+
+    def field(self, name: str) -> str:
+        return self.values.get(name, "")
+
+
+def evaluate_pagerduty(
+    ruleset: Ruleset, fields: Mapping[str, str], *, regex_timeout: float = 0.5
+) -> PagerDutyDecision:
+    """The first enabled `[[pagerduty_rule]]` whose conditions hold for the event's fields;
+    none matching means "mirror" (and the service's `notify.on` shorthand decides on mail)."""
+    texts = _Fields(_EventFields(fields))  # type: ignore[arg-type]
+    trace: list[TraceStep] = []
+    for rule in ruleset.pagerduty_rules:
+        if not rule.enabled:
+            trace.append(TraceStep(rule.name, False, "disabled"))
+            continue
+        matched, reason = _match(rule, texts, regex_timeout)  # type: ignore[arg-type]
+        trace.append(TraceStep(rule.name, matched, reason))
+        if matched:
+            return PagerDutyDecision(rule.name, rule.action, rule.theme, rule.to, tuple(trace))
+    return PagerDutyDecision(None, "mirror", trace=tuple(trace))

@@ -23,14 +23,20 @@ from gateway.mail.parse import FIELDS
 from gateway.rules.model import (
     ACTIONS,
     OPS,
+    PAGERDUTY_ACTIONS,
+    PAGERDUTY_FIELDS,
+    REST_ACTIONS,
     SEVERITIES,
     TEMPLATE_NAMES,
     TIME_FIELD,
     TIME_OPS,
+    TRIGGER_ONLY_REST,
+    URGENCIES,
     Condition,
     Extractor,
     Filter,
     Link,
+    PagerDutyRule,
     Rule,
     Ruleset,
     compile_regex,
@@ -40,7 +46,8 @@ from gateway.sandbox import BudgetExceeded
 from gateway.schedules import Schedule
 from gateway.toml_locator import TomlLocator
 
-TOP_KEYS = ("rule", "unmatched", "keys", "filter")
+TOP_KEYS = ("rule", "pagerduty_rule", "unmatched", "keys", "filter")
+PAGERDUTY_RULE_KEYS = ("name", "enabled", "match", "conditions", "action", "theme", "to")
 RULE_KEYS = (
     "name",
     "enabled",
@@ -52,6 +59,7 @@ RULE_KEYS = (
     "severity",
     "details",
     "links",
+    *REST_ACTIONS,
 )
 CONDITION_KEYS = ("field", "op", "value", "ignore_case")
 EXTRACTOR_KEYS = ("field", "regex", "between", "after", "before", "ignore_case")
@@ -140,7 +148,12 @@ class _Scope:
             return False
         return value
 
-    def field(self, value: Any, *path: str | int) -> bool:
+    def field(self, value: Any, *path: str | int, allowed: tuple[str, ...] = ()) -> bool:
+        if allowed:  # a reverse rule's fields: the PagerDuty event's, no headers
+            if isinstance(value, str) and value in allowed:
+                return True
+            self.add(f"unknown field {value!r}; use one of {', '.join(allowed)}", *path, "field")
+            return False
         if isinstance(value, str) and (
             value in FIELDS
             or (value.startswith("headers.") and _HEADER_FIELD.match(value[len("headers.") :]))
@@ -226,7 +239,9 @@ class _Scope:
 # --------------------------------------------------------------------------- rules
 
 
-def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
+def _condition(
+    scope: _Scope, raw: Any, number: int, fields: tuple[str, ...] = ()
+) -> Condition | None:
     path: tuple[str | int, ...] = ("conditions", number)
     if not isinstance(raw, dict):
         scope.add("a condition must be a table like { field = ..., op = ..., value = ... }", *path)
@@ -246,7 +261,7 @@ def _condition(scope: _Scope, raw: Any, number: int) -> Condition | None:
     if "field" not in raw:
         scope.add("missing field", *path)
     else:
-        scope.field(raw["field"], *path)
+        scope.field(raw["field"], *path, allowed=fields)
     value = scope.string(raw, "value", *path)
     if "value" not in raw and op in OPS:
         scope.add(f"missing value (required for op {op!r})", *path)
@@ -353,14 +368,14 @@ def _links(scope: _Scope, raw: Any) -> tuple[Link, ...]:
     return tuple(result)
 
 
-def _conditions(scope: _Scope, raw: Any) -> tuple[Condition, ...]:
+def _conditions(scope: _Scope, raw: Any, fields: tuple[str, ...] = ()) -> tuple[Condition, ...]:
     if raw is None:
         scope.add('missing conditions; use [{ op = "always" }] to match every message')
         return ()
     if not isinstance(raw, list) or not raw:
         scope.add('conditions must be a non-empty list; [{ op = "always" }] matches all')
         return ()
-    built = [_condition(scope, item, number) for number, item in enumerate(raw)]
+    built = [_condition(scope, item, number, fields) for number, item in enumerate(raw)]
     return tuple(c for c in built if c is not None)
 
 
@@ -388,6 +403,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
     summary = scope.summary(raw, "{{ subject }}")
     severity = scope.severity(raw, "critical")
     details, links = _details(scope, raw.get("details")), _links(scope, raw.get("links"))
+    rest = _rest_actions(scope, raw, action)
     if len(chk.problems) > before or key is None:
         return None
     return Rule(
@@ -401,6 +417,95 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         severity=severity,
         details=details,
         links=links,
+        enabled=enabled,
+        file=chk.file,
+        line=scope.line,
+        rest=rest,
+    )
+
+
+def _rest_actions(scope: _Scope, raw: dict[str, Any], action: Any) -> tuple[tuple[str, str], ...]:
+    """`set_priority = "P1"`, `set_urgency = "high"`, `add_note = "{{ body }}"`,
+    `reassign` / `add_responders = { escalation_policy = "PXXXXXX" }` (or `user = ...`)."""
+    found: list[tuple[str, str]] = []
+    for name in REST_ACTIONS:
+        if name not in raw:
+            continue
+        if action == "discard" or (name in TRIGGER_ONLY_REST and action != "trigger"):
+            needs = "trigger" if name in TRIGGER_ONLY_REST else "trigger, acknowledge or resolve"
+            scope.add(f"{name} needs action {needs}", name)
+            continue
+        value = raw[name]
+        if name in ("reassign", "add_responders"):
+            target = _rest_target(scope, name, value)
+            if target:
+                found.append((name, target))
+            continue
+        if not isinstance(value, str) or not value.strip():
+            scope.add(f"{name} must be a non-empty string", name)
+        elif name == "set_urgency" and value not in URGENCIES:
+            scope.add(f"set_urgency must be {' or '.join(URGENCIES)}, not {value!r}", name)
+        elif name != "add_note" or scope.template(value, name):
+            found.append((name, value))
+    return tuple(found)
+
+
+def _rest_target(scope: _Scope, name: str, value: Any) -> str | None:
+    kinds = ("escalation_policy", "user")
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
+        scope.add(f'{name} must be {{ escalation_policy = "PXXXXXX" }} or {{ user = "PXXXXXX" }}',
+                  name)  # fmt: skip
+        return None
+    kind, ident = next(iter(value.items()))
+    if not isinstance(ident, str) or not re.fullmatch(r"[A-Z0-9]{2,20}", ident):
+        scope.add(f"{name}.{kind} must be a PagerDuty id such as PABC123, not {ident!r}", name)
+        return None
+    return f"{kind}:{ident}"
+
+
+def _pagerduty_rule(
+    chk: _Checker, index: int, raw: Any, names: dict[str, str]
+) -> PagerDutyRule | None:
+    """A `[[pagerduty_rule]]`: conditions on a webhook event's fields, and what to do."""
+    span = chk.loc.span("pagerduty_rule", index)
+    name = raw.get("name") if isinstance(raw, dict) else None
+    label = (
+        f"pagerduty_rule {name!r}"
+        if isinstance(name, str) and name
+        else (f"pagerduty_rule #{index + 1}")
+    )
+    scope = _Scope(chk, span, label)
+    if not isinstance(raw, dict):
+        scope.add("[[pagerduty_rule]] must be a table")
+        return None
+    before = len(chk.problems)
+    scope.unknown(raw, PAGERDUTY_RULE_KEYS)
+    _rule_name(scope, name, names)
+    action = raw.get("action", "notify")
+    if action not in PAGERDUTY_ACTIONS:
+        scope.add(f"unknown action {action!r}; use one of {', '.join(PAGERDUTY_ACTIONS)}", "action")
+    match = raw.get("match", "all")
+    if match not in ("all", "any"):
+        scope.add(f'match must be "all" or "any", not {match!r}', "match")
+    enabled = scope.boolean(raw, "enabled")
+    conditions = _conditions(scope, raw.get("conditions"), PAGERDUTY_FIELDS)
+    theme = scope.string(raw, "theme") or "incident_update"
+    to = raw.get("to", [])
+    to = [to] if isinstance(to, str) else to
+    if not isinstance(to, list) or not all(isinstance(a, str) and "@" in a for a in to):
+        scope.add('to must be a list of addresses, e.g. ["support@helpdesk.example"]', "to")
+        to = []
+    if action == "notify" and not to:
+        scope.add('action "notify" needs to = ["address", ...]', *(("to",) if "to" in raw else ()))
+    if len(chk.problems) > before:
+        return None
+    return PagerDutyRule(
+        name=name,
+        conditions=conditions,
+        action=action,
+        match=match,
+        theme=theme,
+        to=tuple(to),
         enabled=enabled,
         file=chk.file,
         line=scope.line,
@@ -451,6 +556,7 @@ class _Collected:
         self.tags: list[str] = []
         self.filters: list[Filter] = []
         self.schedules: Mapping[str, Schedule] = {}
+        self.pagerduty_rules: list[PagerDutyRule] = []
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -541,6 +647,8 @@ def _sections(chk: _Checker, data: dict[str, Any], out: _Collected) -> None:
     for key, value in data.items():
         if key == "rule":
             _rules(chk, value, out)
+        elif key == "pagerduty_rule":
+            _pagerduty_rules(chk, value, out)
         elif key in _SECTIONS:
             _SECTIONS[key](chk, value, out)
         else:
@@ -559,6 +667,19 @@ def _rules(chk: _Checker, value: Any, out: _Collected) -> None:
         rule = _rule(chk, index, raw, out.names)
         if rule is not None:
             out.rules.append(rule)
+
+
+def _pagerduty_rules(chk: _Checker, value: Any, out: _Collected) -> None:
+    if not isinstance(value, list):
+        chk.add(
+            "reverse rules are written [[pagerduty_rule]] (double brackets), one per rule",
+            chk.loc.top("pagerduty_rule"),
+        )
+        return
+    for index, raw in enumerate(value):
+        rule = _pagerduty_rule(chk, index, raw, out.names)
+        if rule is not None:
+            out.pagerduty_rules.append(rule)
 
 
 def load_ruleset(
@@ -589,6 +710,7 @@ def load_ruleset(
         files=tuple(str(p) for p in paths),
         filters=tuple(out.filters),
         schedules=tuple(out.schedules.values()),
+        pagerduty_rules=tuple(out.pagerduty_rules),
     )
 
 

@@ -44,6 +44,24 @@ TEMPLATE_NAMES = (  # what summary / severity / details / links templates may us
     "details",
     "within",  # schedule name -> whether the mail arrived within it
 )
+# reverse rules ([[pagerduty_rule]]): what a Webhooks v3 event offers to conditions, and actions
+PAGERDUTY_FIELDS = (
+    "event_type",
+    "title",
+    "status",
+    "service",
+    "escalation_policy",
+    "priority",
+    "urgency",
+    "assignee",
+    "note",
+)
+PAGERDUTY_ACTIONS = ("notify", "mirror", "discard")
+# REST API actions a mail rule may add (with `[pagerduty] api_token`): what the Events API can't
+REST_ACTIONS = ("set_priority", "set_urgency", "add_note", "reassign", "add_responders")
+TRIGGER_ONLY_REST = ("set_priority", "set_urgency")
+URGENCIES = ("high", "low")
+MAX_NOTE = 25_000  # PagerDuty's note content limit
 MAX_KEY = 255  # PagerDuty dedup_key limit
 MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
 MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
@@ -148,6 +166,9 @@ class Rule:
     enabled: bool = True
     file: str = ""
     line: int | None = None
+    # REST actions, in REST_ACTIONS order: (action, value); a note is a template, a target
+    # is "escalation_policy:PXXXXXX" or "user:PXXXXXX"
+    rest: tuple[tuple[str, str], ...] = ()
 
     def describe_key(self) -> str:
         """The key's extractor(s) for traces: 'subject regex ... or body regex ...'."""
@@ -181,6 +202,39 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class PagerDutyRule:
+    """A reverse rule: a PagerDuty-side event -> tell the helpdesk (a theme to addresses),
+    only update the incident mirror, or discard the event (recorded, nothing changes)."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+    action: str  # notify | mirror | discard
+    match: str = "all"
+    theme: str = "incident_update"
+    to: tuple[str, ...] = ()
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        if not self.file:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class PagerDutyDecision:
+    """What a PagerDuty-side event does: the first matching reverse rule, or none."""
+
+    rule: str | None  # None: no reverse rule matched (the mirror is updated; `notify.on` applies)
+    action: str  # notify | mirror | discard
+    theme: str = ""
+    to: tuple[str, ...] = ()
+    trace: tuple[TraceStep, ...] = ()
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """All rules of one service (in order, across its files) plus the unmatched policy."""
 
@@ -192,6 +246,7 @@ class Ruleset:
     files: tuple[str, ...] = ()
     filters: tuple[Filter, ...] = ()  # every one must pass (one per file at most)
     schedules: tuple[Schedule, ...] = ()  # config.toml's, for the `within` template name
+    pagerduty_rules: tuple[PagerDutyRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,3 +273,4 @@ class Decision:
     reason: str
     unmatched: bool = False
     filtered: bool = False  # stopped by a [filter]: kept as `filtered`, nothing sent
+    rest: tuple[tuple[str, str], ...] = ()  # REST actions, a note rendered

@@ -20,6 +20,7 @@ from gateway.runtime.systemd import ServiceManager
 from gateway.store import StoreThread
 from gateway.web.metrics import LiveState
 from gateway.web.notify import NotifyEndpoint
+from gateway.web.pagerduty_webhook import PagerDutyWebhook
 from gateway.web.server import WebServer
 from gateway.web.status import WebApp
 
@@ -92,6 +93,7 @@ class ControlPlane:
             services=runtime.generation.config.services,
             maintenance=runtime.generation.config.maintenance,
             heartbeats=runtime.generation.config.heartbeats,
+            pagerduty=self._pagerduty_webhook(),
         )
         self._tasks.append(asyncio.create_task(self._watch_worker(), name="worker-watch"))
         # the latency histogram counts jobs decided from now on, like any per-process metric
@@ -117,6 +119,12 @@ class ControlPlane:
             on_queued=self.runtime.worker.wake_outbox,
         )
 
+    def _pagerduty_webhook(self) -> PagerDutyWebhook | None:
+        secrets = self.runtime.generation.config.pagerduty.webhook_secret
+        if not secrets:
+            return None
+        return PagerDutyWebhook(self.store, secrets, on_stored=self.runtime.worker.wake)
+
     def _install_sighup(self) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -136,6 +144,7 @@ class ControlPlane:
             self.web.maintenance = new.config.maintenance
             self.web.heartbeats = new.config.heartbeats
             self.web.notify = self._notify_endpoint()  # recompiles the themes
+            self.web.pagerduty = self._pagerduty_webhook()  # secrets may be rotated
 
     async def _watch_worker(self) -> None:
         """Health input: the supervisor only counts restarts; this notes when they happen,

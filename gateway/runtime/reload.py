@@ -25,8 +25,9 @@ from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.decide import heartbeats
+from gateway.decide.pagerduty_side import reverse_rule_problems
 from gateway.decide.processor import ServiceRuntime, load_services
-from gateway.errors import ConfigError, Problem, ProblemsError, ThemeError
+from gateway.errors import ConfigError, Problem, ProblemsError, RuleError, ThemeError
 from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
         problems = themes.check(config.gateway.templates_dir, files=files)
         if problems:
             raise ThemeError(problems)
+    problems = reverse_rule_problems(config, services, files)
+    if problems:
+        raise RuleError(problems)
     return Generation(config, services, files)
 
 
@@ -108,7 +112,11 @@ def compile_generation(shipped: GenerationFiles) -> Generation:
 
 def uses_themes(config: Config) -> bool:
     """Without these, a missing templates directory is no error: nothing would render."""
-    return any(s.notify for s in config.services) or bool(config.web.notify_token)
+    return (
+        any(s.notify for s in config.services)
+        or bool(config.web.notify_token)
+        or bool(config.pagerduty.webhook_secret)
+    )
 
 
 def restart_required(old: Config, new: Config) -> list[str]:

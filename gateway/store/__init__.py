@@ -19,6 +19,7 @@ from gateway.store.protocols import (
     HeartbeatStore,
     ImapStore,
     OutboxStore,
+    PagerDutyWebhookStore,
     ReportStore,
     SpoolStore,
     Store,
@@ -42,6 +43,7 @@ from gateway.store.records import (
     OutboxEntry,
     OutboxItem,
     OutboxResult,
+    PagerDutyEvent,
     PendingJob,
 )
 from gateway.store.requeue import Refusal, Requeued
@@ -71,6 +73,8 @@ __all__ = [
     "OutboxItem",
     "OutboxResult",
     "OutboxStore",
+    "PagerDutyEvent",
+    "PagerDutyWebhookStore",
     "PendingJob",
     "Refusal",
     "ReportStore",

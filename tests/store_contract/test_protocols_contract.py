@@ -16,6 +16,7 @@ PROTOCOLS = [
     protocols.ImapStore,
     protocols.ReportStore,
     protocols.HeartbeatStore,
+    protocols.PagerDutyWebhookStore,
     protocols.Store,
 ]
 

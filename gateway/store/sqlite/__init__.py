@@ -10,6 +10,7 @@ queries; together they satisfy every protocol in `gateway.store.protocols`:
     imap.py        IMAP positions, owed UIDs          reports.py    listings, health, metrics
     retention.py   batched purges                     checkpoint.py background WAL checkpoints
     heartbeats.py  expected mail: last seen, missing
+    pagerduty.py   webhook deliveries, incidents by PagerDuty id
 
 Consumers open it through `gateway.store.open_store`; only the wiring (the service's
 `Checkpointer`) imports this package directly.
@@ -23,6 +24,7 @@ from gateway.store.sqlite.decisions import DecisionQueries
 from gateway.store.sqlite.heartbeats import HeartbeatQueries
 from gateway.store.sqlite.imap import ImapQueries
 from gateway.store.sqlite.outbox import OutboxQueries
+from gateway.store.sqlite.pagerduty import PagerDutyQueries
 from gateway.store.sqlite.reports import ReportQueries
 from gateway.store.sqlite.retention import RetentionQueries
 from gateway.store.sqlite.spool import SpoolQueries
@@ -36,6 +38,7 @@ class SQLiteStore(
     ReportQueries,
     RetentionQueries,
     HeartbeatQueries,
+    PagerDutyQueries,
 ):
     """A connection to the gateway's SQLite database, for use by one thread."""
 
