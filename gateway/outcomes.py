@@ -21,6 +21,7 @@ class Outcome(StrEnum):
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
+    UNAUTHENTICATED = "unauthenticated"  # fails require_authentication; kept, visible
 
     @property
     def is_action(self) -> bool:
@@ -35,5 +36,6 @@ NON_ACTIONS = frozenset(
         Outcome.QUARANTINED,
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,
+        Outcome.UNAUTHENTICATED,
     }
 )
