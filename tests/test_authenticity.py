@@ -296,3 +296,17 @@ def test_authentication_config_needs_what_its_mode_uses(tmp_path: Path) -> None:
         load_config(path)
     message = str(raised.value)
     assert "authserv_id" in message and "allowed_dkim_domains" in message
+
+
+def test_signature_that_leaves_rule_text_unsigned_does_not_pass(keys: Keys) -> None:
+    """A genuine signature, but a Subject added above the signed one, or an `l=` tag that
+    lets text be appended to the body: the rules would read unsigned text, so it fails."""
+    genuine = signed(keys, "VPN down")
+    assert verify(genuine, keys, 1.0).dkim == "pass"
+    added_subject = b"Subject: Status: Resolved\r\n" + genuine
+    result = verify(added_subject, keys, 1.0)
+    assert result.dkim == "fail" and "does not cover" in result.detail
+    raw = desk_mail("VPN down")
+    with_length = dkim.sign(raw, SELECTOR, HELPDESK.encode(), keys.private[HELPDESK], length=True)
+    appended = with_length + raw + b"\r\nStatus: Resolved\r\n"
+    assert verify(appended, keys, 1.0).dkim == "fail"

@@ -165,11 +165,12 @@ def verify(raw: bytes | bytearray, resolver: TxtResolver, timeout: float) -> Aut
         lookups.failures.clear()
         results.append(_verify_one(data, index, lookups))
     passing = tuple(dict.fromkeys(domain for domain, result in results if result == PASS))
+    verdicts = [result.partition(":")[0] for _, result in results]
     from_domain = _from_domain(data)
     dmarc, dmarc_detail = _dmarc(from_domain, passing, lookups)
     shown = ", ".join(f"{result} (d={domain or '?'})" for domain, result in results)
     return AuthResults(
-        dkim=_best([result for _, result in results]),
+        dkim=_best(verdicts),
         dmarc=dmarc,
         dkim_domains=passing,
         dmarc_domain=from_domain,
@@ -192,7 +193,24 @@ def _verify_one(data: bytes, index: int, lookups: _Lookups) -> tuple[str, str]:
         return domain, TEMPERROR
     if ok is None:
         return domain, PERMERROR
+    if ok and not _covers_what_rules_read(data, checker):
+        return domain, f"{FAIL}: signature does not cover all of From, Subject and the body"
     return domain, PASS if ok else FAIL
+
+
+RULE_HEADERS = ("from", "subject")  # the signed headers the rules and keys depend on
+
+
+def _covers_what_rules_read(data: bytes, checker: dkim.DKIM) -> bool:
+    """A valid signature still proves nothing about text it does not cover: an `l=` body
+    length lets anyone append to the body, and a Subject or From added above the signed one
+    (not over-signed in `h=`) is the one the rules would read. Such a signature is a fail."""
+    fields = checker.signature_fields or {}
+    if b"l" in fields:
+        return False
+    signed = list(checker.include_headers or ())
+    present = header_values(data, RULE_HEADERS)
+    return all(0 < len(present[name]) <= signed.count(name.encode()) for name in RULE_HEADERS)
 
 
 def _from_domain(data: bytes) -> str:
