@@ -19,7 +19,7 @@ from gateway.config import AuthSettings, PagerDutySettings, ServiceSettings
 from gateway.decide.processor import AUTH_RETRY_DELAYS, Processor, load_services
 from gateway.errors import ConfigError, RuleError
 from gateway.intake.spool import incoming
-from gateway.mail.authenticity import DnsFailure, trusted_results, verify
+from gateway.mail.authenticity import DnsFailure, DnsTxtResolver, trusted_results, verify
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import load_ruleset
 from gateway.store import Store, open_store
@@ -310,3 +310,61 @@ def test_signature_that_leaves_rule_text_unsigned_does_not_pass(keys: Keys) -> N
     with_length = dkim.sign(raw, SELECTOR, HELPDESK.encode(), keys.private[HELPDESK], length=True)
     appended = with_length + raw + b"\r\nStatus: Resolved\r\n"
     assert verify(appended, keys, 1.0).dkim == "fail"
+
+
+def test_a_dns_outage_costs_one_timeout_per_name_not_one_per_mail() -> None:
+    """The real resolver remembers a failure briefly: a batch of mail from one sender during
+    an outage waits for one timeout, and the decider is not held up mail after mail."""
+    calls: list[str] = []
+    now = [0.0]
+
+    def failing(name: str, timeout: float) -> bytes | None:
+        calls.append(name)
+        raise DnsFailure("Timeout")
+
+    resolver = DnsTxtResolver(lookup=failing, failure_ttl=30.0, clock=lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(DnsFailure):
+            resolver("gw2026._domainkey.helpdesk.example", 5.0)
+    assert len(calls) == 1
+    now[0] += 31
+    with pytest.raises(DnsFailure):
+        resolver("gw2026._domainkey.helpdesk.example", 5.0)
+    assert len(calls) == 2
+    answers = DnsTxtResolver(lookup=lambda name, timeout: b"v=DKIM1; p=x", clock=lambda: now[0])
+    assert answers("a.example", 1.0) == answers("A.example", 1.0) == b"v=DKIM1; p=x"
+
+
+def test_hostile_mail_never_breaks_the_check(keys: Keys) -> None:
+    """Every malformed fixture mail, with and without a bogus signature, gets a verdict."""
+    bogus = b"DKIM-Signature: v=1; a=rsa-sha256; d=helpdesk.example; s=x; h=from; bh=; b=\r\n"
+    for path in sorted((Path(__file__).parent / "fixtures" / "mail").glob("*.eml")):
+        for raw in (path.read_bytes(), bogus + path.read_bytes()):
+            results = verify(raw, keys, 1.0)
+            assert results.dkim in ("none", "permerror", "fail"), path.name
+            assert trusted_results(raw, TRUSTED).dkim == "none"
+
+
+def test_replay_keeps_the_sender_check(keys: Keys, store: Store) -> None:
+    """Replay shows no phantom change: trusted_header is re-read from the mail, a verify
+    verdict stands as stored (today's DNS says nothing about yesterday's mail)."""
+    from gateway.decide.replay import replay
+
+    good = f"dkim=pass header.d={HELPDESK}"
+    deliver(
+        store,
+        stamped(TRUSTED, good, desk_mail("Trusted")),
+        stamped("mx.evil.example", good, desk_mail("Forged")),
+    )
+    settings = service(require="trusted_header", authserv_id=TRUSTED, dkim_domains=(HELPDESK,))
+    processor(store, settings, None).process_pending()
+    replayed = replay(store, load_services((settings,)), since=0)
+    assert [r.new.kind for r in replayed] == ["trigger", Outcome.UNAUTHENTICATED]
+    assert not any(r.changed for r in replayed)
+
+    verify_settings = service(require="verify", dkim_domains=(HELPDESK,))
+    deliver(store, signed(keys, "Signed"), desk_mail("Unsigned"))
+    processor(store, verify_settings, keys).process_pending()
+    replayed = replay(store, load_services((verify_settings,)), since=0)
+    assert [r.new.kind for r in replayed][-2:] == ["trigger", Outcome.UNAUTHENTICATED]
+    assert not any(r.changed for r in replayed[-2:])

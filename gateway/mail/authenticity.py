@@ -181,7 +181,10 @@ def verify(raw: bytes | bytearray, resolver: TxtResolver, timeout: float) -> Aut
 
 def _verify_one(data: bytes, index: int, lookups: _Lookups) -> tuple[str, str]:
     """(d= domain, result) of one signature."""
-    checker = dkim.DKIM(data, logger=_QUIET, timeout=lookups.timeout)
+    try:
+        checker = dkim.DKIM(data, logger=_QUIET, timeout=lookups.timeout)
+    except dkim.DKIMException:  # a header block dkimpy cannot parse
+        return "", PERMERROR
     try:
         ok: bool | None = checker.verify(index, dnsfunc=lookups.txt)
     except dkim.ValidationError as exc:  # the body was changed after signing, or bad tags
@@ -273,24 +276,43 @@ class DnsTxtResolver:
     """TXT lookups with dnspython under a timeout, cached briefly (thread-safe).
 
     NXDOMAIN and "no TXT record" are answers (None); a timeout, SERVFAIL or an unreachable
-    nameserver raise DnsFailure. Answers are cached for `ttl` seconds, failures never."""
+    nameserver raise DnsFailure. Answers are cached for `ttl` seconds. A failure is remembered
+    for `failure_ttl` seconds and repeated without asking again: during a DNS outage a batch of
+    mail from one sender costs one timeout, not one per mail, so other mail is not held up."""
 
-    def __init__(self, ttl: float = 300.0, max_entries: int = 1000) -> None:
-        self.ttl, self.max_entries = ttl, max_entries
-        self._cache: dict[str, tuple[float, bytes | None]] = {}
+    def __init__(
+        self,
+        ttl: float = 300.0,
+        failure_ttl: float = 30.0,
+        max_entries: int = 1000,
+        lookup: TxtResolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl, self.failure_ttl, self.max_entries = ttl, failure_ttl, max_entries
+        self.lookup = lookup or _resolve_txt
+        self.clock = clock
+        self._cache: dict[str, tuple[float, bytes | DnsFailure | None]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, name: str, timeout: float) -> bytes | None:
-        now = time.monotonic()
+        key = name.lower()
         with self._lock:
-            cached = self._cache.get(name)
-        if cached is not None and cached[0] > now:
+            cached = self._cache.get(key)
+        if cached is not None and cached[0] > self.clock():
+            if isinstance(cached[1], DnsFailure):
+                raise cached[1]
             return cached[1]
-        answer = _resolve_txt(name, timeout)
+        try:
+            answer: bytes | DnsFailure | None = self.lookup(name, timeout)
+        except DnsFailure as exc:
+            answer = exc
+        ttl = self.failure_ttl if isinstance(answer, DnsFailure) else self.ttl
         with self._lock:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
-            self._cache[name] = (now + self.ttl, answer)
+            self._cache[key] = (self.clock() + ttl, answer)
+        if isinstance(answer, DnsFailure):
+            raise answer
         return answer
 
 
