@@ -7,6 +7,8 @@ DNS, so no real DNS is ever asked.
 from __future__ import annotations
 
 import base64
+import json
+import smtplib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +17,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.config import AuthSettings, PagerDutySettings, ServiceSettings
+from gateway.config import AuthSettings, PagerDutySettings, ServiceSettings, load_config
 from gateway.decide.processor import AUTH_RETRY_DELAYS, Processor, load_services
+from gateway.decide.replay import replay
 from gateway.errors import ConfigError, RuleError
 from gateway.intake.spool import incoming
 from gateway.mail.authenticity import DnsFailure, DnsTxtResolver, trusted_results, verify
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import load_ruleset
 from gateway.store import Store, open_store
-from tests.conftest import RULES_DIR, desk_mail, write_config
+from tests.cli_support import Cli
+from tests.conftest import RULES_DIR, GatewayProcess, desk_mail, write_config
+from tests.net import free_port
+from tests.pdserver import PagerDutyStandIn
 
 SELECTOR = b"gw2026"
 HELPDESK = "helpdesk.example"
@@ -286,8 +292,6 @@ def test_rules_can_test_auth_fields(store: Store, tmp_path: Path) -> None:
 
 
 def test_authentication_config_needs_what_its_mode_uses(tmp_path: Path) -> None:
-    from gateway.config import load_config
-
     path = write_config(
         tmp_path,
         service_extra='require_authentication = "trusted_header"\n',
@@ -348,8 +352,6 @@ def test_hostile_mail_never_breaks_the_check(keys: Keys) -> None:
 def test_replay_keeps_the_sender_check(keys: Keys, store: Store) -> None:
     """Replay shows no phantom change: trusted_header is re-read from the mail, a verify
     verdict stands as stored (today's DNS says nothing about yesterday's mail)."""
-    from gateway.decide.replay import replay
-
     good = f"dkim=pass header.d={HELPDESK}"
     deliver(
         store,
@@ -368,3 +370,35 @@ def test_replay_keeps_the_sender_check(keys: Keys, store: Store) -> None:
     replayed = replay(store, load_services((verify_settings,)), since=0)
     assert [r.new.kind for r in replayed][-2:] == ["trigger", Outcome.UNAUTHENTICATED]
     assert not any(r.changed for r in replayed[-2:])
+
+
+def test_served_gateway_pages_only_for_the_trusted_verdict(
+    tmp_path: Path, pd: PagerDutyStandIn, capsys, monkeypatch
+) -> None:
+    """End to end: real SMTP into `gateway serve`, the PagerDuty stand-in, the CLI listing."""
+    port = free_port()
+    auth = (
+        f'require_authentication = "trusted_header"\nauthserv_id = "{TRUSTED}"\n'
+        f'allowed_dkim_domains = ["{HELPDESK}"]\n'
+    )
+    config = write_config(tmp_path, pd_url=pd.url, smtp_port=port, service_extra=auth)
+    gateway = GatewayProcess(config, port).start()
+    try:
+        good = f"dkim=pass header.d={HELPDESK}"
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            for raw in (
+                stamped("mx.evil.example", good, desk_mail("Forged outage")),
+                stamped(TRUSTED, good, desk_mail("Real outage")),
+            ):
+                client.sendmail("support@helpdesk.example", ["desk@gateway.example"], raw)
+        [event] = pd.wait_for(1)
+        assert (event["event_action"], event["dedup_key"]) == ("trigger", "Real outage")
+        listed = Cli(config, capsys, monkeypatch)(
+            "messages", "--outcome", "unauthenticated", "--json"
+        )
+        [kept] = [json.loads(line) for line in listed.out.splitlines()]
+        assert kept["subject"] == "Forged outage"
+        assert f"no Authentication-Results header of {TRUSTED}" in kept["reason"]
+    finally:
+        gateway.stop()
+    assert len(pd.events) == 1
