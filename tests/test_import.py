@@ -300,3 +300,59 @@ def test_opsgenie_templates_and_operations(migrated: Migrated, tmp_path: Path) -
     assert migrated.decision(mail("Printer #42", "Status: New"))["summary"] == (
         "Ticket Printer #42 {% raw %}"
     )
+
+
+def test_hostile_pagerduty_json_gets_warnings_not_a_hang_or_traceback(
+    migrated: Migrated, tmp_path: Path
+) -> None:
+    """A predicate nested 400 deep, one that would expand to 2**40 rules, and JSON nested
+    past the parser's limit: each is a warning (or one error line), quickly."""
+    deep: dict = {"type": "contains", "matcher": "x", "part": "subject"}
+    for _ in range(400):
+        deep = {"type": "not", "children": [deep]}
+    pair = {
+        "type": "any",
+        "children": [
+            {"type": "contains", "matcher": "a", "part": "subject"},
+            {"type": "contains", "matcher": "b", "part": "body"},
+        ],
+    }
+    wide = {"type": "all", "children": [pair] * 40}
+    parsers = [
+        {"action": "trigger", "match_predicate": predicate, "value_extractors": []}
+        for predicate in (deep, wide)
+    ]
+    source = tmp_path / "hostile.json"
+    source.write_text(
+        json.dumps(
+            {"integration": {"email_incident_creation": "use_rules", "email_parsers": parsers}}
+        )
+    )
+    result = migrated.cli("import", "pagerduty", str(source))
+    assert result.code == 0, result.err
+    assert "nested deeper than 20 levels" in result.err
+    assert "expands to 1099511627776 alternatives" in result.err
+    source.write_text("[" * 100_000 + "]" * 100_000)
+    result = migrated.cli("import", "pagerduty", str(source))
+    assert result.code == 1 and "nested too deeply" in result.err and "Traceback" not in result.err
+
+
+def test_pagerduty_one_incident_at_a_time(migrated: Migrated, tmp_path: Path) -> None:
+    source = tmp_path / "single.json"
+    source.write_text(
+        json.dumps(
+            {
+                "integration": {
+                    "type": "generic_email_inbound_integration",
+                    "integration_email": "monitoring@subdomain.pagerduty.com",
+                    "email_incident_creation": "only_if_no_open_incidents",
+                }
+            }
+        )
+    )
+    result = migrated.cli("import", "pagerduty", str(source), "-o", str(migrated.rules))
+    assert result.code == 0 and "Bcc" in result.err
+    assert migrated.cli("check").code == 0
+    first = migrated.decide(mail("Disk full", "one"))
+    second = migrated.decide(mail("CPU hot", "two"))
+    assert first == second == ("trigger", "monitoring@subdomain.pagerduty.com")

@@ -20,6 +20,7 @@ How PagerDuty documents it, and what each part becomes:
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from typing import Any
 
@@ -35,6 +36,7 @@ from gateway.rules.importing import (
 
 PARTS = {"subject": "subject", "body": "body", "from_addresses": "from"}
 MAX_ALTERNATIVES = 16  # rules one parser may become (its predicate in disjunctive normal form)
+MAX_DEPTH = 20  # nesting of all / any / not followed
 MESSAGE_ID: Extract = {"field": "headers.Message-ID"}
 
 
@@ -250,9 +252,12 @@ def _as_rules(alternatives: list[list[Cond]]) -> list[tuple[str, list[Cond]]]:
 
 
 def _dnf(
-    node: Any, where: str, out: ImportedFile, negated: bool = False
+    node: Any, where: str, out: ImportedFile, negated: bool = False, depth: int = 0
 ) -> list[list[Cond]] | None:
     """The predicate as 'any of (all of conditions)'; None (with a warning) if it cannot be."""
+    if depth > MAX_DEPTH:
+        out.warn(where, f"nested deeper than {MAX_DEPTH} levels")
+        return None
     if not isinstance(node, dict):
         out.warn(where, "missing or not an object")
         return None
@@ -262,9 +267,12 @@ def _dnf(
         if not isinstance(children, list) or len(children) != 1:
             out.warn(where, "'not' needs exactly one child")
             return None
-        return _dnf(children[0], f"{where}.children[0]", out, not negated)
+        return _dnf(children[0], f"{where}.children[0]", out, not negated, depth + 1)
     if kind in ("all", "any"):
-        parts = [_dnf(c, f"{where}.children[{n}]", out, negated) for n, c in enumerate(children)]
+        parts = [
+            _dnf(child, f"{where}.children[{n}]", out, negated, depth + 1)
+            for n, child in enumerate(children)
+        ]
         if any(p is None for p in parts):
             return None
         conjunction = (kind == "all") != negated  # De Morgan under a 'not'
@@ -275,14 +283,14 @@ def _dnf(
             return [[]]
         if not conjunction:
             return [term for part in parts for term in part or []]
-        terms = [
+        count = math.prod(len(p or []) for p in parts)  # before building any of them
+        if count > MAX_ALTERNATIVES:
+            out.warn(where, f"expands to {count} alternatives (more than {MAX_ALTERNATIVES})")
+            return None
+        return [
             [c for term in combo for c in term]
             for combo in itertools.product(*[p or [] for p in parts])
         ]
-        if len(terms) > MAX_ALTERNATIVES:
-            out.warn(where, f"expands to {len(terms)} alternatives (more than {MAX_ALTERNATIVES})")
-            return None
-        return terms
     condition = _leaf(node, where, out, negated)
     return None if condition is None else [[condition]]
 

@@ -83,6 +83,8 @@ def load_json(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ImportFailed(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ImportFailed("JSON nested too deeply to be an integration's configuration") from None
 
 
 # --------------------------------------------------------------------------- TOML
