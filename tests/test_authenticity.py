@@ -402,3 +402,11 @@ def test_served_gateway_pages_only_for_the_trusted_verdict(
     finally:
         gateway.stop()
     assert len(pd.events) == 1
+
+
+def test_a_trusted_headers_temperror_is_decided_at_once(store: Store) -> None:
+    """The upstream MTA's `dkim=temperror` will read the same tomorrow: no retry, kept now."""
+    deliver(store, stamped(TRUSTED, "dkim=temperror header.d=helpdesk.example", desk_mail("x")))
+    settings = service(require="trusted_header", authserv_id=TRUSTED, dkim_domains=(HELPDESK,))
+    [done] = processor(store, settings, None).process_pending()
+    assert done.outcome == Outcome.UNAUTHENTICATED and "dkim=temperror" in done.reason

@@ -48,7 +48,9 @@ def check_authenticity(
         return NOT_CHECKED
     if settings.require == "none" or _passes(settings, results):
         return AuthVerdict(results)
-    return AuthVerdict(results, _refusal(settings, results), results.temporary)
+    # only our own lookups can succeed later; a trusted header's temperror is its final word
+    temporary = results.temporary and settings.require == "verify"
+    return AuthVerdict(results, _refusal(settings, results), temporary)
 
 
 def with_auth_fields(mail: ParsedMail, verdict: AuthVerdict) -> ParsedMail:

@@ -43,6 +43,7 @@ DECIDE_ROUNDS = 3
 # seconds before each new try of a job whose sender check met a DNS failure; then it is decided
 # `unauthenticated` (a DNS failure is never a pass)
 AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
+AUTH_RETRY_FORGET = 3600.0  # seconds past its time after which an untouched retry is dropped
 
 
 @dataclass(frozen=True)
@@ -177,11 +178,11 @@ class Processor:
         return outcomes
 
     def _due(self, jobs: list[PendingJob], batch: int) -> list[PendingJob]:
-        """The jobs not waiting for a retry; forgets retries of jobs no longer pending."""
-        if len(jobs) < batch + len(self.deferred):  # that is every pending job
-            pending = {job.id for job in jobs}
-            self.deferred = {k: v for k, v in self.deferred.items() if k in pending}
+        """The jobs not waiting for a retry. A retry left untouched long after it was due
+        belongs to a job decided elsewhere (`gateway ingest`): it is forgotten."""
         now = self.clock()
+        stale = now - AUTH_RETRY_FORGET
+        self.deferred = {k: v for k, v in self.deferred.items() if v[1] > stale}
         waiting = {k for k, (_, at) in self.deferred.items() if at > now}
         return [job for job in jobs if job.id not in waiting][:batch]
 
