@@ -42,11 +42,8 @@ AUTH_KEYS = (
     "allowed_from_domains",
     "dns_timeout_seconds",
 )
-AUTH_MODES = (
-    "none",
-    "trusted_header",
-    "verify",
-)  # require_authentication (README "Sender authenticity")
+# require_authentication: what proves a sender (README "Sender authenticity")
+AUTH_MODES = ("none", "trusted_header", "verify")
 
 
 @dataclass(frozen=True)
