@@ -356,3 +356,39 @@ def test_pagerduty_one_incident_at_a_time(migrated: Migrated, tmp_path: Path) ->
     first = migrated.decide(mail("Disk full", "one"))
     second = migrated.decide(mail("CPU hot", "two"))
     assert first == second == ("trigger", "monitoring@subdomain.pagerduty.com")
+
+
+@pytest.mark.parametrize(
+    ("mode", "filters", "expected"),
+    [
+        (
+            "or-rules-email",
+            [
+                {"subject_mode": "match", "subject_regex": "CRIT"},
+                {"from_email_mode": "no-match", "from_email_regex": "noreply"},
+            ],
+            (
+                "any",
+                [
+                    {"field": "subject", "op": "matches", "value": "CRIT"},
+                    {"field": "from", "op": "not_matches", "value": "noreply"},
+                ],
+            ),
+        ),
+        (  # one filter that tests nothing accepts every mail
+            "or-rules-email",
+            [{"subject_mode": "match", "subject_regex": "CRIT"}, {"subject_mode": "always"}],
+            (None, []),
+        ),
+        ("and-rules-email", [{"subject_mode": "always", "body_mode": "always"}], (None, [])),
+        ("all-email", [{"subject_mode": "match", "subject_regex": "CRIT"}], (None, [])),
+    ],
+)
+def test_pagerduty_filter_modes(mode: str, filters: list, expected: tuple) -> None:
+    from gateway.rules.import_pagerduty import import_pagerduty
+
+    imported = import_pagerduty(
+        {"integration": {"email_filter_mode": mode, "email_filters": filters}}
+    )
+    assert (imported.filter_mode, imported.filter_conditions) == expected
+    assert imported.warnings == []

@@ -67,7 +67,7 @@ def import_pagerduty(data: Any, source: str = "") -> ImportedFile:
 def _is_email(integration: dict[str, Any]) -> bool:
     kind = str(integration.get("type", ""))
     return kind.startswith("generic_email") or any(
-        key in integration for key in ("email_incident_creation", "email_parsers")
+        key.startswith("email_") or key == "integration_email" for key in integration
     )
 
 
