@@ -18,6 +18,7 @@ class Outcome(StrEnum):
     RESOLVE_NO_INCIDENT = "resolve_no_open_incident"
     DISCARDED = "discarded"  # a rule said discard
     UNMATCHED = "unmatched"  # no rule matched; kept and visible
+    FILTERED = "filtered"  # did not pass the service's [filter]; kept and visible, never sent
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
@@ -33,6 +34,7 @@ NON_ACTIONS = frozenset(
     {
         Outcome.DISCARDED,
         Outcome.UNMATCHED,
+        Outcome.FILTERED,
         Outcome.QUARANTINED,
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,

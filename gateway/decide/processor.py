@@ -247,7 +247,7 @@ class Processor:
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
         if decision.action == "discard" or decision.incident_key is None:
-            outcome = Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
+            outcome = non_action_outcome(decision)
             return Verdict(job, outcome, decision.reason, decision=decision)
         event = self._event(runtime, mail, decision)
         change = self._change(job, runtime, decision, mail.message_id, ahead)
@@ -434,6 +434,13 @@ class Processor:
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
+
+
+def non_action_outcome(decision: Decision) -> Outcome:
+    """The outcome of a decision that sends nothing: filtered, unmatched or discarded."""
+    if decision.filtered:
+        return Outcome.FILTERED
+    return Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
 
 
 def _trace_row(step: TraceStep) -> dict[str, object]:

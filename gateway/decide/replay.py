@@ -19,7 +19,7 @@ from gateway.decide.authenticity import (
     check_authenticity,
     with_auth_fields,
 )
-from gateway.decide.processor import ServiceRuntime
+from gateway.decide.processor import ServiceRuntime, non_action_outcome
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleEvaluationError
 from gateway.mail.parse import parse_message
@@ -158,9 +158,7 @@ def _effect(ruleset: Ruleset, mail, regex_timeout: float) -> Effect:
     except RuleEvaluationError as exc:
         return Effect(Outcome.QUARANTINED, exc.rule, None)
     if decision.action == "discard" or decision.incident_key is None:
-        return Effect(
-            Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED, decision.rule, None
-        )
+        return Effect(non_action_outcome(decision), decision.rule, None)
     return Effect(decision.action, decision.rule, decision.incident_key)
 
 

@@ -24,6 +24,7 @@ from gateway.rules.model import (
     Condition,
     Decision,
     Extractor,
+    Filter,
     Rule,
     Ruleset,
     TraceStep,
@@ -109,17 +110,28 @@ def _test(cond: Condition, fields: _Fields, timeout: float, rule: str) -> bool:
 
 
 def _match(rule: Rule, fields: _Fields, timeout: float) -> tuple[bool, str]:
-    """(matched, reason) for a rule's conditions; all short-circuits on the first 'no'."""
-    conds = rule.conditions
-    if rule.match == "any":
+    """(matched, reason) for a rule's conditions."""
+    return _match_conditions(rule.conditions, rule.match, fields, timeout, rule.name)
+
+
+def _match_conditions(
+    conds: tuple[Condition, ...], match: str, fields: _Fields, timeout: float, name: str
+) -> tuple[bool, str]:
+    """(matched, reason) for rules and filters alike; all short-circuits on the first 'no'."""
+    if match == "any":
         for number, cond in enumerate(conds, 1):
-            if _test(cond, fields, timeout, rule.name):
+            if _test(cond, fields, timeout, name):
                 return True, f"condition {number} {cond.describe()}: yes (any)"
         return False, f"none of {_count(len(conds))} matched (any)"
     for number, cond in enumerate(conds, 1):
-        if not _test(cond, fields, timeout, rule.name):
+        if not _test(cond, fields, timeout, name):
             return False, f"condition {number} {cond.describe()}: no"
     return True, f"all {_count(len(conds))} matched"
+
+
+def _match_filter(stop: Filter, fields: _Fields, timeout: float) -> tuple[bool, str]:
+    """(passed, reason) for a [filter]: the same condition logic as a rule's `match`."""
+    return _match_conditions(stop.conditions, stop.mode, fields, timeout, "[filter]")
 
 
 def _count(number: int) -> str:
@@ -255,6 +267,11 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
     """
     fields = _Fields(mail)
     trace: list[TraceStep] = []
+    for stop in ruleset.filters:
+        passed, why = _match_filter(stop, fields, regex_timeout)
+        trace.append(TraceStep(stop.label, passed, why))
+        if not passed:
+            return _filtered(stop, mail, tuple(trace), why)
     for rule in ruleset.rules:
         if not rule.enabled:
             trace.append(TraceStep(rule.name, False, "disabled"))
@@ -262,10 +279,9 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
         matched, why = _match(rule, fields, regex_timeout)
         key = None
         if matched and rule.action in KEYED_ACTIONS:
-            raw = extract(rule.incident_key, fields, regex_timeout, rule.name)
-            key = normalise_key(raw, ruleset.strip_tags) if raw else ""
+            key = _key(rule, fields, regex_timeout, ruleset.strip_tags)
             if not key:
-                why = f"{why}, but incident key not found ({rule.incident_key.describe()})"
+                why = f"{why}, but incident key not found ({rule.describe_key()})"
                 matched = False
             else:
                 why = f'{why}; key "{key}"'
@@ -273,6 +289,18 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
         if matched:
             return _decide(rule, mail, fields, key, tuple(trace), regex_timeout)
     return _unmatched(ruleset, mail, tuple(trace))
+
+
+def _key(rule: Rule, fields: _Fields, timeout: float, tags: tuple[str, ...]) -> str:
+    """The normalised key from the first of the rule's key extractors that finds one."""
+    raw = extract(rule.incident_key, fields, timeout, rule.name)
+    key = normalise_key(raw, tags) if raw else ""
+    for extractor in rule.key_fallbacks:
+        if key:
+            break
+        raw = extract(extractor, fields, timeout, rule.name)
+        key = normalise_key(raw, tags) if raw else ""
+    return key
 
 
 def _decide(
@@ -296,6 +324,22 @@ def _decide(
         links=_links(rule, ctx),
         trace=trace,
         reason=f'matched rule "{rule.name}"{where}',
+    )
+
+
+def _filtered(stop: Filter, mail: ParsedMail, trace: tuple[TraceStep, ...], why: str) -> Decision:
+    """Stopped by a [filter]: no rule is tried, nothing is sent; the mail is kept, visible."""
+    return Decision(
+        rule=None,
+        action="discard",
+        incident_key=None,
+        summary=_collapse(mail.subject, MAX_SUMMARY) or NO_SUBJECT,
+        severity="",
+        details={},
+        links=(),
+        trace=trace,
+        reason=f"filtered by {stop.label}: {why}",
+        filtered=True,
     )
 
 

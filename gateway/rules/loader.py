@@ -27,6 +27,7 @@ from gateway.rules.model import (
     TEMPLATE_NAMES,
     Condition,
     Extractor,
+    Filter,
     Link,
     Rule,
     Ruleset,
@@ -36,7 +37,7 @@ from gateway.rules.templates import ENV, compile_template, is_template
 from gateway.sandbox import BudgetExceeded
 from gateway.toml_locator import TomlLocator
 
-TOP_KEYS = ("rule", "unmatched", "keys")
+TOP_KEYS = ("rule", "unmatched", "keys", "filter")
 RULE_KEYS = (
     "name",
     "enabled",
@@ -55,6 +56,7 @@ EXTRACTOR_HOWS = ("regex", "between", "after", "before")
 LINK_KEYS = ("href", "text")
 UNMATCHED_KEYS = ("action", "summary", "severity")
 KEYS_KEYS = ("strip_tags",)
+FILTER_KEYS = ("mode", "conditions")
 SAMPLE_CONTEXT: dict[str, Any] = {  # what templates see on an empty mail
     **dict.fromkeys(TEMPLATE_NAMES, ""),
     "headers": {},
@@ -331,7 +333,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         scope.add(f'match must be "all" or "any", not {match!r}', "match")
     enabled = scope.boolean(raw, "enabled")
     conditions = _conditions(scope, raw.get("conditions"))
-    key = _extractor(scope, raw.get("incident_key", "subject"), "incident_key")
+    key, fallbacks = _incident_key(scope, raw.get("incident_key", "subject"))
     summary = scope.summary(raw, "{{ subject }}")
     severity = scope.severity(raw, "critical")
     details, links = _details(scope, raw.get("details")), _links(scope, raw.get("links"))
@@ -343,6 +345,7 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         action=action,
         match=match,
         incident_key=key,
+        key_fallbacks=fallbacks,
         summary=summary,
         severity=severity,
         details=details,
@@ -351,6 +354,20 @@ def _rule(chk: _Checker, index: int, raw: Any, names: dict[str, str]) -> Rule | 
         file=chk.file,
         line=scope.line,
     )
+
+
+def _incident_key(scope: _Scope, raw: Any) -> tuple[Extractor | None, tuple[Extractor, ...]]:
+    """One extractor, or a list tried in order (the first that finds a key wins), so a ticket
+    number can come from the subject or, failing that, from a link in the body."""
+    if not isinstance(raw, list):
+        return _extractor(scope, raw, "incident_key"), ()
+    if not raw:
+        scope.add("incident_key must not be an empty list", "incident_key")
+        return None, ()
+    built = [_extractor(scope, item, "incident_key", n) for n, item in enumerate(raw)]
+    if any(ex is None for ex in built):
+        return None, ()
+    return built[0], tuple(ex for ex in built[1:] if ex is not None)
 
 
 def _rule_name(scope: _Scope, name: Any, names: dict[str, str]) -> None:
@@ -381,6 +398,7 @@ class _Collected:
         self.unmatched_at = ""
         self.unmatched_values: tuple[str, str, str] = ("discard", "{{ subject }}", "warning")
         self.tags: list[str] = []
+        self.filters: list[Filter] = []
 
 
 def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -401,6 +419,22 @@ def _unmatched(chk: _Checker, raw: Any, out: _Collected) -> None:
         scope.summary(raw, "{{ subject }}"),
         scope.severity(raw, "warning"),
     )
+
+
+def _filter(chk: _Checker, raw: Any, out: _Collected) -> None:
+    """`[filter]`: mode = "all" | "any" and conditions in the rule syntax."""
+    scope = _Scope(chk, chk.loc.span("filter"), "filter")
+    if not isinstance(raw, dict):
+        scope.add("[filter] must be a table with mode and conditions")
+        return
+    before = len(chk.problems)
+    scope.unknown(raw, FILTER_KEYS)
+    mode = raw.get("mode", "all")
+    if mode not in ("all", "any"):
+        scope.add(f'mode must be "all" or "any", not {mode!r}', "mode")
+    conditions = _conditions(scope, raw.get("conditions"))
+    if len(chk.problems) == before:
+        out.filters.append(Filter(conditions, mode, chk.file, scope.line))
 
 
 def _keys(chk: _Checker, raw: Any, out: _Collected) -> None:
@@ -447,6 +481,7 @@ def _check_file(path: Path, problems: list[Problem], out: _Collected, files: Fil
 _SECTIONS: dict[str, Callable[[_Checker, Any, _Collected], None]] = {
     "unmatched": _unmatched,
     "keys": _keys,
+    "filter": _filter,
 }
 
 
@@ -493,4 +528,5 @@ def load_ruleset(paths: list[Path], *, files: FileSnapshot | None = None) -> Rul
         unmatched_severity=severity,
         strip_tags=tuple(out.tags),
         files=tuple(str(p) for p in paths),
+        filters=tuple(out.filters),
     )

@@ -134,6 +134,7 @@ class Rule:
     action: str
     match: str = "all"
     incident_key: Extractor = Extractor(field="subject")
+    key_fallbacks: tuple[Extractor, ...] = ()  # incident_key = [a, b, ...]: tried in order
     summary: str = DEFAULT_SUMMARY
     severity: str = "critical"
     details: tuple[tuple[str, Extractor | str], ...] = ()
@@ -142,12 +143,35 @@ class Rule:
     file: str = ""
     line: int | None = None
 
+    def describe_key(self) -> str:
+        """The key's extractor(s) for traces: 'subject regex ... or body regex ...'."""
+        return " or ".join(ex.describe() for ex in (self.incident_key, *self.key_fallbacks))
+
     @property
     def where(self) -> str:
         """'file:line' for messages, or '' for rules built in code."""
         if not self.file:
             return ""
         return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A `[filter]` table: mail must pass it before any rule is tried (PagerDuty's email
+    filters). Mail that does not pass is kept as `filtered` and nothing is sent."""
+
+    conditions: tuple[Condition, ...]
+    mode: str = "all"
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        """'[filter] (name.toml:line)' for traces: which file's filter stopped the mail."""
+        if not self.file:
+            return "[filter]"
+        name = self.file.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"[filter] ({name}:{self.line})" if self.line else f"[filter] ({name})"
 
 
 @dataclass(frozen=True)
@@ -160,6 +184,7 @@ class Ruleset:
     unmatched_severity: str = "warning"
     strip_tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    filters: tuple[Filter, ...] = ()  # every one must pass (one per file at most)
 
 
 @dataclass(frozen=True)
@@ -185,3 +210,4 @@ class Decision:
     trace: tuple[TraceStep, ...]
     reason: str
     unmatched: bool = False
+    filtered: bool = False  # stopped by a [filter]: kept as `filtered`, nothing sent
