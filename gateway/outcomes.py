@@ -23,6 +23,7 @@ class Outcome(StrEnum):
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
     UNAUTHENTICATED = "unauthenticated"  # fails require_authentication; kept, visible
+    MAINTENANCE = "maintenance_suppressed"  # a trigger during a suppressing maintenance window
 
     @property
     def is_action(self) -> bool:
@@ -39,5 +40,6 @@ NON_ACTIONS = frozenset(
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,
         Outcome.UNAUTHENTICATED,
+        Outcome.MAINTENANCE,
     }
 )

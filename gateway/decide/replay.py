@@ -25,6 +25,7 @@ from gateway.errors import RuleEvaluationError
 from gateway.mail.parse import parse_message
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import Ruleset, evaluate, load_ruleset
+from gateway.schedules import Schedule
 from gateway.store import ReportStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -84,13 +85,21 @@ def candidate_rules(
     if len(paths) == 1 and paths[0].is_dir():
         directory = paths[0]
         rulesets = {
-            name: load_ruleset([directory / p.name for p in rt.settings.rules])
+            name: load_ruleset(
+                [directory / p.name for p in rt.settings.rules], schedules=_schedules(rt)
+            )
             for name, rt in services.items()
         }
     else:
-        shared = load_ruleset(paths)
+        first = next(iter(services.values()), None)
+        shared = load_ruleset(paths, schedules=_schedules(first) if first else None)
         rulesets = dict.fromkeys(services, shared)
     return {name: ServiceRuntime(rt.settings, rulesets[name]) for name, rt in services.items()}
+
+
+def _schedules(runtime: ServiceRuntime) -> dict[str, Schedule]:
+    """The running config's schedules, which candidate rules' `time` conditions may name."""
+    return {s.name: s for s in runtime.ruleset.schedules}
 
 
 def replay(
@@ -122,7 +131,9 @@ def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> 
     elif (auth := _authenticity(runtime, row)) is None:
         new = Effect(Outcome.UNAUTHENTICATED, None, None)
     else:
-        new = _effect(runtime.ruleset, with_auth_fields(mail, auth), regex_timeout)
+        new = _effect(
+            runtime.ruleset, with_auth_fields(mail, auth), regex_timeout, row["received_at"]
+        )
     return Replayed(
         job=row["job"],
         message=row["message"],
@@ -152,9 +163,9 @@ def _no_dns(name: str, timeout: float) -> bytes | None:
     raise AssertionError("replay never asks DNS")  # trusted_header needs none
 
 
-def _effect(ruleset: Ruleset, mail, regex_timeout: float) -> Effect:
+def _effect(ruleset: Ruleset, mail, regex_timeout: float, at: float) -> Effect:
     try:
-        decision = evaluate(ruleset, mail, regex_timeout=regex_timeout)
+        decision = evaluate(ruleset, mail, regex_timeout=regex_timeout, at=at)
     except RuleEvaluationError as exc:
         return Effect(Outcome.QUARANTINED, exc.rule, None)
     if decision.action == "discard" or decision.incident_key is None:
@@ -165,7 +176,11 @@ def _effect(ruleset: Ruleset, mail, regex_timeout: float) -> Effect:
 def stored_effect(
     outcome: str | None, action: str | None, rule: str | None, key: str | None
 ) -> Effect:
-    """The stored decision in the same terms (outcomes like trigger_duplicate -> trigger)."""
+    """The stored decision in the same terms (outcomes like trigger_duplicate -> trigger).
+    A trigger a maintenance window suppressed is still what the rules decided: replay
+    compares rules, and windows are configuration."""
+    if outcome == Outcome.MAINTENANCE and action is not None:
+        return Effect(action, rule, key)
     if outcome in NON_ACTIONS or action in (None, "discard"):
         kind = outcome if outcome in NON_ACTIONS else Outcome.DISCARDED
         return Effect(kind, rule, None)
