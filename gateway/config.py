@@ -47,6 +47,15 @@ SECRET_KEYS = frozenset(
     | {"webhook_secret", "api_token"}
 )
 SENDER_CHECKS = ("envelope", "header", "both")  # what allowed_senders is matched against
+AUTH_KEYS = (
+    "require_authentication",
+    "authserv_id",
+    "allowed_dkim_domains",
+    "allowed_from_domains",
+    "dns_timeout_seconds",
+)
+# require_authentication: what proves a sender (README "Sender authenticity")
+AUTH_MODES = ("none", "trusted_header", "verify")
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,17 @@ class NotifySettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Sender authenticity of one service: what must pass before its rules may act."""
+
+    require: str = "none"  # none | trusted_header | verify
+    authserv_id: str = ""  # the upstream MTA whose Authentication-Results are trusted
+    dkim_domains: tuple[str, ...] = ()  # a passing DKIM signature with one of these d=
+    from_domains: tuple[str, ...] = ()  # or DMARC pass for one of these From domains
+    dns_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     name: str
     addresses: tuple[str, ...]
@@ -118,6 +138,7 @@ class ServiceSettings:
     allowed_senders: tuple[str, ...] = ()
     notify: NotifySettings | None = None
     allowed_senders_check: str = "envelope"  # envelope | header | both
+    authentication: AuthSettings = AuthSettings()
 
 
 @dataclass(frozen=True)
@@ -536,7 +557,8 @@ class _Reader:
             w,
             t,
             {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
-            | {"allowed_senders_check"},
+            | {"allowed_senders_check"}
+            | set(AUTH_KEYS),
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
@@ -559,7 +581,31 @@ class _Reader:
             allowed_senders_check=self.get(
                 w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
             ),
+            authentication=self.authentication(w, t),
         )
+
+    def authentication(self, w: str, t: dict[str, Any]) -> AuthSettings:
+        """The service's sender-authenticity keys; a mode without what it needs is an error."""
+        settings = AuthSettings(
+            require=self.get(
+                w, t, "require_authentication", str, "none", check=_one_of(AUTH_MODES)
+            ),
+            authserv_id=self.get(w, t, "authserv_id", str, ""),
+            dkim_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_dkim_domains")),
+            from_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_from_domains")),
+            dns_timeout_seconds=self.get(w, t, "dns_timeout_seconds", float, 5.0, check=_positive),
+        )
+        if settings.require == "trusted_header" and not settings.authserv_id:
+            self.problem(
+                f"{w}.authserv_id",
+                "require_authentication = 'trusted_header' needs the authserv_id of the MTA to trust",
+            )
+        if settings.require != "none" and not (settings.dkim_domains or settings.from_domains):
+            self.problem(
+                f"{w}.require_authentication",
+                "name who may send: allowed_dkim_domains and/or allowed_from_domains",
+            )
+        return settings
 
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:
         path = Path(name).expanduser()

@@ -22,6 +22,7 @@ class Outcome(StrEnum):
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
+    UNAUTHENTICATED = "unauthenticated"  # fails require_authentication; kept, visible
     MAINTENANCE = "maintenance_suppressed"  # a trigger during a suppressing maintenance window
 
     @property
@@ -38,6 +39,7 @@ NON_ACTIONS = frozenset(
         Outcome.QUARANTINED,
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,
+        Outcome.UNAUTHENTICATED,
         Outcome.MAINTENANCE,
     }
 )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.config_time import HeartbeatSettings
 from gateway.decide import incidents, notifications, rest_actions
+from gateway.decide.authenticity import check_authenticity, with_auth_fields
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.heartbeat_duties import HeartbeatDuties
 from gateway.decide.maintenance import active_window, during_maintenance
@@ -33,6 +34,7 @@ from gateway.decide.pagerduty_side import PagerDutySide
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
+from gateway.mail.authenticity import DnsTxtResolver, TxtResolver
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # rounds per `process_pending` for jobs whose incident changed between the phases
 DECIDE_ROUNDS = 3
+# seconds before each new try of a job whose sender check met a DNS failure; then it is decided
+# `unauthenticated` (a DNS failure is never a pass)
+AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
+AUTH_RETRY_FORGET = 3600.0  # seconds past its time after which an untouched retry is dropped
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Verdict:
     decision: Decision | None = None
     event: dict | None = None
     change: IncidentChange | None = None  # with `event`: the incident action to apply
+    retry_at: float | None = None  # not decided: try again at this time (a DNS failure)
     heartbeats: tuple[str, ...] = ()  # the [[heartbeat]]s this mail counts for
 
 
@@ -135,10 +142,13 @@ class Processor(HeartbeatDuties):
         on_outbox: Callable[[], None] | None = None,
         notifier: HelpdeskNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        resolver: TxtResolver | None = None,
         maintenance: tuple[MaintenanceWindow, ...] = (),
         heartbeats: tuple[HeartbeatSettings, ...] = (),
     ) -> None:
         self.store = store
+        self.resolver: TxtResolver = resolver or DnsTxtResolver()
+        self.deferred: dict[int, tuple[int, float]] = {}  # job -> (tries, not before)
         self.notifier = notifier
         self.services = services
         self.pagerduty = pagerduty
@@ -174,7 +184,7 @@ class Processor(HeartbeatDuties):
         writer is never kept waiting for them; the short transaction then applies every decision.
         """
         self._decide_pagerduty_events()
-        jobs = self.store.pending_jobs(batch)
+        jobs = self._due(self.store.pending_jobs(batch + len(self.deferred)), batch)
         outcomes: list[Processed] = []
         for _ in range(DECIDE_ROUNDS):
             if not jobs:
@@ -184,6 +194,15 @@ class Processor(HeartbeatDuties):
         if jobs:
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
         return outcomes
+
+    def _due(self, jobs: list[PendingJob], batch: int) -> list[PendingJob]:
+        """The jobs not waiting for a retry. A retry left untouched long after it was due
+        belongs to a job decided elsewhere (`gateway ingest`): it is forgotten."""
+        now = self.clock()
+        stale = now - AUTH_RETRY_FORGET
+        self.deferred = {k: v for k, v in self.deferred.items() if v[1] > stale}
+        waiting = {k for k, (_, at) in self.deferred.items() if at > now}
+        return [job for job in jobs if job.id not in waiting][:batch]
 
     def _decide_pagerduty_events(self) -> None:
         """Webhook deliveries first: they are few, and a mail judged after them sees what
@@ -198,6 +217,7 @@ class Processor(HeartbeatDuties):
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
         ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
         verdicts = [self._evaluate_safely(job, ahead) for job in jobs]
+        verdicts = [v for v in verdicts if v.retry_at is None]
         outcomes: list[Processed] = []
         again: list[PendingJob] = []
         with self.store.transaction():
@@ -244,6 +264,11 @@ class Processor(HeartbeatDuties):
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+        auth = check_authenticity(runtime.settings.authentication, job.raw, self.resolver)
+        if auth.refusal is not None:
+            return self._unauthenticated(job, auth.refusal, auth.temporary)
+        self.deferred.pop(job.id, None)
+        mail = with_auth_fields(mail, auth)
         try:
             decision = evaluate(
                 runtime.ruleset, mail, regex_timeout=self.regex_timeout, at=job.received_at
@@ -271,6 +296,27 @@ class Processor(HeartbeatDuties):
             change=change,
             heartbeats=seen,
         )
+
+    def _unauthenticated(self, job: PendingJob, reason: str, temporary: bool) -> Verdict:
+        """Kept as `unauthenticated`; after a DNS failure, first tried again a few times."""
+        tries = self.deferred.get(job.id, (0, 0.0))[0]
+        if temporary and tries < len(AUTH_RETRY_DELAYS):
+            retry_at = self.clock() + AUTH_RETRY_DELAYS[tries]
+            self.deferred[job.id] = (tries + 1, retry_at)
+            log.warning(
+                "message=%d job=%d: sender check met a DNS failure; try %d of %d in %.0fs: %s",
+                job.message,
+                job.id,
+                tries + 1,
+                len(AUTH_RETRY_DELAYS),
+                AUTH_RETRY_DELAYS[tries],
+                reason,
+            )
+            return Verdict(job, Outcome.UNAUTHENTICATED, reason, retry_at=retry_at)
+        self.deferred.pop(job.id, None)
+        if temporary:
+            reason = f"{reason} (DNS still failing after {tries} retries)"
+        return Verdict(job, Outcome.UNAUTHENTICATED, reason)
 
     def _change(
         self,

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from gateway.decide.authenticity import (
+    NOT_CHECKED,
+    AuthVerdict,
+    check_authenticity,
+    with_auth_fields,
+)
 from gateway.decide.processor import ServiceRuntime, non_action_outcome
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleEvaluationError
@@ -122,8 +128,12 @@ def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> 
         new = Effect(Outcome.SENDER_REFUSED, None, None)  # as the processor decides it
     elif mail.is_auto_reply or mail.is_bounce:
         new = Effect(Outcome.LOOP_IGNORED, None, None)
+    elif (auth := _authenticity(runtime, row)) is None:
+        new = Effect(Outcome.UNAUTHENTICATED, None, None)
     else:
-        new = _effect(runtime.ruleset, mail, regex_timeout, row["received_at"])
+        new = _effect(
+            runtime.ruleset, with_auth_fields(mail, auth), regex_timeout, row["received_at"]
+        )
     return Replayed(
         job=row["job"],
         message=row["message"],
@@ -133,6 +143,24 @@ def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> 
         old=stored_effect(row["outcome"], row["action"], row["rule"], row["incident_key"]),
         new=new,
     )
+
+
+def _authenticity(runtime: ServiceRuntime, row: Mapping) -> AuthVerdict | None:
+    """The sender check as replay can know it; None: the mail stays `unauthenticated`.
+
+    `trusted_header` reads only the mail, so it is re-run. `verify` would need today's DNS for
+    yesterday's mail (keys rotate): its stored verdict stands, and `auth.*` read 'none'."""
+    settings = runtime.settings.authentication
+    if settings.require != "verify":
+        verdict = check_authenticity(settings, row["raw"], _no_dns)
+        return None if verdict.refusal is not None else verdict
+    if row["outcome"] == Outcome.UNAUTHENTICATED:
+        return None
+    return NOT_CHECKED
+
+
+def _no_dns(name: str, timeout: float) -> bytes | None:
+    raise AssertionError("replay never asks DNS")  # trusted_header needs none
 
 
 def _effect(ruleset: Ruleset, mail, regex_timeout: float, at: float) -> Effect:

@@ -19,7 +19,7 @@ from jinja2 import meta, nodes
 
 from gateway.errors import Problem, RuleError
 from gateway.files import FileSnapshot
-from gateway.mail.parse import FIELDS
+from gateway.mail.parse import AUTH_FIELDS, FIELDS
 from gateway.rules.model import (
     ACTIONS,
     OPS,
@@ -156,10 +156,11 @@ class _Scope:
             return False
         if isinstance(value, str) and (
             value in FIELDS
+            or value in AUTH_FIELDS
             or (value.startswith("headers.") and _HEADER_FIELD.match(value[len("headers.") :]))
         ):
             return True
-        allowed = ", ".join(FIELDS) + ", headers.<Name>"
+        allowed = ", ".join(FIELDS) + ", headers.<Name>, " + ", ".join(AUTH_FIELDS)
         self.add(f"unknown field {value!r}; use one of {allowed}", *path, "field")
         return False
 
