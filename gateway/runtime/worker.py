@@ -280,7 +280,11 @@ class _Worker:
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, GenerationFiles):
-            task = asyncio.get_running_loop().create_task(self._switch(message))
+            # queued on the decider now, ahead of the batch any later "wake" asks for
+            swapped = asyncio.get_running_loop().run_in_executor(
+                self.decider, self._swap_processor, message
+            )
+            task = asyncio.get_running_loop().create_task(self._switch(swapped))
             self._switches.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self._switches.discard)
         elif message == "wake":
@@ -291,10 +295,9 @@ class _Worker:
             self.stop.set()
             self.wake.set()
 
-    async def _switch(self, shipped: GenerationFiles) -> None:
-        """Compile and swap on the processor thread, between batches; then the senders."""
-        loop = asyncio.get_running_loop()
-        generation = await loop.run_in_executor(self.decider, self._swap_processor, shipped)
+    async def _switch(self, swapped: asyncio.Future[Generation | None]) -> None:
+        """Once the processor swapped (on its thread, between batches): the senders."""
+        generation = await swapped
         if generation is None:
             return
         if self.deliveries is not None:
