@@ -41,6 +41,7 @@ from gateway.store.records import (
     OutboxItem,
     OutboxResult,
     PendingJob,
+    StormState,
 )
 from gateway.store.requeue import Refusal, Requeued
 from gateway.store.thread import StoreThread
@@ -74,6 +75,7 @@ __all__ = [
     "SpoolStore",
     "Store",
     "StoreThread",
+    "StormState",
     "open_store",
     "verify_store",
 ]

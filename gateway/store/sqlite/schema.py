@@ -163,4 +163,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_message ON jobs(message);
     CREATE INDEX outbox_job ON outbox(job);
     """,
+    # storm: absorbed repeat triggers are counted on their incident (count, when, the latest
+    # details), and a trigger that opens an incident is claimed ahead of busy keys' items.
+    """
+    ALTER TABLE incidents ADD COLUMN coalesced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE incidents ADD COLUMN coalesced_at REAL;
+    ALTER TABLE incidents ADD COLUMN latest_details TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+    """,
 )
