@@ -215,6 +215,18 @@ def test_a_new_case_is_claimed_before_busy_keys(store: Store, processor: Process
     assert reopened.payload["event_action"] == "trigger" and not reopened.lease_owner
 
 
+def test_a_quiet_new_case_goes_ahead_of_a_case_that_keeps_repeating(
+    store: Store, processor: Processor
+) -> None:
+    """Both are first pages; the one mailing in a loop (a storm) gives way to the quiet one,
+    which a throttled storm would otherwise keep waiting behind every storming case."""
+    decide(store, processor, desk_mail("Storming"))
+    decide(store, processor, desk_mail("Storming"), desk_mail("Storming"))
+    decide(store, processor, desk_mail("Quiet"))
+    assert [item.payload["dedup_key"] for item in claim(store, limit=1)] == ["Quiet"]
+    assert [item.payload["dedup_key"] for item in claim(store, limit=1)] == ["Storming"]
+
+
 # -- the rate limit ---------------------------------------------------------------------------
 
 

@@ -136,7 +136,8 @@ class DecisionStore(EventLog, Protocol):
         ...
 
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
-        """Replace the payload of `item` if it is pending and unclaimed; False otherwise."""
+        """Replace the payload of `item` if it is pending and unclaimed, and make it priority
+        1 (its key repeats: a storm; quiet new cases go first); False otherwise."""
         ...
 
     def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:

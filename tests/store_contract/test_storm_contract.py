@@ -48,10 +48,11 @@ def test_a_claim_takes_only_what_admit_chooses(store: Store) -> None:
 
 
 def test_only_an_unclaimed_pending_item_takes_a_coalesced_payload(store: Store) -> None:
-    item = add(store, "k", n=1)
+    item = add(store, "k", 0, n=1)
     with store.transaction():
         assert store.coalesce_outbox(item, {"n": 2})
-    assert store.outbox_item(item).payload == {"n": 2}  # type: ignore[union-attr]
+    coalesced = store.outbox_item(item)
+    assert coalesced is not None and (coalesced.payload, coalesced.priority) == ({"n": 2}, 1)
     store.claim_outbox(time.time() + 1, 1, None, 60.0, owner=OWNER)
     with store.transaction():
         assert not store.coalesce_outbox(item, {"n": 3})  # in flight: what was sent stays

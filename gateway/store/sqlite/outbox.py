@@ -95,10 +95,11 @@ class OutboxQueries(Connection):
 
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
         """Replace the payload of `item` if it is pending and not claimed (nothing on the
-        wire can differ from what is recorded); False: it is in flight or finished."""
+        wire can differ from what is recorded); False: it is in flight or finished. Its key is
+        now a busy one (a storm), so it gives up priority 0 to cases that are new and quiet."""
         cursor = self.conn.execute(
-            "UPDATE outbox SET payload = ?, updated_at = ? WHERE id = ? AND state = 'pending'"
-            " AND lease_owner = ''",
+            "UPDATE outbox SET payload = ?, updated_at = ?, priority = 1 WHERE id = ?"
+            " AND state = 'pending' AND lease_owner = ''",
             (json.dumps(payload), time.time(), item),
         )
         return cursor.rowcount == 1
