@@ -228,6 +228,9 @@ def test_the_rate_budget_limits_each_routing_key_on_its_own() -> None:
     assert budget.admit(items[1:2]) == []
     clock[0] += 0.25
     assert [i.id for i in budget.admit(items[1:])] == [2, 3]
+    clock[0] += 0.5
+    assert [i.id for i in budget.admit(items, limit=1)] == [1]  # no slot spent beyond the room
+    assert [i.id for i in budget.admit(items[2:])] == [3]
     budget.penalize("KEY-B", 30.0)  # a 429 with Retry-After: 30
     clock[0] += 1.0
     assert [i.id for i in budget.admit([budget_item(5, "b"), budget_item(6, "a")])] == [6]

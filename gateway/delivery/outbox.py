@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -42,7 +43,7 @@ class Throttle(Protocol):
 
     held_back: int  # due items the last claim left unclaimed
 
-    def admit(self, items: list[OutboxItem]) -> list[OutboxItem]: ...
+    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]: ...
 
     def wait_seconds(self) -> float: ...
 
@@ -191,7 +192,9 @@ class Dispatcher:
             return 0
         now, lease, owner = self.clock(), self.lease_seconds, self.owner
         skip = sorted(set(exclude) | set(self._in_flight))  # never claim our own item again
-        admit = self.throttle.admit if self.throttle is not None else None
+        admit = None
+        if self.throttle is not None:
+            admit = functools.partial(self.throttle.admit, limit=capacity)
         items = await self.store.call(
             lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip, owner, admit)
         )

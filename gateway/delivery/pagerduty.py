@@ -59,12 +59,15 @@ class RateBudget:
         self._next: dict[str, float] = {}  # routing key -> when it may send again
         self._lock = threading.Lock()
 
-    def admit(self, items: list[OutboxItem]) -> list[OutboxItem]:
-        """The items that may be sent now, in their order; each takes the key's next slot."""
+    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]:
+        """The items that may be sent now, in their order, at most `limit` (a claim's room:
+        no slot is spent on an item that would not be claimed); each takes its key's slot."""
         with self._lock:
             now = self.clock()
-            admitted = []
+            admitted: list[OutboxItem] = []
             for item in items:
+                if limit is not None and len(admitted) >= limit:
+                    break
                 key = self.routing_key(item.service)
                 if key is not None:
                     if self._next.get(key, now) > now:
