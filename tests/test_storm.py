@@ -28,7 +28,9 @@ from gateway.outcomes import Outcome
 from gateway.store import OutboxItem, OutboxResult, Store, StoreThread, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.status import WebApp
+from tests.cli_support import Cli, config_with_secrets
 from tests.conftest import RULES_DIR, desk_mail, write_config
+from tests.pdserver import PagerDutyStandIn
 from tests.web_support import SMTP_UP, call, service
 
 KEY = "R" * 32
@@ -315,3 +317,25 @@ def test_a_429_closes_the_routing_keys_budget_for_its_retry_after(tmp_path: Path
     assert budget.admit([item]) == []
     clock[0] += 1.5
     assert budget.admit([item]) == [item]
+
+
+def test_gateway_incidents_and_messages_show_an_absorbed_repeat(
+    tmp_path: Path,
+    pd: PagerDutyStandIn,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cli = Cli(config_with_secrets(tmp_path, pd.url), capsys, monkeypatch)
+    cli.ingest(desk_mail("Printer on fire"))
+    cli.ingest(desk_mail("Printer on fire"))
+    assert [e["event_action"] for e in pd.events] == ["trigger"]  # the repeat was not sent
+    table = cli("incidents").out
+    header, _, row = table.splitlines()[:3]
+    assert "coalesced" in header.split()
+    assert re.search(r"Printer on fire\s+triggered\s+2\s+0\s+0\s+1\s", row), table
+    [shown] = [json.loads(line) for line in cli("incidents", "--json").out.splitlines()]
+    assert shown["coalesced"] == 1 and shown["latest_details"]["severity"] == "critical"
+    decisions = [json.loads(line) for line in cli("messages", "--json").out.splitlines()]
+    [item] = [i for i in events(open_store(cli.db)) if i.payload["event_action"] == "trigger"]
+    reasons = [d.get("reason", "") for d in decisions]
+    assert sum(f"coalesced into outbox item {item.id}" in r for r in reasons) == 1, decisions
