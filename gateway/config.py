@@ -20,21 +20,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config_time import HeartbeatSettings, read_heartbeats, read_maintenance, read_schedules
 from gateway.errors import ConfigError, Problem
 from gateway.files import FileSnapshot
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.toml_locator import TomlLocator
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAP_SECURITY = ("tls", "starttls", "none")
 SMTP_TLS = ("none", "starttls", "implicit")
-NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve")
+# Webhooks v3 incident event types: the PagerDuty side's changes a service may be told of
+PAGERDUTY_EVENTS = tuple(
+    f"incident.{name}"
+    for name in (
+        "triggered", "acknowledged", "unacknowledged", "resolved", "reopened", "reassigned",
+        "escalated", "delegated", "priority_updated", "annotated", "responder.added",
+        "responder.replied", "status_update_published",
+    )
+)  # fmt: skip
+NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve", *PAGERDUTY_EVENTS)
+DEFAULT_API_URL = "https://api.pagerduty.com"
 # keys whose values are credentials: only the commands that talk to the outside expand them
 SECRET_KEYS = frozenset(
     {"routing_key", "password", "oauth2_token", "oauth2_token_command", "token", "notify_token"}
     | {"webhook_secret", "api_token"}
 )
 SENDER_CHECKS = ("envelope", "header", "both")  # what allowed_senders is matched against
+AUTH_KEYS = (
+    "require_authentication",
+    "authserv_id",
+    "allowed_dkim_domains",
+    "allowed_from_domains",
+    "dns_timeout_seconds",
+)
+# require_authentication: what proves a sender (README "Sender authenticity")
+AUTH_MODES = ("none", "trusted_header", "verify")
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,13 @@ class PagerDutySettings:
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     source: str = "email-gateway"
     client_url: str = ""  # shown as a link on the incident, e.g. this gateway's status page
+    # two-way: Webhooks v3 secrets (several during rotation; none = POST /pagerduty/webhook off)
+    webhook_secret: tuple[str, ...] = ()
+    api_token: str = ""  # REST API token for rule actions (set_priority, add_note, ...)
+    api_url: str = DEFAULT_API_URL
+    api_from: str = ""  # the PagerDuty user's email the REST API wants in `From` for writes
+    api_requester_id: str = ""  # that user's id: responder requests name their requester
+    api_rate_limit_per_minute: int = 900  # PagerDuty allows about 960 REST calls/min per token
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,17 @@ class NotifySettings:
     theme: str
     to: tuple[str, ...]
     on: tuple[str, ...] = ("trigger", "resolve")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Sender authenticity of one service: what must pass before its rules may act."""
+
+    require: str = "none"  # none | trusted_header | verify
+    authserv_id: str = ""  # the upstream MTA whose Authentication-Results are trusted
+    dkim_domains: tuple[str, ...] = ()  # a passing DKIM signature with one of these d=
+    from_domains: tuple[str, ...] = ()  # or DMARC pass for one of these From domains
+    dns_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,7 @@ class ServiceSettings:
     allowed_senders: tuple[str, ...] = ()
     notify: NotifySettings | None = None
     allowed_senders_check: str = "envelope"  # envelope | header | both
+    authentication: AuthSettings = AuthSettings()
 
 
 @dataclass(frozen=True)
@@ -164,6 +204,10 @@ class Config:
     imap: tuple[ImapSettings, ...] = ()
     outgoing: OutgoingSettings | None = None
     web: WebSettings = field(default_factory=WebSettings)
+    # gateway/config_time.py: named schedules, maintenance windows, expected mail
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    maintenance: tuple[MaintenanceWindow, ...] = ()
+    heartbeats: tuple[HeartbeatSettings, ...] = ()
 
     def service(self, name: str) -> ServiceSettings:
         for service in self.services:
@@ -230,6 +274,7 @@ def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BARE_ENV = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: the shell's, not ours
 _SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web")
+_TIME_SECTIONS = ("schedules", "maintenance", "heartbeat")  # gateway/config_time.py
 
 
 class _Reader:
@@ -268,7 +313,7 @@ class _Reader:
         self.section = (name, nth)
 
     def build(self, data: dict[str, Any]) -> Config:
-        self.check_keys("", data, set(_SECTIONS))
+        self.check_keys("", data, {*_SECTIONS, *_TIME_SECTIONS})
         self.in_section("gateway")
         gateway = self.gateway(self.table(data, "gateway"))
         services = []
@@ -295,6 +340,9 @@ class _Reader:
         pagerduty = self.pagerduty(self.table(data, "pagerduty"))
         self.in_section("web")
         web = self.web(self.table(data, "web"))
+        schedules = read_schedules(self, data)
+        maintenance = read_maintenance(self, data, names, schedules)
+        heartbeats = read_heartbeats(self, data, names)
         return Config(
             path=self.path,
             gateway=gateway,
@@ -304,6 +352,9 @@ class _Reader:
             imap=tuple(imap),
             outgoing=outgoing,
             web=web,
+            schedules=schedules,
+            maintenance=maintenance,
+            heartbeats=heartbeats,
         )
 
     # -- generic helpers -------------------------------------------------------------------
@@ -499,6 +550,14 @@ class _Reader:
             ),
             source=self.get(w, t, "source", str, "email-gateway"),
             client_url=self.get(w, t, "client_url", str, ""),
+            webhook_secret=tuple(s for s in self.strings(w, t, "webhook_secret") if s),
+            api_token=self.get(w, t, "api_token", str, ""),
+            api_url=self.get(w, t, "api_url", str, DEFAULT_API_URL, check=_url),
+            api_from=self.get(w, t, "api_from", str, ""),
+            api_requester_id=self.get(w, t, "api_requester_id", str, ""),
+            api_rate_limit_per_minute=self.get(
+                w, t, "api_rate_limit_per_minute", int, 900, check=_at_least(1)
+            ),
         )
 
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
@@ -507,7 +566,8 @@ class _Reader:
             w,
             t,
             {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
-            | {"allowed_senders_check"},
+            | {"allowed_senders_check"}
+            | set(AUTH_KEYS),
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
@@ -530,7 +590,31 @@ class _Reader:
             allowed_senders_check=self.get(
                 w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
             ),
+            authentication=self.authentication(w, t),
         )
+
+    def authentication(self, w: str, t: dict[str, Any]) -> AuthSettings:
+        """The service's sender-authenticity keys; a mode without what it needs is an error."""
+        settings = AuthSettings(
+            require=self.get(
+                w, t, "require_authentication", str, "none", check=_one_of(AUTH_MODES)
+            ),
+            authserv_id=self.get(w, t, "authserv_id", str, ""),
+            dkim_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_dkim_domains")),
+            from_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_from_domains")),
+            dns_timeout_seconds=self.get(w, t, "dns_timeout_seconds", float, 5.0, check=_positive),
+        )
+        if settings.require == "trusted_header" and not settings.authserv_id:
+            self.problem(
+                f"{w}.authserv_id",
+                "require_authentication = 'trusted_header' needs the authserv_id of the MTA to trust",
+            )
+        if settings.require != "none" and not (settings.dkim_domains or settings.from_domains):
+            self.problem(
+                f"{w}.require_authentication",
+                "name who may send: allowed_dkim_domains and/or allowed_from_domains",
+            )
+        return settings
 
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:
         path = Path(name).expanduser()

@@ -19,6 +19,7 @@ from gateway.cli import (
     check,
     hash_password,
     imap_once,
+    import_cmd,
     ingest,
     listings,
     purge,
@@ -52,6 +53,7 @@ COMMANDS = (
     hash_password,
     purge,
     replay,
+    import_cmd,
 )
 
 

@@ -296,6 +296,8 @@ def _outbox_record(o: OutboxItem, now: float) -> dict[str, object]:
     payload = o.payload
     if o.kind == "mail":  # the rendered message can be large: its envelope and subject
         payload = {k: payload.get(k) for k in ("mail_from", "rcpt_tos", "subject")}
+    if "routing_key" in payload:  # an incident's opening key (routing-key fidelity): a secret
+        payload = {**payload, "routing_key": "(the key that opened the incident)"}
     return {
         "id": o.id,
         "kind": o.kind,

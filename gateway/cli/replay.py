@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         since = replay.parse_since(args.since)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    services = load_services(settings.services)
+    services = load_services(settings.services, schedules=settings.schedules)
     if args.rules:
         services = replay.candidate_rules(args.rules, services)
     if args.service:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
-from gateway.cli.common import EX_OK, add_command, read_input, reading_config
+from gateway.cli.common import EX_OK, UsageError, add_command, read_input, reading_config
+from gateway.config import NotifySettings, find_config_path
+from gateway.decide.pagerduty_side import read_facts
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError
 from gateway.mail.parse import ParsedMail, parse_message
-from gateway.rules import Decision, evaluate, load_ruleset
+from gateway.rules import Decision, Ruleset, evaluate, evaluate_pagerduty, load_ruleset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,27 +25,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "show the decision for one email without sending anything",
         "gateway test-rules tests/fixtures/desk_new.eml",
     )
-    p.add_argument("file", help="an .eml file, or - for standard input")
+    p.add_argument("file", nargs="?", help="an .eml file, or - for standard input")
+    p.add_argument(
+        "--pagerduty-event",
+        metavar="EVENT.json",
+        help="a Webhooks v3 body (or -): what the [[pagerduty_rule]] reverse rules do with it",
+    )
     p.add_argument("--service", help="service whose rules to use (default: the first)")
     p.add_argument("--rules", nargs="+", type=Path, help="rule files to use instead of a service's")
     p.add_argument(
         "--json", action="store_true", help="print the decision as one JSON object (one line)"
     )
+    p.add_argument(
+        "--at",
+        type=_instant,
+        help="judge time conditions at this ISO time (e.g. 2026-12-24T10:00+01:00); default now",
+    )
+
+
+def _instant(text: str) -> float:
+    """An ISO 8601 date-time with an offset -> Unix time."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date-time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. +01:00 or Z")
+    return value.timestamp()
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pagerduty_event:
+        return run_pagerduty_event(args)
+    if not args.file:
+        raise UsageError("test-rules needs FILE.eml (or -), or --pagerduty-event EVENT.json")
     raw = read_input(args.file)
-    if args.rules:
-        ruleset = load_ruleset(args.rules)
-        timeout = 0.5
-    else:
-        settings = reading_config(args)  # rules only: no secrets needed
-        name = args.service or settings.services[0].name
-        ruleset = load_ruleset(list(settings.service(name).rules))
-        timeout = settings.gateway.regex_timeout_seconds
+    ruleset, timeout, _notify = _rules_of(args)
     mail = parse_message(raw)
     try:
-        decision = evaluate(ruleset, mail, regex_timeout=timeout)
+        decision = evaluate(ruleset, mail, regex_timeout=timeout, at=args.at)
     except GatewayError as exc:
         if args.json:
             print(json_line({**_mail_fields(mail), "quarantined": str(exc)}))
@@ -52,6 +74,52 @@ def run(args: argparse.Namespace) -> int:
         print(json_line({**_mail_fields(mail), **asdict(decision)}))
     else:
         _print_decision(mail, decision)
+    return EX_OK
+
+
+def _rules_of(args: argparse.Namespace) -> tuple[Ruleset, float, NotifySettings | None]:
+    """The ruleset to test (files given, or the service's), its regex timeout and notify."""
+    if args.rules:  # the config, where there is one, still supplies the schedules
+        path = find_config_path(args.config)
+        schedules = reading_config(args).schedules if path.is_file() else {}
+        return load_ruleset(args.rules, schedules=schedules), 0.5, None
+    settings = reading_config(args)  # rules only: no secrets needed
+    service = settings.service(args.service or settings.services[0].name)
+    ruleset = load_ruleset(list(service.rules), schedules=settings.schedules)
+    return ruleset, settings.gateway.regex_timeout_seconds, service.notify
+
+
+def run_pagerduty_event(args: argparse.Namespace) -> int:
+    """What a PagerDuty-side event would do: the reverse rule, its action, theme, addresses."""
+    raw = read_input(args.pagerduty_event)
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"{args.pagerduty_event}: not JSON: {exc}") from None
+    event = body.get("event") if isinstance(body, dict) else None
+    if not isinstance(event, dict):
+        raise UsageError(f'{args.pagerduty_event}: expected a Webhooks v3 body {{"event": ...}}')
+    ruleset, timeout, notify = _rules_of(args)
+    facts = read_facts(event)
+    fields = facts.rule_fields(None)
+    decision = evaluate_pagerduty(ruleset, fields, regex_timeout=timeout)
+    theme, to = decision.theme, decision.to
+    if decision.rule is None and notify is not None and facts.event_type in notify.on:
+        theme, to = notify.theme, notify.to  # the `notify.on` shorthand
+    if args.json:
+        record = {"fields": fields, "incident_key": facts.incident_key, **asdict(decision)}
+        print(json_line({**record, "theme": theme if to else None, "to": list(to)}))
+        return EX_OK
+    print(f"{'key:':<9} {printable(facts.incident_key or facts.pd_id or '-')}")
+    for name, value in fields.items():
+        print(f"field:    {name} = {printable(value)}")
+    print(f"{'rule:':<9} {printable(decision.rule or '(none: mirror, notify.on applies)')}")
+    print(f"{'action:':<9} {decision.action}")
+    mail = f"theme {theme} to {', '.join(to)}" if to else "none"
+    print(f"{'mail:':<9} {printable(mail)}")
+    print("trace:")
+    for step in decision.trace:
+        print(f"  {'✔' if step.matched else '✘'} {printable(step.rule)}: {printable(step.reason)}")
     return EX_OK
 
 

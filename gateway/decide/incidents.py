@@ -24,10 +24,19 @@ def apply_action(
     summary: str = "",
     message: int | None = None,
     case_message_id: str = "",
+    routing_key: str = "",
+    case_fields: str = "{}",
 ) -> tuple[Incident | None, str]:
-    """Return the incident after `action` and the outcome name; None if nothing to record."""
+    """Return the incident after `action` and the outcome name; None if nothing to record.
+
+    A trigger that opens the incident records `routing_key` (its later events must use the
+    same one) and the trigger mail's `case_fields` (JSON, for the helpdesk's notifications)."""
     if action == "trigger":
-        return _trigger(existing, service, key, now, summary, message, case_message_id)
+        opened = _trigger(existing, service, key, now, summary, message, case_message_id)
+        if opened[1] == Outcome.TRIGGERED:
+            incident = replace(opened[0], routing_key=routing_key, case_fields=case_fields)
+            return incident, opened[1]
+        return opened
     if existing is None or not existing.is_open:
         outcome = (
             Outcome.ACK_NO_INCIDENT if action == "acknowledge" else Outcome.RESOLVE_NO_INCIDENT
@@ -40,6 +49,7 @@ def apply_action(
             acknowledge_count=existing.acknowledge_count + 1,
             last_seen=now,
             last_message=message,
+            changed_by="mail",
         )
         return changed, Outcome.ACKNOWLEDGED
     if action == "resolve":
@@ -50,6 +60,7 @@ def apply_action(
             last_seen=now,
             resolved_at=now,
             last_message=message,
+            changed_by="mail",
         )
         return changed, Outcome.RESOLVED
     raise ValueError(f"unknown incident action {action!r}")
@@ -87,5 +98,6 @@ def _trigger(
         resolved_at=None,
         last_message=message,
         case_message_id=case_message_id,
+        changed_by="mail",
     )
     return opened, Outcome.TRIGGERED

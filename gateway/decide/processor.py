@@ -23,21 +23,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import Config, PagerDutySettings, ServiceSettings
-from gateway.decide import incidents, notifications
+from gateway.config_time import HeartbeatSettings
+from gateway.decide import incidents, notifications, rest_actions
+from gateway.decide.authenticity import check_authenticity, with_auth_fields
 from gateway.decide.events import build_event, pagerduty_order_key
+from gateway.decide.heartbeat_duties import HeartbeatDuties
+from gateway.decide.maintenance import active_window, during_maintenance
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
+from gateway.decide.pagerduty_side import PagerDutySide
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
+from gateway.mail.authenticity import DnsTxtResolver, TxtResolver
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.store import DecisionStore, Incident, PendingJob
 
 log = logging.getLogger(__name__)
 
 # rounds per `process_pending` for jobs whose incident changed between the phases
 DECIDE_ROUNDS = 3
+# seconds before each new try of a job whose sender check met a DNS failure; then it is decided
+# `unauthenticated` (a DNS failure is never a pass)
+AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
+AUTH_RETRY_FORGET = 3600.0  # seconds past its time after which an untouched retry is dropped
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,8 @@ class Verdict:
     decision: Decision | None = None
     event: dict | None = None
     change: IncidentChange | None = None  # with `event`: the incident action to apply
+    retry_at: float | None = None  # not decided: try again at this time (a DNS failure)
+    heartbeats: tuple[str, ...] = ()  # the [[heartbeat]]s this mail counts for
 
 
 class IncidentMoved(Exception):
@@ -116,7 +129,7 @@ class Processed:
         }
 
 
-class Processor:
+class Processor(HeartbeatDuties):
     """Decides pending jobs. `services` may be swapped (hot reload) between batches."""
 
     def __init__(
@@ -129,14 +142,24 @@ class Processor:
         on_outbox: Callable[[], None] | None = None,
         notifier: HelpdeskNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        resolver: TxtResolver | None = None,
+        maintenance: tuple[MaintenanceWindow, ...] = (),
+        heartbeats: tuple[HeartbeatSettings, ...] = (),
     ) -> None:
         self.store = store
+        self.resolver: TxtResolver = resolver or DnsTxtResolver()
+        self.deferred: dict[int, tuple[int, float]] = {}  # job -> (tries, not before)
         self.notifier = notifier
         self.services = services
         self.pagerduty = pagerduty
         self.regex_timeout = regex_timeout
         self.on_outbox = on_outbox
         self.clock = clock
+        self.maintenance = maintenance
+        self.heartbeats = heartbeats
+        self._heartbeats_checked = float("-inf")
+        self.expect_mail(heartbeats)
+        self.pagerduty_side = PagerDutySide(store, clock=clock, regex_timeout=regex_timeout)
 
     def reconfigure(
         self,
@@ -145,10 +168,14 @@ class Processor:
         *,
         regex_timeout: float,
         notifier: HelpdeskNotifier | None,
+        maintenance: tuple[MaintenanceWindow, ...] = (),
+        heartbeats: tuple[HeartbeatSettings, ...] = (),
     ) -> None:
         """A new configuration generation; call between batches (on the processing thread)."""
         self.services, self.pagerduty = services, pagerduty
         self.regex_timeout, self.notifier = regex_timeout, notifier
+        self.maintenance, self.heartbeats = maintenance, heartbeats
+        self.expect_mail(heartbeats)
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -156,7 +183,8 @@ class Processor:
         Parsing, rules and themes (the CPU work) run before the write transaction, so the spool
         writer is never kept waiting for them; the short transaction then applies every decision.
         """
-        jobs = self.store.pending_jobs(batch)
+        self._decide_pagerduty_events()
+        jobs = self._due(self.store.pending_jobs(batch + len(self.deferred)), batch)
         outcomes: list[Processed] = []
         for _ in range(DECIDE_ROUNDS):
             if not jobs:
@@ -167,10 +195,29 @@ class Processor:
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
         return outcomes
 
+    def _due(self, jobs: list[PendingJob], batch: int) -> list[PendingJob]:
+        """The jobs not waiting for a retry. A retry left untouched long after it was due
+        belongs to a job decided elsewhere (`gateway ingest`): it is forgotten."""
+        now = self.clock()
+        stale = now - AUTH_RETRY_FORGET
+        self.deferred = {k: v for k, v in self.deferred.items() if v[1] > stale}
+        waiting = {k for k, (_, at) in self.deferred.items() if at > now}
+        return [job for job in jobs if job.id not in waiting][:batch]
+
+    def _decide_pagerduty_events(self) -> None:
+        """Webhook deliveries first: they are few, and a mail judged after them sees what
+        PagerDuty said (e.g. an incident resolved there opens anew on the next "new" mail)."""
+        services = {n: (r.settings, r.ruleset) for n, r in self.services.items()}
+        self.pagerduty_side.regex_timeout = self.regex_timeout
+        _decided, mailed = self.pagerduty_side.process_pending(services, self.notifier)
+        if mailed and self.on_outbox:
+            self.on_outbox()
+
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
         ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
         verdicts = [self._evaluate_safely(job, ahead) for job in jobs]
+        verdicts = [v for v in verdicts if v.retry_at is None]
         outcomes: list[Processed] = []
         again: list[PendingJob] = []
         with self.store.transaction():
@@ -217,25 +264,66 @@ class Processor:
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+        auth = check_authenticity(runtime.settings.authentication, job.raw, self.resolver)
+        if auth.refusal is not None:
+            return self._unauthenticated(job, auth.refusal, auth.temporary)
+        self.deferred.pop(job.id, None)
+        mail = with_auth_fields(mail, auth)
         try:
-            decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
+            decision = evaluate(
+                runtime.ruleset, mail, regex_timeout=self.regex_timeout, at=job.received_at
+            )
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
+        seen = self.expected_mail(job, mail, decision.rule)  # [[heartbeat]]s it counts for
         if decision.action == "discard" or decision.incident_key is None:
-            outcome = Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
-            return Verdict(job, outcome, decision.reason, decision=decision)
+            outcome = non_action_outcome(decision)
+            return Verdict(job, outcome, decision.reason, decision=decision, heartbeats=seen)
+        window = active_window(self.maintenance, job.service, job.received_at)
+        decision, suppressed = during_maintenance(decision, window)
+        if suppressed:
+            return Verdict(
+                job, Outcome.MAINTENANCE, decision.reason, decision=decision, heartbeats=seen
+            )
         event = self._event(runtime, mail, decision)
-        change = self._change(job, runtime, decision, mail.message_id, ahead)
+        change = self._change(job, runtime, decision, mail, ahead)
         return Verdict(
-            job, change.outcome, decision.reason, decision=decision, event=event, change=change
+            job,
+            change.outcome,
+            decision.reason,
+            decision=decision,
+            event=event,
+            change=change,
+            heartbeats=seen,
         )
+
+    def _unauthenticated(self, job: PendingJob, reason: str, temporary: bool) -> Verdict:
+        """Kept as `unauthenticated`; after a DNS failure, first tried again a few times."""
+        tries = self.deferred.get(job.id, (0, 0.0))[0]
+        if temporary and tries < len(AUTH_RETRY_DELAYS):
+            retry_at = self.clock() + AUTH_RETRY_DELAYS[tries]
+            self.deferred[job.id] = (tries + 1, retry_at)
+            log.warning(
+                "message=%d job=%d: sender check met a DNS failure; try %d of %d in %.0fs: %s",
+                job.message,
+                job.id,
+                tries + 1,
+                len(AUTH_RETRY_DELAYS),
+                AUTH_RETRY_DELAYS[tries],
+                reason,
+            )
+            return Verdict(job, Outcome.UNAUTHENTICATED, reason, retry_at=retry_at)
+        self.deferred.pop(job.id, None)
+        if temporary:
+            reason = f"{reason} (DNS still failing after {tries} retries)"
+        return Verdict(job, Outcome.UNAUTHENTICATED, reason)
 
     def _change(
         self,
         job: PendingJob,
         runtime: ServiceRuntime,
         decision: Decision,
-        case_message_id: str,
+        mail: ParsedMail,
         ahead: dict[tuple[str, str], Incident | None],
     ) -> IncidentChange:
         """The incident after the action, and the helpdesk mail it causes, rendered here."""
@@ -251,7 +339,9 @@ class Processor:
             now=self.clock(),
             summary=decision.summary,
             message=job.message,
-            case_message_id=case_message_id,
+            case_message_id=mail.message_id,
+            routing_key=runtime.settings.routing_key or "",
+            case_fields=_case_fields(mail, decision),
         )
         notification = None
         notify = runtime.settings.notify
@@ -270,14 +360,18 @@ class Processor:
                 if not self.store.job_is_pending(job.id):
                     return None  # another processor (e.g. `gateway ingest`) decided it first
                 if verdict.change is None:
-                    return self._finish(
+                    done = self._finish(
                         job,
                         verdict.outcome,
                         verdict.reason,
                         rule=verdict.rule,
                         decision=verdict.decision,
                     )
-                return self._act(verdict)
+                else:
+                    done = self._act(verdict)
+                if self.heartbeats_seen(job, verdict.heartbeats):
+                    done = dataclasses.replace(done, queued=True)
+                return done
         except IncidentMoved:
             raise
         except Exception as exc:
@@ -299,11 +393,22 @@ class Processor:
                 queued = notifications.queue(self.store, change.notification, job.id) is not None
         runtime = self.services[job.service]
         reason = decision.reason
-        absorbed = self._absorb_repeat(job, runtime, change, event)
-        if absorbed is not None:
-            reason = f"{reason}; coalesced into outbox item {absorbed}"
+        if _is_echo(change.basis, decision.action):
+            self.store.log_event(
+                "echo_suppressed",
+                service=job.service,
+                message=job.message,
+                incident_key=decision.incident_key,
+                detail=f"{decision.action} not sent: PagerDuty itself changed the incident",
+            )
         else:
-            queued = self._queue_event(job, runtime, event, opens=change.outcome) or queued
+            event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
+            absorbed = self._absorb_repeat(job, runtime, change, event)
+            if absorbed is not None:
+                reason = f"{reason}; coalesced into outbox item {absorbed}"
+            else:
+                queued = self._queue_event(job, runtime, event, opens=change.outcome) or queued
+        queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
             job, change.outcome, reason, decision=decision, event=event, queued=queued
         )
@@ -338,6 +443,20 @@ class Processor:
             job.service, incident.incident_key, self.clock(), repeat_details(event)
         )
         return trigger.id
+
+    def _queue_rest(self, job: PendingJob, decision: Decision, change: IncidentChange) -> bool:
+        """The rule's REST actions (priority, urgency, note, assignment) for this incident."""
+        assert decision.incident_key is not None
+        count = rest_actions.queue_rest_actions(
+            self.store,
+            decision.rest,
+            service=job.service,
+            key=decision.incident_key,
+            incident=change.changed or change.basis,
+            job=job.id,
+            enabled=bool(self.pagerduty.api_token),
+        )
+        return count > 0
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
         details = {
@@ -437,7 +556,47 @@ def repeat_details(event: dict) -> dict[str, object]:
     }
 
 
+def _case_fields(mail: ParsedMail, decision: Decision) -> str:
+    """What the helpdesk's later notifications about this incident may quote of the case."""
+    fields = {
+        "subject": mail.subject,
+        "from": mail.from_,
+        "message_id": mail.message_id,
+        "key": decision.incident_key,
+        "details": dict(decision.details),
+    }
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def _is_echo(basis: Incident | None, action: str) -> bool:
+    """A mail acknowledging or resolving what PagerDuty already acknowledged or resolved
+    (the helpdesk reacting to our own notification): sending it back would be an echo."""
+    if basis is None or basis.changed_by != "pagerduty" or action == "trigger":
+        return False
+    if action == "resolve":
+        return basis.state == "resolved"
+    return basis.state in ("acknowledged", "resolved")
+
+
+def _with_opening_key(event: dict, basis: Incident | None, current: str | None) -> dict:
+    """PagerDuty drops an acknowledge/resolve sent with another routing key than the
+    trigger's: after a rotation, an incident's later events carry the key that opened it (the
+    sender uses a payload's own `routing_key` over the service's)."""
+    if event.get("event_action") == "trigger" or basis is None or not basis.is_open:
+        return event
+    if not basis.routing_key or basis.routing_key == current:
+        return event
+    return {**event, "routing_key": basis.routing_key}
+
+
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
+
+
+def non_action_outcome(decision: Decision) -> Outcome:
+    """The outcome of a decision that sends nothing: filtered, unmatched or discarded."""
+    if decision.filtered:
+        return Outcome.FILTERED
+    return Outcome.UNMATCHED if decision.unmatched else Outcome.DISCARDED
 
 
 def _trace_row(step: TraceStep) -> dict[str, object]:
@@ -446,14 +605,17 @@ def _trace_row(step: TraceStep) -> dict[str, object]:
 
 
 def load_services(
-    services: tuple[ServiceSettings, ...], *, files: FileSnapshot | None = None
+    services: tuple[ServiceSettings, ...],
+    *,
+    files: FileSnapshot | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
 ) -> dict[str, ServiceRuntime]:
     """Compile every service's rule files; RuleError lists all problems of all services."""
     runtimes: dict[str, ServiceRuntime] = {}
     problems = []
     for settings in services:
         try:
-            ruleset = load_ruleset(list(settings.rules), files=files)
+            ruleset = load_ruleset(list(settings.rules), files=files, schedules=schedules)
             runtimes[settings.name] = ServiceRuntime(settings, ruleset)
         except RuleError as exc:
             problems.extend(exc.problems)
@@ -482,4 +644,6 @@ def build_processor(
         regex_timeout=config.gateway.regex_timeout_seconds,
         on_outbox=on_outbox,
         notifier=build_helpdesk_notifier(config, files=files),
+        maintenance=config.maintenance,
+        heartbeats=config.heartbeats,
     )

@@ -66,6 +66,7 @@ class ParsedMail:
     is_bounce: bool = False
     loop_reason: str = ""  # why is_auto_reply / is_bounce was set
     defects: tuple[str, ...] = ()
+    auth: Mapping[str, str] = field(default_factory=dict)  # auth.* fields, once checked
 
     def header(self, name: str) -> str:
         """First value of a header (case-insensitive), or ''."""
@@ -76,6 +77,8 @@ class ParsedMail:
         """The text of a rule field: subject, body, html, from, to, cc or headers.<Name>."""
         if name.startswith("headers."):
             return "\n".join(self.headers.get(name[len("headers.") :].lower(), ()))
+        if name.startswith("auth."):  # unchecked mail: no result ('none'), no signing domain
+            return self.auth.get(name, "" if name == "auth.dkim_domain" else "none")
         simple = {
             "subject": self.subject,
             "body": self.text,
@@ -88,6 +91,7 @@ class ParsedMail:
 
 
 FIELDS = ("subject", "body", "html", "from", "to", "cc")  # plus headers.<Name>
+AUTH_FIELDS = ("auth.dkim", "auth.spf", "auth.dmarc", "auth.dkim_domain")  # sender authenticity
 
 # --- bounds: every loop over attacker-controlled structure is capped -------------------------
 

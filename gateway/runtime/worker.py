@@ -259,6 +259,10 @@ class _Worker:
         wake: the query that finds nothing left runs on this thread too."""
         processor = self.processor
         assert processor is not None
+        try:
+            processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
+        except Exception:  # never in the way of deciding mail; tried again next time
+            log.exception("heartbeat check failed; will retry")
         return any(not processor.process_pending() for _ in range(BATCHES_PER_HOP))
 
     def _on_message(self) -> None:
@@ -315,6 +319,8 @@ class _Worker:
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
             notifier=notifier,
+            maintenance=config.maintenance,
+            heartbeats=config.heartbeats,
         )
         self.generation = generation
         return generation

@@ -8,6 +8,7 @@ exactly the union below, and `tests/store_contract/` checks the promises for eve
     DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
     ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
+    PagerDutyWebhookStore  webhook deliveries      web/pagerduty_webhook.py
     ReportStore    listings, metrics, retention,   web/status.py, web/metrics.py, cli, replay,
                    status page data                runtime/retention.py
     Store          all of them, plus close()       what `open_store` returns, for the wiring
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 from gateway.store.records import (
     Accepted,
+    HeartbeatState,
     ImapFailure,
     ImapPosition,
     Incident,
@@ -38,6 +40,7 @@ from gateway.store.records import (
     OutboxEntry,
     OutboxItem,
     OutboxResult,
+    PagerDutyEvent,
     PendingJob,
     StormState,
 )
@@ -75,7 +78,19 @@ class SpoolStore(Protocol):
         ...
 
 
-class DecisionStore(EventLog, Protocol):
+class HeartbeatStore(Protocol):
+    """Expected mail (`[[heartbeat]]`): when each was last seen and whether it is missing."""
+
+    def mail_heartbeats(self) -> list[HeartbeatState]:
+        """Every heartbeat's state, by name."""
+        ...
+
+    def save_mail_heartbeat(self, state: HeartbeatState) -> None:
+        """Insert or replace the state of `state.name`."""
+        ...
+
+
+class DecisionStore(EventLog, HeartbeatStore, Protocol):
     """Deciding pending jobs: the decision, incident change and outbox items commit together."""
 
     def transaction(self, *, durable: bool = True) -> AbstractContextManager[None]:
@@ -143,6 +158,52 @@ class DecisionStore(EventLog, Protocol):
     def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
         """Count one absorbed repeat trigger on the incident, with when and its details
         (`save_incident` keeps these, and resets them when the incident opens again)."""
+        ...
+
+    # -- PagerDuty-side events (Webhooks v3), decided like jobs --
+
+    def pending_pagerduty_events(self, limit: int = 100) -> list[PagerDutyEvent]:
+        """Stored webhook deliveries not decided yet, oldest first."""
+        ...
+
+    def finish_pagerduty_event(
+        self,
+        event: int,
+        *,
+        outcome: str,
+        service: str = "",
+        detail: str = "",
+        incident_key: str = "",
+    ) -> bool:
+        """Record what deciding it did (and the incident's key, which notes do not carry);
+        False if it was decided already."""
+        ...
+
+    def incidents_with_key(self, key: str) -> list[Incident]:
+        """Every service's incident with this dedup key, most recently seen first."""
+        ...
+
+    def incident_by_pagerduty_id(self, pd_id: str) -> Incident | None:
+        """The incident a webhook named by PagerDuty's incident id (notes carry no key)."""
+        ...
+
+
+class PagerDutyWebhookStore(Protocol):
+    """Receiving Webhooks v3: the delivery is durable before PagerDuty gets its 2xx."""
+
+    def add_pagerduty_event(
+        self,
+        *,
+        body: str,
+        received_at: float,
+        webhook_id: str | None = None,
+        event_id: str | None = None,
+        event_type: str = "",
+        incident_key: str = "",
+        pd_incident: str = "",
+    ) -> int | None:
+        """Store one delivery (pending) in its own commit; None if a delivery with the same
+        `webhook_id` or `event_id` was stored before (a redelivery acts once)."""
         ...
 
 
@@ -247,7 +308,7 @@ class ImapStore(EventLog, Protocol):
         ...
 
 
-class ReportStore(Protocol):
+class ReportStore(HeartbeatStore, Protocol):
     """What operators read and do: status page, /healthz, /metrics, CLI listings and retry,
     replay, retention."""
 
@@ -437,8 +498,22 @@ class ReportStore(Protocol):
         ('requeued'), in the order they happened."""
         ...
 
+    def pagerduty_events(
+        self, *, incident_key: str | None = None, limit: int = 100
+    ) -> list[PagerDutyEvent]:
+        """Webhook deliveries, newest first; only those of `incident_key` if given."""
+        ...
 
-class Store(SpoolStore, DecisionStore, OutboxStore, ImapStore, ReportStore, Protocol):
+
+class Store(
+    SpoolStore,
+    DecisionStore,
+    OutboxStore,
+    ImapStore,
+    ReportStore,
+    PagerDutyWebhookStore,
+    Protocol,
+):
     """A whole backend, as `open_store` returns it: for the code that wires consumers up."""
 
     def close(self) -> None: ...

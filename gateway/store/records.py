@@ -3,6 +3,7 @@ read and write. Plain frozen dataclasses, so a PostgreSQL backend returns the sa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +66,29 @@ class Incident:
     coalesced: int = field(default=0, compare=False)
     coalesced_at: float | None = field(default=None, compare=False)
     latest_details: str = field(default="", compare=False)  # JSON: the newest repeat's details
+    # two-way with PagerDuty (all optional, so older rows and callers keep working)
+    routing_key: str = ""  # the routing key that opened it: its later events use it
+    pd_id: str = ""  # PagerDuty's incident id, from a webhook (or a REST lookup)
+    pd_url: str = ""  # its html_url
+    pd_status: str = ""  # what PagerDuty last said: triggered | acknowledged | resolved
+    assignees: str = ""  # names, ", "-joined
+    priority: str = ""
+    urgency: str = ""
+    changed_by: str = ""  # 'pagerduty' when the last state change came from a webhook
+    case_fields: str = "{}"  # JSON: subject, from, message_id, details of the trigger mail
 
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+    @property
+    def case(self) -> dict[str, Any]:
+        """The trigger mail's case fields (subject, from, message_id, details), decoded."""
+        try:
+            value = json.loads(self.case_fields or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,8 @@ class OutboxItem:
         """A few words for people: a PagerDuty event's action and key, or a mail's subject."""
         if "event_action" in self.payload:
             return f"{self.payload['event_action']} {self.payload.get('dedup_key', '')}"[:80]
+        if self.kind == "pagerduty_rest":
+            return f"{self.payload.get('action')} {self.payload.get('incident_key', '')}"[:80]
         return f"mail {self.payload.get('subject', '')}"[:80]
 
 
@@ -235,6 +257,49 @@ class OutboxEntry:
     item: OutboxItem
     job: int | None
     message: int | None
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    """Where one `[[heartbeat]]` (expected mail) stands; it survives restarts.
+
+    The deadline counts from `last_seen`, or from `watched_since` (when the gateway first
+    watched for it) until a first mail arrives; `missing_since` is set while the gateway's own
+    `heartbeat:<name>` incident is open."""
+
+    name: str
+    service: str
+    watched_since: float
+    last_seen: float | None = None
+    last_message: int | None = None
+    missing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class PagerDutyEvent:
+    """One Webhooks v3 delivery as stored before its 2xx, and what deciding it did."""
+
+    id: int
+    received_at: float
+    webhook_id: str | None
+    event_id: str | None
+    event_type: str
+    incident_key: str
+    pd_incident: str
+    service: str  # the gateway service whose incident it changed ('' if none)
+    state: str  # 'pending' | 'done'
+    outcome: str  # e.g. 'mirrored', 'notified', 'unknown_key', 'discarded', 'duplicate'
+    detail: str
+    body: str  # the raw JSON body, as received
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The `event` object of the body ({} if the body is not what PagerDuty sends)."""
+        try:
+            value = json.loads(self.body).get("event")
+        except (ValueError, AttributeError):
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)

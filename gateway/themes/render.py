@@ -382,19 +382,32 @@ def check(directory: Path, *, files: FileSnapshot | None = None) -> list[Problem
 
 
 def incident_context(
-    event: str, incident: Any, *, to: Sequence[str], from_addr: str
+    event: str,
+    incident: Any,
+    *,
+    to: Sequence[str],
+    from_addr: str,
+    note: str = "",
+    agent: str = "",
 ) -> dict[str, Any]:
-    """The context of `incident_update` (event: trigger|duplicate|acknowledge|resolve).
+    """The context of `incident_update` (event: trigger|duplicate|acknowledge|resolve, or a
+    PagerDuty webhook event type such as incident.acknowledged).
 
     `incident` is a store.Incident; it is flattened to plain values here so the theme (and its
-    sample.json) only depend on this contract.
+    sample.json) only depend on this contract. `case` holds the fields of the mail that
+    triggered the incident (subject, from, message_id, details); `note` the text of an
+    `incident.annotated` event, `agent` who did it in PagerDuty.
     """
+    case = {"subject": incident.summary, "from": "", "message_id": incident.case_message_id}
+    case.update(getattr(incident, "case", {}) or {})
+    case.setdefault("details", {})
     return {
         "event": event,
         "service": incident.service,
         "to": ", ".join(to),
         "from": from_addr,
         "case_message_id": incident.case_message_id,
+        "case": case,
         "incident": {
             "service": incident.service,
             "key": incident.incident_key,
@@ -405,5 +418,13 @@ def incident_context(
             "resolve_count": incident.resolve_count,
             "first_seen": incident.first_seen,
             "last_seen": incident.last_seen,
+            "title": incident.summary,
+            "status": getattr(incident, "pd_status", "") or incident.state,
+            "assignee": getattr(incident, "assignees", ""),
+            "priority": getattr(incident, "priority", ""),
+            "urgency": getattr(incident, "urgency", ""),
+            "html_url": getattr(incident, "pd_url", ""),
+            "note": note,
+            "agent": agent,
         },
     }

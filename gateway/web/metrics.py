@@ -285,6 +285,9 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
     quarantined = CounterMetricFamily(
         "gateway_messages_quarantined", "Jobs kept for a failure", labels=("service",)
     )
+    filtered = CounterMetricFamily(
+        "gateway_messages_filtered", "Jobs a [filter] stopped (kept)", labels=("service",)
+    )
     totals = list(snapshot.totals)
     seen = {(metric, labels) for metric, labels, _ in totals}
     services = sorted({labels[0] for metric, labels, _ in totals if metric == "decisions"})
@@ -292,7 +295,7 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
         if (metric, ("pagerduty",)) not in seen:
             totals.append((metric, ("pagerduty",), 0))
     for service in services:
-        for outcome in (Outcome.UNMATCHED, Outcome.QUARANTINED):
+        for outcome in (Outcome.UNMATCHED, Outcome.QUARANTINED, Outcome.FILTERED):
             if ("decisions", (service, outcome)) not in seen:
                 totals.append(("decisions", (service, outcome), 0))
     for metric, labels, value in totals:
@@ -302,6 +305,8 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
             unmatched.add_metric(labels[:1], value)
         if metric == "decisions" and labels[1] == Outcome.QUARANTINED:
             quarantined.add_metric(labels[:1], value)
+        if metric == "decisions" and labels[1] == Outcome.FILTERED:
+            filtered.add_metric(labels[:1], value)
     gauges = list(snapshot.gauges)
     kinds = {labels for metric, labels, _ in gauges if metric == "outbox_depth"}
     if ("pagerduty",) not in kinds:
@@ -311,7 +316,7 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
             oldest.add_metric(labels, max(0.0, snapshot.taken_at - value))
         elif metric in families:
             families[metric].add_metric(labels, value)
-    return [*families.values(), oldest, unmatched, quarantined]
+    return [*families.values(), oldest, unmatched, quarantined, filtered]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float) -> GaugeMetricFamily:

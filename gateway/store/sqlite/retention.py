@@ -25,6 +25,11 @@ _PURGEABLE_INCIDENTS = (
     " AND last_seen < ? LIMIT ?"
 )
 
+# Webhook deliveries already decided (counted with the event log's "events"); pending ones stay.
+_PURGEABLE_WEBHOOKS = (
+    "SELECT id FROM pagerduty_events WHERE state = 'done' AND received_at < ? ORDER BY id LIMIT ?"
+)
+
 
 class RetentionQueries(Connection):
     def purge_plan(self, cutoff: float) -> dict[str, int]:
@@ -79,7 +84,8 @@ class RetentionQueries(Connection):
             "outbox": count("SELECT COUNT(*) FROM temp.purge_outbox"),
             "events": count(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE at < ? LIMIT ?)", cutoff, limit
-            ),
+            )
+            + count(f"SELECT COUNT(*) FROM ({_PURGEABLE_WEBHOOKS})", cutoff, limit),
             "incidents": count(f"SELECT COUNT(*) FROM ({_PURGEABLE_INCIDENTS})", cutoff, limit),
         }
 
@@ -109,4 +115,7 @@ class RetentionQueries(Connection):
         self.conn.execute(
             f"DELETE FROM incidents WHERE rowid IN ({_PURGEABLE_INCIDENTS})",
             (cutoff, limit),
+        )
+        self.conn.execute(
+            f"DELETE FROM pagerduty_events WHERE id IN ({_PURGEABLE_WEBHOOKS})", (cutoff, limit)
         )

@@ -1,0 +1,85 @@
+"""`require_authentication` at decision time: a spoofed mail may neither page nor resolve.
+
+Per service (README "Sender authenticity"):
+
+* `none` (the default): nothing is required. With an `authserv_id`, that MTA's verdicts still
+  fill the rules' `auth.*` fields;
+* `trusted_header`: the verdicts of the `Authentication-Results` header stamped by the
+  `authserv_id` MTA; every other such header (anyone can write one) is ignored;
+* `verify`: DKIM checked here (dkimpy), with DNS under `dns_timeout_seconds`.
+
+A mail passes when a DKIM signature of one of `allowed_dkim_domains` passed, or DMARC passed
+for a From domain in `allowed_from_domains`. One that does not is kept with the outcome
+`unauthenticated` and the reason; nothing is sent. A DNS failure that stands between the mail and
+a pass is `temporary`: the processor leaves the job pending and asks again later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from gateway.config import AuthSettings
+from gateway.mail import authenticity
+from gateway.mail.authenticity import NONE, PASS, AuthResults, TxtResolver
+from gateway.mail.parse import ParsedMail
+
+
+@dataclass(frozen=True)
+class AuthVerdict:
+    """What the check found, and whether the service may act on the mail."""
+
+    results: AuthResults
+    refusal: str | None = None  # why not; None: it may
+    temporary: bool = False  # the refusal may turn into a pass: retry later
+
+
+NOT_CHECKED = AuthVerdict(AuthResults())
+
+
+def check_authenticity(
+    settings: AuthSettings, raw: bytes | bytearray, resolver: TxtResolver
+) -> AuthVerdict:
+    """The service's authenticity verdict on one raw mail."""
+    if settings.require == "verify":
+        results = authenticity.verify(raw, resolver, settings.dns_timeout_seconds)
+    elif settings.authserv_id:
+        results = authenticity.trusted_results(raw, settings.authserv_id)
+    else:
+        return NOT_CHECKED
+    if settings.require == "none" or _passes(settings, results):
+        return AuthVerdict(results)
+    # only our own lookups can succeed later; a trusted header's temperror is its final word
+    temporary = results.temporary and settings.require == "verify"
+    return AuthVerdict(results, _refusal(settings, results), temporary)
+
+
+def with_auth_fields(mail: ParsedMail, verdict: AuthVerdict) -> ParsedMail:
+    """The parsed mail carrying the `auth.*` fields the rules may test."""
+    if verdict is NOT_CHECKED:
+        return mail
+    return replace(mail, auth=verdict.results.fields())
+
+
+def _passes(settings: AuthSettings, results: AuthResults) -> bool:
+    if any(domain in settings.dkim_domains for domain in results.dkim_domains):
+        return True
+    return results.dmarc == PASS and results.dmarc_domain in settings.from_domains
+
+
+def _refusal(settings: AuthSettings, results: AuthResults) -> str:
+    wanted = []
+    if settings.dkim_domains:
+        wanted.append(f"a DKIM pass for d= {', '.join(settings.dkim_domains)}")
+    if settings.from_domains:
+        wanted.append(f"a DMARC pass for From {', '.join(settings.from_domains)}")
+    found = f"dkim={results.dkim}"
+    if results.dkim_domains:
+        found += f" (d={', '.join(results.dkim_domains)})"
+    found += f", dmarc={results.dmarc}"
+    if results.dmarc_domain and results.dmarc != NONE:
+        found += f" (From {results.dmarc_domain})"
+    source = results.source or "no verdict"
+    return (
+        f'unauthenticated (require_authentication = "{settings.require}"): needs '
+        f"{' or '.join(wanted)}; {source} says {found}: {results.detail}"
+    )
