@@ -94,12 +94,16 @@ class SmtpSettings:
     auth_failure_delay_seconds: float = 2.0
 
 
+DEFAULT_RATE_LIMIT_PER_MINUTE = 120  # PagerDuty: about 120 events a minute per routing key
+
+
 @dataclass(frozen=True)
 class PagerDutySettings:
     events_url: str = DEFAULT_EVENTS_URL
     timeout_seconds: float = 10.0
     max_retry_hours: float = 24.0
-    rate_limit_per_minute: int = 0  # 0 = off; PagerDuty allows about 120/min per routing key
+    # per routing key, PagerDuty's documented Events API rate; 0 = off
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     source: str = "email-gateway"
     client_url: str = ""  # shown as a link on the incident, e.g. this gateway's status page
     # two-way: Webhooks v3 secrets (several during rotation; none = POST /pagerduty/webhook off)
@@ -537,7 +541,12 @@ class _Reader:
             timeout_seconds=self.get(w, t, "timeout_seconds", float, 10.0, check=_positive),
             max_retry_hours=self.get(w, t, "max_retry_hours", float, 24.0, check=_positive),
             rate_limit_per_minute=self.get(
-                w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)
+                w,
+                t,
+                "rate_limit_per_minute",
+                int,
+                DEFAULT_RATE_LIMIT_PER_MINUTE,
+                check=_at_least(0),
             ),
             source=self.get(w, t, "source", str, "email-gateway"),
             client_url=self.get(w, t, "client_url", str, ""),

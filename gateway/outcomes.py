@@ -11,7 +11,7 @@ from enum import StrEnum
 
 class Outcome(StrEnum):
     TRIGGERED = "triggered"
-    DUPLICATE = "trigger_duplicate"  # a trigger for an open key: forwarded, counted
+    DUPLICATE = "trigger_duplicate"  # a trigger for an open key: counted, coalesced if it can be
     ACKNOWLEDGED = "acknowledged"
     RESOLVED = "resolved"
     ACK_NO_INCIDENT = "acknowledge_no_open_incident"

@@ -1,8 +1,9 @@
 """The local incident mirror: how a trigger / acknowledge / resolve changes one (service, key).
 
 Pure functions, so the semantics are testable without a database: a trigger for an open key is a
-duplicate (counted, and still forwarded with the same dedup_key, which PagerDuty dedups); an
-acknowledge or resolve with no open incident is recorded and harmless.
+duplicate (counted; the processor coalesces it into the trigger already in the outbox, which
+PagerDuty would dedup anyway); an acknowledge or resolve with no open incident is recorded and
+harmless.
 """
 
 from __future__ import annotations

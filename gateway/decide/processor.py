@@ -392,6 +392,7 @@ class Processor(HeartbeatDuties):
             if change.notification is not None:
                 queued = notifications.queue(self.store, change.notification, job.id) is not None
         runtime = self.services[job.service]
+        reason = decision.reason
         if _is_echo(change.basis, decision.action):
             self.store.log_event(
                 "echo_suppressed",
@@ -402,11 +403,46 @@ class Processor(HeartbeatDuties):
             )
         else:
             event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
-            queued = self._queue_event(job, runtime, event) or queued
+            absorbed = self._absorb_repeat(job, runtime, change, event)
+            if absorbed is not None:
+                reason = f"{reason}; coalesced into outbox item {absorbed}"
+            else:
+                queued = self._queue_event(job, runtime, event, opens=change.outcome) or queued
         queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
-            job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
+            job, change.outcome, reason, decision=decision, event=event, queued=queued
         )
+
+    def _absorb_repeat(
+        self, job: PendingJob, runtime: ServiceRuntime, change: IncidentChange, event: dict
+    ) -> int | None:
+        """A repeat trigger of an open incident whose trigger is queued, in flight or was
+        accepted adds nothing to send (PagerDuty would dedup it): a still unclaimed trigger
+        takes its details, and the incident counts it. The absorbing item's id, or None:
+        queue the event (no routing key, or the earlier trigger is a dead letter or gone)."""
+        incident = change.changed
+        if change.outcome != Outcome.DUPLICATE or incident is None:
+            return None
+        if not runtime.settings.routing_key:
+            return None
+        order_key = pagerduty_order_key(job.service, event["dedup_key"])
+        since = incident.opened_at or incident.first_seen
+        trigger = next(
+            (
+                item
+                for item in self.store.key_outbox(order_key, since)
+                if item.payload.get("event_action") == "trigger"
+            ),
+            None,
+        )
+        if trigger is None or trigger.state == "dead":
+            return None
+        if trigger.state == "pending":
+            self.store.coalesce_outbox(trigger.id, event)  # False: in flight, keeps its own
+        self.store.note_coalesced(
+            job.service, incident.incident_key, self.clock(), repeat_details(event)
+        )
+        return trigger.id
 
     def _queue_rest(self, job: PendingJob, decision: Decision, change: IncidentChange) -> bool:
         """The rule's REST actions (priority, urgency, note, assignment) for this incident."""
@@ -444,12 +480,16 @@ class Processor(HeartbeatDuties):
             client_url=self.pagerduty.client_url,
         )
 
-    def _queue_event(self, job: PendingJob, runtime: ServiceRuntime, event: dict) -> bool:
-        """Outbox the event, or (embedded default, no routing key) record what would be sent."""
+    def _queue_event(
+        self, job: PendingJob, runtime: ServiceRuntime, event: dict, *, opens: str = ""
+    ) -> bool:
+        """Outbox the event, or (embedded default, no routing key) record what would be sent.
+        A trigger that opens an incident (`opens` is TRIGGERED) is claimed ahead of busy keys."""
         key = event["dedup_key"]
         if runtime.settings.routing_key:
             order_key = pagerduty_order_key(job.service, key)
-            self.store.add_outbox("pagerduty", job.service, order_key, event, job.id)
+            priority = 0 if opens == Outcome.TRIGGERED else 1
+            self.store.add_outbox("pagerduty", job.service, order_key, event, job.id, priority)
             return True
         self.store.log_event(
             "would_send",
@@ -504,6 +544,16 @@ class Processor(HeartbeatDuties):
             event=event,
             queued=queued,
         )
+
+
+def repeat_details(event: dict) -> dict[str, object]:
+    """What an absorbed repeat trigger said, as its incident keeps it."""
+    payload = event.get("payload") or {}
+    return {
+        "summary": payload.get("summary", ""),
+        "severity": payload.get("severity", ""),
+        "custom_details": payload.get("custom_details") or {},
+    }
 
 
 def _case_fields(mail: ParsedMail, decision: Decision) -> str:

@@ -19,7 +19,7 @@ import httpx
 
 from gateway.config import PagerDutySettings
 from gateway.decide.rest_actions import KIND
-from gateway.delivery.pagerduty import HEADERS, RateLimiter, classify_response
+from gateway.delivery.pagerduty import HEADERS, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
 from gateway.store import OutboxItem
 
@@ -76,7 +76,6 @@ class PagerDutyRestSender:
         from_email: str = "",
         requester_id: str = "",
         timeout: float = 10.0,
-        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.transport = transport
         self.api_url = api_url.rstrip("/")
@@ -84,7 +83,6 @@ class PagerDutyRestSender:
         self.from_email = from_email
         self.requester_id = requester_id
         self.timeout = httpx.Timeout(timeout).as_dict()
-        self.rate_limiter = rate_limiter
         self._priorities: dict[str, str] = {}  # name (folded) -> id, fetched once
 
     def reconfigure(self, settings: PagerDutySettings) -> None:
@@ -133,8 +131,6 @@ class PagerDutyRestSender:
         body: dict[str, Any] | None,
         params: list[tuple[str, str]] | None = None,
     ) -> httpx.Response:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.wait("rest")
         headers = {**HEADERS, "Accept": ACCEPT, "Authorization": f"Token token={self.token}"}
         if method != "GET" and self.from_email:
             headers["From"] = self.from_email

@@ -45,6 +45,7 @@ from gateway.store.records import (
     OutboxResult,
     PagerDutyEvent,
     PendingJob,
+    StormState,
 )
 from gateway.store.requeue import Refusal, Requeued
 from gateway.store.thread import StoreThread
@@ -82,6 +83,7 @@ __all__ = [
     "SpoolStore",
     "Store",
     "StoreThread",
+    "StormState",
     "open_store",
     "verify_store",
 ]

@@ -19,7 +19,7 @@ inside ``with store.transaction():``, which makes everything in it one atomic co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ from gateway.store.records import (
     OutboxResult,
     PagerDutyEvent,
     PendingJob,
+    StormState,
 )
 from gateway.store.requeue import Requeued
 
@@ -132,9 +133,31 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
         ...
 
     def add_outbox(
-        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+        self,
+        kind: str,
+        service: str,
+        order_key: str,
+        payload: dict[str, Any],
+        job: int | None,
+        priority: int = 1,
     ) -> int:
-        """Queue an item (due now) behind the pending items of its `order_key`; its id."""
+        """Queue an item (due now) behind the pending items of its `order_key`; its id.
+        Priority 0 heads are claimed before priority 1 heads (new cases first in a storm)."""
+        ...
+
+    def key_outbox(self, order_key: str, since: float, limit: int = 20) -> list[OutboxItem]:
+        """The newest items (pending, dead, done) of one order key created at or after
+        `since`, newest first."""
+        ...
+
+    def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
+        """Replace the payload of `item` if it is pending and unclaimed, and make it priority
+        1 (its key repeats: a storm; quiet new cases go first); False otherwise."""
+        ...
+
+    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
+        """Count one absorbed repeat trigger on the incident, with when and its details
+        (`save_incident` keeps these, and resets them when the incident opens again)."""
         ...
 
     # -- PagerDuty-side events (Webhooks v3), decided like jobs --
@@ -202,9 +225,11 @@ class OutboxStore(Protocol):
         lease_seconds: float,
         exclude: Sequence[int] = (),
         owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
     ) -> list[OutboxItem]:
         """Take due items for `lease_seconds`: nobody else (process or host) gets them until
-        the lease runs out or a result is recorded. `owner` names the claiming worker."""
+        the lease runs out or a result is recorded. `owner` names the claiming worker.
+        `admit` (a rate limit) chooses among the due heads, in claim order, inside the claim."""
         ...
 
     def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
@@ -293,6 +318,11 @@ class ReportStore(HeartbeatStore, Protocol):
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(pending count, created_at of the oldest pending item)."""
+        ...
+
+    def storm_state(self, now: float) -> list[StormState]:
+        """Per service with PagerDuty events pending or repeats absorbed on open incidents:
+        queued, throttled (due heads not claimed at `now`), coalesced, oldest pending."""
         ...
 
     def metric_totals(self) -> list[Row]:

@@ -4,7 +4,7 @@ read and write. Plain frozen dataclasses, so a PostgreSQL backend returns the sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 OPEN_STATES = ("triggered", "acknowledged")
@@ -61,6 +61,11 @@ class Incident:
     resolved_at: float | None
     last_message: int | None
     case_message_id: str
+    # Repeat triggers absorbed by the outbox since the incident (last) opened: kept by the store
+    # beside the mirror (`save_incident` leaves them alone), so not part of its equality.
+    coalesced: int = field(default=0, compare=False)
+    coalesced_at: float | None = field(default=None, compare=False)
+    latest_details: str = field(default="", compare=False)  # JSON: the newest repeat's details
     # two-way with PagerDuty (all optional, so older rows and callers keep working)
     routing_key: str = ""  # the routing key that opened it: its later events use it
     pd_id: str = ""  # PagerDuty's incident id, from a webhook (or a REST lookup)
@@ -101,6 +106,7 @@ class OutboxItem:
     response: str
     lease_owner: str = ""  # the worker ("host:pid") that claimed it; '' when not claimed
     requeued_at: float | None = None  # when a dead letter was last re-queued
+    priority: int = 1  # 0: a trigger that opens an incident, claimed ahead of busy keys
 
     def in_flight(self, now: float) -> bool:
         """Claimed by a worker whose lease still runs: it may be on the wire right now."""
@@ -294,3 +300,17 @@ class PagerDutyEvent:
         except (ValueError, AttributeError):
             return {}
         return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class StormState:
+    """One service's PagerDuty queue as an operator watches a storm."""
+
+    service: str
+    queued: int  # pending events (waiting, retrying or in flight)
+    throttled: int  # due at the head of their key but not claimed: held back by the rate limit
+    coalesced: int  # repeat triggers absorbed into an earlier event, over its open incidents
+    oldest_pending: float | None  # created_at of the oldest pending event
+
+    def oldest_age(self, now: float) -> float:
+        return 0.0 if self.oldest_pending is None else max(0.0, now - self.oldest_pending)

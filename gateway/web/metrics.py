@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from gateway.errors import Problem
 from gateway.outcomes import Outcome
-from gateway.store import ReportStore
+from gateway.store import ReportStore, StormState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -50,6 +50,23 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gateway_imap_messages_failing",
         "Unread IMAP messages being retried",
         ("account",),
+    ),
+    # storm state per service: the PagerDuty queue, what the rate limit holds back, repeats
+    "storm_queued": ("gateway_storm_queued", "PagerDuty events pending", ("service",)),
+    "storm_throttled": (
+        "gateway_storm_throttled",
+        "PagerDuty events due but held back by the rate limit",
+        ("service",),
+    ),
+    "storm_coalesced": (
+        "gateway_storm_coalesced",
+        "Repeat triggers absorbed into an earlier event, over open incidents",
+        ("service",),
+    ),
+    "storm_oldest_age": (
+        "gateway_storm_oldest_pending_age_seconds",
+        "Age of the oldest pending PagerDuty event",
+        ("service",),
     ),
     "imap_unreadable": (
         "gateway_imap_messages_unreadable",
@@ -167,7 +184,9 @@ class GatewayMetrics:
         if self.last_job is None:
             self.last_job = store.last_decided_job()
         latencies = store.decided_latencies(self.last_job)
-        return Snapshot(store.metric_totals(), store.metric_gauges(), latencies)
+        now = time.time()
+        gauges = store.metric_gauges() + storm_rows(store.storm_state(now), now)
+        return Snapshot(store.metric_totals(), gauges, latencies, now)
 
     def render(self, snapshot: Snapshot, live: LiveState) -> bytes:
         for job, seconds in snapshot.latencies:
@@ -234,6 +253,20 @@ class GatewayMetrics:
                 last.add_metric((name,), poller.last_success)
             errors.add_metric((name,), poller.errors)
         yield from (up, last, errors)
+
+
+def storm_rows(states: Sequence[StormState], now: float) -> list[Row]:
+    """The storm figures of each service with PagerDuty events pending or repeats absorbed."""
+    rows: list[Row] = []
+    for state in states:
+        labels = (state.service,)
+        rows += [
+            ("storm_queued", labels, state.queued),
+            ("storm_throttled", labels, state.throttled),
+            ("storm_coalesced", labels, state.coalesced),
+            ("storm_oldest_age", labels, state.oldest_age(now)),
+        ]
+    return rows
 
 
 def store_families(snapshot: Snapshot) -> list[Metric]:

@@ -166,6 +166,7 @@ def index_data(store: ReportStore, query: IndexQuery, context: PageContext) -> d
     return {
         "jobs": [{"job": job, "subject": _subject(head)} for job, head in recent],
         "incidents": incident_rows(store, store.incidents(open_only=True, limit=200), context),
+        "storm": store.storm_state(context.now),
         "pending": [o for o in outbox if o.state == "pending"],
         "dead": [o for o in outbox if o.state == "dead"],
         "imap_failures": store.imap_failures(),  # templates/imap_failures.html
@@ -225,6 +226,7 @@ def incident_data(
     attempts = store.outbox_attempts([i.id for items in queued.values() for i in items])
     return {
         "row": row,
+        "latest": latest_repeat(incident),
         "timeline": timeline(history, queued, attempts),
         "truncated": len(history) >= 200,
         "pd_link": safe_link(incident.pd_url),
@@ -248,6 +250,15 @@ def said(event: PagerDutyEvent) -> dict[str, Any]:
         "agent": agent.get("summary", "") if isinstance(agent.get("summary"), str) else "",
         "note": note[:BODY_CHARS],
     }
+
+
+def latest_repeat(incident: Incident) -> dict[str, Any] | None:
+    """The details of the newest repeat trigger absorbed on the incident, if any."""
+    try:
+        latest = json.loads(incident.latest_details) if incident.latest_details else None
+    except ValueError:
+        return None
+    return latest if isinstance(latest, dict) else None
 
 
 def outbox_data(store: ReportStore, item: int) -> dict[str, Any] | None:

@@ -208,4 +208,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX pagerduty_events_pending ON pagerduty_events(state, id);
     CREATE INDEX pagerduty_events_key ON pagerduty_events(incident_key);
     """,
+    # storm: absorbed repeat triggers are counted on their incident (count, when, the latest
+    # details), and a trigger that opens an incident is claimed ahead of busy keys' items.
+    """
+    ALTER TABLE incidents ADD COLUMN coalesced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE incidents ADD COLUMN coalesced_at REAL;
+    ALTER TABLE incidents ADD COLUMN latest_details TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+    """,
 )
