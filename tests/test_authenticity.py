@@ -22,7 +22,13 @@ from gateway.decide.processor import AUTH_RETRY_DELAYS, Processor, load_services
 from gateway.decide.replay import replay
 from gateway.errors import ConfigError, RuleError
 from gateway.intake.spool import incoming
-from gateway.mail.authenticity import DnsFailure, DnsTxtResolver, trusted_results, verify
+from gateway.mail.authenticity import (
+    DnsFailure,
+    DnsTxtResolver,
+    organisational_domain,
+    trusted_results,
+    verify,
+)
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import load_ruleset
 from gateway.store import Store, open_store
@@ -201,6 +207,31 @@ def test_dmarc_pass_for_an_allowed_from_domain(keys: Keys) -> None:
     assert (foreign.dkim, foreign.dmarc) == ("pass", "fail")  # signed, but not aligned
     nothing = verify(desk_mail("x", sender="a@other.example"), keys, 1.0)
     assert (nothing.dkim, nothing.dmarc) == ("none", "none")  # no record for other.example
+
+
+def test_dmarc_alignment_under_a_multi_label_public_suffix() -> None:
+    """co.uk is a public suffix: the organisational domain of mail.example.co.uk is
+    example.co.uk (not co.uk), where its DMARC policy is found and its subdomains align;
+    another registrant under co.uk, or a signer that is the suffix itself, never aligns."""
+    keys = Keys()
+    for domain in ("example.co.uk", "alerts.example.co.uk", "other.co.uk", "co.uk"):
+        keys.add(domain)
+    keys.records["_dmarc.example.co.uk"] = b"v=DMARC1; p=reject"
+    keys.records["_dmarc.co.uk"] = b"v=DMARC1; p=none"  # a suffix's record is never asked
+
+    def judged(sender: str, signer: str) -> tuple[str, str, str]:
+        result = verify(keys.sign(desk_mail("x", sender=sender), signer), keys, 1.0)
+        return result.dkim, result.dmarc, result.dmarc_domain
+
+    sub = "x@mail.example.co.uk"
+    assert judged(sub, "example.co.uk") == ("pass", "pass", "mail.example.co.uk")
+    assert judged(sub, "alerts.example.co.uk") == ("pass", "pass", "mail.example.co.uk")
+    assert judged("x@example.co.uk", "alerts.example.co.uk")[1] == "pass"
+    assert judged(sub, "other.co.uk")[:2] == ("pass", "fail")
+    assert judged("x@example.co.uk", "co.uk")[:2] == ("pass", "fail")
+    assert "_dmarc.co.uk" not in keys.asked and "_dmarc.example.co.uk" in keys.asked
+    assert organisational_domain("shop.example.com.au") == "example.com.au"
+    assert organisational_domain("co.uk") == ""
 
 
 def test_verify_mode_with_allowed_from_domain(keys: Keys, store: Store) -> None:
