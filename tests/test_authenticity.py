@@ -200,6 +200,45 @@ def test_dns_failure_is_retried_later_never_a_pass(keys: Keys, store: Store) -> 
     assert "temperror" in gave_up.reason and "DNS still failing" in gave_up.reason
 
 
+def test_slow_dns_postpones_other_sender_checks_instead_of_holding_up_every_service(
+    keys: Keys, store: Store
+) -> None:
+    """Each lookup takes 2 s (a fake clock); after 5 s of DNS waiting in one batch the
+    remaining `verify` jobs wait for the next batch, unasked and undecided, while another
+    service's mail in the same batch is decided at once."""
+    clock = Clock()
+    asked: list[str] = []
+
+    def slow(name: str, timeout: float) -> bytes | None:
+        asked.append(name)
+        clock.now += 2.0
+        return keys(name, timeout)
+
+    deliver(store, *(signed(keys, f"Outage {n}") for n in range(5)))
+    store.accept([incoming(desk_mail("Other service"), source="smtp", services=("other",))])
+    verifying = service(require="verify", dkim_domains=(HELPDESK,))
+    other = ServiceSettings("other", ("other@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+    worker = Processor(
+        store,
+        load_services((verifying, other)),
+        PagerDutySettings(),
+        resolver=slow,
+        clock=clock,
+        dns_budget=5.0,
+    )
+    first = worker.process_pending()
+    assert [(o.service, o.outcome) for o in first] == [
+        ("helpdesk", Outcome.TRIGGERED),
+        ("helpdesk", Outcome.TRIGGERED),
+        ("other", Outcome.TRIGGERED),
+    ]
+    assert len(asked) == 4  # key + DMARC record for each of the two mails checked
+    assert len(store.pending_jobs()) == 3 and worker.postponed == 3
+    assert len(worker.process_pending()) == 2  # the next batch: a new budget, no retry delay
+    assert [o.outcome for o in worker.process_pending()] == [Outcome.TRIGGERED]
+    assert store.pending_jobs() == [] and len(asked) == 10
+
+
 def test_dmarc_pass_for_an_allowed_from_domain(keys: Keys) -> None:
     results = verify(signed(keys, "x"), keys, 1.0)
     assert (results.dkim, results.dmarc, results.dmarc_domain) == ("pass", "pass", HELPDESK)

@@ -16,6 +16,8 @@ a pass is `temporary`: the processor leaves the job pending and asks again later
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gateway.config import AuthSettings
@@ -58,6 +60,36 @@ def with_auth_fields(mail: ParsedMail, verdict: AuthVerdict) -> ParsedMail:
     if verdict is NOT_CHECKED:
         return mail
     return replace(mail, auth=verdict.results.fields())
+
+
+class DnsBudget:
+    """A `TxtResolver` that counts the seconds spent waiting for DNS in one decision batch.
+
+    Every mail of every service is decided on one thread, so a slow nameserver would hold up
+    all of them, one timeout per uncached name. Once a batch has waited `seconds`, the
+    processor leaves its remaining `verify` jobs pending for the next batch instead of asking
+    (`exhausted`); mail of other services is decided meanwhile.
+    """
+
+    def __init__(
+        self, resolver: TxtResolver, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.resolver, self.seconds, self.clock = resolver, seconds, clock
+        self.spent = 0.0
+
+    def new_batch(self) -> None:
+        self.spent = 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent >= self.seconds
+
+    def __call__(self, name: str, timeout: float) -> bytes | None:
+        started = self.clock()
+        try:
+            return self.resolver(name, timeout)
+        finally:
+            self.spent += max(0.0, self.clock() - started)
 
 
 def _passes(settings: AuthSettings, results: AuthResults) -> bool:
