@@ -239,6 +239,64 @@ def test_slow_dns_postpones_other_sender_checks_instead_of_holding_up_every_serv
     assert store.pending_jobs() == [] and len(asked) == 10
 
 
+def test_a_restart_during_a_dns_outage_never_turns_the_wait_into_a_pass(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """Retry state is in memory: each restart (a new processor on the same database) tries
+    the waiting jobs again at once. While DNS fails they stay pending, however often the
+    gateway restarts; when it answers, the genuine mail pages and the forged one does not."""
+    path = tmp_path / "gateway.sqlite3"
+    outage = Keys()
+    outage.records, outage.failing = keys.records, True
+    forged = signed(keys, "Forged").replace(b"Priority: 5", b"Priority: 1")
+    settings = service(require="verify", dkim_domains=(HELPDESK,), from_domains=(HELPDESK,))
+    store = open_store(path)
+    deliver(store, signed(keys, "Genuine"), forged)
+    store.close()
+    for restart in range(len(AUTH_RETRY_DELAYS) + 2):
+        store = open_store(path)
+        try:
+            worker = processor(store, settings, outage)
+            assert worker.process_pending() == [], f"decided after restart {restart}"
+            assert len(store.pending_jobs()) == 2
+            assert store.outbox() == [] and store.incidents() == []
+        finally:
+            store.close()
+    outage.failing = False
+    store = open_store(path)
+    try:
+        genuine, spoofed = processor(store, settings, outage).process_pending()
+        assert genuine.outcome == Outcome.TRIGGERED
+        assert spoofed.outcome == Outcome.UNAUTHENTICATED and "dkim=fail" in spoofed.reason
+    finally:
+        store.close()
+
+
+def test_a_dns_failure_for_one_signature_is_retried_even_when_another_passes(
+    keys: Keys, store: Store
+) -> None:
+    """Signed by the attacker's domain (which resolves) and by the helpdesk (whose key lookup
+    fails): the best DKIM result reads `pass`, but the verdict is not settled: retried, not
+    refused for good; when DNS answers, the helpdesk's signature lets it page."""
+    clock = Clock()
+    key_name = f"{SELECTOR.decode()}._domainkey.{HELPDESK}"
+    down = [True]
+
+    def partial_outage(name: str, timeout: float) -> bytes | None:
+        if down[0] and name == key_name:
+            raise DnsFailure("Timeout")
+        return keys(name, timeout)
+
+    deliver(store, keys.sign(signed(keys, "Two signatures"), "evil.example"))
+    settings = service(require="verify", dkim_domains=(HELPDESK,))
+    worker = processor(store, settings, partial_outage, clock)
+    assert worker.process_pending() == [] and len(store.pending_jobs()) == 1
+    down[0] = False
+    clock.now += AUTH_RETRY_DELAYS[0]
+    [done] = worker.process_pending()
+    assert done.outcome == Outcome.TRIGGERED
+
+
 def test_dmarc_pass_for_an_allowed_from_domain(keys: Keys) -> None:
     results = verify(signed(keys, "x"), keys, 1.0)
     assert (results.dkim, results.dmarc, results.dmarc_domain) == ("pass", "pass", HELPDESK)

@@ -50,11 +50,12 @@ class AuthResults:
     dmarc_domain: str = ""  # the From domain that DMARC judged
     source: str = ""  # 'dkimpy' or 'Authentication-Results of <authserv-id>'
     detail: str = ""  # for reasons: per-signature results, the DNS problem
+    unsettled: bool = False  # some signature's lookup failed, even if another one passed
 
     @property
     def temporary(self) -> bool:
         """A DNS problem kept some check from finishing: the verdict may change later."""
-        return TEMPERROR in (self.dkim, self.dmarc)
+        return self.unsettled or TEMPERROR in (self.dkim, self.dmarc)
 
     def fields(self) -> dict[str, str]:
         """The rules' condition fields; several passing domains are one per line."""
@@ -178,6 +179,7 @@ def verify(raw: bytes | bytearray, resolver: TxtResolver, timeout: float) -> Aut
         dmarc_domain=from_domain,
         source="dkimpy",
         detail=f"dkim: {shown or 'no signature'}; dmarc: {dmarc_detail}",
+        unsettled=TEMPERROR in verdicts,
     )
 
 
