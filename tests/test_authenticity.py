@@ -538,3 +538,49 @@ def test_a_trusted_headers_temperror_is_decided_at_once(store: Store) -> None:
     settings = service(require="trusted_header", authserv_id=TRUSTED, dkim_domains=(HELPDESK,))
     [done] = processor(store, settings, None).process_pending()
     assert done.outcome == Outcome.UNAUTHENTICATED and "dkim=temperror" in done.reason
+
+
+def test_test_rules_shows_the_sender_check_and_why_a_mail_would_be_unauthenticated(
+    keys: Keys, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`gateway test-rules` judges the service's sender check as the server would: a
+    trusted_header verdict from the mail itself; `verify` only with --dns (here the test
+    resolver), else it says it did not check; the rules see the same `auth.*` fields."""
+    mails = {
+        "forged.eml": stamped("mx.evil.example", f"dkim=pass header.d={HELPDESK}", desk_mail("F")),
+        "trusted.eml": stamped(TRUSTED, f"dkim=pass header.d={HELPDESK}", desk_mail("T")),
+        "signed.eml": signed(keys, "Signed"),
+        "unsigned.eml": desk_mail("Unsigned"),
+    }
+    for name, raw in mails.items():
+        (tmp_path / name).write_bytes(raw)
+
+    def run(mode: str, name: str, *extra: str) -> tuple[str, dict]:
+        auth = (
+            f'require_authentication = "{mode}"\nauthserv_id = "{TRUSTED}"\n'
+            f'allowed_dkim_domains = ["{HELPDESK}"]\n'
+        )
+        directory = tmp_path / mode
+        directory.mkdir(exist_ok=True)
+        cli = Cli(write_config(directory, service_extra=auth), capsys, monkeypatch)
+        mail = str(tmp_path / name)
+        text = cli("test-rules", mail, *extra)
+        shown = cli("test-rules", mail, "--json", *extra)
+        assert text.code == shown.code == 0, text.err + shown.err
+        return text.out, json.loads(shown.out)["auth"]
+
+    out, auth = run("trusted_header", "forged.eml")
+    assert "unauthenticated" in out and f"no Authentication-Results header of {TRUSTED}" in out
+    assert auth["checked"] and auth["passed"] is False and "unauthenticated" in auth["reason"]
+    out, auth = run("trusted_header", "trusted.eml")
+    assert "auth:     passes" in out and "dkim=pass" in out
+    assert auth["passed"] is True and auth["fields"]["auth.dkim_domain"] == HELPDESK
+
+    out, auth = run("verify", "signed.eml")
+    assert "not checked offline" in out and "--dns" in out
+    assert auth["checked"] is False and auth["passed"] is None
+    monkeypatch.setattr("gateway.cli.rules_cmd.DnsTxtResolver", lambda: keys)
+    out, auth = run("verify", "signed.eml", "--dns")
+    assert auth["passed"] is True and auth["fields"]["auth.dkim"] == "pass"
+    out, auth = run("verify", "unsigned.eml", "--dns")
+    assert "unauthenticated" in out and "dkim=none" in out and auth["passed"] is False
