@@ -22,7 +22,13 @@ from gateway.decide.processor import AUTH_RETRY_DELAYS, Processor, load_services
 from gateway.decide.replay import replay
 from gateway.errors import ConfigError, RuleError
 from gateway.intake.spool import incoming
-from gateway.mail.authenticity import DnsFailure, DnsTxtResolver, trusted_results, verify
+from gateway.mail.authenticity import (
+    DnsFailure,
+    DnsTxtResolver,
+    organisational_domain,
+    trusted_results,
+    verify,
+)
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import load_ruleset
 from gateway.store import Store, open_store
@@ -194,6 +200,103 @@ def test_dns_failure_is_retried_later_never_a_pass(keys: Keys, store: Store) -> 
     assert "temperror" in gave_up.reason and "DNS still failing" in gave_up.reason
 
 
+def test_slow_dns_postpones_other_sender_checks_instead_of_holding_up_every_service(
+    keys: Keys, store: Store
+) -> None:
+    """Each lookup takes 2 s (a fake clock); after 5 s of DNS waiting in one batch the
+    remaining `verify` jobs wait for the next batch, unasked and undecided, while another
+    service's mail in the same batch is decided at once."""
+    clock = Clock()
+    asked: list[str] = []
+
+    def slow(name: str, timeout: float) -> bytes | None:
+        asked.append(name)
+        clock.now += 2.0
+        return keys(name, timeout)
+
+    deliver(store, *(signed(keys, f"Outage {n}") for n in range(5)))
+    store.accept([incoming(desk_mail("Other service"), source="smtp", services=("other",))])
+    verifying = service(require="verify", dkim_domains=(HELPDESK,))
+    other = ServiceSettings("other", ("other@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+    worker = Processor(
+        store,
+        load_services((verifying, other)),
+        PagerDutySettings(),
+        resolver=slow,
+        clock=clock,
+        dns_budget=5.0,
+    )
+    first = worker.process_pending()
+    assert [(o.service, o.outcome) for o in first] == [
+        ("helpdesk", Outcome.TRIGGERED),
+        ("helpdesk", Outcome.TRIGGERED),
+        ("other", Outcome.TRIGGERED),
+    ]
+    assert len(asked) == 4  # key + DMARC record for each of the two mails checked
+    assert len(store.pending_jobs()) == 3 and worker.postponed == 3
+    assert len(worker.process_pending()) == 2  # the next batch: a new budget, no retry delay
+    assert [o.outcome for o in worker.process_pending()] == [Outcome.TRIGGERED]
+    assert store.pending_jobs() == [] and len(asked) == 10
+
+
+def test_a_restart_during_a_dns_outage_never_turns_the_wait_into_a_pass(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """Retry state is in memory: each restart (a new processor on the same database) tries
+    the waiting jobs again at once. While DNS fails they stay pending, however often the
+    gateway restarts; when it answers, the genuine mail pages and the forged one does not."""
+    path = tmp_path / "gateway.sqlite3"
+    outage = Keys()
+    outage.records, outage.failing = keys.records, True
+    forged = signed(keys, "Forged").replace(b"Priority: 5", b"Priority: 1")
+    settings = service(require="verify", dkim_domains=(HELPDESK,), from_domains=(HELPDESK,))
+    store = open_store(path)
+    deliver(store, signed(keys, "Genuine"), forged)
+    store.close()
+    for restart in range(len(AUTH_RETRY_DELAYS) + 2):
+        store = open_store(path)
+        try:
+            worker = processor(store, settings, outage)
+            assert worker.process_pending() == [], f"decided after restart {restart}"
+            assert len(store.pending_jobs()) == 2
+            assert store.outbox() == [] and store.incidents() == []
+        finally:
+            store.close()
+    outage.failing = False
+    store = open_store(path)
+    try:
+        genuine, spoofed = processor(store, settings, outage).process_pending()
+        assert genuine.outcome == Outcome.TRIGGERED
+        assert spoofed.outcome == Outcome.UNAUTHENTICATED and "dkim=fail" in spoofed.reason
+    finally:
+        store.close()
+
+
+def test_a_dns_failure_for_one_signature_is_retried_even_when_another_passes(
+    keys: Keys, store: Store
+) -> None:
+    """Signed by the attacker's domain (which resolves) and by the helpdesk (whose key lookup
+    fails): the best DKIM result reads `pass`, but the verdict is not settled: retried, not
+    refused for good; when DNS answers, the helpdesk's signature lets it page."""
+    clock = Clock()
+    key_name = f"{SELECTOR.decode()}._domainkey.{HELPDESK}"
+    down = [True]
+
+    def partial_outage(name: str, timeout: float) -> bytes | None:
+        if down[0] and name == key_name:
+            raise DnsFailure("Timeout")
+        return keys(name, timeout)
+
+    deliver(store, keys.sign(signed(keys, "Two signatures"), "evil.example"))
+    settings = service(require="verify", dkim_domains=(HELPDESK,))
+    worker = processor(store, settings, partial_outage, clock)
+    assert worker.process_pending() == [] and len(store.pending_jobs()) == 1
+    down[0] = False
+    clock.now += AUTH_RETRY_DELAYS[0]
+    [done] = worker.process_pending()
+    assert done.outcome == Outcome.TRIGGERED
+
+
 def test_dmarc_pass_for_an_allowed_from_domain(keys: Keys) -> None:
     results = verify(signed(keys, "x"), keys, 1.0)
     assert (results.dkim, results.dmarc, results.dmarc_domain) == ("pass", "pass", HELPDESK)
@@ -201,6 +304,31 @@ def test_dmarc_pass_for_an_allowed_from_domain(keys: Keys) -> None:
     assert (foreign.dkim, foreign.dmarc) == ("pass", "fail")  # signed, but not aligned
     nothing = verify(desk_mail("x", sender="a@other.example"), keys, 1.0)
     assert (nothing.dkim, nothing.dmarc) == ("none", "none")  # no record for other.example
+
+
+def test_dmarc_alignment_under_a_multi_label_public_suffix() -> None:
+    """co.uk is a public suffix: the organisational domain of mail.example.co.uk is
+    example.co.uk (not co.uk), where its DMARC policy is found and its subdomains align;
+    another registrant under co.uk, or a signer that is the suffix itself, never aligns."""
+    keys = Keys()
+    for domain in ("example.co.uk", "alerts.example.co.uk", "other.co.uk", "co.uk"):
+        keys.add(domain)
+    keys.records["_dmarc.example.co.uk"] = b"v=DMARC1; p=reject"
+    keys.records["_dmarc.co.uk"] = b"v=DMARC1; p=none"  # a suffix's record is never asked
+
+    def judged(sender: str, signer: str) -> tuple[str, str, str]:
+        result = verify(keys.sign(desk_mail("x", sender=sender), signer), keys, 1.0)
+        return result.dkim, result.dmarc, result.dmarc_domain
+
+    sub = "x@mail.example.co.uk"
+    assert judged(sub, "example.co.uk") == ("pass", "pass", "mail.example.co.uk")
+    assert judged(sub, "alerts.example.co.uk") == ("pass", "pass", "mail.example.co.uk")
+    assert judged("x@example.co.uk", "alerts.example.co.uk")[1] == "pass"
+    assert judged(sub, "other.co.uk")[:2] == ("pass", "fail")
+    assert judged("x@example.co.uk", "co.uk")[:2] == ("pass", "fail")
+    assert "_dmarc.co.uk" not in keys.asked and "_dmarc.example.co.uk" in keys.asked
+    assert organisational_domain("shop.example.com.au") == "example.com.au"
+    assert organisational_domain("co.uk") == ""
 
 
 def test_verify_mode_with_allowed_from_domain(keys: Keys, store: Store) -> None:
@@ -410,3 +538,49 @@ def test_a_trusted_headers_temperror_is_decided_at_once(store: Store) -> None:
     settings = service(require="trusted_header", authserv_id=TRUSTED, dkim_domains=(HELPDESK,))
     [done] = processor(store, settings, None).process_pending()
     assert done.outcome == Outcome.UNAUTHENTICATED and "dkim=temperror" in done.reason
+
+
+def test_test_rules_shows_the_sender_check_and_why_a_mail_would_be_unauthenticated(
+    keys: Keys, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`gateway test-rules` judges the service's sender check as the server would: a
+    trusted_header verdict from the mail itself; `verify` only with --dns (here the test
+    resolver), else it says it did not check; the rules see the same `auth.*` fields."""
+    mails = {
+        "forged.eml": stamped("mx.evil.example", f"dkim=pass header.d={HELPDESK}", desk_mail("F")),
+        "trusted.eml": stamped(TRUSTED, f"dkim=pass header.d={HELPDESK}", desk_mail("T")),
+        "signed.eml": signed(keys, "Signed"),
+        "unsigned.eml": desk_mail("Unsigned"),
+    }
+    for name, raw in mails.items():
+        (tmp_path / name).write_bytes(raw)
+
+    def run(mode: str, name: str, *extra: str) -> tuple[str, dict]:
+        auth = (
+            f'require_authentication = "{mode}"\nauthserv_id = "{TRUSTED}"\n'
+            f'allowed_dkim_domains = ["{HELPDESK}"]\n'
+        )
+        directory = tmp_path / mode
+        directory.mkdir(exist_ok=True)
+        cli = Cli(write_config(directory, service_extra=auth), capsys, monkeypatch)
+        mail = str(tmp_path / name)
+        text = cli("test-rules", mail, *extra)
+        shown = cli("test-rules", mail, "--json", *extra)
+        assert text.code == shown.code == 0, text.err + shown.err
+        return text.out, json.loads(shown.out)["auth"]
+
+    out, auth = run("trusted_header", "forged.eml")
+    assert "unauthenticated" in out and f"no Authentication-Results header of {TRUSTED}" in out
+    assert auth["checked"] and auth["passed"] is False and "unauthenticated" in auth["reason"]
+    out, auth = run("trusted_header", "trusted.eml")
+    assert "auth:     passes" in out and "dkim=pass" in out
+    assert auth["passed"] is True and auth["fields"]["auth.dkim_domain"] == HELPDESK
+
+    out, auth = run("verify", "signed.eml")
+    assert "not checked offline" in out and "--dns" in out
+    assert auth["checked"] is False and auth["passed"] is None
+    monkeypatch.setattr("gateway.cli.rules_cmd.DnsTxtResolver", lambda: keys)
+    out, auth = run("verify", "signed.eml", "--dns")
+    assert auth["passed"] is True and auth["fields"]["auth.dkim"] == "pass"
+    out, auth = run("verify", "unsigned.eml", "--dns")
+    assert "unauthenticated" in out and "dkim=none" in out and auth["passed"] is False

@@ -9,10 +9,12 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.cli.common import EX_OK, UsageError, add_command, read_input, reading_config
-from gateway.config import NotifySettings, find_config_path
+from gateway.config import AuthSettings, NotifySettings, find_config_path
+from gateway.decide.authenticity import AuthPreview, preview_authenticity, with_auth_fields
 from gateway.decide.pagerduty_side import read_facts
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError
+from gateway.mail.authenticity import DnsTxtResolver
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.rules import Decision, Ruleset, evaluate, evaluate_pagerduty, load_ruleset
 
@@ -35,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", nargs="+", type=Path, help="rule files to use instead of a service's")
     p.add_argument(
         "--json", action="store_true", help="print the decision as one JSON object (one line)"
+    )
+    p.add_argument(
+        "--dns",
+        action="store_true",
+        help='require_authentication = "verify": check DKIM/DMARC with real DNS lookups',
     )
     p.add_argument(
         "--at",
@@ -62,19 +69,39 @@ def run(args: argparse.Namespace) -> int:
     raw = read_input(args.file)
     ruleset, timeout, _notify = _rules_of(args)
     mail = parse_message(raw)
+    auth = _auth_preview(args, raw)
+    if auth is not None:
+        mail = with_auth_fields(mail, auth.verdict)  # the rules' auth.* fields, as served
+    shown = {**_mail_fields(mail), "auth": auth.as_dict() if auth else None}
     try:
         decision = evaluate(ruleset, mail, regex_timeout=timeout, at=args.at)
     except GatewayError as exc:
         if args.json:
-            print(json_line({**_mail_fields(mail), "quarantined": str(exc)}))
+            print(json_line({**shown, "quarantined": str(exc)}))
         else:
+            _print_auth(auth)
             print(f"quarantined: {printable(exc)}")
         return EX_OK
     if args.json:
-        print(json_line({**_mail_fields(mail), **asdict(decision)}))
+        print(json_line({**shown, **asdict(decision)}))
     else:
-        _print_decision(mail, decision)
+        _print_decision(mail, decision, auth)
     return EX_OK
+
+
+def _auth_preview(args: argparse.Namespace, raw: bytes) -> AuthPreview | None:
+    """The service's sender check on this mail (None for bare --rules without --service)."""
+    settings = _auth_settings(args)
+    if settings is None:
+        return None
+    return preview_authenticity(settings, raw, DnsTxtResolver() if args.dns else None)
+
+
+def _auth_settings(args: argparse.Namespace) -> AuthSettings | None:
+    if args.rules and not args.service:
+        return None
+    config = reading_config(args)
+    return config.service(args.service or config.services[0].name).authentication
 
 
 def _rules_of(args: argparse.Namespace) -> tuple[Ruleset, float, NotifySettings | None]:
@@ -129,9 +156,18 @@ def _mail_fields(mail: ParsedMail) -> dict[str, object]:
     return {"subject": mail.subject, "from": mail.from_, "loop_guard": loop}
 
 
-def _print_decision(mail: ParsedMail, decision: Decision) -> None:
+def _print_auth(auth: AuthPreview | None) -> None:
+    if auth is None:
+        return
+    if auth.checked and auth.verdict.refusal is not None:
+        print("note:     the sender check would keep this mail as unauthenticated; nothing sent")
+    print(f"{'auth:':<9} {printable(auth.summary())}")
+
+
+def _print_decision(mail: ParsedMail, decision: Decision, auth: AuthPreview | None) -> None:
     if mail.is_auto_reply or mail.is_bounce:
         print(f"note:     the loop guard would ignore this mail ({printable(mail.loop_reason)})")
+    _print_auth(auth)
     lines = [
         ("subject", mail.subject),
         ("rule", decision.rule or "(none)"),

@@ -16,6 +16,8 @@ a pass is `temporary`: the processor leaves the job pending and asks again later
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gateway.config import AuthSettings
@@ -58,6 +60,93 @@ def with_auth_fields(mail: ParsedMail, verdict: AuthVerdict) -> ParsedMail:
     if verdict is NOT_CHECKED:
         return mail
     return replace(mail, auth=verdict.results.fields())
+
+
+@dataclass(frozen=True)
+class AuthPreview:
+    """The sender check as `gateway test-rules` shows it: the verdict, or why there is none."""
+
+    require: str
+    verdict: AuthVerdict
+    checked: bool  # False: verify mode without DNS, or nothing to check
+    note: str = ""
+
+    def summary(self) -> str:
+        """One line: pass, or why the mail would be kept as `unauthenticated`."""
+        if not self.checked:
+            return self.note
+        if self.verdict.refusal is not None:
+            retry = " (a DNS failure: the gateway would try again later)"
+            return self.verdict.refusal + (retry if self.verdict.temporary else "")
+        found = self.verdict.results
+        fields = ", ".join(
+            f"{k.removeprefix('auth.')}={v or '-'}" for k, v in found.fields().items()
+        )
+        verdict = "passes" if self.require != "none" else "not required"
+        return f"{verdict}; {found.source} says {fields}: {found.detail}"
+
+    def as_dict(self) -> dict[str, object]:
+        found = self.verdict.results
+        return {
+            "require": self.require,
+            "checked": self.checked,
+            "passed": (self.verdict.refusal is None) if self.checked else None,
+            "temporary": self.verdict.temporary,
+            "reason": self.verdict.refusal,
+            "note": self.note,
+            "source": found.source,
+            "detail": found.detail,
+            "fields": found.fields(),
+        }
+
+
+def preview_authenticity(
+    settings: AuthSettings, raw: bytes | bytearray, resolver: TxtResolver | None
+) -> AuthPreview:
+    """The check a served gateway would make; `verify` only with a resolver (real DNS when
+    the operator asks for it), since offline its answer would be a guess."""
+    if settings.require == "verify" and resolver is None:
+        note = 'not checked offline: require_authentication = "verify" needs DNS (add --dns)'
+        return AuthPreview(settings.require, NOT_CHECKED, False, note)
+    verdict = check_authenticity(settings, raw, resolver or _no_dns)
+    if verdict is NOT_CHECKED:
+        note = 'not required: require_authentication = "none" and no authserv_id'
+        return AuthPreview(settings.require, verdict, False, note)
+    return AuthPreview(settings.require, verdict, True)
+
+
+def _no_dns(name: str, timeout: float) -> bytes | None:
+    raise authenticity.DnsFailure("no DNS offline")
+
+
+class DnsBudget:
+    """A `TxtResolver` that counts the seconds spent waiting for DNS in one decision batch.
+
+    Every mail of every service is decided on one thread, so a slow nameserver would hold up
+    all of them, one timeout per uncached name. Once a batch has waited `seconds`, the
+    processor leaves its remaining `verify` jobs pending for the next batch instead of asking
+    (`exhausted`); mail of other services is decided meanwhile.
+    """
+
+    def __init__(
+        self, resolver: TxtResolver, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.resolver, self.seconds, self.clock = resolver, seconds, clock
+        self.spent = 0.0
+
+    def new_batch(self) -> None:
+        self.spent = 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent >= self.seconds
+
+    def __call__(self, name: str, timeout: float) -> bytes | None:
+        started = self.clock()
+        try:
+            return self.resolver(name, timeout)
+        finally:
+            self.spent += max(0.0, self.clock() - started)
 
 
 def _passes(settings: AuthSettings, results: AuthResults) -> bool:

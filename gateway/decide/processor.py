@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from gateway.config import Config, PagerDutySettings, ServiceSettings
 from gateway.config_time import HeartbeatSettings
 from gateway.decide import incidents, notifications, rest_actions
-from gateway.decide.authenticity import check_authenticity, with_auth_fields
+from gateway.decide.authenticity import DnsBudget, check_authenticity, with_auth_fields
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.heartbeat_duties import HeartbeatDuties
 from gateway.decide.maintenance import active_window, during_maintenance
@@ -49,6 +49,8 @@ DECIDE_ROUNDS = 3
 # `unauthenticated` (a DNS failure is never a pass)
 AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
 AUTH_RETRY_FORGET = 3600.0  # seconds past its time after which an untouched retry is dropped
+# seconds of DNS waiting per batch; then the batch's remaining `verify` jobs wait for the next
+DNS_BUDGET_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,12 @@ class Processor(HeartbeatDuties):
         resolver: TxtResolver | None = None,
         maintenance: tuple[MaintenanceWindow, ...] = (),
         heartbeats: tuple[HeartbeatSettings, ...] = (),
+        dns_budget: float = DNS_BUDGET_SECONDS,
     ) -> None:
         self.store = store
-        self.resolver: TxtResolver = resolver or DnsTxtResolver()
+        self.resolver = DnsBudget(resolver or DnsTxtResolver(), dns_budget, clock)
         self.deferred: dict[int, tuple[int, float]] = {}  # job -> (tries, not before)
+        self.postponed = 0  # verify jobs of the current batch left for the next (DNS budget)
         self.notifier = notifier
         self.services = services
         self.pagerduty = pagerduty
@@ -184,8 +188,10 @@ class Processor(HeartbeatDuties):
         writer is never kept waiting for them; the short transaction then applies every decision.
         """
         self._decide_pagerduty_events()
+        self.resolver.new_batch()
         jobs = self._due(self.store.pending_jobs(batch + len(self.deferred)), batch)
         outcomes: list[Processed] = []
+        self.postponed = 0
         for _ in range(DECIDE_ROUNDS):
             if not jobs:
                 break
@@ -193,6 +199,8 @@ class Processor(HeartbeatDuties):
             outcomes.extend(decided)
         if jobs:
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
+        if self.postponed:
+            log.info("%d sender check(s) wait for the next batch: DNS was slow", self.postponed)
         return outcomes
 
     def _due(self, jobs: list[PendingJob], batch: int) -> list[PendingJob]:
@@ -264,7 +272,11 @@ class Processor(HeartbeatDuties):
         mail = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
-        auth = check_authenticity(runtime.settings.authentication, job.raw, self.resolver)
+        auth_settings = runtime.settings.authentication
+        if auth_settings.require == "verify" and self.resolver.exhausted:
+            self.postponed += 1  # not a try: the next batch asks DNS again
+            return Verdict(job, Outcome.UNAUTHENTICATED, "DNS budget spent", retry_at=0.0)
+        auth = check_authenticity(auth_settings, job.raw, self.resolver)
         if auth.refusal is not None:
             return self._unauthenticated(job, auth.refusal, auth.temporary)
         self.deferred.pop(job.id, None)

@@ -9,6 +9,7 @@ caller can try again later. A name that does not exist or has no TXT record is s
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import authres
 import dkim
+from publicsuffixlist import PublicSuffixList
 
 from gateway.mail.addresses import header_address, header_values
 from gateway.mail.parse import AUTH_FIELDS
@@ -48,11 +50,12 @@ class AuthResults:
     dmarc_domain: str = ""  # the From domain that DMARC judged
     source: str = ""  # 'dkimpy' or 'Authentication-Results of <authserv-id>'
     detail: str = ""  # for reasons: per-signature results, the DNS problem
+    unsettled: bool = False  # some signature's lookup failed, even if another one passed
 
     @property
     def temporary(self) -> bool:
         """A DNS problem kept some check from finishing: the verdict may change later."""
-        return TEMPERROR in (self.dkim, self.dmarc)
+        return self.unsettled or TEMPERROR in (self.dkim, self.dmarc)
 
     def fields(self) -> dict[str, str]:
         """The rules' condition fields; several passing domains are one per line."""
@@ -176,6 +179,7 @@ def verify(raw: bytes | bytearray, resolver: TxtResolver, timeout: float) -> Aut
         dmarc_domain=from_domain,
         source="dkimpy",
         detail=f"dkim: {shown or 'no signature'}; dmarc: {dmarc_detail}",
+        unsettled=TEMPERROR in verdicts,
     )
 
 
@@ -243,19 +247,31 @@ def _dmarc(from_domain: str, passing: tuple[str, ...], lookups: _Lookups) -> tup
 
 
 def _dmarc_candidates(domain: str) -> list[str]:
-    """The From domain, then its last two labels: a stand-in for the organisational domain
-    (no public suffix list here), which only ever finds fewer records, never a wrong pass."""
-    labels = domain.split(".")
-    return [domain] if len(labels) <= 2 else [domain, ".".join(labels[-2:])]
+    """Where DMARC's policy is looked up (RFC 7489 section 6.6.3): the From domain, then its
+    organisational domain (one label below its public suffix), if that is another name."""
+    organisational = organisational_domain(domain)
+    return [domain] if organisational in ("", domain) else [domain, organisational]
+
+
+def organisational_domain(domain: str) -> str:
+    """The registered domain by the Public Suffix List (`mail.example.co.uk` ->
+    `example.co.uk`); "" for a public suffix itself (`co.uk`), which no one owns."""
+    return _public_suffixes().privatesuffix(domain.lower().rstrip(".")) or ""
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    """The list bundled with `publicsuffixlist` (never fetched at run time), parsed once."""
+    return PublicSuffixList()
 
 
 def _aligned(from_domain: str, signer: str) -> bool:
-    """Relaxed alignment, kept conservative: the same domain, or one inside the other."""
-    return (
-        signer == from_domain
-        or from_domain.endswith("." + signer)
-        or signer.endswith("." + from_domain)
-    )
+    """Relaxed alignment (RFC 7489 section 3.1.1): the same organisational domain. A signer
+    that is a public suffix aligns with nothing."""
+    if signer == from_domain:
+        return True
+    organisational = organisational_domain(signer)
+    return organisational != "" and organisational == organisational_domain(from_domain)
 
 
 class _Quiet:
