@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.config import Config, PagerDutySettings, ServiceSettings
+from gateway.config import DEFAULT_INSTALLATION_ID, Config, PagerDutySettings, ServiceSettings
 from gateway.decide import incidents, notifications
 from gateway.decide.events import build_event, pagerduty_order_key
 from gateway.decide.notifications import HelpdeskNotifier, Notification, build_helpdesk_notifier
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
+from gateway.mail.loop_guard import loop_verdict
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
@@ -129,8 +130,10 @@ class Processor:
         on_outbox: Callable[[], None] | None = None,
         notifier: HelpdeskNotifier | None = None,
         clock: Callable[[], float] = time.time,
+        installation_id: str = DEFAULT_INSTALLATION_ID,
     ) -> None:
         self.store = store
+        self.installation_id = installation_id  # our own mail's X-Gateway-Loop stamp
         self.notifier = notifier
         self.services = services
         self.pagerduty = pagerduty
@@ -145,10 +148,12 @@ class Processor:
         *,
         regex_timeout: float,
         notifier: HelpdeskNotifier | None,
+        installation_id: str = DEFAULT_INSTALLATION_ID,
     ) -> None:
         """A new configuration generation; call between batches (on the processing thread)."""
         self.services, self.pagerduty = services, pagerduty
         self.regex_timeout, self.notifier = regex_timeout, notifier
+        self.installation_id = installation_id
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -215,20 +220,24 @@ class Processor:
         if refusal is not None:
             return Verdict(job, Outcome.SENDER_REFUSED, refusal)
         mail = parse_message(job.raw, job.mail_from)
-        if mail.is_auto_reply or mail.is_bounce:
-            return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+        loop = loop_verdict(
+            mail, mode=runtime.settings.loop_guard, installation_id=self.installation_id
+        )
+        if loop.ignored:
+            return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {loop.describe()}")
         try:
             decision = evaluate(runtime.ruleset, mail, regex_timeout=self.regex_timeout)
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
+        reason = decision.reason
+        if loop.signal:  # a notification the service's loop_guard let through: say so
+            reason = f"{reason}; loop guard: {loop.describe()}"
         if decision.action == "discard" or decision.incident_key is None:
             outcome = non_action_outcome(decision)
-            return Verdict(job, outcome, decision.reason, decision=decision)
+            return Verdict(job, outcome, reason, decision=decision)
         event = self._event(runtime, mail, decision)
         change = self._change(job, runtime, decision, mail.message_id, ahead)
-        return Verdict(
-            job, change.outcome, decision.reason, decision=decision, event=event, change=change
-        )
+        return Verdict(job, change.outcome, reason, decision=decision, event=event, change=change)
 
     def _change(
         self,
@@ -300,7 +309,7 @@ class Processor:
         runtime = self.services[job.service]
         queued = self._queue_event(job, runtime, event) or queued
         return self._finish(
-            job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
+            job, change.outcome, verdict.reason, decision=decision, event=event, queued=queued
         )
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
@@ -439,4 +448,5 @@ def build_processor(
         regex_timeout=config.gateway.regex_timeout_seconds,
         on_outbox=on_outbox,
         notifier=build_helpdesk_notifier(config, files=files),
+        installation_id=config.gateway.installation_id,
     )

@@ -315,6 +315,7 @@ class _Worker:
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
             notifier=notifier,
+            installation_id=config.gateway.installation_id,
         )
         self.generation = generation
         return generation
