@@ -158,6 +158,32 @@ def test_notifications_follow_the_setting(keyword: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("headers", "subject"),
+    [
+        ("Auto-Submitted: auto-generated\nX-Auto-Response-Suppress: All", "Out of office: VPN"),
+        ("Auto-Submitted: auto-generated\nPrecedence: bulk", "Absence calendar down (ITSM-7)"),
+    ],
+    ids=["zendesk-ooo-words", "jira-absence-words"],
+)
+def test_a_declared_notification_with_vacation_words_in_its_subject_is_still_a_notification(
+    headers: str, subject: str
+) -> None:
+    """A ticket titled 'Out of office ...' must page under replies, not pass for a vacation
+    reply: the subject guesses are for mail that does not say what it is."""
+    raw = f"From: a@b.example\nSubject: {subject}\n{headers}\n\nStatus: Open\n".encode()
+    mail = parse_message(raw)
+    assert not loop_verdict(mail, mode="replies").ignored
+    assert loop_verdict(mail, mode="strict").kind == "notification"
+
+
+def test_several_auto_submitted_fields_any_reply_keyword_makes_it_a_reply() -> None:
+    raw = b"From: a@b.example\nSubject: x\nAuto-Submitted: auto-generated\n"
+    raw += b"Auto-Submitted: auto-replied\n\nx\n"
+    verdict = loop_verdict(parse_message(raw), mode="replies")
+    assert verdict.ignored and verdict.signal == "Auto-Submitted: auto-replied"
+
+
+@pytest.mark.parametrize(
     "headers",
     ["", "Auto-Submitted: no", "Precedence: bulk\nX-Auto-Response-Suppress: All"],
     ids=["plain", "auto-submitted-no", "helpdesk-bulk"],

@@ -371,14 +371,20 @@ NOTIFICATION_KEYWORDS = frozenset({"auto-generated", "auto-notified"})  # RFC 38
 
 
 def _auto_submitted(headers: Mapping[str, tuple[str, ...]]) -> tuple[str, str]:
-    """(reason, keyword) of an Auto-Submitted other than 'no', or ('', '')."""
-    if "auto-submitted" not in headers:
-        return "", ""
-    submitted = _first_values(headers).get("auto-submitted", "")
-    keyword = _KEYWORD.match(submitted.strip()).group(0).lower()  # type: ignore[union-attr]
-    if keyword == "no":  # 'no (sent by hand)' is still no
-        return "", ""
-    return f"Auto-Submitted: {submitted[:60]}", keyword
+    """(reason, keyword) of the Auto-Submitted fields other than 'no', or ('', '').
+
+    With several fields, a reply keyword wins over a notification one: a mail that says it is
+    an automatic reply anywhere is treated as one.
+    """
+    found: tuple[str, str] = ("", "")
+    for submitted in headers.get("auto-submitted", ())[:10]:
+        keyword = _KEYWORD.match(submitted.strip()).group(0).lower()  # type: ignore[union-attr]
+        if keyword == "no":  # 'no (sent by hand)' is still no
+            continue
+        if keyword not in NOTIFICATION_KEYWORDS:
+            return f"Auto-Submitted: {submitted[:60]}", keyword
+        found = found if found[0] else (f"Auto-Submitted: {submitted[:60]}", keyword)
+    return found
 
 
 def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> str:
@@ -388,7 +394,9 @@ def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> 
     judged separately). `Precedence: bulk` and `X-Auto-Response-Suppress` only count together
     with an out-of-office-looking subject: helpdesks and notifiers (Zendesk, Desk.com, Jira,
     cron relays) put both on the very notifications we must act on, to stop *other* robots
-    from answering them. Junk/auto_reply precedence and the explicit headers always count.
+    from answering them; and not at all on a mail that declares itself a notification
+    (Zendesk's "Out of office: VPN down (#4711)" is a ticket, not a vacation reply). Junk and
+    auto_reply precedence and the explicit autoreply headers always count.
     """
     reason, keyword = _auto_submitted(headers)
     if reason and keyword not in NOTIFICATION_KEYWORDS:
@@ -400,6 +408,8 @@ def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> 
     precedence = first.get("precedence", "").strip().lower()
     if precedence in ("junk", "auto_reply", "auto-reply"):
         return f"Precedence: {precedence}"
+    if reason:  # a declared notification: the subject guesses below are not for it
+        return ""
     ooo_subject = bool(_AUTOREPLY_SUBJECT.search(subject))
     if precedence in ("bulk", "list") and ooo_subject:
         return f"Precedence: {precedence} with an out-of-office subject"
