@@ -101,7 +101,5 @@ def build_helpdesk_notifier(
     broken. `files`: the generation's recorded files (see `gateway.files`)."""
     if config.outgoing is None or not any(s.notify for s in config.services):
         return None
-    compiled = themes.Themes(
-        config.gateway.templates_dir, files=files, installation_id=config.gateway.installation_id
-    )
+    compiled = themes.themes_for(config, files=files)
     return HelpdeskNotifier(compiled, config.outgoing)

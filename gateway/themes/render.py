@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from gateway.config import DEFAULT_INSTALLATION_ID
+from gateway.config import DEFAULT_INSTALLATION_ID, Config
 from gateway.errors import Problem, ThemeError
 from gateway.files import FileSnapshot
 from gateway.mail.loop_guard import LOOP_HEADER
@@ -261,6 +261,17 @@ class Themes:
             path = t.text_path.parent / SAMPLE_FILE
             raise ThemeError(Problem(str(path), "missing: check renders every theme with it"))
         return self.render(theme, load_context(t.sample_path, files=self.files))
+
+
+def themes_for(config: Config, *, files: FileSnapshot | None = None) -> Themes:
+    """The configuration's themes, stamping its `installation_id` on the gateway's own mail.
+
+    Build Themes this way wherever the gateway sends mail on its own account, so the loop
+    guard recognises that mail when it comes back.
+    """
+    return Themes(
+        config.gateway.templates_dir, files=files, installation_id=config.gateway.installation_id
+    )
 
 
 def _theme_folders(directory: Path, files: FileSnapshot) -> list[Path]:
