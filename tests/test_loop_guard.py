@@ -380,6 +380,21 @@ def test_replay_shows_what_switching_the_setting_would_change(
     assert "loop guard" in table and 'loop_guard = "replies"' in table
 
 
+@pytest.mark.parametrize("setting", [None, "replies"], ids=["default", "replies"])
+def test_check_notes_a_strict_service_on_a_pack_whose_mail_it_would_ignore(
+    tmp_path: Path,
+    pd: PagerDutyStandIn,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str | None,
+) -> None:
+    cli = Cli(cron_service(tmp_path, pd, setting), capsys, monkeypatch)
+    result = cli("check", secrets=True)
+    assert result.code == 0, result
+    note = "NOTE: service 'helpdesk' uses cron.toml with loop_guard = \"strict\""
+    assert (note in result.out) == (setting is None)
+
+
 def test_the_cron_pack_header_no_longer_needs_the_postfix_workaround() -> None:
     header = (RULES_DIR / "cron.toml").read_text(encoding="utf-8").split("\n[", 1)[0]
     assert "header_checks" not in header

@@ -11,9 +11,10 @@ setting: "strict" (the default, and the behaviour before the setting existed) ig
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.config import DEFAULT_INSTALLATION_ID
+from gateway.config import DEFAULT_INSTALLATION_ID, ServiceSettings
 from gateway.mail.parse import ParsedMail
 
 # Stamped by gateway.themes.render on every mail the gateway sends on its own account.
@@ -63,3 +64,29 @@ def loop_verdict(
     if mail.notification_reason:
         return LoopVerdict(mode != "replies", mail.notification_reason, "notification", mode)
     return NOTHING
+
+
+# shipped packs whose senders mark every notification Auto-Submitted: auto-generated
+AUTO_GENERATED_PACKS = {
+    "zendesk.toml": "Zendesk",
+    "servicenow.toml": "ServiceNow",
+    "jira_service_management.toml": "Jira Data Center",
+    "cron.toml": "cronie and OpenBSD cron",
+}
+
+
+def strict_pack_notices(services: Iterable[ServiceSettings]) -> list[str]:
+    """`gateway check` notes: a strict service on a pack whose mail the guard would swallow."""
+    notices = []
+    for service in services:
+        if service.loop_guard != "strict":
+            continue
+        for path in service.rules:
+            sender = AUTO_GENERATED_PACKS.get(path.name)
+            if sender:
+                notices.append(
+                    f'service {service.name!r} uses {path.name} with loop_guard = "strict":'
+                    f" {sender} mark their notifications Auto-Submitted: auto-generated, which"
+                    ' will be loop_ignored; set loop_guard = "replies" to act on them'
+                )
+    return notices
