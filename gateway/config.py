@@ -56,6 +56,10 @@ AUTH_KEYS = (
 )
 # require_authentication: what proves a sender (README "Sender authenticity")
 AUTH_MODES = ("none", "trusted_header", "verify")
+# strict: every Auto-Submitted mail is loop-ignored; replies: only auto-replies and bounces are,
+# auto-generated/auto-notified notifications (cron, helpdesks) reach the rules
+LOOP_GUARD_MODES = ("strict", "replies")
+DEFAULT_INSTALLATION_ID = "gateway"  # the X-Gateway-Loop stamp when none is configured
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class GatewaySettings:
     log_format: str = "auto"  # auto | human | json
     retention_days: int = 30
     regex_timeout_seconds: float = 0.5
+    installation_id: str = DEFAULT_INSTALLATION_ID  # stamped on, and recognised in, our own mail
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,7 @@ class ServiceSettings:
     notify: NotifySettings | None = None
     allowed_senders_check: str = "envelope"  # envelope | header | both
     authentication: AuthSettings = AuthSettings()
+    loop_guard: str = "strict"  # strict | replies (LOOP_GUARD_MODES)
 
 
 @dataclass(frozen=True)
@@ -479,6 +485,9 @@ class _Reader:
             regex_timeout_seconds=self.get(
                 w, t, "regex_timeout_seconds", float, 0.5, check=_positive
             ),
+            installation_id=self.get(
+                w, t, "installation_id", str, DEFAULT_INSTALLATION_ID, check=_installation_id
+            ),
         )
 
     def smtp(self, t: dict[str, Any]) -> SmtpSettings:
@@ -566,7 +575,7 @@ class _Reader:
             w,
             t,
             {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
-            | {"allowed_senders_check"}
+            | {"allowed_senders_check", "loop_guard"}
             | set(AUTH_KEYS),
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
@@ -591,6 +600,7 @@ class _Reader:
                 w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
             ),
             authentication=self.authentication(w, t),
+            loop_guard=self.get(w, t, "loop_guard", str, "strict", check=_one_of(LOOP_GUARD_MODES)),
         )
 
     def authentication(self, w: str, t: dict[str, Any]) -> AuthSettings:
@@ -754,6 +764,13 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
+
+
+def _installation_id(value: str) -> str | None:
+    """It goes into a header of every mail we send: one short token, nothing to inject."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        return None
+    return f"must be 1-64 letters, digits, '.', '_' or '-' (got {value!r})"
 
 
 def _at_least(minimum: int) -> Callable[[Any], str | None]:

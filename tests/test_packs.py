@@ -113,6 +113,21 @@ def test_pack_header_shows_the_template_to_paste(pack: str) -> None:
     assert placeholder in header
 
 
+def zendesk_service(
+    tmp_path: Path,
+    pd: PagerDutyStandIn,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str = "",
+) -> Cli:
+    """The one service of a production-like config, on zendesk.toml, with `setting` added."""
+    config = config_with_secrets(tmp_path, pd.url)
+    text = config.read_text(encoding="utf-8").replace('"helpdesk.toml"', '"zendesk.toml"')
+    text = text.replace('rules = ["zendesk.toml"]', f'rules = ["zendesk.toml"]\n{setting}')
+    config.write_text(text, encoding="utf-8")
+    return Cli(config, capsys, monkeypatch)
+
+
 def test_one_tickets_mails_meet_in_one_incident(
     tmp_path: Path,
     pd: PagerDutyStandIn,
@@ -121,14 +136,12 @@ def test_one_tickets_mails_meet_in_one_incident(
 ) -> None:
     """New, assignment (HTML-only), German resolution, then a reopening reply whose subject
     lost the ticket number: one Zendesk incident, opened twice, and one PagerDuty dedup_key."""
-    config = config_with_secrets(tmp_path, pd.url)
-    text = config.read_text(encoding="utf-8").replace('"helpdesk.toml"', '"zendesk.toml"')
-    config.write_text(text, encoding="utf-8")
-    cli = Cli(config, capsys, monkeypatch)
+    # Zendesk stamps Auto-Submitted: auto-generated; the service opts in, as the README says
+    cli = zendesk_service(tmp_path, pd, capsys, monkeypatch, 'loop_guard = "replies"')
     names = sorted(expectations("zendesk"))
     for name in names:
         cli.ingest((FIXTURES / "zendesk" / name).read_bytes())
-    events = pd.wait_for(6)
+    events = pd.wait_for(5)  # 07, a repeat of the open 4711, is coalesced: nothing more to send
     assert {e["dedup_key"] for e in events} == {"4711", "4802"}
     incidents = {
         row["key"]: row for row in map(json.loads, cli("incidents", "--json").out.splitlines())
@@ -146,6 +159,10 @@ def test_one_tickets_mails_meet_in_one_incident(
         "unmatched",  # 06 the satisfaction survey
         "trigger_duplicate",  # 07 HTML reply: its own "Open" counts, not the quoted "Solved"
     ]
+    assert (
+        "coalesced into outbox item" in sorted(messages, key=lambda m: m["message"])[-1]["reason"]
+    )
+    assert len(pd.events) == 5
 
 
 # --------------------------------------------------------------------------- incident_key lists

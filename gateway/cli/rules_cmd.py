@@ -9,12 +9,19 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.cli.common import EX_OK, UsageError, add_command, read_input, reading_config
-from gateway.config import AuthSettings, NotifySettings, find_config_path
+from gateway.config import (
+    DEFAULT_INSTALLATION_ID,
+    LOOP_GUARD_MODES,
+    AuthSettings,
+    NotifySettings,
+    find_config_path,
+)
 from gateway.decide.authenticity import AuthPreview, preview_authenticity, with_auth_fields
 from gateway.decide.pagerduty_side import read_facts
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError
 from gateway.mail.authenticity import DnsTxtResolver
+from gateway.mail.loop_guard import LoopVerdict, loop_verdict
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.rules import Decision, Ruleset, evaluate, evaluate_pagerduty, load_ruleset
 
@@ -35,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--service", help="service whose rules to use (default: the first)")
     p.add_argument("--rules", nargs="+", type=Path, help="rule files to use instead of a service's")
+    p.add_argument(
+        "--loop-guard",
+        choices=LOOP_GUARD_MODES,
+        help="judge automatic mail as this loop_guard setting would"
+        " (default: the service's; strict with --rules alone)",
+    )
     p.add_argument(
         "--json", action="store_true", help="print the decision as one JSON object (one line)"
     )
@@ -69,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
     raw = read_input(args.file)
     ruleset, timeout, _notify = _rules_of(args)
     mail = parse_message(raw)
+    loop = loop_verdict(mail, **_loop_guard_of(args))
     auth = _auth_preview(args, raw)
     if auth is not None:
         mail = with_auth_fields(mail, auth.verdict)  # the rules' auth.* fields, as served
-    shown = {**_mail_fields(mail), "auth": auth.as_dict() if auth else None}
+    shown = {**_mail_fields(mail, loop), "auth": auth.as_dict() if auth else None}
     try:
         decision = evaluate(ruleset, mail, regex_timeout=timeout, at=args.at)
     except GatewayError as exc:
@@ -85,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json_line({**shown, **asdict(decision)}))
     else:
-        _print_decision(mail, decision, auth)
+        _print_decision(mail, loop, decision, auth)
     return EX_OK
 
 
@@ -114,6 +128,19 @@ def _rules_of(args: argparse.Namespace) -> tuple[Ruleset, float, NotifySettings 
     service = settings.service(args.service or settings.services[0].name)
     ruleset = load_ruleset(list(service.rules), schedules=settings.schedules)
     return ruleset, settings.gateway.regex_timeout_seconds, service.notify
+
+
+def _loop_guard_of(args: argparse.Namespace) -> dict[str, str]:
+    """The loop guard setting to judge with: --loop-guard, else the service's (strict for
+    bare --rules), and this installation's own-mail stamp."""
+    if args.rules and not args.service:
+        return {"mode": args.loop_guard or "strict", "installation_id": DEFAULT_INSTALLATION_ID}
+    settings = reading_config(args)
+    service = settings.service(args.service or settings.services[0].name)
+    return {
+        "mode": args.loop_guard or service.loop_guard,
+        "installation_id": settings.gateway.installation_id,
+    }
 
 
 def run_pagerduty_event(args: argparse.Namespace) -> int:
@@ -150,10 +177,19 @@ def run_pagerduty_event(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _mail_fields(mail: ParsedMail) -> dict[str, object]:
-    """What `--json` says about the mail itself, ahead of the decision's fields."""
-    loop = mail.loop_reason if mail.is_auto_reply or mail.is_bounce else None
-    return {"subject": mail.subject, "from": mail.from_, "loop_guard": loop}
+def _mail_fields(mail: ParsedMail, loop: LoopVerdict) -> dict[str, object]:
+    """What `--json` says about the mail itself, ahead of the decision's fields.
+
+    `loop_guard`: the signal the loop guard ignores the mail for (null when it acts on it);
+    `loop_guard_decision`: what it found and what decided, also when it let the mail through.
+    """
+    return {
+        "subject": mail.subject,
+        "from": mail.from_,
+        "loop_guard": loop.signal if loop.ignored else None,
+        "loop_guard_decision": loop.describe() or None,
+        "loop_guard_setting": loop.setting or None,
+    }
 
 
 def _print_auth(auth: AuthPreview | None) -> None:
@@ -164,9 +200,13 @@ def _print_auth(auth: AuthPreview | None) -> None:
     print(f"{'auth:':<9} {printable(auth.summary())}")
 
 
-def _print_decision(mail: ParsedMail, decision: Decision, auth: AuthPreview | None) -> None:
-    if mail.is_auto_reply or mail.is_bounce:
-        print(f"note:     the loop guard would ignore this mail ({printable(mail.loop_reason)})")
+def _print_decision(
+    mail: ParsedMail, loop: LoopVerdict, decision: Decision, auth: AuthPreview | None
+) -> None:
+    if loop.ignored:
+        print(f"note:     the loop guard would ignore this mail: {printable(loop.describe())}")
+    elif loop.signal:
+        print(f"note:     the loop guard lets this mail through: {printable(loop.describe())}")
     _print_auth(auth)
     lines = [
         ("subject", mail.subject),

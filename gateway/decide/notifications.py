@@ -118,5 +118,5 @@ def build_helpdesk_notifier(
         return None
     if not any(s.notify for s in config.services) and not config.pagerduty.webhook_secret:
         return None  # reverse rules need webhooks; without them nothing here sends mail
-    compiled = themes.Themes(config.gateway.templates_dir, files=files)
+    compiled = themes.themes_for(config, files=files)
     return HelpdeskNotifier(compiled, config.outgoing)

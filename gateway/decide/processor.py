@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.config import Config, PagerDutySettings, ServiceSettings
+from gateway.config import DEFAULT_INSTALLATION_ID, Config, PagerDutySettings, ServiceSettings
 from gateway.config_time import HeartbeatSettings
 from gateway.decide import incidents, notifications, rest_actions
 from gateway.decide.authenticity import DnsBudget, check_authenticity, with_auth_fields
@@ -35,6 +35,7 @@ from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleError, RuleEvaluationError
 from gateway.files import FileSnapshot
 from gateway.mail.authenticity import DnsTxtResolver, TxtResolver
+from gateway.mail.loop_guard import loop_verdict
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, Ruleset, TraceStep, evaluate, load_ruleset
@@ -148,8 +149,10 @@ class Processor(HeartbeatDuties):
         maintenance: tuple[MaintenanceWindow, ...] = (),
         heartbeats: tuple[HeartbeatSettings, ...] = (),
         dns_budget: float = DNS_BUDGET_SECONDS,
+        installation_id: str = DEFAULT_INSTALLATION_ID,
     ) -> None:
         self.store = store
+        self.installation_id = installation_id  # our own mail's X-Gateway-Loop stamp
         self.resolver = DnsBudget(resolver or DnsTxtResolver(), dns_budget, clock)
         self.deferred: dict[int, tuple[int, float]] = {}  # job -> (tries, not before)
         self.postponed = 0  # verify jobs of the current batch left for the next (DNS budget)
@@ -174,12 +177,14 @@ class Processor(HeartbeatDuties):
         notifier: HelpdeskNotifier | None,
         maintenance: tuple[MaintenanceWindow, ...] = (),
         heartbeats: tuple[HeartbeatSettings, ...] = (),
+        installation_id: str = DEFAULT_INSTALLATION_ID,
     ) -> None:
         """A new configuration generation; call between batches (on the processing thread)."""
         self.services, self.pagerduty = services, pagerduty
         self.regex_timeout, self.notifier = regex_timeout, notifier
         self.maintenance, self.heartbeats = maintenance, heartbeats
         self.expect_mail(heartbeats)
+        self.installation_id = installation_id
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -270,8 +275,11 @@ class Processor(HeartbeatDuties):
         if refusal is not None:
             return Verdict(job, Outcome.SENDER_REFUSED, refusal)
         mail = parse_message(job.raw, job.mail_from)
-        if mail.is_auto_reply or mail.is_bounce:
-            return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
+        loop = loop_verdict(
+            mail, mode=runtime.settings.loop_guard, installation_id=self.installation_id
+        )
+        if loop.ignored:
+            return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {loop.describe()}")
         auth_settings = runtime.settings.authentication
         if auth_settings.require == "verify" and self.resolver.exhausted:
             self.postponed += 1  # not a try: the next batch asks DNS again
@@ -288,21 +296,23 @@ class Processor(HeartbeatDuties):
         except RuleEvaluationError as exc:
             return Verdict(job, Outcome.QUARANTINED, str(exc), rule=exc.rule)
         seen = self.expected_mail(job, mail, decision.rule)  # [[heartbeat]]s it counts for
+        # a notification the service's loop_guard let through: its reason says so
+        let_through = f"; loop guard: {loop.describe()}" if loop.signal else ""
         if decision.action == "discard" or decision.incident_key is None:
             outcome = non_action_outcome(decision)
-            return Verdict(job, outcome, decision.reason, decision=decision, heartbeats=seen)
+            reason = decision.reason + let_through
+            return Verdict(job, outcome, reason, decision=decision, heartbeats=seen)
         window = active_window(self.maintenance, job.service, job.received_at)
         decision, suppressed = during_maintenance(decision, window)
         if suppressed:
-            return Verdict(
-                job, Outcome.MAINTENANCE, decision.reason, decision=decision, heartbeats=seen
-            )
+            reason = decision.reason + let_through
+            return Verdict(job, Outcome.MAINTENANCE, reason, decision=decision, heartbeats=seen)
         event = self._event(runtime, mail, decision)
         change = self._change(job, runtime, decision, mail, ahead)
         return Verdict(
             job,
             change.outcome,
-            decision.reason,
+            decision.reason + let_through,
             decision=decision,
             event=event,
             change=change,
@@ -404,7 +414,7 @@ class Processor(HeartbeatDuties):
             if change.notification is not None:
                 queued = notifications.queue(self.store, change.notification, job.id) is not None
         runtime = self.services[job.service]
-        reason = decision.reason
+        reason = verdict.reason
         if _is_echo(change.basis, decision.action):
             self.store.log_event(
                 "echo_suppressed",
@@ -658,4 +668,5 @@ def build_processor(
         notifier=build_helpdesk_notifier(config, files=files),
         maintenance=config.maintenance,
         heartbeats=config.heartbeats,
+        installation_id=config.gateway.installation_id,
     )

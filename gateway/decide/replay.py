@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from gateway.config import DEFAULT_INSTALLATION_ID
 from gateway.decide.authenticity import (
     NOT_CHECKED,
     AuthVerdict,
@@ -22,6 +23,7 @@ from gateway.decide.authenticity import (
 from gateway.decide.processor import ServiceRuntime, non_action_outcome
 from gateway.decide.senders import sender_refusal
 from gateway.errors import RuleEvaluationError
+from gateway.mail.loop_guard import loop_verdict
 from gateway.mail.parse import parse_message
 from gateway.outcomes import NON_ACTIONS, Outcome
 from gateway.rules import Ruleset, evaluate, load_ruleset
@@ -57,6 +59,7 @@ class Replayed:
     subject: str
     old: Effect
     new: Effect
+    loop_guard: str = ""  # what the loop guard found and who decided (LoopVerdict.describe)
 
     @property
     def changed(self) -> bool:
@@ -109,8 +112,13 @@ def replay(
     *,
     regex_timeout: float = 0.5,
     only_service: str | None = None,
+    loop_guard: str | None = None,
+    installation_id: str = DEFAULT_INSTALLATION_ID,
 ) -> list[Replayed]:
-    """Every decided job of mail received since `since`, with its stored and its new verdict."""
+    """Every decided job of mail received since `since`, with its stored and its new verdict.
+
+    `loop_guard` ("strict" | "replies") tries that setting on every service instead of its own.
+    """
     results = []
     for row in store.replay_candidates(since):
         if only_service and row["service"] != only_service:
@@ -118,15 +126,19 @@ def replay(
         runtime = services.get(row["service"])
         if runtime is None:
             continue  # service no longer configured: nothing to compare with
-        results.append(_replay_one(row, runtime, regex_timeout))
+        mode = loop_guard or runtime.settings.loop_guard
+        results.append(_replay_one(row, runtime, regex_timeout, mode, installation_id))
     return results
 
 
-def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> Replayed:
+def _replay_one(
+    row: Mapping, runtime: ServiceRuntime, regex_timeout: float, mode: str, installation_id: str
+) -> Replayed:
     mail = parse_message(row["raw"], row["mail_from"])
+    loop = loop_verdict(mail, mode=mode, installation_id=installation_id)
     if sender_refusal(runtime.settings, row["raw"], row["mail_from"]) is not None:
         new = Effect(Outcome.SENDER_REFUSED, None, None)  # as the processor decides it
-    elif mail.is_auto_reply or mail.is_bounce:
+    elif loop.ignored:
         new = Effect(Outcome.LOOP_IGNORED, None, None)
     elif (auth := _authenticity(runtime, row)) is None:
         new = Effect(Outcome.UNAUTHENTICATED, None, None)
@@ -142,6 +154,7 @@ def _replay_one(row: Mapping, runtime: ServiceRuntime, regex_timeout: float) -> 
         subject=mail.subject,
         old=stored_effect(row["outcome"], row["action"], row["rule"], row["incident_key"]),
         new=new,
+        loop_guard=loop.describe(),
     )
 
 

@@ -324,6 +324,7 @@ class _Worker:
             notifier=notifier,
             maintenance=config.maintenance,
             heartbeats=config.heartbeats,
+            installation_id=config.gateway.installation_id,
         )
         self.generation = generation
         return generation
