@@ -401,8 +401,8 @@ class Processor(HeartbeatDuties):
                 detail=f"{decision.action} not sent: PagerDuty itself changed the incident",
             )
         else:
-            event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
-            queued = self._queue_event(job, runtime, event) or queued
+            incident = change.changed or change.basis
+            queued = self._queue_event(job, runtime, event, incident) or queued
         queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
             job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
@@ -444,12 +444,17 @@ class Processor(HeartbeatDuties):
             client_url=self.pagerduty.client_url,
         )
 
-    def _queue_event(self, job: PendingJob, runtime: ServiceRuntime, event: dict) -> bool:
-        """Outbox the event, or (embedded default, no routing key) record what would be sent."""
+    def _queue_event(
+        self, job: PendingJob, runtime: ServiceRuntime, event: dict, incident: Incident | None
+    ) -> bool:
+        """Outbox the event with its incident's routing key, or (embedded default, no routing
+        key) record what would be sent."""
         key = event["dedup_key"]
-        if runtime.settings.routing_key:
+        current = runtime.settings.routing_key
+        if current:
             order_key = pagerduty_order_key(job.service, key)
-            self.store.add_outbox("pagerduty", job.service, order_key, event, job.id)
+            pinned = incidents.pinned_routing_key(event, incident, current)
+            self.store.add_outbox("pagerduty", job.service, order_key, pinned, job.id)
             return True
         self.store.log_event(
             "would_send",
@@ -526,17 +531,6 @@ def _is_echo(basis: Incident | None, action: str) -> bool:
     if action == "resolve":
         return basis.state == "resolved"
     return basis.state in ("acknowledged", "resolved")
-
-
-def _with_opening_key(event: dict, basis: Incident | None, current: str | None) -> dict:
-    """PagerDuty drops an acknowledge/resolve sent with another routing key than the
-    trigger's: after a rotation, an incident's later events carry the key that opened it (the
-    sender uses a payload's own `routing_key` over the service's)."""
-    if event.get("event_action") == "trigger" or basis is None or not basis.is_open:
-        return event
-    if not basis.routing_key or basis.routing_key == current:
-        return event
-    return {**event, "routing_key": basis.routing_key}
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
