@@ -18,10 +18,13 @@ from gateway.store import Store, StoreThread, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.pagerduty_webhook import PagerDutyWebhook, sign
 from gateway.web.status import WebApp
-from tests.cli_support import Cli
-from tests.conftest import write_config
+from tests.cli_support import Cli, run_gateway
+from tests.conftest import wait_until, write_config
+from tests.net import free_port
+from tests.pdserver import PagerDutyStandIn
+from tests.test_mailer import Sink
 from tests.web_support import SMTP_UP, call, service
-from tests.webhook_support import event_body
+from tests.webhook_support import SECRETS_ENV, event_body, post, serving, two_way_config
 
 SMTP = SimpleNamespace(**vars(SMTP_UP), refusal_counts={})  # what /metrics reads of it too
 
@@ -192,3 +195,51 @@ def test_gateway_webhooks_refuses_an_unknown_outcome_naming_the_known_ones(cli: 
     result = cli("webhooks", "--outcome", "unknown-key")
     assert result.code == 1 and "did you mean 'unknown_key'?" in result.err
     assert "Traceback" not in result.err
+
+
+def test_gateway_webhooks_escapes_terminal_sequences_from_pagerduty(cli: Cli, seed: Store) -> None:
+    seed.add_pagerduty_event(
+        body="{}",
+        received_at=time.time(),
+        webhook_id="evil",
+        event_type="incident.acknowledged\x1b]0;owned\x07",
+        incident_key="Disk \x1b[2Jfull",
+    )
+    for args in (("webhooks",), ("webhooks", "--json")):
+        out = cli(*args).out
+        assert "\x1b" not in out and "\x07" not in out, args
+
+
+def test_a_running_gateway_shows_its_webhooks_in_metrics_health_and_the_listing(
+    tmp_path: Path, pd: PagerDutyStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SECRETS_ENV.items():
+        monkeypatch.setenv(name, value)
+    sink = Sink(free_port()).start()
+    try:
+        config, port, web_port = two_way_config(tmp_path, pd.url, sink.port)
+        with serving(config, port, web_port) as gateway:
+            assert post(gateway, event_body("incident.acknowledged", "Never sent"))[0] == 202
+            status, body = gateway.health()
+            assert status == 200 and "webhooks" in body, body
+            wait_until(
+                lambda: "unknown_key" in gateway.get("/metrics")[1], message=gateway.output()
+            )
+            text = gateway.get("/metrics")[1]
+            assert metric(text, "gateway_webhooks_received_total") == 1
+            assert metric(text, 'gateway_webhooks_decided_total{outcome="unknown_key"}') == 1
+            assert metric(text, "gateway_webhooks_pending") == 0
+            with monkeypatch.context() as shell:  # an on-call engineer's: no secrets
+                for name in SECRETS_ENV:
+                    shell.delenv(name)
+                listed = run_gateway("--config", str(config), "webhooks", "--json")
+            assert listed.returncode == 0, listed.stderr
+            [row] = [json.loads(line) for line in listed.stdout.splitlines()]
+            assert (row["event_type"], row["key"], row["outcome"]) == (
+                "incident.acknowledged",
+                "Never sent",
+                "unknown_key",
+            )
+            assert gateway.stop() == 0
+    finally:
+        sink.stop()
