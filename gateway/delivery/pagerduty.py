@@ -79,9 +79,11 @@ class PagerDutySender:
             self._url = None  # each attempt says so, and waits for a reload with a good one
 
     async def __call__(self, item: OutboxItem) -> str:
-        routing_key = self.routing_keys.get(item.service)
-        if not routing_key:
+        configured = self.routing_keys.get(item.service)
+        if not configured:
             raise TemporaryDeliveryError(f"service {item.service!r} has no routing_key configured")
+        # the key its incident records, pinned when decided (rate-limited under that key too)
+        routing_key = str(item.payload.get("routing_key") or configured)
         if self.rate_limiter is not None:
             await self.rate_limiter.wait(routing_key)
         if self._url is None:
