@@ -196,6 +196,7 @@ class WebSettings:
     worker_restart_window_seconds: float = 600.0  # ... within this window
     stale_incident_hours: float = 24.0  # the status page flags incidents open longer
     refresh_seconds: int = 60  # the status page reloads itself this often (0: never)
+    webhook_max_age_seconds: float = 300.0  # /healthz fails when a PagerDuty webhook waits longer
 
 
 @dataclass(frozen=True)
@@ -744,6 +745,7 @@ _WEB_THRESHOLDS = (
     "dead_letter_hours",
     "worker_restart_window_seconds",
     "stale_incident_hours",
+    "webhook_max_age_seconds",
 )
 
 

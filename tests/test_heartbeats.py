@@ -21,7 +21,7 @@ from gateway.runtime.reload import load_generation
 from gateway.store import HeartbeatState, Store, StoreThread, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.status import WebApp
-from tests.conftest import GatewayProcess, wait_until, write_config
+from tests.conftest import ROUTING_KEY, GatewayProcess, wait_until, write_config
 from tests.net import free_port
 from tests.pdserver import PagerDutyStandIn
 from tests.time_support import Clock, accept_at, berlin, processor
@@ -115,6 +115,26 @@ def test_matching_mail_resolves_a_missing_heartbeat_and_restarts_its_deadline(
     assert gateway.check_heartbeats() == []
     clock.now += 1
     assert gateway.check_heartbeats() == ["nightly-backup"]
+
+
+def test_a_heartbeat_incident_keeps_the_routing_key_that_opened_it_after_a_rotation(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_config(heartbeat_config(tmp_path))
+    clock = Clock(berlin("2026-12-01T03:00"))
+    gateway = processor(store, settings, clock)
+    gateway.check_heartbeats()
+    clock.now += 26 * HOUR
+    assert gateway.check_heartbeats() == ["nightly-backup"]
+    rotated = "S" + ROUTING_KEY[1:]
+    config = heartbeat_config(tmp_path)
+    config.write_text(config.read_text().replace(ROUTING_KEY, rotated))
+    gateway = processor(store, load_config(config), clock)  # a reload with the new key
+    accept_at(store, monkeypatch, clock.now + HOUR, backup_mail())
+    gateway.process_pending()
+    keys = [(i.payload["event_action"], i.payload.get("routing_key")) for i in store.outbox()]
+    assert keys == [("trigger", ROUTING_KEY), ("resolve", ROUTING_KEY)]
+    assert store.incidents()[0].routing_key == ROUTING_KEY
 
 
 def test_mail_in_time_keeps_the_heartbeat_quiet(

@@ -3,11 +3,17 @@ than the trigger's, so each incident keeps the key that opened it, even after a 
 
 from __future__ import annotations
 
+import json
 import signal
 import smtplib
+from pathlib import Path
+
+import pytest
 
 from gateway.decide.incidents import apply_action
-from tests.conftest import ROUTING_KEY, GatewayProcess, desk_mail, wait_until
+from gateway.store import open_store
+from tests.cli_support import Cli
+from tests.conftest import ROUTING_KEY, GatewayProcess, desk_mail, wait_until, write_config
 from tests.pdserver import PagerDutyStandIn
 
 ROTATED = "S" + ROUTING_KEY[1:]  # the service's new integration key, 32 characters too
@@ -58,3 +64,56 @@ def test_an_incident_remembers_its_opening_key_only_when_it_opens() -> None:
     reopened, _ = apply_action(resolved, service="s", key="k", action="trigger", now=4.0,
                                routing_key="B" * 32)  # fmt: skip
     assert reopened is not None and reopened.routing_key == "B" * 32  # a new PagerDuty incident
+
+
+@pytest.fixture
+def cli(
+    tmp_path: Path,
+    pd: PagerDutyStandIn,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Cli:
+    return Cli(write_config(tmp_path, pd_url=pd.url), capsys, monkeypatch)
+
+
+def rotate(cli: Cli) -> None:
+    """The operator puts the service's new integration key in config.toml."""
+    cli.config.write_text(cli.config.read_text().replace(ROUTING_KEY, ROTATED))
+
+
+def pagerduty_back(pd: PagerDutyStandIn) -> None:
+    with pd.lock:
+        pd.script.clear()
+
+
+def test_a_trigger_queued_before_a_rotation_goes_out_with_the_key_its_incident_records(
+    cli: Cli, pd: PagerDutyStandIn
+) -> None:
+    pd.fail_next(100, 500)  # PagerDuty down: the trigger waits in the outbox
+    cli.ingest(desk_mail("Payroll export failed", "New"))
+    rotate(cli)
+    listed = cli("outbox", "--json")
+    assert ROUTING_KEY not in listed.out and ROTATED not in listed.out  # a secret, never shown
+    (item,) = [json.loads(line) for line in listed.out.splitlines()]
+    assert item["payload"]["routing_key"] == "(the key that opened the incident)"
+    pagerduty_back(pd)
+    assert cli("outbox", "flush", "--all").code == 0  # sent after the rotation
+    cli.ingest(desk_mail("Payroll export failed", "Resolved"))
+    incident = open_store(cli.db).incident("helpdesk", "Payroll export failed")
+    assert incident is not None and incident.routing_key == ROUTING_KEY
+    assert sent(pd, "Payroll export failed") == [
+        ("trigger", ROUTING_KEY),  # not ROTATED: its resolve would have been dropped
+        ("resolve", ROUTING_KEY),
+    ]
+    cli.ingest(desk_mail("Backups late", "New"))  # opened after the rotation
+    assert sent(pd, "Backups late") == [("trigger", ROTATED)]
+
+
+def test_a_resolve_sent_by_hand_after_a_rotation_uses_the_key_that_opened_the_incident(
+    cli: Cli, pd: PagerDutyStandIn
+) -> None:
+    cli.ingest(desk_mail("Payroll export failed", "New"))
+    rotate(cli)
+    done = cli("incidents", "resolve", "helpdesk", "Payroll export failed", "--send")
+    assert done.code == 0 and "resolve event sent to PagerDuty" in done.out, done
+    assert sent(pd, "Payroll export failed") == [("trigger", ROUTING_KEY), ("resolve", ROUTING_KEY)]

@@ -27,6 +27,7 @@ from gateway.cli import (
     rules_cmd,
     serve,
     themes_cmd,
+    webhooks,
 )
 from gateway.cli.common import (
     EX_OK,
@@ -54,6 +55,7 @@ COMMANDS = (
     purge,
     replay,
     import_cmd,
+    webhooks,
 )
 
 

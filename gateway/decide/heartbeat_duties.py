@@ -22,7 +22,7 @@ from gateway.rules import Ruleset
 from gateway.rules.evaluate import conditions_match
 from gateway.rules.model import Condition
 from gateway.schedules import MaintenanceWindow, Schedule
-from gateway.store import DecisionStore, HeartbeatState, PendingJob
+from gateway.store import DecisionStore, HeartbeatState, Incident, PendingJob
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class HeartbeatDuties:
             action="trigger",
             now=now,
             summary=summary,
+            routing_key=self._routing_key(beat.service),
         )
         if changed is not None:
             self.store.save_incident(changed)
@@ -115,7 +116,7 @@ class HeartbeatDuties:
             details=heartbeats.missing_details(beat, state),
             client_url=self.pagerduty.client_url,
         )
-        self._queue_own_event(beat.service, event, summary)
+        self._queue_own_event(beat.service, event, summary, changed)
         self.store.save_mail_heartbeat(dataclasses.replace(state, missing_since=now))
         log.warning("heartbeat %s missing: triggered %s on %s", beat.name, key, beat.service)
         return True
@@ -189,15 +190,24 @@ class HeartbeatDuties:
             self.store.save_incident(changed)
         event = build_event(action="resolve", dedup_key=key)
         log.info("heartbeat %s back (message %d): resolving %s", beat.name, job.message, key)
-        return self._queue_own_event(beat.service, event, f"heartbeat {beat.name} is back")
+        why = f"heartbeat {beat.name} is back"
+        return self._queue_own_event(beat.service, event, why, changed)
 
-    def _queue_own_event(self, service: str, event: dict, why: str) -> bool:
-        """An event the gateway raises itself (no mail behind it): outbox or would-send."""
-        key = event["dedup_key"]
+    def _routing_key(self, service: str) -> str:
         runtime = self.services.get(service)
-        if runtime is not None and runtime.settings.routing_key:
+        return (runtime.settings.routing_key or "") if runtime is not None else ""
+
+    def _queue_own_event(
+        self, service: str, event: dict, why: str, incident: Incident | None
+    ) -> bool:
+        """An event the gateway raises itself (no mail behind it): outbox (with the key its
+        incident records) or would-send."""
+        key = event["dedup_key"]
+        current = self._routing_key(service)
+        if current:
             order_key = pagerduty_order_key(service, key)
-            self.store.add_outbox("pagerduty", service, order_key, event, None)
+            pinned = incidents.pinned_routing_key(event, incident, current)
+            self.store.add_outbox("pagerduty", service, order_key, pinned, None)
             return True
         self.store.log_event(
             "would_send",

@@ -101,3 +101,15 @@ def _trigger(
         changed_by="mail",
     )
     return opened, Outcome.TRIGGERED
+
+
+def pinned_routing_key(event: dict, incident: Incident | None, current: str) -> dict:
+    """The event carrying the routing key its incident records, fixed when it is decided.
+
+    PagerDuty drops an acknowledge or resolve sent with another key than the trigger's, so
+    every event of an incident (its trigger too) goes out with the one key the incident records,
+    even if the service's key is rotated while the event waits in the outbox (the sender uses a
+    payload's own `routing_key` over the service's). An incident that records none (opened
+    before keys were recorded) uses the service's current key."""
+    key = (incident.routing_key if incident is not None else "") or current
+    return {**event, "routing_key": key} if key else event

@@ -168,6 +168,11 @@ def mirror_update(incident: Incident, facts: WebhookFacts, now: float) -> Incide
     )
 
 
+# What deciding a webhook delivery records (`gateway webhooks --outcome` takes these and
+# "pending", a delivery not decided yet)
+WEBHOOK_OUTCOMES = ("mirrored", "notified", "notify_failed", "unknown_key", "discarded", "failed")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Phase 1's result for one event."""

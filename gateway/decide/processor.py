@@ -424,12 +424,13 @@ class Processor(HeartbeatDuties):
                 detail=f"{decision.action} not sent: PagerDuty itself changed the incident",
             )
         else:
-            event = _with_opening_key(event, change.basis, runtime.settings.routing_key)
+            incident = change.changed or change.basis
             absorbed = self._absorb_repeat(job, runtime, change, event)
             if absorbed is not None:
                 reason = f"{reason}; coalesced into outbox item {absorbed}"
             else:
-                queued = self._queue_event(job, runtime, event, opens=change.outcome) or queued
+                opens = change.outcome
+                queued = self._queue_event(job, runtime, event, incident, opens=opens) or queued
         queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
             job, change.outcome, reason, decision=decision, event=event, queued=queued
@@ -459,8 +460,9 @@ class Processor(HeartbeatDuties):
         )
         if trigger is None or trigger.state == "dead":
             return None
-        if trigger.state == "pending":
-            self.store.coalesce_outbox(trigger.id, event)  # False: in flight, keeps its own
+        if trigger.state == "pending":  # in flight: it keeps what is being sent
+            pinned = incidents.pinned_routing_key(event, incident, runtime.settings.routing_key)
+            self.store.coalesce_outbox(trigger.id, pinned)
         self.store.note_coalesced(
             job.service, incident.incident_key, self.clock(), repeat_details(event)
         )
@@ -503,15 +505,24 @@ class Processor(HeartbeatDuties):
         )
 
     def _queue_event(
-        self, job: PendingJob, runtime: ServiceRuntime, event: dict, *, opens: str = ""
+        self,
+        job: PendingJob,
+        runtime: ServiceRuntime,
+        event: dict,
+        incident: Incident | None,
+        *,
+        opens: str = "",
     ) -> bool:
-        """Outbox the event, or (embedded default, no routing key) record what would be sent.
-        A trigger that opens an incident (`opens` is TRIGGERED) is claimed ahead of busy keys."""
+        """Outbox the event with its incident's routing key, or (embedded default, no routing
+        key) record what would be sent. A trigger that opens an incident (`opens` is
+        TRIGGERED) is claimed ahead of busy keys."""
         key = event["dedup_key"]
-        if runtime.settings.routing_key:
+        current = runtime.settings.routing_key
+        if current:
             order_key = pagerduty_order_key(job.service, key)
+            pinned = incidents.pinned_routing_key(event, incident, current)
             priority = 0 if opens == Outcome.TRIGGERED else 1
-            self.store.add_outbox("pagerduty", job.service, order_key, event, job.id, priority)
+            self.store.add_outbox("pagerduty", job.service, order_key, pinned, job.id, priority)
             return True
         self.store.log_event(
             "would_send",
@@ -598,17 +609,6 @@ def _is_echo(basis: Incident | None, action: str) -> bool:
     if action == "resolve":
         return basis.state == "resolved"
     return basis.state in ("acknowledged", "resolved")
-
-
-def _with_opening_key(event: dict, basis: Incident | None, current: str | None) -> dict:
-    """PagerDuty drops an acknowledge/resolve sent with another routing key than the
-    trigger's: after a rotation, an incident's later events carry the key that opened it (the
-    sender uses a payload's own `routing_key` over the service's)."""
-    if event.get("event_action") == "trigger" or basis is None or not basis.is_open:
-        return event
-    if not basis.routing_key or basis.routing_key == current:
-        return event
-    return {**event, "routing_key": basis.routing_key}
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))

@@ -69,7 +69,8 @@ class RateBudget:
                 if limit is not None and len(admitted) >= limit:
                     break
                 key = self.routing_key(item.service)
-                if key is not None:
+                if key is not None:  # the key it is sent with: its incident's, pinned if any
+                    key = str(item.payload.get("routing_key") or key)
                     if self._next.get(key, now) > now:
                         continue
                     self._next[key] = now + self.interval
@@ -119,9 +120,11 @@ class PagerDutySender:
             self._url = None  # each attempt says so, and waits for a reload with a good one
 
     async def __call__(self, item: OutboxItem) -> str:
-        routing_key = self.routing_keys.get(item.service)
-        if not routing_key:
+        configured = self.routing_keys.get(item.service)
+        if not configured:
             raise TemporaryDeliveryError(f"service {item.service!r} has no routing_key configured")
+        # the key its incident records, pinned when decided
+        routing_key = str(item.payload.get("routing_key") or configured)
         if self._url is None:
             raise TemporaryDeliveryError(f"events_url {self.events_url!r} is not a valid URL")
         body = {"routing_key": routing_key, **item.payload}

@@ -499,9 +499,18 @@ class ReportStore(HeartbeatStore, Protocol):
         ...
 
     def pagerduty_events(
-        self, *, incident_key: str | None = None, limit: int = 100
+        self, *, incident_key: str | None = None, limit: int = 100, outcome: str | None = None
     ) -> list[PagerDutyEvent]:
-        """Webhook deliveries, newest first; only those of `incident_key` if given."""
+        """Webhook deliveries, newest first; only those of `incident_key` and of `outcome`
+        ('pending': not decided yet) if given."""
+        ...
+
+    def count_pagerduty_events(self, *, outcome: str | None = None) -> int:
+        """How many webhook deliveries are stored (of `outcome` if given, as above)."""
+        ...
+
+    def webhook_stats(self) -> tuple[int, float | None]:
+        """(webhook deliveries not decided yet, when the oldest of them was received)."""
         ...
 
 

@@ -39,6 +39,16 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rule_matches": ("gateway_rule_matches", "Jobs decided by each rule", ("service", "rule")),
     "outbox_done": ("gateway_events_sent", "Outbox items delivered", ("kind",)),
     "outbox_retries": ("gateway_events_retried", "Failed attempts scheduled again", ("kind",)),
+    "webhooks_received": (
+        "gateway_webhooks_received",
+        "PagerDuty webhook deliveries stored (a redelivery counts once)",
+        (),
+    ),
+    "webhooks_decided": (
+        "gateway_webhooks_decided",
+        "PagerDuty webhook deliveries decided, by outcome",
+        ("outcome",),
+    ),
 }
 GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "outbox_depth": ("gateway_outbox_depth", "Outbox items waiting for delivery", ("kind",)),
@@ -84,6 +94,7 @@ class Snapshot:
     gauges: list[Row]
     latencies: list[tuple[int, float]]
     taken_at: float = field(default_factory=time.time)
+    webhooks: tuple[int, float | None] = (0, None)  # pending deliveries, the oldest's arrival
 
 
 # What the web side reads of the running parts. Protocols, because those parts are built by
@@ -186,7 +197,9 @@ class GatewayMetrics:
         latencies = store.decided_latencies(self.last_job)
         now = time.time()
         gauges = store.metric_gauges() + storm_rows(store.storm_state(now), now)
-        return Snapshot(store.metric_totals(), gauges, latencies, now)
+        return Snapshot(
+            store.metric_totals(), gauges, latencies, now, webhooks=store.webhook_stats()
+        )
 
     def render(self, snapshot: Snapshot, live: LiveState) -> bytes:
         for job, seconds in snapshot.latencies:
@@ -316,7 +329,24 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
             oldest.add_metric(labels, max(0.0, snapshot.taken_at - value))
         elif metric in families:
             families[metric].add_metric(labels, value)
-    return [*families.values(), oldest, unmatched, quarantined, filtered]
+    return [*families.values(), oldest, unmatched, quarantined, filtered, *webhook_gauges(snapshot)]
+
+
+def webhook_gauges(snapshot: Snapshot) -> list[Metric]:
+    """PagerDuty webhook deliveries waiting for the worker's decision, and the oldest's age."""
+    pending, oldest = snapshot.webhooks
+    age = max(0.0, snapshot.taken_at - oldest) if oldest is not None else 0.0
+    return [
+        _gauge(
+            "gateway_webhooks_pending", "PagerDuty webhook deliveries not decided yet", (), pending
+        ),
+        _gauge(
+            "gateway_webhooks_oldest_pending_age_seconds",
+            "Age of the oldest undecided PagerDuty webhook delivery (0: none)",
+            (),
+            age,
+        ),
+    ]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float) -> GaugeMetricFamily:

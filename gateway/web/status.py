@@ -140,6 +140,8 @@ class WebApp:
             "dead_letters": health.dead_letter_check(facts, settings, now),
             "pagerduty": health.pagerduty_check(self.services),
         }
+        if self.pagerduty is not None or (facts is not None and facts.webhooks_pending):
+            checks["webhooks"] = health.webhook_check(facts, settings, now)
         if live.worker is not None:
             self.restarts.observe(live.worker.restarts, now)
             checks["worker"] = health.worker_check(self.restarts, settings, now)

@@ -68,3 +68,53 @@ def test_retention_purges_decided_webhooks_and_keeps_pending_ones(store: Store) 
     assert store.purge(2000.0)["events"] == 1
     assert [e.id for e in store.pagerduty_events()] == [pending]
     assert store.purge(2000.0)["events"] == 0
+
+
+def test_deliveries_are_listed_and_counted_by_outcome(store: Store) -> None:
+    mirrored, unknown, pending = (
+        add(store, "w1", "e1"),
+        add(store, "w2", "e2"),
+        add(store, "w3", "e3"),
+    )
+    assert mirrored is not None and unknown is not None and pending is not None
+    store.finish_pagerduty_event(mirrored, outcome="mirrored", service="helpdesk")
+    store.finish_pagerduty_event(unknown, outcome="unknown_key")
+    assert [e.id for e in store.pagerduty_events()] == [pending, unknown, mirrored]
+    assert [e.id for e in store.pagerduty_events(outcome="unknown_key")] == [unknown]
+    assert [e.id for e in store.pagerduty_events(outcome="pending")] == [pending]
+    assert [e.id for e in store.pagerduty_events(limit=2)] == [pending, unknown]
+    assert store.count_pagerduty_events() == 3
+    assert store.count_pagerduty_events(outcome="pending") == 1
+    assert store.count_pagerduty_events(outcome="mirrored") == 1
+    assert store.count_pagerduty_events(outcome="discarded") == 0
+
+
+def test_webhook_stats_are_the_pending_count_and_the_oldest_arrival(store: Store) -> None:
+    assert store.webhook_stats() == (0, None)
+    first = add(store, "w1", "e1")
+    store.add_pagerduty_event(body="{}", received_at=1500.0, webhook_id="w2", event_id="e2")
+    assert store.webhook_stats() == (2, 1000.0)
+    assert first is not None
+    store.finish_pagerduty_event(first, outcome="mirrored")
+    assert store.webhook_stats() == (1, 1500.0)
+
+
+def webhook_totals(store: Store) -> dict[tuple[str, tuple[str, ...]], float]:
+    return {
+        (metric, labels): value
+        for metric, labels, value in store.metric_totals()
+        if metric.startswith("webhooks_")
+    }
+
+
+def test_webhook_counters_count_received_and_decided_and_survive_retention(store: Store) -> None:
+    decided, pending = add(store, "w1", "e1"), add(store, "w2", "e2")
+    assert decided is not None and pending is not None
+    store.finish_pagerduty_event(decided, outcome="unknown_key")
+    expected = {
+        ("webhooks_received", ()): 2,
+        ("webhooks_decided", ("unknown_key",)): 1,
+    }
+    assert webhook_totals(store) == expected
+    assert store.purge(2000.0)["events"] == 1
+    assert webhook_totals(store) == expected  # counters never go down

@@ -94,11 +94,36 @@ class PagerDutyQueries(Connection):
         return Incident(*row) if row else None
 
     def pagerduty_events(
-        self, *, incident_key: str | None = None, limit: int = 100
+        self, *, incident_key: str | None = None, limit: int = 100, outcome: str | None = None
     ) -> list[PagerDutyEvent]:
-        where, args = ("WHERE incident_key = ?", [incident_key]) if incident_key else ("", [])
+        where, args = _event_filter(incident_key, outcome)
         rows = self.conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM pagerduty_events {where} ORDER BY id DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
         return [PagerDutyEvent(*row) for row in rows]
+
+    def count_pagerduty_events(self, *, outcome: str | None = None) -> int:
+        where, args = _event_filter(None, outcome)
+        row = self.conn.execute(f"SELECT COUNT(*) FROM pagerduty_events {where}", args)
+        return int(row.fetchone()[0])
+
+    def webhook_stats(self) -> tuple[int, float | None]:
+        row = self.conn.execute(
+            "SELECT COUNT(*), MIN(received_at) FROM pagerduty_events WHERE state = 'pending'"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+
+def _event_filter(incident_key: str | None, outcome: str | None) -> tuple[str, list[str]]:
+    """WHERE for a key and an outcome ('pending': not decided yet)."""
+    clauses, args = [], []
+    if incident_key:
+        clauses.append("incident_key = ?")
+        args.append(incident_key)
+    if outcome == "pending":
+        clauses.append("state = 'pending'")
+    elif outcome:
+        clauses.append("state = 'done' AND outcome = ?")
+        args.append(outcome)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
