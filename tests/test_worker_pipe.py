@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import BATCHES_PER_HOP, WorkerProcess, _Worker
 from tests.conftest import ROOT
@@ -71,12 +72,17 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
 class ScriptedProcessor:
     """Stands in for the Processor: `batches` non-empty batches, then nothing pending."""
 
-    def __init__(self, batches: int) -> None:
+    process_backlog = Processor.process_backlog  # the real loop over the scripted batches
+
+    def __init__(self, batches: int, *, drained_after: int | None = None) -> None:
         self.left = batches
         self.calls = 0
+        self.drained = False
+        self.drained_after = drained_after  # from this call on, say the batch took every job
 
     def process_pending(self) -> list[int]:
         self.calls += 1
+        self.drained = self.drained_after is not None and self.calls >= self.drained_after
         if self.left == 0:
             return []
         self.left -= 1
@@ -110,6 +116,14 @@ def test_a_wake_takes_one_trip_to_the_decider_thread(tmp_path: Path) -> None:
     processor = ScriptedProcessor(batches=1)
     assert _decide_once(tmp_path, processor) == 1
     assert processor.calls == 2
+
+
+def test_a_wake_for_one_mail_looks_for_pending_jobs_once(tmp_path: Path) -> None:
+    """A batch that took every pending job ends the round: at a steady rate each wake decides
+    one mail, without a second query that only finds nothing left."""
+    processor = ScriptedProcessor(batches=1, drained_after=1)
+    assert _decide_once(tmp_path, processor) == 1
+    assert processor.calls == 1
 
 
 def test_a_backlog_returns_to_the_loop_between_rounds_of_batches(tmp_path: Path) -> None:

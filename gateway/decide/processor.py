@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # rounds per `process_pending` for jobs whose incident changed between the phases
 DECIDE_ROUNDS = 3
+# mail per batch, about (`DecisionStore.pending_jobs`): a backlog of big mails never loads at once
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class Verdict:
 
 class IncidentMoved(Exception):
     """Phase 2 found the incident changed since phase 1 read it: decide the job again."""
+
+
+class DecidedElsewhere(Exception):
+    """Phase 2 found the job decided already (`gateway ingest`, another processor): its
+    savepoint is undone and nothing is recorded twice."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,9 @@ class Processor:
         self.regex_timeout = regex_timeout
         self.on_outbox = on_outbox
         self.clock = clock
+        # the last `process_pending` took every job that was pending when it looked: the next
+        # call would find nothing new unless a commit came after (which wakes the worker again)
+        self.drained = False
 
     def reconfigure(
         self,
@@ -156,7 +166,8 @@ class Processor:
         Parsing, rules and themes (the CPU work) run before the write transaction, so the spool
         writer is never kept waiting for them; the short transaction then applies every decision.
         """
-        jobs = self.store.pending_jobs(batch)
+        jobs = self.store.pending_jobs(batch, BATCH_BYTES)
+        drained = _took_all(jobs, batch)
         outcomes: list[Processed] = []
         for _ in range(DECIDE_ROUNDS):
             if not jobs:
@@ -165,7 +176,13 @@ class Processor:
             outcomes.extend(decided)
         if jobs:
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
+        self.drained = drained and not jobs
         return outcomes
+
+    def process_backlog(self, max_batches: int) -> bool:
+        """Batches until the backlog is empty (True) or `max_batches` ran (False). A batch that
+        took every pending job ends it: no second query only to find nothing left."""
+        return any(not self.process_pending() or self.drained for _ in range(max_batches))
 
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
@@ -267,8 +284,6 @@ class Processor:
         job = verdict.job
         try:
             with self.store.savepoint():
-                if not self.store.job_is_pending(job.id):
-                    return None  # another processor (e.g. `gateway ingest`) decided it first
                 if verdict.change is None:
                     return self._finish(
                         job,
@@ -276,8 +291,11 @@ class Processor:
                         verdict.reason,
                         rule=verdict.rule,
                         decision=verdict.decision,
+                        only_once=True,
                     )
                 return self._act(verdict)
+        except DecidedElsewhere:
+            return None  # another processor (e.g. `gateway ingest`) decided it first
         except IncidentMoved:
             raise
         except Exception as exc:
@@ -300,7 +318,13 @@ class Processor:
         runtime = self.services[job.service]
         queued = self._queue_event(job, runtime, event) or queued
         return self._finish(
-            job, change.outcome, decision.reason, decision=decision, event=event, queued=queued
+            job,
+            change.outcome,
+            decision.reason,
+            decision=decision,
+            event=event,
+            queued=queued,
+            only_once=True,
         )
 
     def _event(self, runtime: ServiceRuntime, mail: ParsedMail, decision: Decision) -> dict:
@@ -358,7 +382,10 @@ class Processor:
         decision: Decision | None = None,
         event: dict | None = None,
         queued: bool = False,
+        only_once: bool = False,
     ) -> Processed:
+        """Record the decision. `only_once` (inside the job's savepoint): DecidedElsewhere if
+        the job is no longer pending, so the savepoint undoes this job's other writes."""
         fields: dict = {"rule": rule}
         if decision is not None:
             fields = {
@@ -370,7 +397,9 @@ class Processor:
                 "details": dict(decision.details),
                 "trace": [_trace_row(step) for step in decision.trace],
             }
-        self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
+        recorded = self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
+        if only_once and not recorded:
+            raise DecidedElsewhere(job.id)
         return Processed(
             job=job.id,
             message=job.message,
@@ -385,6 +414,20 @@ class Processor:
             event=event,
             queued=queued,
         )
+
+
+def _took_all(jobs: list[PendingJob], limit: int) -> bool:
+    """Whether `pending_jobs(limit, BATCH_BYTES)` returned every pending job: fewer than the
+    limit and, since it cuts only once `BATCH_BYTES` are reached, fewer bytes. A job without its
+    bytes (purged) makes the size unknown: then assume more."""
+    if len(jobs) >= limit:
+        return False
+    size = 0
+    for job in jobs:
+        if not job.raw:
+            return False
+        size += len(job.raw)
+    return size < BATCH_BYTES
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))

@@ -256,10 +256,10 @@ class _Worker:
     def _decide_backlog(self) -> bool:
         """On the decider thread: batches until none is pending (True), or until
         `BATCHES_PER_HOP` ran (False), so a reload or stop can run between them. One hop per
-        wake: the query that finds nothing left runs on this thread too."""
+        wake; a wake that finds one mail costs one query for pending jobs."""
         processor = self.processor
         assert processor is not None
-        return any(not processor.process_pending() for _ in range(BATCHES_PER_HOP))
+        return processor.process_backlog(BATCHES_PER_HOP)
 
     def _on_message(self) -> None:
         """The pipe is readable: take one message; the loop calls again while more wait.
