@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,33 +31,62 @@ class GatedPipe:
         self.sent.append(message)
 
 
-def test_wakes_queued_behind_a_busy_pipe_collapse_into_one(tmp_path: Path) -> None:
-    worker = WorkerProcess(
-        tmp_path / "g.sqlite3", load_generation(ROOT / "config.toml").for_worker()
-    )
+def test_a_commit_wakes_the_worker_while_a_generation_blocks_the_pipe(tmp_path: Path) -> None:
+    """Wakes have their own pipe, written by the committing thread itself: none waits behind a
+    big generation the child has not read yet, and 500 commits are one wake for the child."""
+    generation = load_generation(ROOT / "config.toml")
+    worker = WorkerProcess(tmp_path / "g.sqlite3", generation.for_worker())
     pipe = GatedPipe()
     worker._pipe = pipe  # type: ignore[assignment]
+    wakes_child, wakes_parent = multiprocessing.Pipe(duplex=False)
+    os.set_blocking(wakes_parent.fileno(), False)
+    worker._replace_wakes(wakes_parent)
+    child = _Worker(tmp_path / "g.sqlite3", generation, wakes_child, wakes_child)
     worker._writer.start()
     try:
-        worker.wake()  # taken by the writer thread, which then blocks in send()
+        worker.configure(worker.generation)  # taken by the writer thread, blocked in send()
         deadline = time.monotonic() + 10
         while not pipe.sent and time.monotonic() < deadline:
             time.sleep(0.01)
-        for _ in range(500):  # 500 commits while the pipe is busy
+        for _ in range(500):  # 500 commits while the message pipe is busy
             worker.wake()
-        pipe.gate.set()
-        while len(pipe.sent) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        while not worker._outgoing.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pipe.sent == ["wake", "wake"]  # the 500 became one, sent after all of them
-        worker.wake()  # and a later commit wakes again
-        while len(pipe.sent) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pipe.sent == ["wake", "wake", "wake"]
+        assert wakes_child.poll(0)  # at once: no thread to wait for
+        woken: list[bool] = []
+
+        async def read_wakes() -> None:
+            child._on_wakes()
+            woken.append(child.wake.is_set())
+            child.wake.clear()
+            child._on_wakes()  # nothing left: the 500 were one wake
+            woken.append(child.wake.is_set())
+            worker.wake()  # and a later commit wakes again
+            child._on_wakes()
+            woken.append(child.wake.is_set())
+
+        asyncio.run(read_wakes())
+        assert woken == [True, False, True]
+        assert len(pipe.sent) == 1  # the generation alone went over the message pipe
     finally:
+        pipe.gate.set()
         worker._outgoing.put(None)
         worker._writer.join(5)
+        worker._replace_wakes(None)
+        child.decider.shutdown()
+
+
+def test_wakes_to_a_gone_child_are_dropped_without_an_error(tmp_path: Path) -> None:
+    worker = WorkerProcess(
+        tmp_path / "g.sqlite3", load_generation(ROOT / "config.toml").for_worker()
+    )
+    worker.wake()  # not started: nothing to wake
+    wakes_child, wakes_parent = multiprocessing.Pipe(duplex=False)
+    os.set_blocking(wakes_parent.fileno(), False)
+    worker._replace_wakes(wakes_parent)
+    wakes_child.close()  # the child died
+    for _ in range(100_000):  # a broken pipe, and never blocked by a full one
+        worker.wake()
+    worker._replace_wakes(None)
+    worker.wake()
 
 
 class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
