@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import os
+import smtplib
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import BATCHES_PER_HOP, WorkerProcess, _Worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, GatewayProcess, desk_mail
+from tests.ops_support import worker_pid
+from tests.pdserver import PagerDutyStandIn
 
 
 class GatedPipe:
@@ -186,3 +189,21 @@ def test_the_child_handles_every_message_queued_on_its_pipe(tmp_path: Path) -> N
     finally:
         worker.decider.shutdown()
     assert handled == ["wake", "outbox", "wake", "stop"]
+
+
+def test_the_worker_pages_at_the_listeners_cpu_priority(
+    gateway_process: GatewayProcess, pd: PagerDutyStandIn
+) -> None:
+    """A niced worker fell seconds behind on a busy host (issue 12, item 3): deciding and
+    paging run at the same priority as accepting."""
+    gateway_process.start()
+    assert gateway_process.proc is not None
+    with smtplib.SMTP("127.0.0.1", gateway_process.port, timeout=30) as client:
+        client.sendmail(
+            "support@helpdesk.example", ["desk@gw.example"], desk_mail("Printer on fire")
+        )
+    pd.wait_for(1)  # the worker is up and has paged: its priority is set by now
+    pid = worker_pid(gateway_process.proc.pid)
+    assert pid is not None
+    parent = os.getpriority(os.PRIO_PROCESS, gateway_process.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == parent

@@ -5,8 +5,9 @@ Everything after acceptance runs here, in a child process started with `spawn`:
 
 * parsing, rules and HTTP calls are CPU work; in their own process they use the second core
   instead of competing with the SMTP listener for the GIL;
-* the child runs at the lowest CPU priority, so under a burst the durable acceptance of mail
-  comes first and processing catches up from the spool right after;
+* the child runs at the listener's CPU priority: paging is what the gateway is for, and a
+  niced worker on a busy host fell seconds behind (see WORKER_NICENESS); the listener needs
+  the CPU only in short bursts, and each of its commits is group-committed anyway;
 * a crash here cannot take the listener down: the supervisor restarts the child, and pending
   jobs and outbox items simply wait in the store;
 * its commits skip the fsync (``synchronous=NORMAL``): the device's fsync queue belongs to the
@@ -59,11 +60,12 @@ from gateway.store import Store, StoreThread, open_store
 
 log = logging.getLogger(__name__)
 
-# Acceptance first, processing right after. Under Linux CFS a niced process is never starved,
-# only weighted: even beside a busy nice-0 process on one core it keeps a share that decides a
-# normal mail within tens of milliseconds; on the usual dedicated host it only yields to the
-# listener during bursts (bench/RESULTS.md: ratio 0.79-0.83 at 19, 0.75-0.81 at 10).
-WORKER_NICENESS = 19
+# Chosen by end-to-end latency under load, not by intake alone (bench/RESULTS.md, issue 12
+# "perf2"): with other work on the box, a worker at 19 (or 10) got so small a CPU share that at
+# 500 msg/s end of DATA -> POST reached p50 0.7-1.1 s, p99 1.1-2.0 s, and a burst was delivered
+# at 0.41-0.63x intake; at 0 the same runs kept p50 15-18 ms, p99 143-223 ms and 0.67-0.68x,
+# with no measurable cost to intake. 0: the parent's priority, the call is skipped.
+WORKER_NICENESS = 0
 
 # batches of `Processor.process_pending` per trip to the decider thread
 BATCHES_PER_HOP = 5
@@ -187,8 +189,9 @@ def _worker_main(db_path: str, inbox: Connection, wakes: Connection) -> None:
     """Child process entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads arrive over the pipe
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
+    if WORKER_NICENESS:
+        with contextlib.suppress(OSError):
+            os.nice(WORKER_NICENESS)
     try:
         shipped = inbox.recv()  # the parent sends the last good generation first
     except EOFError:
