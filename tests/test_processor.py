@@ -198,3 +198,31 @@ def test_a_full_batch_looks_again_for_pending_jobs(store: Store) -> None:
     assert len(worker.process_pending(batch=2)) == 1
     assert worker.drained is True
     assert counting.looks == 2
+
+
+def test_a_mail_to_two_services_is_parsed_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.decide.processor as processor_module
+
+    parses: list[bytes] = []
+    real_parse = processor_module.parse_message
+
+    def counting_parse(raw: bytes, envelope_from: str | None = None) -> Any:
+        parses.append(raw)
+        return real_parse(raw, envelope_from)
+
+    monkeypatch.setattr(processor_module, "parse_message", counting_parse)
+    services = tuple(
+        ServiceSettings(name, (f"{name}@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+        for name in ("helpdesk", "facilities")
+    )
+    store.accept(
+        [incoming(desk_mail("Printer on fire"), source="cli", services=("helpdesk", "facilities"))]
+    )
+    outcomes = Processor(store, load_services(services), PagerDutySettings()).process_pending()
+    assert sorted((o.service, o.outcome) for o in outcomes) == [
+        ("facilities", Outcome.TRIGGERED),
+        ("helpdesk", Outcome.TRIGGERED),
+    ]
+    assert len(parses) == 1

@@ -187,7 +187,8 @@ class Processor:
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
         ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
-        verdicts = [self._evaluate_safely(job, ahead) for job in jobs]
+        parsed: dict[int, ParsedMail] = {}  # a mail to several services is parsed once
+        verdicts = [self._evaluate_safely(job, ahead, parsed) for job in jobs]
         outcomes: list[Processed] = []
         again: list[PendingJob] = []
         with self.store.transaction():
@@ -215,23 +216,33 @@ class Processor:
     # -- phase 1: no database writes ---------------------------------------------------------
 
     def _evaluate_safely(
-        self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]
+        self,
+        job: PendingJob,
+        ahead: dict[tuple[str, str], Incident | None],
+        parsed: dict[int, ParsedMail],
     ) -> Verdict:
         """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
         try:
-            return self._evaluate(job, ahead)
+            return self._evaluate(job, ahead, parsed)
         except Exception as exc:
             log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
             return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _evaluate(self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]) -> Verdict:
+    def _evaluate(
+        self,
+        job: PendingJob,
+        ahead: dict[tuple[str, str], Incident | None],
+        parsed: dict[int, ParsedMail],
+    ) -> Verdict:
         runtime = self.services.get(job.service)
         if runtime is None:
             return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
         refusal = sender_refusal(runtime.settings, job.raw, job.mail_from)
         if refusal is not None:
             return Verdict(job, Outcome.SENDER_REFUSED, refusal)
-        mail = parse_message(job.raw, job.mail_from)
+        mail = parsed.get(job.message)
+        if mail is None:  # ParsedMail is frozen: one parse serves every service of the message
+            mail = parsed[job.message] = parse_message(job.raw, job.mail_from)
         if mail.is_auto_reply or mail.is_bounce:
             return Verdict(job, Outcome.LOOP_IGNORED, f"loop guard: {mail.loop_reason}")
         try:
