@@ -10,7 +10,6 @@ import smtplib
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
@@ -165,67 +164,6 @@ def test_a_backlog_returns_to_the_loop_between_rounds_of_batches(tmp_path: Path)
     processor = ScriptedProcessor(batches=2 * BATCHES_PER_HOP + 2)
     assert _decide_once(tmp_path, processor) == 3
     assert processor.calls == 2 * BATCHES_PER_HOP + 3
-
-
-class RecordingDeliveries:
-    """Stands in for the worker's deliveries: which thread woke them, how often."""
-
-    def __init__(self) -> None:
-        self.wakes: list[int] = []
-
-    def wake(self) -> None:
-        self.wakes.append(threading.get_ident())
-
-
-class QueuingProcessor(ScriptedProcessor):
-    """Each batch queues outbox items, as a decided trigger does (`on_outbox`)."""
-
-    def __init__(self, batches: int, on_outbox: Any, **kwargs: Any) -> None:
-        super().__init__(batches, **kwargs)
-        self.on_outbox = on_outbox
-
-    def process_pending(self) -> list[int]:
-        outcomes = super().process_pending()
-        if outcomes:
-            self.on_outbox()
-        return outcomes
-
-
-def _deliveries_woken(tmp_path: Path, batches: int, drained_after: int | None) -> list[str]:
-    """One wake of the decide loop; which thread woke the deliveries each time."""
-    generation = load_generation(ROOT / "config.toml")
-    child_end, _parent_end = multiprocessing.Pipe(duplex=False)
-    worker = _Worker(tmp_path / "g.sqlite3", generation, child_end)
-    deliveries = RecordingDeliveries()
-    worker.deliveries = deliveries  # type: ignore[assignment]
-    worker.processor = QueuingProcessor(  # type: ignore[assignment]
-        batches, worker._note_outbox, drained_after=drained_after
-    )
-
-    async def one_wake() -> int:
-        worker.wake.set()
-        worker.stop.set()
-        await worker._decide_until_stopped()
-        return threading.get_ident()
-
-    try:
-        loop_thread = asyncio.run(one_wake())
-    finally:
-        worker.decider.shutdown()
-    return ["loop" if ident == loop_thread else "decider" for ident in deliveries.wakes]
-
-
-def test_a_decided_mail_wakes_the_deliveries_once_from_the_event_loop(tmp_path: Path) -> None:
-    """At a steady rate each wake decides one mail: the loop, which the finished hop wakes
-    anyway, starts the deliveries (one cross-thread wake-up per mail instead of two)."""
-    assert _deliveries_woken(tmp_path, batches=1, drained_after=1) == ["loop"]
-
-
-def test_deliveries_start_between_the_batches_of_a_long_hop(tmp_path: Path) -> None:
-    """A backlog does not hold the deliveries back until the hop ends: each batch followed
-    by another in the same hop wakes them from the decider thread."""
-    woken = _deliveries_woken(tmp_path, batches=3, drained_after=3)
-    assert woken == ["decider", "decider", "loop"]  # the last batch took every pending job
 
 
 def test_the_child_handles_every_message_queued_on_its_pipe(tmp_path: Path) -> None:

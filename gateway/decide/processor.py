@@ -179,18 +179,10 @@ class Processor:
         self.drained = drained and not jobs
         return outcomes
 
-    def process_backlog(
-        self, max_batches: int, *, between: Callable[[], None] | None = None
-    ) -> bool:
+    def process_backlog(self, max_batches: int) -> bool:
         """Batches until the backlog is empty (True) or `max_batches` ran (False). A batch that
-        took every pending job ends it: no second query only to find nothing left. `between`
-        runs after each batch that another batch follows."""
-        for left in range(max_batches - 1, -1, -1):
-            if not self.process_pending() or self.drained:
-                return True
-            if between is not None and left:
-                between()
-        return False
+        took every pending job ends it: no second query only to find nothing left."""
+        return any(not self.process_pending() or self.drained for _ in range(max_batches))
 
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""

@@ -231,7 +231,6 @@ class _Worker:
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
         self.decisions: Store | None = None  # the processor's connection, owned by `decider`
-        self._outbox_queued = False  # set by the decider, cleared by whoever wakes deliveries
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -262,16 +261,11 @@ class _Worker:
             config,
             self.decisions,
             generation.services,
-            on_outbox=self._note_outbox,
+            on_outbox=self._wake_outboxes_threadsafe,
             files=generation.files,
         )
 
-    def _note_outbox(self) -> None:
-        """On the decider thread: a batch queued outbox items. The event loop wakes the
-        deliveries when the hop returns to it (one cross-thread wake per hop, not two)."""
-        self._outbox_queued = True
-
-    def _wake_outboxes(self) -> None:
+    def _wake_outboxes_threadsafe(self) -> None:
         if self.deliveries is not None:
             self.deliveries.wake()  # Dispatcher.wake is thread-safe
 
@@ -284,23 +278,12 @@ class _Worker:
                     await self.wake.wait()
             self.wake.clear()
             try:
-                while True:
-                    drained = await loop.run_in_executor(self.decider, self._decide_backlog)
-                    self._wake_outboxes_if_queued()
-                    if drained:
-                        break
+                while not await loop.run_in_executor(self.decider, self._decide_backlog):
+                    pass
             except Exception:  # store trouble: the jobs stay pending, try again shortly
-                self._wake_outboxes_if_queued()  # batches committed before the failure
                 log.exception("processing failed; will retry")
             if self.stop.is_set():
                 return
-
-    def _wake_outboxes_if_queued(self) -> None:
-        """After a hop, on the loop; and on the decider thread when another batch follows in
-        the same hop, so deliveries start now instead of after the whole hop."""
-        if self._outbox_queued:
-            self._outbox_queued = False
-            self._wake_outboxes()
 
     def _decide_backlog(self) -> bool:
         """On the decider thread: batches until none is pending (True), or until
@@ -308,7 +291,7 @@ class _Worker:
         wake; a wake that finds one mail costs one query for pending jobs."""
         processor = self.processor
         assert processor is not None
-        return processor.process_backlog(BATCHES_PER_HOP, between=self._wake_outboxes_if_queued)
+        return processor.process_backlog(BATCHES_PER_HOP)
 
     def _on_wakes(self) -> None:
         """The wake pipe is readable: every commit signalled so far is one wake."""
@@ -345,7 +328,7 @@ class _Worker:
         elif message == "wake":
             self.wake.set()
         elif message == "outbox":
-            self._wake_outboxes()
+            self._wake_outboxes_threadsafe()
         elif message == "stop":
             self.stop.set()
             self.wake.set()
