@@ -52,6 +52,8 @@ AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
 AUTH_RETRY_FORGET = 3600.0  # seconds past its time after which an untouched retry is dropped
 # seconds of DNS waiting per batch; then the batch's remaining `verify` jobs wait for the next
 DNS_BUDGET_SECONDS = 5.0
+# mail per batch, about (`DecisionStore.pending_jobs`): a backlog of big mails never loads at once
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,11 @@ class Verdict:
 
 class IncidentMoved(Exception):
     """Phase 2 found the incident changed since phase 1 read it: decide the job again."""
+
+
+class DecidedElsewhere(Exception):
+    """Phase 2 found the job decided already (`gateway ingest`, another processor): its
+    savepoint is undone and nothing is recorded twice."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,9 @@ class Processor(HeartbeatDuties):
         self._heartbeats_checked = float("-inf")
         self.expect_mail(heartbeats)
         self.pagerduty_side = PagerDutySide(store, clock=clock, regex_timeout=regex_timeout)
+        # the last `process_pending` took every job that was pending when it looked: the next
+        # call would find nothing new unless a commit came after (which wakes the worker again)
+        self.drained = False
 
     def reconfigure(
         self,
@@ -194,7 +204,9 @@ class Processor(HeartbeatDuties):
         """
         self._decide_pagerduty_events()
         self.resolver.new_batch()
-        jobs = self._due(self.store.pending_jobs(batch + len(self.deferred)), batch)
+        pending = self.store.pending_jobs(batch + len(self.deferred), BATCH_BYTES)
+        drained = _took_all(pending, batch + len(self.deferred))
+        jobs = self._due(pending, batch)
         outcomes: list[Processed] = []
         self.postponed = 0
         for _ in range(DECIDE_ROUNDS):
@@ -206,6 +218,9 @@ class Processor(HeartbeatDuties):
             log.info("%d job(s) raced another writer; they stay pending for now", len(jobs))
         if self.postponed:
             log.info("%d sender check(s) wait for the next batch: DNS was slow", self.postponed)
+        # jobs left pending on purpose (a DNS retry later, or the DNS budget) wait for their
+        # time or the next wake, not for another look right now
+        self.drained = drained and not jobs
         return outcomes
 
     def _due(self, jobs: list[PendingJob], batch: int) -> list[PendingJob]:
@@ -226,10 +241,16 @@ class Processor(HeartbeatDuties):
         if mailed and self.on_outbox:
             self.on_outbox()
 
+    def process_backlog(self, max_batches: int) -> bool:
+        """Batches until the backlog is empty (True) or `max_batches` ran (False). A batch that
+        took every pending job ends it: no second query only to find nothing left."""
+        return any(not self.process_pending() or self.drained for _ in range(max_batches))
+
     def _decide(self, jobs: list[PendingJob]) -> tuple[list[Processed], list[PendingJob]]:
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
         ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
-        verdicts = [self._evaluate_safely(job, ahead) for job in jobs]
+        parsed: dict[int, ParsedMail] = {}  # a mail to several services is parsed once
+        verdicts = [self._evaluate_safely(job, ahead, parsed) for job in jobs]
         verdicts = [v for v in verdicts if v.retry_at is None]
         outcomes: list[Processed] = []
         again: list[PendingJob] = []
@@ -258,23 +279,33 @@ class Processor(HeartbeatDuties):
     # -- phase 1: no database writes ---------------------------------------------------------
 
     def _evaluate_safely(
-        self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]
+        self,
+        job: PendingJob,
+        ahead: dict[tuple[str, str], Incident | None],
+        parsed: dict[int, ParsedMail],
     ) -> Verdict:
         """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
         try:
-            return self._evaluate(job, ahead)
+            return self._evaluate(job, ahead, parsed)
         except Exception as exc:
             log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
             return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _evaluate(self, job: PendingJob, ahead: dict[tuple[str, str], Incident | None]) -> Verdict:
+    def _evaluate(
+        self,
+        job: PendingJob,
+        ahead: dict[tuple[str, str], Incident | None],
+        parsed: dict[int, ParsedMail],
+    ) -> Verdict:
         runtime = self.services.get(job.service)
         if runtime is None:
             return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
         refusal = sender_refusal(runtime.settings, job.raw, job.mail_from)
         if refusal is not None:
             return Verdict(job, Outcome.SENDER_REFUSED, refusal)
-        mail = parse_message(job.raw, job.mail_from)
+        mail = parsed.get(job.message)
+        if mail is None:  # ParsedMail is frozen: one parse serves every service of the message
+            mail = parsed[job.message] = parse_message(job.raw, job.mail_from)
         loop = loop_verdict(
             mail, mode=runtime.settings.loop_guard, installation_id=self.installation_id
         )
@@ -379,8 +410,6 @@ class Processor(HeartbeatDuties):
         job = verdict.job
         try:
             with self.store.savepoint():
-                if not self.store.job_is_pending(job.id):
-                    return None  # another processor (e.g. `gateway ingest`) decided it first
                 if verdict.change is None:
                     done = self._finish(
                         job,
@@ -388,12 +417,15 @@ class Processor(HeartbeatDuties):
                         verdict.reason,
                         rule=verdict.rule,
                         decision=verdict.decision,
+                        only_once=True,
                     )
                 else:
                     done = self._act(verdict)
                 if self.heartbeats_seen(job, verdict.heartbeats):
                     done = dataclasses.replace(done, queued=True)
                 return done
+        except DecidedElsewhere:
+            return None  # another processor (e.g. `gateway ingest`) decided it first
         except IncidentMoved:
             raise
         except Exception as exc:
@@ -433,7 +465,13 @@ class Processor(HeartbeatDuties):
                 queued = self._queue_event(job, runtime, event, incident, opens=opens) or queued
         queued = self._queue_rest(job, decision, change) or queued
         return self._finish(
-            job, change.outcome, reason, decision=decision, event=event, queued=queued
+            job,
+            change.outcome,
+            reason,
+            decision=decision,
+            event=event,
+            queued=queued,
+            only_once=True,
         )
 
     def _absorb_repeat(
@@ -550,7 +588,10 @@ class Processor(HeartbeatDuties):
         decision: Decision | None = None,
         event: dict | None = None,
         queued: bool = False,
+        only_once: bool = False,
     ) -> Processed:
+        """Record the decision. `only_once` (inside the job's savepoint): DecidedElsewhere if
+        the job is no longer pending, so the savepoint undoes this job's other writes."""
         fields: dict = {"rule": rule}
         if decision is not None:
             fields = {
@@ -562,7 +603,9 @@ class Processor(HeartbeatDuties):
                 "details": dict(decision.details),
                 "trace": [_trace_row(step) for step in decision.trace],
             }
-        self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
+        recorded = self.store.finish_job(job.id, outcome=outcome, reason=reason, **fields)
+        if only_once and not recorded:
+            raise DecidedElsewhere(job.id)
         return Processed(
             job=job.id,
             message=job.message,
@@ -609,6 +652,20 @@ def _is_echo(basis: Incident | None, action: str) -> bool:
     if action == "resolve":
         return basis.state == "resolved"
     return basis.state in ("acknowledged", "resolved")
+
+
+def _took_all(jobs: list[PendingJob], limit: int) -> bool:
+    """Whether `pending_jobs(limit, BATCH_BYTES)` returned every pending job: fewer than the
+    limit and, since it cuts only once `BATCH_BYTES` are reached, fewer bytes. A job without its
+    bytes (purged) makes the size unknown: then assume more."""
+    if len(jobs) >= limit:
+        return False
+    size = 0
+    for job in jobs:
+        if not job.raw:
+            return False
+        size += len(job.raw)
+    return size < BATCH_BYTES
 
 
 _TRACE_FIELDS = tuple(field.name for field in dataclasses.fields(TraceStep))
