@@ -164,7 +164,7 @@ def test_wakes_before_the_round_begins_cost_one_callback(tmp_path: Path) -> None
         for _ in range(50):  # from the loop's own thread: no round can begin in between
             dispatcher.wake()
         await asyncio.sleep(0.1)
-        wakes = sum(1 for c in scheduled if getattr(c, "__self__", None) is dispatcher._wake)
+        wakes = sum(1 for c in scheduled if c == dispatcher._set_wake)
         loop.call_soon_threadsafe = real  # type: ignore[method-assign]
         stop.set()
         await running

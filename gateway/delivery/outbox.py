@@ -75,6 +75,11 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When to try a failed item again: `Backoff` from `first_delay` up to `max_delay`, times
@@ -124,36 +129,46 @@ class Dispatcher:
         self.owner = owner or lease_owner()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._results: list[OutboxResult] = []
-        self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = False  # on the loop: look again (new items, a finished attempt, stop)
+        self._waiter: asyncio.Future[None] | None = None  # the sleep `_set_wake` ends
         # a wake is on its way and the round that will see it has not begun: later wakes (the
         # decider's, one per batch) need no callback and no write to the loop's self-pipe
         self._woken = False
 
     def wake(self) -> None:
         """Thread-safe: new items were committed, look now instead of at the next timer."""
-        if self._woken or self._loop is None or self._wake is None:
+        if self._woken or self._loop is None:
             return
         self._woken = True  # cleared by the loop before the round whose claim sees the items
-        self._loop.call_soon_threadsafe(self._wake.set)
+        self._loop.call_soon_threadsafe(self._set_wake)
+
+    def _set_wake(self) -> None:
+        """On the loop: end the sleep, or skip the next one."""
+        self._wake = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def run(self, stop: asyncio.Event, max_sleep: float = 5.0) -> None:
         """Deliver until `stop` is set, then let the attempts in flight finish and record them."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        await self._release_dead_claims()
-        async with self._leases_kept():
-            while not stop.is_set():
-                self._wake.clear()
-                self._woken = False
-                try:
-                    due = await self._round()
-                except Exception:
-                    log.exception("%s outbox: store error, retrying shortly", self.kind)
-                    await asyncio.sleep(1.0)
-                    continue
-                await self._sleep(stop, max_sleep, due)
-            await self._drain()
+        stopped = asyncio.ensure_future(stop.wait())  # one waiter for the whole run
+        stopped.add_done_callback(lambda _: self._set_wake())
+        try:
+            await self._release_dead_claims()
+            async with self._leases_kept():
+                while not stop.is_set():
+                    self._wake = self._woken = False
+                    try:
+                        due = await self._round()
+                    except Exception:
+                        log.exception("%s outbox: store error, retrying shortly", self.kind)
+                        await asyncio.sleep(1.0)
+                        continue
+                    await self._sleep(stop, max_sleep, due)
+                await self._drain()
+        finally:
+            stopped.cancel()
 
     async def _round(self) -> float | None:
         """Record the finished attempts and claim the due items that fit, in one store call
@@ -304,27 +319,28 @@ class Dispatcher:
 
     async def _sleep(self, stop: asyncio.Event, max_sleep: float, due: float | None) -> None:
         """Until woken (new items, a finished attempt), the next head is due, or `max_sleep`."""
-        assert self._wake is not None
-        if self._results:
+        if self._results or self._wake or stop.is_set():
             return
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
         if self.throttle is not None and self.throttle.held_back:
             # due items wait for the rate limit: look again when a slot frees, not at once
             wait = min(max_sleep, self.throttle.wait_seconds())
             timeout = wait if due is None else max(timeout, wait)
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        # a bare future and a timer: no tasks made and cancelled per sleep (two per event)
+        assert self._loop is not None
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _resolve, waiter)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            timer.cancel()
+            self._waiter = None
 
     async def _attempt(self, item: OutboxItem) -> None:
         result = await self._deliver(item)
         # appended only now: `_flush` may have swapped the list while we were awaiting
         self._results.append(result)
-        if self._wake is not None:
-            self._wake.set()
+        self._set_wake()
 
     async def _deliver(self, item: OutboxItem) -> OutboxResult:
         try:
