@@ -21,6 +21,7 @@ from gateway.cli import (
     imap_once,
     ingest,
     listings,
+    migrate,
     purge,
     replay,
     rules_cmd,
@@ -44,6 +45,7 @@ __all__ = ["EX_OK", "EX_PIPE", "EX_TEMPFAIL", "EX_USAGE", "build_parser", "main"
 COMMANDS = (
     serve,
     check,
+    migrate,
     rules_cmd,
     ingest,
     imap_once,

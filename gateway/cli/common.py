@@ -99,7 +99,7 @@ def reading_config(args: argparse.Namespace) -> Config:
 
 def reading_store(settings: Config) -> Store:
     """The store opened read-only: works with read access alone and never changes it."""
-    return open_store(settings.db_path, read_only=True)
+    return open_store(settings.store_location, read_only=True)
 
 
 def check_choice(kind: str, value: str, known: Iterable[str]) -> str:

@@ -71,7 +71,7 @@ _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
 class WorkerProcess:
     """The parent's handle on the worker child: start, wake, configure, supervise, stop."""
 
-    def __init__(self, db_path: Path, generation: GenerationFiles) -> None:
+    def __init__(self, db_path: str | Path, generation: GenerationFiles) -> None:
         self.db_path = db_path
         self.generation = generation  # the last good one: what a (re)started child gets first
         self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
@@ -185,13 +185,13 @@ def _worker_main(db_path: str, inbox: Connection) -> None:
         raise SystemExit(f"worker: generation {shipped.number} does not compile:\n{exc}") from None
     config = generation.config
     setup_logging(config.gateway.log_level, config.gateway.log_format)
-    run_event_loop(_Worker(Path(db_path), generation, inbox).run())
+    run_event_loop(_Worker(_location(db_path), generation, inbox).run())
 
 
 class _Worker:
     """Inside the child: one thread decides jobs, the event loop delivers outbox items."""
 
-    def __init__(self, db_path: Path, generation: Generation, inbox: Connection) -> None:
+    def __init__(self, db_path: str | Path, generation: Generation, inbox: Connection) -> None:
         self.db_path = db_path
         self.generation = generation
         self.inbox = inbox
@@ -318,3 +318,9 @@ class _Worker:
         )
         self.generation = generation
         return generation
+
+
+def _location(text: str) -> str | Path:
+    """The store location passed to the worker as text: a URL stays a URL (Path would fold
+    its `//`), a file path becomes a Path again."""
+    return text if "://" in text else Path(text)

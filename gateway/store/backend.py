@@ -1,4 +1,8 @@
-"""Opening the configured backend: the one place that knows which backends exist."""
+"""Opening the configured backend: the one place that knows which backends exist.
+
+A location is a file path (SQLite, the embedded default), a `sqlite:///path` URL, or a
+`postgresql://` (or `postgres://`) URL (PostgreSQL, for several nodes on one database).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,29 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.store.protocols import Store
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def backend_of(location: str | os.PathLike[str]) -> str:
+    """'sqlite' or 'postgresql'; StoreError for a URL of any other kind."""
+    if isinstance(location, str) and "://" in location:
+        scheme = location.partition("://")[0].lower()
+        if scheme in POSTGRES_SCHEMES:
+            return "postgresql"
+        if scheme == "sqlite":
+            return "sqlite"
+        raise StoreError(
+            f"unsupported store URL {scheme}://...: use postgresql://... or a SQLite file path"
+        )
+    return "sqlite"
+
+
+def sqlite_path(location: str | os.PathLike[str]) -> Path:
+    """The file of a SQLite location (`sqlite:///abs/path` or a plain path)."""
+    if isinstance(location, str) and location.lower().startswith("sqlite://"):
+        return Path(location[len("sqlite://") :])
+    return Path(location)
 
 
 def open_store(
@@ -19,19 +46,23 @@ def open_store(
 ) -> Store:
     """A new connection to the store at `location`, for use by one thread.
 
-    A file path opens SQLite (the embedded default). `timeout` bounds the wait for the write
-    lock; `durable=False` trades the flush of each commit for speed where a power cut may lose
-    the last commits harmlessly; `eager` polls for the write lock instead of backing off (the
+    A file path opens SQLite (the embedded default); a postgresql:// URL opens PostgreSQL.
+    `timeout` bounds the wait for the write lock (PostgreSQL: for a pooled connection);
+    `durable=False` trades the flush of each commit for speed where a power cut may lose the
+    last commits harmlessly; `eager` polls for the write lock instead of backing off (the
     spool writer, whose commit an SMTP client waits on). A backend may ignore these hints.
     `read_only` never creates, migrates or writes anything, so listings work with read access
     alone (another user, a read-only state directory); it raises `StoreMissing` when there is
     no store yet and `StoreError` when it cannot be read.
     """
-    _refuse_urls(location)
+    if backend_of(location) == "postgresql":
+        from gateway.store.postgres import PostgresStore
+
+        return PostgresStore(str(location), timeout=timeout, durable=durable, read_only=read_only)
     from gateway.store.sqlite import SQLiteStore
 
     return SQLiteStore(
-        Path(location), timeout=timeout, eager=eager, durable=durable, read_only=read_only
+        sqlite_path(location), timeout=timeout, eager=eager, durable=durable, read_only=read_only
     )
 
 
@@ -39,14 +70,24 @@ def verify_store(location: str | os.PathLike[str]) -> str:
     """StoreError (saying what to do) unless the store is healthy, or absent and creatable;
     else one line on what was found. What `serve` and `gateway check` run once at start.
     SQLite: the directory takes files, the database is writable, its header is SQLite's and
-    `PRAGMA quick_check` passes; every connection also refuses an empty or non-SQLite file."""
-    _refuse_urls(location)
-    from gateway.store.sqlite.integrity import verify
+    `PRAGMA quick_check` passes; every connection also refuses an empty or non-SQLite file.
+    PostgreSQL: the server answers and its schema is not newer than this gateway's."""
+    if backend_of(location) == "postgresql":
+        from gateway.store.postgres.connection import verify
 
-    return verify(Path(location))
+        return verify(str(location))
+    from gateway.store.sqlite.integrity import verify as verify_sqlite
+
+    return verify_sqlite(sqlite_path(location))
 
 
-def _refuse_urls(location: str | os.PathLike[str]) -> None:
-    if isinstance(location, str) and "://" in location:
-        scheme = location.partition("://")[0]
-        raise StoreError(f"unsupported store URL {scheme}://...: only SQLite files for now")
+def migrate_store(location: str | os.PathLike[str]) -> tuple[int, int]:
+    """Apply the migrations the store lacks: (version before, version now). StoreError if its
+    schema is newer than this gateway's."""
+    if backend_of(location) == "postgresql":
+        from gateway.store.postgres.connection import migrate_url
+
+        return migrate_url(str(location))
+    from gateway.store.sqlite.connection import migrate_file
+
+    return migrate_file(sqlite_path(location))

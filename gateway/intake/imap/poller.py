@@ -61,7 +61,7 @@ class ImapPoller:
         self,
         settings: ImapSettings,
         spool: intake.SpoolWriter,
-        db_path: Path,
+        db_path: str | Path,
         *,
         backoff: Backoff | None = None,
         unreadable: UnreadablePolicy | None = None,

@@ -1,0 +1,99 @@
+"""Deciding jobs on PostgreSQL: whichever node decides, each job is decided once.
+
+`pending_jobs` skips jobs another node is deciding right now (`FOR UPDATE SKIP LOCKED`);
+inside the decision's transaction `job_is_pending` claims the job with `FOR UPDATE SKIP
+LOCKED` (False: another node holds or decided it), and `incident` locks the incident's key
+until the commit, so two nodes never both build on the same incident: the second one reads
+the first one's result and decides its job again (the processor's IncidentMoved).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.store.postgres.connection import Connection
+from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
+from gateway.store.records import Incident, PendingJob
+
+
+class DecisionQueries(Connection):
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
+        rows = self._rows(
+            "WITH claimable AS (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id"
+            "  LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " SELECT id, message, service, raw, mail_from, source, received_at FROM ("
+            "  SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at,"
+            "   SUM(m.size) OVER (ORDER BY j.id) - m.size AS ahead"
+            "  FROM claimable c JOIN jobs j ON j.id = c.id JOIN messages m ON m.id = j.message"
+            " ) w WHERE ahead < %s ORDER BY id",
+            (limit, max_bytes),
+        )
+        return [PendingJob(r[0], r[1], r[2], bytes(r[3] or b""), r[4], r[5], r[6]) for r in rows]
+
+    def finish_job(
+        self,
+        job: int,
+        *,
+        outcome: str,
+        reason: str,
+        rule: str | None = None,
+        action: str | None = None,
+        incident_key: str | None = None,
+        summary: str | None = None,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        trace: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        touched = self._exec(
+            "UPDATE jobs SET state='done', outcome=%s, reason=%s, rule=%s, action=%s,"
+            " incident_key=%s, summary=%s, severity=%s, details=%s, trace=%s, decided_at=%s"
+            " WHERE id=%s AND state='pending'",
+            (
+                outcome,
+                reason,
+                rule,
+                action,
+                incident_key,
+                summary,
+                severity,
+                json.dumps(details or {}),
+                json.dumps(trace or []),
+                time.time(),
+                job,
+            ),
+        )
+        return touched == 1
+
+    def job_is_pending(self, job: int) -> bool:
+        """Pending and now ours until the commit: another node deciding it makes this False."""
+        row = self._row(
+            "SELECT state FROM jobs WHERE id = %s AND state = 'pending' FOR UPDATE SKIP LOCKED",
+            (job,),
+        )
+        return row is not None
+
+    def incident(self, service: str, key: str) -> Incident | None:
+        """Inside a transaction the key stays locked until the commit (even while the incident
+        does not exist yet), so the mirror changes atomically with one decision at a time."""
+        locking = self._held is not None  # a plain read (status page) waits for nobody
+        with self._connection() as conn:
+            if locking:
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
+                )
+            row = conn.execute(
+                f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=%s AND incident_key=%s",
+                (service, key),
+            ).fetchone()
+        return Incident(*row) if row else None
+
+    def save_incident(self, incident: Incident) -> None:
+        placeholders = ",".join(["%s"] * len(INCIDENT_FIELDS))
+        updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
+        self._exec(
+            f"INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES ({placeholders})"
+            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates}",
+            tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
+        )

@@ -1,0 +1,114 @@
+"""Retention on PostgreSQL: batched purges keeping what is still needed and counters' sums.
+
+The selection is read into id lists (a batch at a time) instead of SQLite's temp tables: a
+pooled connection must not keep per-session state between calls.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.store.postgres.connection import Connection
+from gateway.store.postgres.reports import COUNTER_QUERIES
+
+_PURGEABLE_MESSAGES = (
+    "SELECT m.id FROM messages m WHERE m.received_at < %(cutoff)s AND m.duplicate_of IS NULL"
+    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.message = m.id AND j.state <> 'done')"
+    " AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.last_message = m.id"
+    "   AND i.state IN ('triggered', 'acknowledged'))"
+    " AND NOT EXISTS (SELECT 1 FROM jobs j JOIN outbox o ON o.job = j.id"
+    "   WHERE j.message = m.id AND o.state <> 'done')"
+    " AND NOT EXISTS (SELECT 1 FROM messages d WHERE d.duplicate_of = m.id"
+    "   AND d.received_at >= %(cutoff)s)"
+    " ORDER BY m.id LIMIT %(limit)s"
+)
+_PURGEABLE_INCIDENTS = (
+    "SELECT service, incident_key FROM incidents WHERE state NOT IN ('triggered', 'acknowledged')"
+    " AND last_seen < %(cutoff)s LIMIT %(limit)s"
+)
+
+
+class RetentionQueries(Connection):
+    def purge_plan(self, cutoff: float) -> dict[str, int]:
+        with self.transaction():
+            messages, outbox = self._select_purge(cutoff, None)
+            return self._purge_counts(cutoff, None, messages, outbox)
+
+    def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
+        with self.transaction():
+            messages, outbox = self._select_purge(cutoff, batch)
+            counts = self._purge_counts(cutoff, batch, messages, outbox)
+            self._save_metric_offsets(messages, outbox)
+            self._delete_purged(cutoff, batch, messages, outbox)
+        return counts
+
+    def _select_purge(self, cutoff: float, limit: int | None) -> tuple[list[int], list[int]]:
+        args = {"cutoff": cutoff, "limit": limit}
+        messages = [r[0] for r in self._rows(_PURGEABLE_MESSAGES, args)]
+        messages += [  # duplicates go with their original (all older than the cutoff)
+            r[0]
+            for r in self._rows("SELECT id FROM messages WHERE duplicate_of = ANY(%s)", (messages,))
+        ]
+        outbox = [
+            r[0]
+            for r in self._rows(
+                "SELECT id FROM outbox WHERE state = 'done' AND updated_at < %(cutoff)s"
+                " ORDER BY id LIMIT %(limit)s",
+                args,
+            )
+        ]
+        return messages, outbox
+
+    def _purge_counts(
+        self, cutoff: float, limit: int | None, messages: list[int], outbox: list[int]
+    ) -> dict[str, int]:
+        args = {"cutoff": cutoff, "limit": limit, "messages": messages}
+
+        def count(sql: str) -> int:
+            row = self._row(sql, args)
+            return int(row[0]) if row else 0
+
+        return {
+            "messages": len(messages),
+            "jobs": count("SELECT COUNT(*) FROM jobs WHERE message = ANY(%(messages)s)"),
+            "outbox": len(outbox),
+            "events": count(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE at < %(cutoff)s"
+                " LIMIT %(limit)s) e"
+            ),
+            "incidents": count(f"SELECT COUNT(*) FROM ({_PURGEABLE_INCIDENTS}) i"),
+        }
+
+    def _save_metric_offsets(self, messages: list[int], outbox: list[int]) -> None:
+        m = "m.id = ANY(%(messages)s)"
+        j = "j.message = ANY(%(messages)s)"
+        o = "o.id = ANY(%(outbox)s)"
+        args: dict[str, Any] = {"messages": messages, "outbox": outbox}
+        for metric, sql in COUNTER_QUERIES:
+            for row in self._rows(sql.format(m=m, j=j, o=o), args):
+                if not row[-1]:
+                    continue
+                self._exec(
+                    "INSERT INTO metric_offsets (metric, labels, value) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (metric, labels) DO UPDATE"
+                    " SET value = metric_offsets.value + excluded.value",
+                    (metric, json.dumps([str(v) for v in row[:-1]]), row[-1]),
+                )
+
+    def _delete_purged(
+        self, cutoff: float, limit: int, messages: list[int], outbox: list[int]
+    ) -> None:
+        args = {"cutoff": cutoff, "limit": limit, "messages": messages, "outbox": outbox}
+        self._exec("DELETE FROM jobs WHERE message = ANY(%(messages)s)", args)
+        self._exec("DELETE FROM messages WHERE id = ANY(%(messages)s)", args)
+        self._exec("DELETE FROM outbox WHERE id = ANY(%(outbox)s)", args)
+        self._exec(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < %(cutoff)s"
+            " LIMIT %(limit)s)",
+            args,
+        )
+        self._exec(
+            f"DELETE FROM incidents WHERE (service, incident_key) IN ({_PURGEABLE_INCIDENTS})",
+            args,
+        )
