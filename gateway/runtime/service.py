@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.intake.imap import ImapPoller
 from gateway.intake.smtp_listener import SmtpListener
 from gateway.intake.spool import SpoolWriter
+from gateway.node import set_node
 from gateway.runtime.control import ControlPlane
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.parts import Runtime
@@ -53,6 +54,7 @@ class Service:
         # what `gateway check` runs: fail with file:line before listening
         generation = replace(load_generation(self.config.path), number=1)
         config = generation.config
+        set_node(config.store.node)
         verify_store(config.store_location)  # a damaged database is refused, never started over
         spool = SpoolWriter(config.store_location)
         runtime = self.runtime = Runtime(

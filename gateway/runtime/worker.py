@@ -49,9 +49,10 @@ from gateway.decide.processor import Processor, build_processor
 from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.errors import ProblemsError
 from gateway.logs import LEVELS, setup_logging
+from gateway.node import set_node
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
-from gateway.store import Store, StoreThread, open_store
+from gateway.store import Store, StoreThread, listen_for_work, open_store
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def _worker_main(db_path: str, inbox: Connection) -> None:
         raise SystemExit(f"worker: generation {shipped.number} does not compile:\n{exc}") from None
     config = generation.config
     setup_logging(config.gateway.log_level, config.gateway.log_format)
+    set_node(config.store.node)
     run_event_loop(_Worker(_location(db_path), generation, inbox).run())
 
 
@@ -210,13 +212,23 @@ class _Worker:
         config = self.generation.config
         log.info("worker running generation %d", self.generation.number)
         store = StoreThread(self.db_path, "outbox", durable=False)
+        # other nodes' commits (PostgreSQL); the timers below remain the polling fallback
+        wakeups = listen_for_work(
+            self.db_path,
+            on_jobs=lambda: loop.call_soon_threadsafe(self.wake.set),
+            on_outbox=self._wake_outboxes_threadsafe,
+        )
         async with pagerduty_transport(config) as transport:
             self.deliveries = Deliveries(store, transport, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
             delivering = asyncio.create_task(self.deliveries.run(self.stop))
+            if wakeups is not None:
+                wakeups.start()
             await self._decide_until_stopped()
             await delivering
             loop.remove_reader(self.inbox.fileno())
+        if wakeups is not None:
+            wakeups.stop()
         store.close()
         if self.decisions is not None:
             await loop.run_in_executor(self.decider, self.decisions.close)

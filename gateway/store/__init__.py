@@ -12,7 +12,7 @@ A store object belongs to one thread. Writes that must be atomic together run in
 
 from __future__ import annotations
 
-from gateway.store.backend import migrate_store, open_store, verify_store
+from gateway.store.backend import listen_for_work, migrate_store, open_store, verify_store
 from gateway.store.protocols import (
     DecisionStore,
     EventLog,
@@ -74,6 +74,7 @@ __all__ = [
     "SpoolStore",
     "Store",
     "StoreThread",
+    "listen_for_work",
     "migrate_store",
     "open_store",
     "verify_store",

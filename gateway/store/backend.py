@@ -7,10 +7,11 @@ A location is a file path (SQLite, the embedded default), a `sqlite:///path` URL
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import StoreError
-from gateway.store.protocols import Store
+from gateway.store.protocols import Background, Store
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -64,6 +65,19 @@ def open_store(
     return SQLiteStore(
         sqlite_path(location), timeout=timeout, eager=eager, durable=durable, read_only=read_only
     )
+
+
+def listen_for_work(
+    location: str | os.PathLike[str], on_jobs: Callable[[], None], on_outbox: Callable[[], None]
+) -> Background | None:
+    """Calls `on_jobs` when any node commits new jobs and `on_outbox` when outbox items become
+    due (from a thread of its own); None where one process sees every commit itself (SQLite:
+    the spool writer wakes the worker directly)."""
+    if backend_of(location) != "postgresql":
+        return None
+    from gateway.store.postgres.wakeups import WakeUps
+
+    return WakeUps(str(location), on_jobs, on_outbox)
 
 
 def verify_store(location: str | os.PathLike[str]) -> str:

@@ -408,6 +408,14 @@ class ReportStore(Protocol):
         ...
 
 
+class Background(Protocol):
+    """A backend's own helper thread (PostgreSQL: LISTEN for other nodes' commits)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Store(SpoolStore, DecisionStore, OutboxStore, ImapStore, ReportStore, Protocol):
     """A whole backend, as `open_store` returns it: for the code that wires consumers up."""
 

@@ -14,8 +14,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.node import this_node
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import OUTBOX_COLUMNS, on_db_clock, outbox_item
+from gateway.store.postgres.wakeups import notify_outbox
 from gateway.store.records import OutboxItem, OutboxResult
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 
@@ -49,6 +51,7 @@ class OutboxQueries(Connection):
                     kind=kind, service=service, key=order_key, payload=json.dumps(payload), job=job
                 ),
             )
+            self._notify_outbox()
         assert row is not None
         return int(row[0])
 
@@ -117,11 +120,14 @@ class OutboxQueries(Connection):
 
     def release_outbox_leases(self, owner: str, now: float) -> int:
         with self.transaction(durable=False):
-            return self._exec(
+            released = self._exec(
                 f"UPDATE outbox SET next_attempt_at = LEAST(next_attempt_at, {on_db_clock('now')}),"
                 " lease_owner = '' WHERE state = 'pending' AND lease_owner = %(owner)s",
                 self._clock_args(owner=owner, now=now),
             )
+            if released:
+                self._notify_outbox()
+        return released
 
     def next_outbox_due(self, kind: str | None = None) -> float | None:
         """On the caller's clock again (it sleeps until then)."""
@@ -134,13 +140,15 @@ class OutboxQueries(Connection):
         return None if row is None or row[0] is None else float(row[0])
 
     def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+        node = this_node()
         with self.transaction():
             for r in results:
                 self._exec(
                     "UPDATE outbox SET state = %(state)s, attempts = attempts + 1,"
                     " response = %(response)s, last_error = %(error)s,"
                     f" next_attempt_at = COALESCE({on_db_clock('next')}, next_attempt_at),"
-                    f" lease_owner = '', updated_at = {on_db_clock('now')}"
+                    " lease_owner = '', delivered_by = %(node)s,"
+                    f" updated_at = {on_db_clock('now')}"
                     " WHERE id = %(id)s AND state = 'pending'",
                     self._clock_args(
                         state=r.state,
@@ -148,8 +156,11 @@ class OutboxQueries(Connection):
                         error=r.error,
                         next=r.next_attempt_at,
                         id=r.id,
+                        node=node,
                     ),
                 )
+            if any(r.state != "pending" for r in results):
+                self._notify_outbox()  # the next item of those keys is due now, on any node
 
     def outbox(
         self, states: Sequence[str] = ("pending", "dead"), limit: int = 1000
@@ -191,7 +202,14 @@ class OutboxQueries(Connection):
                     self._clock_args(now=now, id=wanted),
                 )
                 requeued.append(wanted)
+            if requeued:
+                self._notify_outbox()
         return Requeued(tuple(requeued), tuple(refused), tuple(forced))
+
+    def _notify_outbox(self) -> None:
+        """Inside the transaction: every node's dispatchers look again once it commits."""
+        with self._connection() as conn:
+            notify_outbox(conn)
 
     def _locked_item(self, item: int) -> OutboxItem | None:
         """The item, its key locked as `add_outbox` does: nothing joins the key meanwhile."""
@@ -216,11 +234,14 @@ class OutboxQueries(Connection):
     def expedite_outbox(self, now: float, kind: str | None = None) -> int:
         kind_filter = "AND kind = %(kind)s" if kind else ""
         with self.transaction(durable=False):
-            return self._exec(
+            moved = self._exec(
                 f"UPDATE outbox SET next_attempt_at = {on_db_clock('now')} WHERE state = 'pending'"
                 f" AND next_attempt_at > {on_db_clock('now')} AND lease_owner = '' {kind_filter}",
                 self._clock_args(now=now, kind=kind),
             )
+            if moved:
+                self._notify_outbox()
+        return moved
 
     def outbox_stats(self) -> tuple[int, float | None]:
         row = self._row("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'")

@@ -12,6 +12,7 @@ from typing import Any
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.reports import COUNTER_QUERIES
 
+PURGE_LOCK = 0x6761_7465_7761_7902  # advisory lock id: one node purges at a time
 _PURGEABLE_MESSAGES = (
     "SELECT m.id FROM messages m WHERE m.received_at < %(cutoff)s AND m.duplicate_of IS NULL"
     " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.message = m.id AND j.state <> 'done')"
@@ -36,7 +37,12 @@ class RetentionQueries(Connection):
             return self._purge_counts(cutoff, None, messages, outbox)
 
     def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
+        """One node purges at a time: while another holds the lock this one purges nothing
+        (all zeros: the caller's loop ends; the other node finishes the work)."""
         with self.transaction():
+            locked = self._row("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK,))
+            if not (locked and locked[0]):
+                return dict.fromkeys(("messages", "jobs", "outbox", "events", "incidents"), 0)
             messages, outbox = self._select_purge(cutoff, batch)
             counts = self._purge_counts(cutoff, batch, messages, outbox)
             self._save_metric_offsets(messages, outbox)

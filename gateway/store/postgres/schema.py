@@ -166,4 +166,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_message ON jobs(message);
     CREATE INDEX outbox_job ON outbox(job);
     """,
+    # 7: which node accepted each mail, which recorded each item's last attempt
+    """
+    ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';
+    """,
 )

@@ -7,7 +7,9 @@ import json
 import time
 from collections.abc import Sequence
 
+from gateway.node import this_node
 from gateway.store.postgres.imap import ImapQueries
+from gateway.store.postgres.wakeups import notify_jobs
 from gateway.store.records import Accepted, ImapPosition, IncomingMail
 
 
@@ -20,12 +22,15 @@ class SpoolQueries(ImapQueries):
             results = [self._accept_one(mail, now) for mail in mails]
             for position in positions:
                 self._advance_imap(position)
+            if any(r.duplicate_of is None for r in results):
+                with self._connection() as conn:
+                    notify_jobs(conn)  # delivered with the commit: every node's worker wakes
         return results
 
     def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
         row = self._row(
             "INSERT INTO messages (received_at, source, peer, mail_from, rcpt_tos, message_id,"
-            " fingerprint, size, raw) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+            " fingerprint, size, raw, node) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
             (
                 now,
                 mail.source,
@@ -36,6 +41,7 @@ class SpoolQueries(ImapQueries):
                 mail.fingerprint,
                 len(mail.raw),
                 mail.raw,
+                this_node(),
             ),
         )
         assert row is not None

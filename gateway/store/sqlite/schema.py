@@ -163,4 +163,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_message ON jobs(message);
     CREATE INDEX outbox_job ON outbox(job);
     """,
+    # 7: which node accepted each mail and which recorded each item's last attempt (several
+    # nodes can share one PostgreSQL store; on SQLite it is always this host).
+    """
+    ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';
+    """,
 )
