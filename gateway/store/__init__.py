@@ -12,7 +12,13 @@ A store object belongs to one thread. Writes that must be atomic together run in
 
 from __future__ import annotations
 
-from gateway.store.backend import listen_for_work, migrate_store, open_store, verify_store
+from gateway.store.backend import (
+    exclusive_turn,
+    listen_for_work,
+    migrate_store,
+    open_store,
+    verify_store,
+)
 from gateway.store.protocols import (
     DecisionStore,
     EventLog,
@@ -21,6 +27,7 @@ from gateway.store.protocols import (
     ReportStore,
     SpoolStore,
     Store,
+    Turn,
 )
 from gateway.store.records import (
     OPEN_STATES,
@@ -74,6 +81,8 @@ __all__ = [
     "SpoolStore",
     "Store",
     "StoreThread",
+    "Turn",
+    "exclusive_turn",
     "listen_for_work",
     "migrate_store",
     "open_store",

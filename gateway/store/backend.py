@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import StoreError
-from gateway.store.protocols import Background, Store
+from gateway.store.protocols import Background, Store, Turn
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -78,6 +78,16 @@ def listen_for_work(
     from gateway.store.postgres.wakeups import WakeUps
 
     return WakeUps(str(location), on_jobs, on_outbox)
+
+
+def exclusive_turn(location: str | os.PathLike[str], name: str) -> Turn | None:
+    """The turn called `name` among the nodes sharing the store at `location`; None where
+    only one node can use the store (SQLite)."""
+    if backend_of(location) != "postgresql":
+        return None
+    from gateway.store.postgres.turns import Turn as PostgresTurn
+
+    return PostgresTurn(str(location), name)
 
 
 def verify_store(location: str | os.PathLike[str]) -> str:

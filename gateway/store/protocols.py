@@ -416,6 +416,20 @@ class Background(Protocol):
     def stop(self) -> None: ...
 
 
+class Turn(Protocol):
+    """A job only one node may do at a time (polling one IMAP account)."""
+
+    def acquire(self) -> bool:
+        """Take it without waiting: True if this node holds it now."""
+        ...
+
+    def held(self) -> bool:
+        """Still this node's (checked before each round of work)."""
+        ...
+
+    def release(self) -> None: ...
+
+
 class Store(SpoolStore, DecisionStore, OutboxStore, ImapStore, ReportStore, Protocol):
     """A whole backend, as `open_store` returns it: for the code that wires consumers up."""
 

@@ -1,0 +1,81 @@
+"""One node at a time: a session-level advisory lock held on a connection of its own.
+
+The IMAP poller of an account runs only while it holds the account's lock. The lock lives as
+long as the session: a node that dies (kill -9, crash) loses it the moment the server sees its
+connection close; a host that vanishes is noticed through TCP keepalives (the server probes
+an idle holder after 5 s, every 5 s, 3 times), so a standby node, which retries every few
+seconds, takes over within about 25 s. A holder checks its lock before each fetch cycle and
+stops polling when its connection to the lock is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
+
+from gateway.store.postgres.connection import CONNECT_TIMEOUT, describe
+
+log = logging.getLogger(__name__)
+
+_KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+
+
+class Turn:
+    """`acquire()` without waiting, `held()` before each round of work, `release()` at the end."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self.name = name
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def acquire(self) -> bool:
+        """True if this node holds the turn now (already, or just taken); False while another
+        node holds it or the database cannot be reached."""
+        if self.held():
+            return True
+        try:
+            self._conn = psycopg.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                options=_KEEPALIVES,
+                keepalives_idle=5,
+                keepalives_interval=5,
+                keepalives_count=3,
+                application_name=f"email-pager-gateway {self.name}",
+            )
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 2))", (self.name,)
+            ).fetchone()
+        except psycopg.Error as exc:
+            log.warning("%s: cannot ask %s for the turn: %s", self.name, describe(self._url), exc)
+            self._drop()
+            return False
+        if not (row and row[0]):
+            self._drop()
+            return False
+        return True
+
+    def held(self) -> bool:
+        """Still ours: the lock's connection answers (the server keeps the lock as long)."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._drop()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give the turn back (closing the session releases the lock)."""
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None

@@ -1,0 +1,75 @@
+"""Two nodes on one PostgreSQL store, one IMAP account: one node polls it at a time, and the
+other takes over when the holder dies (issue 13, "Wake-ups and single-runners")."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import open_store
+from gateway.store.postgres.connection import close_pool
+from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
+from tests.dovecot import PASSWORD, Dovecot, require_dovecot
+from tests.pdserver import PagerDutyStandIn
+from tests.test_imap import _imap_table
+
+TAKEOVER_BOUND = 30.0  # the issue's bound for a standby node to take the account over
+
+
+@pytest.fixture
+def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
+    require_dovecot()
+    (tmp_path / "dovecot").mkdir()
+    server = Dovecot(tmp_path / "dovecot").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        print(f"--- dovecot log ---\n{server.output()}", file=sys.stderr)
+
+
+def node(tmp_path: Path, name: str, pd: PagerDutyStandIn, url: str, imap: str) -> GatewayProcess:
+    directory = tmp_path / name
+    directory.mkdir()
+    port = free_port()
+    store = f'[store]\nurl = "{url}"\nnode = "{name}"\n'
+    config = write_config(directory, pd_url=pd.url, smtp_port=port, extra=store + imap)
+    return GatewayProcess(config, port)
+
+
+def accepting_nodes(url: str) -> list[str]:
+    store = open_store(url, read_only=True)
+    try:
+        found = [store.message(job.message) for job in store.jobs(limit=1000)]
+        return sorted(m.node for m in found if m is not None)
+    finally:
+        store.close()
+
+
+def test_one_node_polls_an_account_and_another_takes_over_when_it_dies(
+    tmp_path: Path, pd: PagerDutyStandIn, dovecot: Dovecot, postgres_url: str, monkeypatch
+) -> None:
+    monkeypatch.setenv("TEST_IMAP_PASSWORD", PASSWORD)
+    imap = _imap_table(dovecot)
+    a = node(tmp_path, "a", pd, postgres_url, imap).start()
+    b = None
+    try:
+        wait_until(lambda: "imap desk: idle" in a.output(), message=a.output())
+        b = node(tmp_path, "b", pd, postgres_url, imap).start()
+        wait_until(lambda: "another node polls this account" in b.output(), message=b.output())
+        dovecot.append(desk_mail("Printer on fire", "New"))
+        pd.wait_for(1)
+        assert accepting_nodes(postgres_url) == ["a"]  # fetched once, by the holder
+        a.kill()  # kill -9: the turn goes with its connection
+        dovecot.append(desk_mail("Toner low", "New"))
+        pd.wait_for(2, timeout=TAKEOVER_BOUND + 10)
+        assert accepting_nodes(postgres_url) == ["a", "b"]
+        assert "imap desk: idle" in b.output()
+    finally:
+        for process in (a, b):
+            if process is not None and process.proc is not None and process.proc.poll() is None:
+                process.kill()
+        close_pool(postgres_url)
