@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import smtplib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, write_config
-from tests.ops_support import WebGateway
+from gateway.store import open_store
+from gateway.store.postgres.connection import close_pool
+from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
+from tests.ops_support import WebGateway, running
 from tests.pdserver import PagerDutyStandIn
+from tests.postgres import PostgresServer, require_postgres
 
 
 def pg_config(directory: Path, pd_url: str, url: str, node: str = "", web: bool = False) -> Path:
@@ -80,3 +86,58 @@ def test_gateway_migrate_creates_the_postgresql_schema(tmp_path: Path, postgres_
     assert "migrated from version 0" in first.stdout
     again = migrate()
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def smtp_data_reply(port: int, raw: bytes) -> tuple[int, bytes]:
+    """The reply to DATA (or the first refusal before it)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        for code, text in (
+            client.mail("support@helpdesk.example"),
+            client.rcpt("desk@gateway.example"),
+        ):
+            if code >= 400:
+                return code, text
+        return client.data(raw)
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A server of this test's own: it is taken away and brought back."""
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.stop()
+        server.remove()
+
+
+def test_postgresql_going_away_answers_451_never_250_and_service_resumes(
+    tmp_path: Path, pd: PagerDutyStandIn, own_server: PostgresServer
+) -> None:
+    url = own_server.new_database()
+    config = pg_config(tmp_path, pd.url, url, web=True)
+    web_port = int(load_config(config).web.listen.rpartition(":")[2])
+    with running(config, smtp_port(config), web_port) as gateway:
+        assert smtp_data_reply(gateway.port, desk_mail("Before", "New"))[0] == 250
+        pd.wait_for(1)
+        reader = open_store(url, read_only=True)
+        wait_until(lambda: reader.outbox_stats()[0] == 0, message="delivery never recorded")
+        own_server.stop()  # immediate: the database is gone
+        code, text = smtp_data_reply(gateway.port, desk_mail("During", "New"))
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        wait_until(lambda: gateway.get("/healthz")[0] == 503, 60, message="healthz stayed ok")
+        assert gateway.health()[1]["store"]["ok"] is False
+        own_server.start()
+        wait_until(
+            lambda: smtp_data_reply(gateway.port, desk_mail("After", "New"))[0] == 250,
+            60,
+            interval=0.5,
+            message="no 250 after the database came back",
+        )
+        events = pd.wait_for(2, timeout=60)
+        assert [e["dedup_key"] for e in events] == ["Before", "After"]
+        wait_until(lambda: gateway.get("/healthz")[0] == 200, 60, message="healthz stayed failing")
+    close_pool(url)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from gateway.store import listen_for_work, open_store
+from gateway.store import OutboxResult, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.retention import PURGE_LOCK
 from tests.conftest import wait_until
@@ -55,3 +56,20 @@ def test_retention_runs_on_one_node_at_a_time(url: str) -> None:
         )
         other_node.execute("SELECT pg_advisory_unlock(%s)", (PURGE_LOCK,))
     assert store.purge(cutoff=9e9)["messages"] == 1
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0], ids=["fast", "slow"])
+def test_a_node_with_a_skewed_clock_neither_takes_a_live_lease_nor_keeps_a_dead_one(
+    url: str, skew: float
+) -> None:
+    """Leases are compared on the database's clock: node B's clock is `skew` seconds off."""
+    a, b = open_store(url), open_store(url)
+    b.clock = lambda: time.time() + skew  # type: ignore[attr-defined]
+    item = a.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
+    [claimed] = a.claim_outbox(time.time(), 1, None, 10.0, owner="a:1")
+    assert b.claim_outbox(b.clock(), 1, None, 10.0, owner="b:1") == []  # type: ignore[attr-defined]
+    a.record_outbox([OutboxResult(claimed.id, "pending", error="503", next_attempt_at=time.time())])
+    [taken] = b.claim_outbox(b.clock(), 1, None, 10.0, owner="b:1")  # type: ignore[attr-defined]
+    assert taken.id == item  # due now on the database's clock, whatever B's clock says
+    assert a.claim_outbox(time.time() + 5, 1, None, 10.0, owner="a:1") == []  # B's lease runs
+    assert [i.id for i in a.claim_outbox(time.time() + 11, 1, None, 10.0, owner="a:1")] == [item]

@@ -52,7 +52,7 @@ from gateway.logs import LEVELS, setup_logging
 from gateway.node import set_node
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
-from gateway.store import Store, StoreThread, listen_for_work, open_store
+from gateway.store import Store, StoreThread, exclusive_turn, listen_for_work, open_store
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,8 @@ class _Worker:
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
         self.decisions: Store | None = None  # the processor's connection, owned by `decider`
+        # nodes sharing a PostgreSQL store decide one at a time, in acceptance order (None: SQLite)
+        self.decide_turn = exclusive_turn(db_path, "decide")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -232,6 +234,8 @@ class _Worker:
         store.close()
         if self.decisions is not None:
             await loop.run_in_executor(self.decider, self.decisions.close)
+        if self.decide_turn is not None:
+            await loop.run_in_executor(self.decider, self.decide_turn.release)
         self.decider.shutdown()
 
     def _new_processor(self) -> Processor:
@@ -271,6 +275,8 @@ class _Worker:
         wake: the query that finds nothing left runs on this thread too."""
         processor = self.processor
         assert processor is not None
+        if self.decide_turn is not None and not self.decide_turn.acquire():
+            return True  # another node decides; this one takes over if it dies
         return any(not processor.process_pending() for _ in range(BATCHES_PER_HOP))
 
     def _on_message(self) -> None:

@@ -1,6 +1,8 @@
 """One node at a time: a session-level advisory lock held on a connection of its own.
 
-The IMAP poller of an account runs only while it holds the account's lock. The lock lives as
+The IMAP poller of an account runs only while it holds the account's lock; the worker decides
+jobs only while it holds the "decide" turn (decisions stay in acceptance order, as with one
+SQLite writer: a resolve is never decided before the trigger accepted ahead of it). The lock lives as
 long as the session: a node that dies (kill -9, crash) loses it the moment the server sees its
 connection close; a host that vanishes is noticed through TCP keepalives (the server probes
 an idle holder after 5 s, every 5 s, 3 times), so a standby node, which retries every few
@@ -29,24 +31,26 @@ class Turn:
     def __init__(self, url: str, name: str) -> None:
         self._url = url
         self.name = name
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn: psycopg.Connection[Any] | None = None  # kept between tries: one round trip
+        self._locked = False
 
     def acquire(self) -> bool:
         """True if this node holds the turn now (already, or just taken); False while another
         node holds it or the database cannot be reached."""
-        if self.held():
-            return True
+        if self._locked:
+            return self.held()
         try:
-            self._conn = psycopg.connect(
-                self._url,
-                autocommit=True,
-                connect_timeout=CONNECT_TIMEOUT,
-                options=_KEEPALIVES,
-                keepalives_idle=5,
-                keepalives_interval=5,
-                keepalives_count=3,
-                application_name=f"email-pager-gateway {self.name}",
-            )
+            if self._conn is None:
+                self._conn = psycopg.connect(
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    options=_KEEPALIVES,
+                    keepalives_idle=5,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                    application_name=f"email-pager-gateway {self.name}",
+                )
             row = self._conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 2))", (self.name,)
             ).fetchone()
@@ -54,14 +58,12 @@ class Turn:
             log.warning("%s: cannot ask %s for the turn: %s", self.name, describe(self._url), exc)
             self._drop()
             return False
-        if not (row and row[0]):
-            self._drop()
-            return False
-        return True
+        self._locked = bool(row and row[0])
+        return self._locked
 
     def held(self) -> bool:
         """Still ours: the lock's connection answers (the server keeps the lock as long)."""
-        if self._conn is None:
+        if self._conn is None or not self._locked:
             return False
         try:
             self._conn.execute("SELECT 1")
@@ -75,6 +77,7 @@ class Turn:
         self._drop()
 
     def _drop(self) -> None:
+        self._locked = False
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
