@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.backoff import Backoff
-from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
+from gateway.errors import RejectedDeliveryError, StoreError, TemporaryDeliveryError
 from gateway.store import OutboxItem, OutboxResult, StoreThread
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,11 @@ class Dispatcher:
         assert self._wake is not None
         if self._results:
             return
-        due = await self.store.call(lambda s: s.next_outbox_due(self.kind))
+        try:
+            due = await self.store.call(lambda s: s.next_outbox_due(self.kind))
+        except StoreError as exc:  # the database is away (a PostgreSQL restart): poll again
+            log.warning("%s outbox: cannot read the next due time: %s", self.kind, exc)
+            due = None
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
         try:

@@ -10,9 +10,12 @@ a connection per call or transaction (so a connection broken by a database resta
 and replaced, and N store objects share a few connections), and it is created per process (a
 forked worker never shares its parent's sockets).
 
-Every commit that backs an acknowledgement runs with `synchronous_commit = on`; bookkeeping
-whose loss in a crash is harmless (`durable=False`: leases, the worker's decisions, as on
-SQLite) may turn it off for its own transaction. Connection failures become `StoreError`,
+Every commit runs with `synchronous_commit = on` except the lease bookkeeping that asks
+for `transaction(durable=False)` (claims, renewals: losing one re-offers an item whose result
+could not be recorded anyway). The store-wide `durable=False` hint (the worker's decisions and
+delivery results, which SQLite commits with synchronous=NORMAL) is ignored here: NORMAL loses
+commits only in a power cut, but an asynchronous PostgreSQL commit is lost by a mere server
+crash or failover, and a lost decision or result means a page sent twice. Connection failures become `StoreError`,
 which callers already answer as a transient store failure (SMTP 451, no IMAP flag, exit 75).
 """
 
@@ -157,7 +160,7 @@ class Connection:
     ) -> None:
         self.url = url
         self.where = describe(url)
-        self._durable = durable
+        del durable  # see the module docstring: only per-transaction bookkeeping may skip it
         self._held: psycopg.Connection[Any] | None = None
         self._read_only = read_only
         self.clock: Callable[[], float] = time.time  # this node's clock (tests skew it)
@@ -219,7 +222,7 @@ class Connection:
             with self.pool.connection() as conn:
                 if self._read_only:  # listings: a write is refused by the server itself
                     conn.execute("SET TRANSACTION READ ONLY")
-                if not (durable and self._durable):
+                if not durable:
                     conn.execute("SET LOCAL synchronous_commit = off")
                 self._held = conn
                 try:
