@@ -26,6 +26,7 @@ from gateway.cli import (
     replay,
     rules_cmd,
     serve,
+    store_cmd,
     themes_cmd,
 )
 from gateway.cli.common import (
@@ -54,6 +55,7 @@ COMMANDS = (
     hash_password,
     purge,
     replay,
+    store_cmd,
 )
 
 

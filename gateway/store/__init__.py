@@ -13,6 +13,7 @@ A store object belongs to one thread. Writes that must be atomic together run in
 from __future__ import annotations
 
 from gateway.store.backend import (
+    copy_store,
     exclusive_turn,
     listen_for_work,
     migrate_store,
@@ -82,6 +83,7 @@ __all__ = [
     "Store",
     "StoreThread",
     "Turn",
+    "copy_store",
     "exclusive_turn",
     "listen_for_work",
     "migrate_store",

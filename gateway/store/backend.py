@@ -105,6 +105,22 @@ def verify_store(location: str | os.PathLike[str]) -> str:
     return verify_sqlite(sqlite_path(location))
 
 
+def copy_store(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> dict[str, int]:
+    """Copy every row of a SQLite store into an empty PostgreSQL store, in one transaction
+    (rows per table). Both end at this gateway's schema version; the source is not changed
+    beyond that. Stop the gateway first: mail accepted meanwhile would not be copied."""
+    if backend_of(source) != "sqlite" or backend_of(target) != "postgresql":
+        raise StoreError("store copy moves a SQLite store (sqlite:///path) into postgresql://...")
+    path = sqlite_path(source)
+    if not path.is_file():
+        raise StoreError(f"no SQLite store at {path}")
+    from gateway.store.postgres.load import load_tables
+    from gateway.store.sqlite.export import export_tables
+
+    version, tables = export_tables(path)
+    return load_tables(str(target), version, tables)
+
+
 def migrate_store(location: str | os.PathLike[str]) -> tuple[int, int]:
     """Apply the migrations the store lacks: (version before, version now). StoreError if its
     schema is newer than this gateway's."""
