@@ -46,7 +46,10 @@ def require_postgres() -> Path:
 class PostgresServer:
     """One running server; `new_database()` gives each test an empty database of its own."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, fsync: bool = False) -> None:
+        """`fsync=False` for tests (a crash of the server process loses nothing either way);
+        the benchmark flushes like production."""
+        self.fsync = fsync
         self.bin = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
         self.data = self.dir / "data"
@@ -68,7 +71,10 @@ class PostgresServer:
             self._run(
                 str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"
             )
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300"
+            + ("" if self.fsync else " -c fsync=off")
+        )
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                   str(self.dir / "log"), "-w", "start")  # fmt: skip
 
@@ -79,6 +85,10 @@ class PostgresServer:
     @property
     def base_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}"
+
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the server's backends)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def new_database(self) -> str:
         """A new empty database; its URL."""

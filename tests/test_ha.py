@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import smtplib
 import subprocess
 import sys
@@ -128,8 +129,12 @@ def test_postgresql_going_away_answers_451_never_250_and_service_resumes(
         own_server.stop()  # immediate: the database is gone
         code, text = smtp_data_reply(gateway.port, desk_mail("During", "New"))
         assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
-        wait_until(lambda: gateway.get("/healthz")[0] == 503, 60, message="healthz stayed ok")
-        assert gateway.health()[1]["store"]["ok"] is False
+        failing = wait_until(
+            lambda: (answer := gateway.get("/healthz"))[0] == 503 and answer,
+            60,
+            message="healthz stayed ok",
+        )
+        assert json.loads(failing[1])["store"]["ok"] is False
         own_server.start()
         wait_until(
             lambda: smtp_data_reply(gateway.port, desk_mail("After", "New"))[0] == 250,

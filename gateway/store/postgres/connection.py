@@ -6,9 +6,10 @@ spool writer's thread, the worker's decision thread, each IMAP poller's thread),
 loops never wait on the database either way. Async psycopg would need an event loop inside each
 of those threads (or a rewrite of every consumer to await the store) and would buy nothing: the
 parallelism is already one thread per consumer. The pool is what matters: store objects borrow
-a connection per call or transaction (so a connection broken by a database restart is checked
-and replaced, and N store objects share a few connections), and it is created per process (a
-forked worker never shares its parent's sockets).
+a connection per call or transaction (N store objects share a few connections; one broken by a
+database restart fails its call once, as a StoreError, and is replaced), and it is created per
+process (a forked worker never shares its parent's sockets). Connections are in autocommit: a
+single statement is one round trip, `transaction()` is BEGIN .. COMMIT.
 
 Every commit runs with `synchronous_commit = on` except the lease bookkeeping that asks
 for `transaction(durable=False)` (claims, renewals: losing one re-offers an item whose result
@@ -59,9 +60,9 @@ def shared_pool(url: str, timeout: float) -> psycopg_pool.ConnectionPool:
                 max_size=16,
                 open=True,
                 timeout=timeout,
-                check=psycopg_pool.ConnectionPool.check_connection,
                 reconnect_timeout=3600.0,
                 kwargs={
+                    "autocommit": True,  # transactions are explicit (`Connection.transaction`)
                     "connect_timeout": CONNECT_TIMEOUT,
                     "options": "-c synchronous_commit=on",
                     "application_name": "email-pager-gateway",
@@ -218,17 +219,21 @@ class Connection:
         if self._held is not None:
             yield
             return
+        with self._errors(), self.pool.connection() as conn, conn.transaction():
+            if self._read_only:  # listings: a write is refused by the server itself
+                conn.execute("SET TRANSACTION READ ONLY")
+            if not durable:
+                conn.execute("SET LOCAL synchronous_commit = off")
+            self._held = conn
+            try:
+                yield
+            finally:
+                self._held = None
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
         try:
-            with self.pool.connection() as conn:
-                if self._read_only:  # listings: a write is refused by the server itself
-                    conn.execute("SET TRANSACTION READ ONLY")
-                if not durable:
-                    conn.execute("SET LOCAL synchronous_commit = off")
-                self._held = conn
-                try:
-                    yield
-                finally:
-                    self._held = None
+            yield
         except psycopg_pool.PoolTimeout as exc:
             raise StoreError(f"database {self.where} unreachable: {exc}") from exc
         except psycopg.OperationalError as exc:
@@ -239,18 +244,22 @@ class Connection:
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit inside `transaction()`: an exception undoes only its own writes."""
-        with self._connection() as conn, conn.transaction():
+        with self._connection() as conn, self._errors(), conn.transaction():
             yield
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """The transaction's connection, or a transaction of its own for this one call."""
+        """The transaction's connection; outside one, a pooled connection in autocommit (one
+        statement is one round trip and its own synchronous commit)."""
         if self._held is not None:
             yield self._held
-            return
-        with self.transaction():
-            assert self._held is not None
-            yield self._held
+        elif self._read_only:
+            with self.transaction():
+                assert self._held is not None
+                yield self._held
+        else:
+            with self._errors(), self.pool.connection() as conn:
+                yield conn
 
     def _exec(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> int:
         """Run one statement; the number of rows it touched."""

@@ -1,10 +1,11 @@
 """Deciding jobs on PostgreSQL: whichever node decides, each job is decided once.
 
-`pending_jobs` skips jobs another node is deciding right now (`FOR UPDATE SKIP LOCKED`);
-inside the decision's transaction `job_is_pending` claims the job with `FOR UPDATE SKIP
-LOCKED` (False: another node holds or decided it), and `incident` locks the incident's key
-until the commit, so two nodes never both build on the same incident: the second one reads
-the first one's result and decides its job again (the processor's IncidentMoved).
+Nodes decide one at a time (the worker's "decide" turn keeps acceptance order), but a
+`gateway ingest` may decide beside them: inside the decision's transaction `job_is_pending`
+claims the job with `FOR UPDATE SKIP LOCKED` (False: another decider holds or decided it),
+and `incident` locks the incident's key until the commit, so two deciders never both build on
+the same incident: the second reads the first one's result and decides its job again (the
+processor's IncidentMoved).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class DecisionQueries(Connection):
     def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
         rows = self._rows(
             "WITH claimable AS (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id"
-            "  LIMIT %s FOR UPDATE SKIP LOCKED)"
+            "  LIMIT %s)"
             " SELECT id, message, service, raw, mail_from, source, received_at FROM ("
             "  SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at,"
             "   SUM(m.size) OVER (ORDER BY j.id) - m.size AS ahead"
