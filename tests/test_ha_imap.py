@@ -3,18 +3,21 @@ other takes over when the holder dies (issue 13, "Wake-ups and single-runners").
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from imapclient import SEEN
 
 from gateway.store import open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.dovecot import PASSWORD, Dovecot, require_dovecot
 from tests.pdserver import PagerDutyStandIn
-from tests.test_imap import _imap_table
+from tests.postgres import PostgresServer, require_postgres
+from tests.test_imap import _imap_table, folder_state
 
 TAKEOVER_BOUND = 30.0  # the issue's bound for a standby node to take the account over
 
@@ -73,3 +76,30 @@ def test_one_node_polls_an_account_and_another_takes_over_when_it_dies(
             if process is not None and process.proc is not None and process.proc.poll() is None:
                 process.kill()
         close_pool(postgres_url)
+
+
+def test_imap_flags_nothing_while_postgresql_is_away_and_catches_up_after(
+    tmp_path: Path, pd: PagerDutyStandIn, dovecot: Dovecot, monkeypatch
+) -> None:
+    server = PostgresServer(require_postgres())
+    server.start()
+    url = server.new_database()
+    monkeypatch.setenv("TEST_IMAP_PASSWORD", PASSWORD)
+    a = node(tmp_path, "a", pd, url, _imap_table(dovecot)).start()
+    try:
+        wait_until(lambda: "imap desk: idle" in a.output(), message=a.output())
+        server.stop()
+        dovecot.append(desk_mail("Printer on fire", "New"))
+        wait_until(lambda: "spool commit of 1 message(s) failed" in a.output(), 60)
+        assert all(SEEN not in flags for flags in folder_state(dovecot).values())
+        server.start()
+        [event] = pd.wait_for(1, timeout=90)
+        assert event["dedup_key"] == "Printer on fire"
+        wait_until(lambda: all(SEEN in f for f in folder_state(dovecot).values()), 30)
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.kill()
+        close_pool(url)
+        with contextlib.suppress(RuntimeError):
+            server.stop()
+        server.remove()

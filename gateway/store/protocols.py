@@ -420,7 +420,8 @@ class Turn(Protocol):
     """A job only one node may do at a time (polling one IMAP account)."""
 
     def acquire(self) -> bool:
-        """Take it without waiting: True if this node holds it now."""
+        """Take it without waiting: True if this node holds it now, False while another node
+        does; StoreError when the store cannot be asked."""
         ...
 
     def held(self) -> bool:

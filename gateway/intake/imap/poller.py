@@ -142,10 +142,10 @@ class ImapPoller:
         turn = exclusive_turn(self._db_path, f"imap:{self.settings.name}")
         try:
             while not self._stop.is_set():
-                if turn is not None and not turn.acquire():
-                    self._stand_by()
-                    continue
                 try:
+                    if turn is not None and not turn.acquire():
+                        self._stand_by()
+                        continue
                     self._session(store, turn)
                 except Exception as exc:
                     if self._stop.is_set():

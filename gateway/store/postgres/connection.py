@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -44,8 +45,13 @@ CLOCK_TOLERANCE = 0.25  # seconds of measured skew treated as none (round trip, 
 CLOCK_CHECK_SECONDS = 60.0  # how long a measured clock shift is trusted
 CONNECT_TIMEOUT = 5  # seconds: an unreachable server is a quick 451, not a 30 s hang
 
+log = logging.getLogger(__name__)
 _pools: dict[tuple[str, int], psycopg_pool.ConnectionPool] = {}
 _pools_lock = threading.Lock()
+
+
+class Unreachable(StoreError):
+    """The server cannot be reached or the connection broke (not a refused statement)."""
 
 
 def shared_pool(url: str, timeout: float) -> psycopg_pool.ConnectionPool:
@@ -167,12 +173,17 @@ class Connection:
         self.clock: Callable[[], float] = time.time  # this node's clock (tests skew it)
         self._shift: tuple[float, float] | None = None  # (shift, when measured: monotonic)
         self.pool = shared_pool(url, min(timeout, 10.0))
+        self._migrated = read_only  # a reader never migrates
         if read_only:
             self._check_readable()
-        else:
+            return
+        try:
             with self.transaction():
-                assert self._held is not None
-                migrate(self._held)
+                pass  # migrates
+        except Unreachable as exc:
+            # a store object outlives outages: the first transaction that gets through
+            # migrates (and refuses a newer schema); until then its calls fail as StoreError
+            log.warning("%s; the schema is checked once it answers", exc)
 
     def _check_readable(self) -> None:
         with self.transaction():
@@ -224,6 +235,9 @@ class Connection:
                 conn.execute("SET TRANSACTION READ ONLY")
             if not durable:
                 conn.execute("SET LOCAL synchronous_commit = off")
+            if not self._migrated:
+                migrate(conn)
+                self._migrated = True
             self._held = conn
             try:
                 yield
@@ -235,9 +249,9 @@ class Connection:
         try:
             yield
         except psycopg_pool.PoolTimeout as exc:
-            raise StoreError(f"database {self.where} unreachable: {exc}") from exc
+            raise Unreachable(f"database {self.where} unreachable: {exc}") from exc
         except psycopg.OperationalError as exc:
-            raise StoreError(f"database {self.where} unreachable or failing: {exc}") from exc
+            raise Unreachable(f"database {self.where} unreachable or failing: {exc}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"database write failed: {exc}") from exc
 
@@ -253,7 +267,7 @@ class Connection:
         statement is one round trip and its own synchronous commit)."""
         if self._held is not None:
             yield self._held
-        elif self._read_only:
+        elif self._read_only or not self._migrated:
             with self.transaction():
                 assert self._held is not None
                 yield self._held

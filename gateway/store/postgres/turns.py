@@ -13,14 +13,12 @@ stops polling when its connection to the lock is gone.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import psycopg
 
+from gateway.errors import StoreError
 from gateway.store.postgres.connection import CONNECT_TIMEOUT, describe
-
-log = logging.getLogger(__name__)
 
 _KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 
@@ -36,9 +34,9 @@ class Turn:
 
     def acquire(self) -> bool:
         """True if this node holds the turn now (already, or just taken); False while another
-        node holds it or the database cannot be reached."""
-        if self._locked:
-            return self.held()
+        node holds it; StoreError when the database cannot be asked."""
+        if self._locked and self.held():
+            return True  # (a broken lock connection was dropped: ask again below)
         try:
             if self._conn is None:
                 self._conn = psycopg.connect(
@@ -55,9 +53,10 @@ class Turn:
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 2))", (self.name,)
             ).fetchone()
         except psycopg.Error as exc:
-            log.warning("%s: cannot ask %s for the turn: %s", self.name, describe(self._url), exc)
             self._drop()
-            return False
+            raise StoreError(
+                f"cannot ask {describe(self._url)} for the {self.name} turn: {exc}"
+            ) from exc
         self._locked = bool(row and row[0])
         return self._locked
 
