@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.runtime.worker import DECIDE_TURN_SILENCE
 from gateway.store import open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import GatewayProcess, desk_mail, free_port, wait_until, write_config
@@ -152,3 +153,32 @@ def b_delivered_what_a_accepted(store) -> bool:
         if any(item.delivered_by == "b" for item in store.outbox_of_job(job.id)):
             return True
     return False
+
+
+def test_a_frozen_node_holding_the_decide_turn_does_not_stop_the_others(
+    tmp_path: Path, pd: PagerDutyStandIn, url: str
+) -> None:
+    """SIGSTOP (a hung host whose kernel still answers keepalives): its session goes silent,
+    the server ends it after DECIDE_TURN_SILENCE and another node decides."""
+    a = Node(tmp_path, "a", pd, url).start()
+    b = None
+    frozen: list[int] = []
+    try:
+        a_sender = Sender("warm", [a, a])
+        a_sender._deliver("Warm-up", "New", "trigger")
+        pd.wait_for(1)  # A's worker decided: it holds the decide turn
+        b = Node(tmp_path, "b", pd, url).start()
+        assert a.proc is not None
+        frozen = [p for p in (a.proc.pid, worker_pid(a.proc.pid)) if p is not None]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        Sender("b", [b, b])._deliver("Printer on fire", "New", "trigger")
+        events = pd.wait_for(2, timeout=DECIDE_TURN_SILENCE + 30)
+        assert events[1]["dedup_key"] == "Printer on fire"
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for node in (a, b):
+            if node is not None and node.alive():
+                node.kill_node()

@@ -64,6 +64,9 @@ WORKER_NICENESS = 19
 
 # batches of `Processor.process_pending` per trip to the decider thread
 BATCHES_PER_HOP = 5
+# PostgreSQL: a decider that asks nothing of the store this long (frozen, hung) loses the
+# "decide" turn to another node; a live one asks at least every second (`_decide_backlog`)
+DECIDE_TURN_SILENCE = 15.0
 
 Message = str | GenerationFiles  # "wake" | "outbox" | "stop" | a generation
 _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
@@ -206,7 +209,7 @@ class _Worker:
         self.processor: Processor | None = None
         self.decisions: Store | None = None  # the processor's connection, owned by `decider`
         # nodes sharing a PostgreSQL store decide one at a time, in acceptance order (None: SQLite)
-        self.decide_turn = exclusive_turn(db_path, "decide")
+        self.decide_turn = exclusive_turn(db_path, "decide", silence=DECIDE_TURN_SILENCE)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

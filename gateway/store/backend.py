@@ -80,14 +80,17 @@ def listen_for_work(
     return WakeUps(str(location), on_jobs, on_outbox)
 
 
-def exclusive_turn(location: str | os.PathLike[str], name: str) -> Turn | None:
+def exclusive_turn(
+    location: str | os.PathLike[str], name: str, *, silence: float | None = None
+) -> Turn | None:
     """The turn called `name` among the nodes sharing the store at `location`; None where
-    only one node can use the store (SQLite)."""
+    only one node can use the store (SQLite). `silence`: a holder that asks nothing of the
+    store for that long (frozen, hung) loses the turn."""
     if backend_of(location) != "postgresql":
         return None
     from gateway.store.postgres.turns import Turn as PostgresTurn
 
-    return PostgresTurn(str(location), name)
+    return PostgresTurn(str(location), name, silence=silence)
 
 
 def verify_store(location: str | os.PathLike[str]) -> str:

@@ -26,9 +26,16 @@ _KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=5 -c tcp_keep
 class Turn:
     """`acquire()` without waiting, `held()` before each round of work, `release()` at the end."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, *, silence: float | None = None) -> None:
+        """`silence`: the server ends the holder's session (and so its turn) after that many
+        seconds without a statement, so a frozen holder (SIGSTOP, a hung host whose kernel
+        still answers keepalives) loses the turn too; the holder must call `acquire` or
+        `held` more often than that."""
         self._url = url
         self.name = name
+        self._options = _KEEPALIVES
+        if silence is not None:
+            self._options += f" -c idle_session_timeout={int(silence * 1000)}"
         self._conn: psycopg.Connection[Any] | None = None  # kept between tries: one round trip
         self._locked = False
 
@@ -43,7 +50,7 @@ class Turn:
                     self._url,
                     autocommit=True,
                     connect_timeout=CONNECT_TIMEOUT,
-                    options=_KEEPALIVES,
+                    options=self._options,
                     keepalives_idle=5,
                     keepalives_interval=5,
                     keepalives_count=3,
