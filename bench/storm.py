@@ -15,6 +15,10 @@ The run lasts until every event is delivered (or --timeout) and prints, next to 
   late case paged           from its end of DATA to its accepted trigger   goal <= 2 s
   nothing lost              from the gateway's store: every mail accepted and decided, and
                             each case's incident counts all of its mails
+
+It also prints how many repeats the gateway coalesced (absorbed on their incidents) and how
+long the whole run took. `--rate-limit default` runs the gateway's own default (120 a minute
+per routing key).
 """
 
 from __future__ import annotations
@@ -121,8 +125,11 @@ def main() -> None:
         drained = wait_until(finished, args.timeout - (time.time() - sent.started), 0.5)
         requests = [r for r in sink.requests() if r.at >= sent.started]
         lost_ok, lost_detail = nothing_lost(gateway, [*mails, late])
+        absorbed = sum(i.coalesced for i in gateway.store.incidents(limit=cases + 10))
+        whole = time.time() - sent.started
     report(args, sent.started, late_sent, keys, late.subject, requests, drained)
     print(f"  nothing lost: every mail decided and visible: {verdict(lost_ok)} ({lost_detail})")
+    print(f"  repeats coalesced on their incidents: {absorbed}; whole run {whole:.1f} s")
 
 
 def report(

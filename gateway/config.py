@@ -21,21 +21,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config_time import HeartbeatSettings, read_heartbeats, read_maintenance, read_schedules
 from gateway.errors import ConfigError, Problem
 from gateway.files import FileSnapshot
+from gateway.schedules import MaintenanceWindow, Schedule
 from gateway.toml_locator import TomlLocator
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAP_SECURITY = ("tls", "starttls", "none")
 SMTP_TLS = ("none", "starttls", "implicit")
-NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve")
+# Webhooks v3 incident event types: the PagerDuty side's changes a service may be told of
+PAGERDUTY_EVENTS = tuple(
+    f"incident.{name}"
+    for name in (
+        "triggered", "acknowledged", "unacknowledged", "resolved", "reopened", "reassigned",
+        "escalated", "delegated", "priority_updated", "annotated", "responder.added",
+        "responder.replied", "status_update_published",
+    )
+)  # fmt: skip
+NOTIFY_EVENTS = ("trigger", "duplicate", "acknowledge", "resolve", *PAGERDUTY_EVENTS)
+DEFAULT_API_URL = "https://api.pagerduty.com"
 # keys whose values are credentials: only the commands that talk to the outside expand them
 SECRET_KEYS = frozenset(
     {"routing_key", "password", "oauth2_token", "oauth2_token_command", "token", "notify_token"}
     | {"webhook_secret", "api_token"}
 )
 SENDER_CHECKS = ("envelope", "header", "both")  # what allowed_senders is matched against
+AUTH_KEYS = (
+    "require_authentication",
+    "authserv_id",
+    "allowed_dkim_domains",
+    "allowed_from_domains",
+    "dns_timeout_seconds",
+)
+# require_authentication: what proves a sender (README "Sender authenticity")
+AUTH_MODES = ("none", "trusted_header", "verify")
+# strict: every Auto-Submitted mail is loop-ignored; replies: only auto-replies and bounces are,
+# auto-generated/auto-notified notifications (cron, helpdesks) reach the rules
+LOOP_GUARD_MODES = ("strict", "replies")
+DEFAULT_INSTALLATION_ID = "gateway"  # the X-Gateway-Loop stamp when none is configured
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,7 @@ class GatewaySettings:
     log_format: str = "auto"  # auto | human | json
     retention_days: int = 30
     regex_timeout_seconds: float = 0.5
+    installation_id: str = DEFAULT_INSTALLATION_ID  # stamped on, and recognised in, our own mail
 
 
 @dataclass(frozen=True)
@@ -74,14 +100,25 @@ class SmtpSettings:
     auth_failure_delay_seconds: float = 2.0
 
 
+DEFAULT_RATE_LIMIT_PER_MINUTE = 120  # PagerDuty: about 120 events a minute per routing key
+
+
 @dataclass(frozen=True)
 class PagerDutySettings:
     events_url: str = DEFAULT_EVENTS_URL
     timeout_seconds: float = 10.0
     max_retry_hours: float = 24.0
-    rate_limit_per_minute: int = 0  # 0 = off; PagerDuty allows about 120/min per routing key
+    # per routing key, PagerDuty's documented Events API rate; 0 = off
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     source: str = "email-gateway"
     client_url: str = ""  # shown as a link on the incident, e.g. this gateway's status page
+    # two-way: Webhooks v3 secrets (several during rotation; none = POST /pagerduty/webhook off)
+    webhook_secret: tuple[str, ...] = ()
+    api_token: str = ""  # REST API token for rule actions (set_priority, add_note, ...)
+    api_url: str = DEFAULT_API_URL
+    api_from: str = ""  # the PagerDuty user's email the REST API wants in `From` for writes
+    api_requester_id: str = ""  # that user's id: responder requests name their requester
+    api_rate_limit_per_minute: int = 900  # PagerDuty allows about 960 REST calls/min per token
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,17 @@ class NotifySettings:
     theme: str
     to: tuple[str, ...]
     on: tuple[str, ...] = ("trigger", "resolve")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Sender authenticity of one service: what must pass before its rules may act."""
+
+    require: str = "none"  # none | trusted_header | verify
+    authserv_id: str = ""  # the upstream MTA whose Authentication-Results are trusted
+    dkim_domains: tuple[str, ...] = ()  # a passing DKIM signature with one of these d=
+    from_domains: tuple[str, ...] = ()  # or DMARC pass for one of these From domains
+    dns_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +148,8 @@ class ServiceSettings:
     allowed_senders: tuple[str, ...] = ()
     notify: NotifySettings | None = None
     allowed_senders_check: str = "envelope"  # envelope | header | both
+    authentication: AuthSettings = AuthSettings()
+    loop_guard: str = "strict"  # strict | replies (LOOP_GUARD_MODES)
 
 
 @dataclass(frozen=True)
@@ -147,6 +197,7 @@ class WebSettings:
     worker_restart_window_seconds: float = 600.0  # ... within this window
     stale_incident_hours: float = 24.0  # the status page flags incidents open longer
     refresh_seconds: int = 60  # the status page reloads itself this often (0: never)
+    webhook_max_age_seconds: float = 300.0  # /healthz fails when a PagerDuty webhook waits longer
 
 
 @dataclass(frozen=True)
@@ -172,6 +223,10 @@ class Config:
     outgoing: OutgoingSettings | None = None
     web: WebSettings = field(default_factory=WebSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    # gateway/config_time.py: named schedules, maintenance windows, expected mail
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    maintenance: tuple[MaintenanceWindow, ...] = ()
+    heartbeats: tuple[HeartbeatSettings, ...] = ()
 
     def service(self, name: str) -> ServiceSettings:
         for service in self.services:
@@ -249,6 +304,7 @@ def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BARE_ENV = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: the shell's, not ours
 _SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web", "store")
+_TIME_SECTIONS = ("schedules", "maintenance", "heartbeat")  # gateway/config_time.py
 
 
 class _Reader:
@@ -287,7 +343,7 @@ class _Reader:
         self.section = (name, nth)
 
     def build(self, data: dict[str, Any]) -> Config:
-        self.check_keys("", data, set(_SECTIONS))
+        self.check_keys("", data, {*_SECTIONS, *_TIME_SECTIONS})
         self.in_section("gateway")
         gateway = self.gateway(self.table(data, "gateway"))
         services = []
@@ -316,6 +372,9 @@ class _Reader:
         web = self.web(self.table(data, "web"))
         self.in_section("store")
         store = self.store(self.table(data, "store"))
+        schedules = read_schedules(self, data)
+        maintenance = read_maintenance(self, data, names, schedules)
+        heartbeats = read_heartbeats(self, data, names)
         return Config(
             path=self.path,
             gateway=gateway,
@@ -326,6 +385,9 @@ class _Reader:
             outgoing=outgoing,
             web=web,
             store=store,
+            schedules=schedules,
+            maintenance=maintenance,
+            heartbeats=heartbeats,
         )
 
     # -- generic helpers -------------------------------------------------------------------
@@ -450,6 +512,9 @@ class _Reader:
             regex_timeout_seconds=self.get(
                 w, t, "regex_timeout_seconds", float, 0.5, check=_positive
             ),
+            installation_id=self.get(
+                w, t, "installation_id", str, DEFAULT_INSTALLATION_ID, check=_installation_id
+            ),
         )
 
     def smtp(self, t: dict[str, Any]) -> SmtpSettings:
@@ -512,10 +577,23 @@ class _Reader:
             timeout_seconds=self.get(w, t, "timeout_seconds", float, 10.0, check=_positive),
             max_retry_hours=self.get(w, t, "max_retry_hours", float, 24.0, check=_positive),
             rate_limit_per_minute=self.get(
-                w, t, "rate_limit_per_minute", int, 0, check=_at_least(0)
+                w,
+                t,
+                "rate_limit_per_minute",
+                int,
+                DEFAULT_RATE_LIMIT_PER_MINUTE,
+                check=_at_least(0),
             ),
             source=self.get(w, t, "source", str, "email-gateway"),
             client_url=self.get(w, t, "client_url", str, ""),
+            webhook_secret=tuple(s for s in self.strings(w, t, "webhook_secret") if s),
+            api_token=self.get(w, t, "api_token", str, ""),
+            api_url=self.get(w, t, "api_url", str, DEFAULT_API_URL, check=_url),
+            api_from=self.get(w, t, "api_from", str, ""),
+            api_requester_id=self.get(w, t, "api_requester_id", str, ""),
+            api_rate_limit_per_minute=self.get(
+                w, t, "api_rate_limit_per_minute", int, 900, check=_at_least(1)
+            ),
         )
 
     def service(self, index: int, t: dict[str, Any], gateway: GatewaySettings) -> ServiceSettings:
@@ -524,7 +602,8 @@ class _Reader:
             w,
             t,
             {"name", "addresses", "routing_key", "rules", "allowed_senders", "notify"}
-            | {"allowed_senders_check"},
+            | {"allowed_senders_check", "loop_guard"}
+            | set(AUTH_KEYS),
         )
         name = self.get(w, t, "name", str, f"service{index}", required=True)
         w = f"service {name!r}"
@@ -547,7 +626,32 @@ class _Reader:
             allowed_senders_check=self.get(
                 w, t, "allowed_senders_check", str, "envelope", check=_one_of(SENDER_CHECKS)
             ),
+            authentication=self.authentication(w, t),
+            loop_guard=self.get(w, t, "loop_guard", str, "strict", check=_one_of(LOOP_GUARD_MODES)),
         )
+
+    def authentication(self, w: str, t: dict[str, Any]) -> AuthSettings:
+        """The service's sender-authenticity keys; a mode without what it needs is an error."""
+        settings = AuthSettings(
+            require=self.get(
+                w, t, "require_authentication", str, "none", check=_one_of(AUTH_MODES)
+            ),
+            authserv_id=self.get(w, t, "authserv_id", str, ""),
+            dkim_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_dkim_domains")),
+            from_domains=tuple(d.lower() for d in self.strings(w, t, "allowed_from_domains")),
+            dns_timeout_seconds=self.get(w, t, "dns_timeout_seconds", float, 5.0, check=_positive),
+        )
+        if settings.require == "trusted_header" and not settings.authserv_id:
+            self.problem(
+                f"{w}.authserv_id",
+                "require_authentication = 'trusted_header' needs the authserv_id of the MTA to trust",
+            )
+        if settings.require != "none" and not (settings.dkim_domains or settings.from_domains):
+            self.problem(
+                f"{w}.require_authentication",
+                "name who may send: allowed_dkim_domains and/or allowed_from_domains",
+            )
+        return settings
 
     def rule_path(self, where: str, rules_dir: Path, name: str) -> Path:
         path = Path(name).expanduser()
@@ -682,6 +786,7 @@ _WEB_THRESHOLDS = (
     "dead_letter_hours",
     "worker_restart_window_seconds",
     "stale_incident_hours",
+    "webhook_max_age_seconds",
 )
 
 
@@ -702,6 +807,13 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
+
+
+def _installation_id(value: str) -> str | None:
+    """It goes into a header of every mail we send: one short token, nothing to inject."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        return None
+    return f"must be 1-64 letters, digits, '.', '_' or '-' (got {value!r})"
 
 
 def _at_least(minimum: int) -> Callable[[Any], str | None]:

@@ -11,16 +11,19 @@ from enum import StrEnum
 
 class Outcome(StrEnum):
     TRIGGERED = "triggered"
-    DUPLICATE = "trigger_duplicate"  # a trigger for an open key: forwarded, counted
+    DUPLICATE = "trigger_duplicate"  # a trigger for an open key: counted, coalesced if it can be
     ACKNOWLEDGED = "acknowledged"
     RESOLVED = "resolved"
     ACK_NO_INCIDENT = "acknowledge_no_open_incident"
     RESOLVE_NO_INCIDENT = "resolve_no_open_incident"
     DISCARDED = "discarded"  # a rule said discard
     UNMATCHED = "unmatched"  # no rule matched; kept and visible
+    FILTERED = "filtered"  # did not pass the service's [filter]; kept and visible, never sent
     QUARANTINED = "quarantined"  # could not be decided (regex timeout, template error, ...)
     LOOP_IGNORED = "loop_ignored"  # auto-reply or bounce
     SENDER_REFUSED = "sender_not_allowed"  # fails the service's allowed_senders; kept, visible
+    UNAUTHENTICATED = "unauthenticated"  # fails require_authentication; kept, visible
+    MAINTENANCE = "maintenance_suppressed"  # a trigger during a suppressing maintenance window
 
     @property
     def is_action(self) -> bool:
@@ -32,8 +35,11 @@ NON_ACTIONS = frozenset(
     {
         Outcome.DISCARDED,
         Outcome.UNMATCHED,
+        Outcome.FILTERED,
         Outcome.QUARANTINED,
         Outcome.LOOP_IGNORED,
         Outcome.SENDER_REFUSED,
+        Outcome.UNAUTHENTICATED,
+        Outcome.MAINTENANCE,
     }
 )

@@ -69,7 +69,9 @@ def write_config(
     service_extra: str = "",
     extra: str = "",
 ) -> Path:
-    """A config.toml in `directory` using the repository's default rules."""
+    """A config.toml in `directory` using the repository's default rules. The PagerDuty rate
+    limit is off (the stand-in has none, and tests send thousands of events); tests of the
+    limit switch it on."""
     key_line = f'routing_key = "{routing_key}"' if routing_key else ""
     url_line = f'events_url = "{pd_url}"' if pd_url else ""
     text = f"""
@@ -88,6 +90,7 @@ hostname = "gateway.test"
 [pagerduty]
 {url_line}
 timeout_seconds = 5
+rate_limit_per_minute = 0
 
 [[service]]
 name = "helpdesk"

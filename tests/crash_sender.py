@@ -1,8 +1,9 @@
 """Load generator for the crash test: sends N Desk.com mails like an MTA would.
 
-    python tests/crash_sender.py PORT COUNT OUTFILE
+    python tests/crash_sender.py PORT COUNT OUTFILE [CASES]
 
-Each mail has a unique subject and Message-ID. A mail that got no 250 (connection refused or
+Each mail has a unique Message-ID and, unless CASES is given, a unique subject; with CASES it
+is an alert storm: mail n is about "Crash case {n % CASES}". A mail that got no 250 (connection refused or
 dropped because the gateway was killed) is retried, with the same bytes, until it gets one. Every
 250 is appended to OUTFILE as soon as it arrives, so the test knows what was acknowledged.
 """
@@ -20,11 +21,14 @@ THREADS = 4
 DEADLINE_SECONDS = 240
 
 
+CASES: int | None = None
+
+
 def message(n: int) -> bytes:
     msg = EmailMessage()
     msg["From"] = "support@helpdesk.example"
     msg["To"] = "desk@gateway.example"
-    msg["Subject"] = f"Crash case {n}"
+    msg["Subject"] = f"Crash case {n if CASES is None else n % CASES}"
     msg["Message-ID"] = f"<crash-{n}@helpdesk.example>"
     msg.set_content(f"Case #{n}\nStatus: New\n" + "x" * 2000 + "\n")
     return msg.as_bytes()
@@ -53,7 +57,9 @@ def send_all(port: int, numbers: list[int], out, lock: threading.Lock, deadline:
 
 
 def main() -> None:
+    global CASES
     port, count, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    CASES = int(sys.argv[4]) if len(sys.argv) > 4 else None
     deadline = time.monotonic() + DEADLINE_SECONDS
     lock = threading.Lock()
     with open(path, "a") as out:

@@ -155,3 +155,11 @@ def test_storm_benchmark_reports_its_goals_and_that_nothing_was_lost() -> None:
 def test_short_runs_and_help_work_for_every_benchmark() -> None:
     for script in ("smtp_throughput.py", "cpu_per_message.py", "storm.py", "pd_sink.py"):
         assert "usage:" in run_bench(script, "--help", timeout=60)
+
+
+def test_thread_benchmark_splits_the_cpu_per_mail_by_thread() -> None:
+    out = run_bench("thread_cpu.py", "--messages", "30", "--rate", "50")
+    assert re.search(r"gateway CPU [\d.]+ ms per mail \(listener [\d.]+, worker [\d.]+\)", out), out
+    assert re.search(r"listener threads \(ms per mail\): \S", out), out
+    assert re.search(r"worker threads \(ms per mail\): \S", out), out
+    assert "usage:" in run_bench("thread_cpu.py", "--help", timeout=60)

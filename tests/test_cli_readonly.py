@@ -33,6 +33,7 @@ READ_ONLY_COMMANDS = [
     pytest.param(["incidents"], id="incidents"),
     pytest.param(["messages"], id="messages"),
     pytest.param(["outbox"], id="outbox"),
+    pytest.param(["webhooks"], id="webhooks"),
     pytest.param(["replay", "--since", "1h"], id="replay"),
     pytest.param(["purge", "--dry-run"], id="purge-dry-run"),
 ]

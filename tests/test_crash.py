@@ -141,3 +141,64 @@ def test_kill_9_of_the_worker_resends_at_most_the_items_in_flight(
         f"\n{WORKER_KILLS} worker kills: {sum(in_flight.values())} events in flight,"
         f" {sum(resent.values())} resent, {len(pd.events)} sent for {len(sent)} incidents"
     )
+
+
+STORM_MAILS = 900
+STORM_CASES = 30
+STORM_KILLS = 3
+
+
+def test_kill_9_during_a_storm_loses_nothing_and_pages_each_case(
+    tmp_path: Path, pd: PagerDutyStandIn
+) -> None:
+    """Issue 12: an alert storm (many mails per case) with the rate limit on, and kill -9 of
+    `gateway serve` in the middle of it. Every acknowledged mail is decided once and counted
+    on its case's incident; repeats are absorbed (coalesced), never queued one per mail; each
+    case is paged, at most once more per kill than once."""
+    port = free_port()
+    config = write_config(tmp_path, pd_url=pd.url, smtp_port=port)
+    text = config.read_text().replace("rate_limit_per_minute = 0", "rate_limit_per_minute = 600")
+    config.write_text(text)
+    gateway = GatewayProcess(config, port).start()
+    log = tmp_path / "acknowledged.txt"
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "crash_sender.py"),
+            str(port),
+            str(STORM_MAILS),
+            str(log),
+            str(STORM_CASES),
+        ]
+    )
+    try:
+        for kill in range(1, STORM_KILLS + 1):
+            target = kill * STORM_MAILS // (STORM_KILLS + 1)
+            wait_until(lambda t=target: len(acknowledged(log)) >= t, timeout=120)
+            gateway.kill()
+            gateway.start()
+        assert sender.wait(timeout=240) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+
+    acked = acknowledged(log)
+    assert sorted(acked) == list(range(STORM_MAILS)), "the sender got a 250 for every mail"
+    store = open_store(config.parent / "data" / "gateway.sqlite3")
+    cases = {f"Crash case {n}" for n in range(STORM_CASES)}
+    wait_until(
+        lambda: {e["dedup_key"] for e in pd.events} >= cases, timeout=120, message="not paged"
+    )
+    wait_until(lambda: store.outbox(("pending",)) == [], timeout=60, message="outbox not drained")
+    gateway.stop()
+
+    jobs = store.jobs(limit=10 * STORM_MAILS)
+    assert len(jobs) == STORM_MAILS and all(j.outcome for j in jobs), "every mail decided once"
+    incidents = {i.incident_key: i for i in store.incidents(limit=10 * STORM_CASES)}
+    assert set(incidents) == cases
+    per_case = Counter(f"Crash case {n % STORM_CASES}" for n in acked)
+    assert {k: i.trigger_count for k, i in incidents.items()} == dict(per_case)
+    assert {k: i.coalesced for k, i in incidents.items()} == {k: n - 1 for k, n in per_case.items()}
+    assert store.outbox(("dead",)) == []
+    sent = Counter(e["dedup_key"] for e in pd.events)
+    assert max(sent.values()) <= 1 + STORM_KILLS, f"a case paged more than once per kill: {sent}"

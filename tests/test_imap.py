@@ -637,8 +637,14 @@ def test_after_action_cut_by_a_lost_connection_is_finished_without_refetch(
     wait_until(lambda: poller.attempts >= 2 and poller.state == "idle")
     harness.server.append(desk_mail("two"))  # a sync point: everything before it is done
     harness.wait_count(2)
+    # The count grows at the acceptance commit; mail two's own \\Seen (and the clearing of
+    # its unfinished mark) follows it, so wait for that rather than race it.
+    wait_until(lambda: SEEN in folder_state(harness.server).get(2, ()))
+    wait_until(
+        lambda: harness.store.imap_unfinished("desk", "INBOX") == [],
+        message="an after-action was left unfinished",
+    )
     assert harness.count("duplicate_of IS NOT NULL") == 0, "the message was fetched again"
-    assert harness.store.imap_unfinished("desk", "INBOX") == []
 
 
 def test_after_action_left_unfinished_by_a_crash_is_applied_at_start(harness: Harness) -> None:

@@ -349,7 +349,7 @@ class TestIncidentUpdates:
                 client.sendmail("support@helpdesk.example", ["desk@gateway.example"], again)
                 done = desk_mail("Re: Printer on fire", "Resolved")
                 client.sendmail("support@helpdesk.example", ["desk@gateway.example"], done)
-            pd.wait_for(3)
+            pd.wait_for(2)  # trigger, resolve: the repeat is coalesced (issue 12)
             messages = wait_until(
                 lambda: len(sink.handler.envelopes) >= 2 and sink.handler.messages(),
                 message=f"no incident_update mail:\n{gateway.output()}",

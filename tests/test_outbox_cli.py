@@ -182,7 +182,9 @@ def test_outbox_json_shows_the_last_error_whole(cli: Cli, pd: PagerDutyStandIn) 
         "attempts": 1,
     }
     assert record["item"] == "trigger Bad event" and record["in_flight"] is False
-    assert record["payload"]["dedup_key"] == "Bad event" and "routing_key" not in record["payload"]
+    assert record["payload"]["dedup_key"] == "Bad event"
+    assert record["payload"]["routing_key"] == "(the key that opened the incident)"
+    assert ROUTING_KEY not in out  # every event carries its incident's key: never shown
     assert record["created_at"].endswith("Z") and record["next_attempt_at"] is None
     assert dead.last_error not in cli("outbox")[1]  # the table cuts it
 

@@ -212,7 +212,8 @@ def test_a_rate_limited_burst_is_sent_once(tmp_path: Path, pd: PagerDutyStandIn)
     config_path = write_config(tmp_path, pd_url=pd.url)
     config_path.write_text(
         config_path.read_text().replace(
-            "timeout_seconds = 5", "timeout_seconds = 0.5\nrate_limit_per_minute = 120"
+            "timeout_seconds = 5\nrate_limit_per_minute = 0",
+            "timeout_seconds = 0.5\nrate_limit_per_minute = 120",
         )
     )
     config = load_config(config_path)

@@ -10,12 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.config import PagerDutySettings
 from gateway.decide.events import build_event
 from gateway.delivery.http11 import KeepAliveTransport
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
-from gateway.delivery.pagerduty import PagerDutySender, RateLimiter, classify_response
+from gateway.delivery.pagerduty import PagerDutySender, RateBudget, classify_response
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.store import StoreThread, open_store
+from gateway.store import OutboxItem, StoreThread, open_store
 from tests.conftest import ROUTING_KEY
 from tests.pdserver import PagerDutyStandIn, validate_event
 
@@ -208,12 +209,28 @@ def test_gives_up_after_the_configured_time(tmp_path: Path) -> None:
     assert len(dead) == 1 and dead[0].last_error.startswith("gave up after 1 attempts")
 
 
-def test_rate_limiter_spaces_events() -> None:
-    async def run() -> float:
-        limiter = RateLimiter(per_minute=600)  # one per 0.1 s
-        start = time.monotonic()
-        for _ in range(4):
-            await limiter.wait("key")
-        return time.monotonic() - start
+def budget_item(n: int, service: str) -> OutboxItem:
+    return OutboxItem(n, "pagerduty", service, f"k{n}", {}, "pending", 0, 0.0, 0.0, "", "")
 
-    assert asyncio.run(run()) >= 0.29
+
+def test_the_rate_limit_is_on_by_default_at_pagerdutys_documented_rate() -> None:
+    assert PagerDutySettings().rate_limit_per_minute == 120
+
+
+def test_the_rate_budget_limits_each_routing_key_on_its_own() -> None:
+    clock = [100.0]
+    keys = {"a": "KEY-A", "a2": "KEY-A", "b": "KEY-B"}
+    budget = RateBudget(120, keys.get, clock=lambda: clock[0])  # one per 0.5 s and key
+    items = [budget_item(1, "a"), budget_item(2, "a2"), budget_item(3, "b"), budget_item(4, "a")]
+    assert [i.id for i in budget.admit(items)] == [1, 3]  # a and a2 share KEY-A
+    assert budget.held_back == 2 and budget.wait_seconds() == 0.5
+    clock[0] += 0.25
+    assert budget.admit(items[1:2]) == []
+    clock[0] += 0.25
+    assert [i.id for i in budget.admit(items[1:])] == [2, 3]
+    clock[0] += 0.5
+    assert [i.id for i in budget.admit(items, limit=1)] == [1]  # no slot spent beyond the room
+    assert [i.id for i in budget.admit(items[2:])] == [3]
+    budget.penalize("KEY-B", 30.0)  # a 429 with Retry-After: 30
+    clock[0] += 1.0
+    assert [i.id for i in budget.admit([budget_item(5, "b"), budget_item(6, "a")])] == [6]

@@ -76,11 +76,12 @@ def test_desk_com_lifecycle(gateway: Gateway, pd: PagerDutyStandIn) -> None:
     gateway.ingest(desk_mail("Re: Printer on fire", "Resolved"))
     assert events(pd) == [
         ("trigger", "Printer on fire"),
-        ("trigger", "Printer on fire"),  # same dedup_key: PagerDuty folds it into the incident
+        # issue 12: the second "new" mail is coalesced into the trigger PagerDuty already has
         ("resolve", "Printer on fire"),
     ]
     [incident] = gateway.store.incidents()
     assert (incident.state, incident.trigger_count, incident.resolve_count) == ("resolved", 2, 1)
+    assert incident.coalesced == 1
 
 
 def test_resolve_without_open_incident_is_recorded_and_harmless(

@@ -132,3 +132,97 @@ def test_the_stored_trace_lists_every_rule_tried(store: Store) -> None:
             "reason": 'all 1 condition matched; key "Printer on fire"',
         },
     ]
+
+
+def test_a_job_decided_elsewhere_between_the_phases_is_recorded_once(
+    store: Store, tmp_path: Path
+) -> None:
+    """`gateway ingest` decides the same job while this processor renders: this one records
+    nothing (its incident change, event and mail are undone with the job's savepoint)."""
+    other_store = open_store(tmp_path / "gateway.sqlite3")
+    other = processor(other_store, WatchedThemes(other_store))
+
+    def race() -> None:
+        if len(themes.renders) == 1:
+            (decided,) = other.process_pending()
+            assert decided.outcome == Outcome.TRIGGERED
+
+    themes = WatchedThemes(store, race)
+    spool(store, desk_mail("Printer on fire"))
+    assert processor(store, themes).process_pending() == []
+    assert [
+        item.payload["event_action"] for item in store.outbox() if item.kind == "pagerduty"
+    ] == ["trigger"]
+    assert mail_events(store) == ["trigger"]
+    (incident,) = store.incidents()
+    assert incident.trigger_count == 1
+
+
+class CountingStore:
+    """A real store that counts the queries for pending jobs."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.looks = 0
+
+    def pending_jobs(self, *args: Any, **kwargs: Any) -> Any:
+        self.looks += 1
+        return self.store.pending_jobs(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_backlog_of_one_mail_is_decided_with_one_look_for_pending_jobs(store: Store) -> None:
+    """At a steady rate every wake finds one mail: the batch that took every pending job ends
+    the round, without a second query that only finds nothing left."""
+    counting = CountingStore(store)
+    spool(store, desk_mail("Printer on fire"))
+    worker = processor(counting, WatchedThemes(store))  # type: ignore[arg-type]
+    assert worker.process_backlog(5) is True
+    assert counting.looks == 1
+    assert [j.id for j in store.pending_jobs()] == []
+    spool(store, desk_mail("Printer on fire", "Resolved"))  # a later commit: the next wake
+    assert worker.process_backlog(5) is True
+    assert counting.looks == 2
+    (incident,) = store.incidents()
+    assert incident.state == "resolved"
+
+
+def test_a_full_batch_looks_again_for_pending_jobs(store: Store) -> None:
+    counting = CountingStore(store)
+    spool(store, *(desk_mail(f"Case {n}") for n in range(3)))
+    worker = processor(counting, WatchedThemes(store))  # type: ignore[arg-type]
+    assert len(worker.process_pending(batch=2)) == 2
+    assert worker.drained is False
+    assert len(worker.process_pending(batch=2)) == 1
+    assert worker.drained is True
+    assert counting.looks == 2
+
+
+def test_a_mail_to_two_services_is_parsed_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.decide.processor as processor_module
+
+    parses: list[bytes] = []
+    real_parse = processor_module.parse_message
+
+    def counting_parse(raw: bytes, envelope_from: str | None = None) -> Any:
+        parses.append(raw)
+        return real_parse(raw, envelope_from)
+
+    monkeypatch.setattr(processor_module, "parse_message", counting_parse)
+    services = tuple(
+        ServiceSettings(name, (f"{name}@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+        for name in ("helpdesk", "facilities")
+    )
+    store.accept(
+        [incoming(desk_mail("Printer on fire"), source="cli", services=("helpdesk", "facilities"))]
+    )
+    outcomes = Processor(store, load_services(services), PagerDutySettings()).process_pending()
+    assert sorted((o.service, o.outcome) for o in outcomes) == [
+        ("facilities", Outcome.TRIGGERED),
+        ("helpdesk", Outcome.TRIGGERED),
+    ]
+    assert len(parses) == 1

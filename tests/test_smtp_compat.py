@@ -340,6 +340,24 @@ def test_cached_inspection_builds_the_same_session(monkeypatch: pytest.MonkeyPat
         loop.close()
 
 
+def test_a_new_session_walks_only_the_names_aiosmtpd_collects() -> None:
+    """Every connection's SMTP.__init__ walks `dir(handler)` and `dir(self)` for `handle_*` and
+    `smtp_*` (and getmembers for `auth_*`): the cache answers with those names only, so each
+    connection skips the other hundred (aiosmtpd filters by the same prefixes)."""
+    source = inspect.getsource(aiosmtpd_smtp)
+    assert 'for m in dir(handler)\n            if m.startswith("handle_")' in source
+    assert 'for m in dir(self)\n            if m.startswith("smtp_")' in source
+    loop = asyncio.new_event_loop()
+    try:
+        session = make_session(loop)
+        cached = _ClassCachedInspection()
+        names = cached.dir(session)
+        assert names and all(n.startswith(("handle_", "smtp_", "auth_")) for n in names)
+        assert {n for n in dir(session) if n.startswith("smtp_")} <= set(names)
+    finally:
+        loop.close()
+
+
 def test_install_cached_inspection_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiosmtpd_smtp, "inspect", inspect)
     monkeypatch.setattr(aiosmtpd_smtp, "dir", dir, raising=False)

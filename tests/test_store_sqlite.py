@@ -138,3 +138,25 @@ def test_spool_writer_survives_a_caller_that_gave_up(tmp_path: Path) -> None:
     finally:
         writer.stop()
     assert counts(open_store(tmp_path / "g.sqlite3"))["messages"] == 21  # cancelled ones were kept
+
+
+def test_an_smtp_commit_is_awaited_without_a_task_per_mail(tmp_path: Path) -> None:
+    """The listener shields the acceptance as it is: a future, not a coroutine that needs a
+    task (and an extra event-loop iteration) for every mail."""
+    import asyncio
+
+    from gateway.intake.spool import SpoolWriter
+
+    writer = SpoolWriter(tmp_path / "g.sqlite3")
+    writer.start()
+
+    async def scenario() -> int:
+        accepting = writer.accept(mail("one"))
+        assert asyncio.isfuture(accepting) and not isinstance(accepting, asyncio.Task)
+        assert asyncio.ensure_future(accepting) is accepting
+        return (await asyncio.wait_for(accepting, timeout=10)).id
+
+    try:
+        assert asyncio.run(scenario()) >= 1
+    finally:
+        writer.stop()

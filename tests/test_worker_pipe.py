@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
+import smtplib
 import threading
 import time
 from pathlib import Path
 
+from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
 from gateway.runtime.worker import BATCHES_PER_HOP, WorkerProcess, _Worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, GatewayProcess, desk_mail
+from tests.ops_support import worker_pid
+from tests.pdserver import PagerDutyStandIn
 
 
 class GatedPipe:
@@ -29,33 +34,62 @@ class GatedPipe:
         self.sent.append(message)
 
 
-def test_wakes_queued_behind_a_busy_pipe_collapse_into_one(tmp_path: Path) -> None:
-    worker = WorkerProcess(
-        tmp_path / "g.sqlite3", load_generation(ROOT / "config.toml").for_worker()
-    )
+def test_a_commit_wakes_the_worker_while_a_generation_blocks_the_pipe(tmp_path: Path) -> None:
+    """Wakes have their own pipe, written by the committing thread itself: none waits behind a
+    big generation the child has not read yet, and 500 commits are one wake for the child."""
+    generation = load_generation(ROOT / "config.toml")
+    worker = WorkerProcess(tmp_path / "g.sqlite3", generation.for_worker())
     pipe = GatedPipe()
     worker._pipe = pipe  # type: ignore[assignment]
+    wakes_child, wakes_parent = multiprocessing.Pipe(duplex=False)
+    os.set_blocking(wakes_parent.fileno(), False)
+    worker._replace_wakes(wakes_parent)
+    child = _Worker(tmp_path / "g.sqlite3", generation, wakes_child, wakes_child)
     worker._writer.start()
     try:
-        worker.wake()  # taken by the writer thread, which then blocks in send()
+        worker.configure(worker.generation)  # taken by the writer thread, blocked in send()
         deadline = time.monotonic() + 10
         while not pipe.sent and time.monotonic() < deadline:
             time.sleep(0.01)
-        for _ in range(500):  # 500 commits while the pipe is busy
+        for _ in range(500):  # 500 commits while the message pipe is busy
             worker.wake()
-        pipe.gate.set()
-        while len(pipe.sent) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        while not worker._outgoing.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pipe.sent == ["wake", "wake"]  # the 500 became one, sent after all of them
-        worker.wake()  # and a later commit wakes again
-        while len(pipe.sent) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pipe.sent == ["wake", "wake", "wake"]
+        assert wakes_child.poll(0)  # at once: no thread to wait for
+        woken: list[bool] = []
+
+        async def read_wakes() -> None:
+            child._on_wakes()
+            woken.append(child.wake.is_set())
+            child.wake.clear()
+            child._on_wakes()  # nothing left: the 500 were one wake
+            woken.append(child.wake.is_set())
+            worker.wake()  # and a later commit wakes again
+            child._on_wakes()
+            woken.append(child.wake.is_set())
+
+        asyncio.run(read_wakes())
+        assert woken == [True, False, True]
+        assert len(pipe.sent) == 1  # the generation alone went over the message pipe
     finally:
+        pipe.gate.set()
         worker._outgoing.put(None)
         worker._writer.join(5)
+        worker._replace_wakes(None)
+        child.decider.shutdown()
+
+
+def test_wakes_to_a_gone_child_are_dropped_without_an_error(tmp_path: Path) -> None:
+    worker = WorkerProcess(
+        tmp_path / "g.sqlite3", load_generation(ROOT / "config.toml").for_worker()
+    )
+    worker.wake()  # not started: nothing to wake
+    wakes_child, wakes_parent = multiprocessing.Pipe(duplex=False)
+    os.set_blocking(wakes_parent.fileno(), False)
+    worker._replace_wakes(wakes_parent)
+    wakes_child.close()  # the child died
+    for _ in range(100_000):  # a broken pipe, and never blocked by a full one
+        worker.wake()
+    worker._replace_wakes(None)
+    worker.wake()
 
 
 class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -71,12 +105,17 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
 class ScriptedProcessor:
     """Stands in for the Processor: `batches` non-empty batches, then nothing pending."""
 
-    def __init__(self, batches: int) -> None:
+    process_backlog = Processor.process_backlog  # the real loop over the scripted batches
+
+    def __init__(self, batches: int, *, drained_after: int | None = None) -> None:
         self.left = batches
         self.calls = 0
+        self.drained = False
+        self.drained_after = drained_after  # from this call on, say the batch took every job
 
     def process_pending(self) -> list[int]:
         self.calls += 1
+        self.drained = self.drained_after is not None and self.calls >= self.drained_after
         if self.left == 0:
             return []
         self.left -= 1
@@ -112,6 +151,14 @@ def test_a_wake_takes_one_trip_to_the_decider_thread(tmp_path: Path) -> None:
     assert processor.calls == 2
 
 
+def test_a_wake_for_one_mail_looks_for_pending_jobs_once(tmp_path: Path) -> None:
+    """A batch that took every pending job ends the round: at a steady rate each wake decides
+    one mail, without a second query that only finds nothing left."""
+    processor = ScriptedProcessor(batches=1, drained_after=1)
+    assert _decide_once(tmp_path, processor) == 1
+    assert processor.calls == 1
+
+
 def test_a_backlog_returns_to_the_loop_between_rounds_of_batches(tmp_path: Path) -> None:
     """A reload or stop waits for at most BATCHES_PER_HOP batches, not for the whole backlog."""
     processor = ScriptedProcessor(batches=2 * BATCHES_PER_HOP + 2)
@@ -142,3 +189,21 @@ def test_the_child_handles_every_message_queued_on_its_pipe(tmp_path: Path) -> N
     finally:
         worker.decider.shutdown()
     assert handled == ["wake", "outbox", "wake", "stop"]
+
+
+def test_the_worker_pages_at_the_listeners_cpu_priority(
+    gateway_process: GatewayProcess, pd: PagerDutyStandIn
+) -> None:
+    """A niced worker fell seconds behind on a busy host (issue 12, item 3): deciding and
+    paging run at the same priority as accepting."""
+    gateway_process.start()
+    assert gateway_process.proc is not None
+    with smtplib.SMTP("127.0.0.1", gateway_process.port, timeout=30) as client:
+        client.sendmail(
+            "support@helpdesk.example", ["desk@gw.example"], desk_mail("Printer on fire")
+        )
+    pd.wait_for(1)  # the worker is up and has paged: its priority is set by now
+    pid = worker_pid(gateway_process.proc.pid)
+    assert pid is not None
+    parent = os.getpriority(os.PRIO_PROCESS, gateway_process.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == parent

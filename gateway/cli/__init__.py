@@ -19,6 +19,7 @@ from gateway.cli import (
     check,
     hash_password,
     imap_once,
+    import_cmd,
     ingest,
     listings,
     migrate,
@@ -28,6 +29,7 @@ from gateway.cli import (
     serve,
     store_cmd,
     themes_cmd,
+    webhooks,
 )
 from gateway.cli.common import (
     EX_OK,
@@ -56,6 +58,8 @@ COMMANDS = (
     purge,
     replay,
     store_cmd,
+    import_cmd,
+    webhooks,
 )
 
 

@@ -8,6 +8,7 @@ import argparse
 from gateway.cli.common import EX_OK, add_command
 from gateway.config import find_config_path
 from gateway.delivery.paging import local_mode_notice
+from gateway.mail.loop_guard import strict_pack_notices
 from gateway.store import verify_store
 
 
@@ -36,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"OK: {verify_store(config.store_location)}")  # StoreError: exit 75, as `serve` would
     notice = local_mode_notice(config.services)
     if notice:  # valid, but nothing would page anyone: say so plainly
+        print(f"NOTE: {notice}")
+    for notice in strict_pack_notices(config.services):  # valid, but the guard eats the mail
         print(f"NOTE: {notice}")
     return EX_OK

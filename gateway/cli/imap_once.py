@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.intake import imap  # imported lazily: only this command and serve need imapclient
 
     settings = config(args)
-    services = load_services(settings.services)
+    services = load_services(settings.services, schedules=settings.schedules)
     setup_logging(settings, "warning")
     account = next((a for a in settings.imap if a.name == args.name), None)
     if account is None:

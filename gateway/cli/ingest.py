@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = config(args)
-        services = load_services(settings.services)
+        services = load_services(settings.services, schedules=settings.schedules)
     except (ConfigError, RuleError) as exc:
         # A broken config is the operator's to fix; the MTA must keep the mail and retry.
         print(f"error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -118,13 +119,15 @@ def run_incidents(args: argparse.Namespace) -> int:
             i.trigger_count,
             i.acknowledge_count,
             i.resolve_count,
+            i.coalesced,
             when(i.first_seen),
             when(i.last_seen),
             str(delivery_of(store, i, local))[:90],
         ]
         for i in incidents
     ]
-    headers = ["service", "key", "state", "triggers", "acks", "resolves", "first seen", "last seen"]
+    headers = ["service", "key", "state", "triggers", "acks", "resolves", "coalesced"]
+    headers += ["first seen", "last seen"]
     headers.append("PagerDuty")  # what PagerDuty was told: delivered / pending / NOT DELIVERED
     print_table(rows, headers, "no incidents")
     if rows:
@@ -148,7 +151,17 @@ def incident_json(i: Incident) -> dict[str, object]:
         "opened_at": iso_utc(i.opened_at),
         "resolved_at": iso_utc(i.resolved_at),
         "last_message": i.last_message,
+        "coalesced": i.coalesced,  # repeat triggers absorbed since it (last) opened
+        "coalesced_at": iso_utc(i.coalesced_at),
+        "latest_details": _json_or_none(i.latest_details),
     }
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def run_messages(args: argparse.Namespace) -> int:
@@ -283,6 +296,8 @@ def _outbox_record(o: OutboxItem, now: float) -> dict[str, object]:
     payload = o.payload
     if o.kind == "mail":  # the rendered message can be large: its envelope and subject
         payload = {k: payload.get(k) for k in ("mail_from", "rcpt_tos", "subject")}
+    if "routing_key" in payload:  # an incident's opening key (routing-key fidelity): a secret
+        payload = {**payload, "routing_key": "(the key that opened the incident)"}
     return {
         "id": o.id,
         "kind": o.kind,

@@ -16,6 +16,7 @@ from gateway.cli.common import (
     reading_config,
     reading_store,
 )
+from gateway.config import LOOP_GUARD_MODES
 from gateway.decide.processor import load_services
 from gateway.display import iso_utc, when
 
@@ -40,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="candidate rules: a directory (each service's file names) or files (all services)",
     )
     p.add_argument("--service", help="only this service")
+    p.add_argument(
+        "--loop-guard",
+        choices=LOOP_GUARD_MODES,
+        help="try this loop_guard setting on every service instead of its own",
+    )
     p.add_argument("--all", action="store_true", help="also list messages that would not change")
     p.add_argument(
         "--dry-run", action="store_true", help="accepted for clarity: replay never acts anyway"
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         since = replay.parse_since(args.since)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    services = load_services(settings.services)
+    services = load_services(settings.services, schedules=settings.schedules)
     if args.rules:
         services = replay.candidate_rules(args.rules, services)
     if args.service:
@@ -66,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         since,
         regex_timeout=settings.gateway.regex_timeout_seconds,
         only_service=args.service,
+        loop_guard=args.loop_guard,
+        installation_id=settings.gateway.installation_id,
     )
     shown = [r for r in results if r.changed or args.all]
     if args.json:
@@ -76,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         for r in shown
     ]
     headers = ["message", "received", "service", "subject", "stored decision", "would now be"]
+    if any(r.loop_guard for r in shown):  # which loop-guard reason applied, and who decided
+        rows = [[*row, r.loop_guard or "-"] for row, r in zip(rows, shown, strict=True)]
+        headers.append("loop guard")
     print_table(rows, headers, "no differences")
     print(replay.summary(results))
     return EX_OK
@@ -92,4 +103,5 @@ def replayed_json(r: Replayed) -> dict[str, object]:
         "changed": r.changed,
         "stored": {"outcome": str(r.old.kind), "rule": r.old.rule, "key": r.old.key},
         "would_be": {"outcome": str(r.new.kind), "rule": r.new.rule, "key": r.new.key},
+        "loop_guard": r.loop_guard or None,
     }

@@ -1,8 +1,9 @@
 """The local incident mirror: how a trigger / acknowledge / resolve changes one (service, key).
 
 Pure functions, so the semantics are testable without a database: a trigger for an open key is a
-duplicate (counted, and still forwarded with the same dedup_key, which PagerDuty dedups); an
-acknowledge or resolve with no open incident is recorded and harmless.
+duplicate (counted; the processor coalesces it into the trigger already in the outbox, which
+PagerDuty would dedup anyway); an acknowledge or resolve with no open incident is recorded and
+harmless.
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ def apply_action(
     summary: str = "",
     message: int | None = None,
     case_message_id: str = "",
+    routing_key: str = "",
+    case_fields: str = "{}",
 ) -> tuple[Incident | None, str]:
-    """Return the incident after `action` and the outcome name; None if nothing to record."""
+    """Return the incident after `action` and the outcome name; None if nothing to record.
+
+    A trigger that opens the incident records `routing_key` (its later events must use the
+    same one) and the trigger mail's `case_fields` (JSON, for the helpdesk's notifications)."""
     if action == "trigger":
-        return _trigger(existing, service, key, now, summary, message, case_message_id)
+        opened = _trigger(existing, service, key, now, summary, message, case_message_id)
+        if opened[1] == Outcome.TRIGGERED:
+            incident = replace(opened[0], routing_key=routing_key, case_fields=case_fields)
+            return incident, opened[1]
+        return opened
     if existing is None or not existing.is_open:
         outcome = (
             Outcome.ACK_NO_INCIDENT if action == "acknowledge" else Outcome.RESOLVE_NO_INCIDENT
@@ -39,6 +49,7 @@ def apply_action(
             acknowledge_count=existing.acknowledge_count + 1,
             last_seen=now,
             last_message=message,
+            changed_by="mail",
         )
         return changed, Outcome.ACKNOWLEDGED
     if action == "resolve":
@@ -49,6 +60,7 @@ def apply_action(
             last_seen=now,
             resolved_at=now,
             last_message=message,
+            changed_by="mail",
         )
         return changed, Outcome.RESOLVED
     raise ValueError(f"unknown incident action {action!r}")
@@ -86,5 +98,18 @@ def _trigger(
         resolved_at=None,
         last_message=message,
         case_message_id=case_message_id,
+        changed_by="mail",
     )
     return opened, Outcome.TRIGGERED
+
+
+def pinned_routing_key(event: dict, incident: Incident | None, current: str) -> dict:
+    """The event carrying the routing key its incident records, fixed when it is decided.
+
+    PagerDuty drops an acknowledge or resolve sent with another key than the trigger's, so
+    every event of an incident (its trigger too) goes out with the one key the incident records,
+    even if the service's key is rotated while the event waits in the outbox (the sender uses a
+    payload's own `routing_key` over the service's). An incident that records none (opened
+    before keys were recorded) uses the service's current key."""
+    key = (incident.routing_key if incident is not None else "") or current
+    return {**event, "routing_key": key} if key else event

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from gateway.config import ServiceSettings
 from gateway.decide.events import build_event, pagerduty_order_key
-from gateway.decide.incidents import apply_action
+from gateway.decide.incidents import apply_action, pinned_routing_key
 from gateway.errors import GatewayError
 from gateway.store import DecisionStore, Incident
 
@@ -58,7 +58,7 @@ def resolve_incident(
         resolved = _resolved(existing, now)
         if resolved != existing:
             store.save_incident(resolved)
-        queued = _queue_resolve(store, service, key) if send else None
+        queued = _queue_resolve(store, resolved, settings) if send else None
         detail = "resolved by an operator (gateway incidents resolve)"
         detail += f"; resolve event queued as outbox #{queued}" if queued else ""
         store.log_event("manual_resolve", service=service, incident_key=key, detail=detail)
@@ -75,6 +75,13 @@ def _resolved(existing: Incident, now: float) -> Incident:
     return replace(changed, last_message=existing.last_message)
 
 
-def _queue_resolve(store: DecisionStore, service: str, key: str) -> int:
-    event = build_event(action="resolve", dedup_key=key)
+def _queue_resolve(
+    store: DecisionStore, incident: Incident, settings: ServiceSettings | None
+) -> int:
+    """The resolve, with the routing key that opened the incident (not a rotated one)."""
+    service, key = incident.service, incident.incident_key
+    current = settings.routing_key if settings is not None else None
+    event = pinned_routing_key(
+        build_event(action="resolve", dedup_key=key), incident, current or ""
+    )
     return store.add_outbox("pagerduty", service, pagerduty_order_key(service, key), event, None)

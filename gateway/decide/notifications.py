@@ -61,20 +61,35 @@ class HelpdeskNotifier:
         event = EVENTS.get(outcome)
         if event is None or event not in notify.on:
             return None
+        return self.render_event(notify.theme, notify.to, event, incident)
+
+    def render_event(
+        self,
+        theme: str,
+        to: tuple[str, ...],
+        event: str,
+        incident: Incident,
+        *,
+        note: str = "",
+        agent: str = "",
+    ) -> Notification:
+        """`theme` about `event` (a decision's or a PagerDuty webhook's) to `to`."""
         service, key = incident.service, incident.incident_key
-        if not notify.to:
+        if not to:
             return Notification(service, key, None, "notify.to lists no recipient")
         from_addr = self.outgoing.from_addr
-        context = themes.incident_context(event, incident, to=notify.to, from_addr=from_addr)
+        context = themes.incident_context(
+            event, incident, to=to, from_addr=from_addr, note=note, agent=agent
+        )
         try:
-            msg = self.themes.render(notify.theme, context, default_from=from_addr)
+            msg = self.themes.render(theme, context, default_from=from_addr)
         except ThemeError as exc:
             return Notification(service, key, None, str(exc))
         sender = outgoing_mail.envelope_sender(from_addr)
-        return Notification(service, key, outgoing_mail.mail_payload(msg, sender, list(notify.to)))
+        return Notification(service, key, outgoing_mail.mail_payload(msg, sender, list(to)))
 
 
-def queue(store: DecisionStore, notification: Notification, job: int) -> int | None:
+def queue(store: DecisionStore, notification: Notification, job: int | None) -> int | None:
     """Inside the decision's transaction: outbox the mail (or record why there is none)."""
     if notification.payload is None:
         log.error("notification for %s not sent: %s", notification.incident_key, notification.error)
@@ -99,7 +114,9 @@ def build_helpdesk_notifier(
 ) -> HelpdeskNotifier | None:
     """A HelpdeskNotifier when some service wants notifications; ThemeError if the themes are
     broken. `files`: the generation's recorded files (see `gateway.files`)."""
-    if config.outgoing is None or not any(s.notify for s in config.services):
+    if config.outgoing is None:
         return None
-    compiled = themes.Themes(config.gateway.templates_dir, files=files)
+    if not any(s.notify for s in config.services) and not config.pagerduty.webhook_secret:
+        return None  # reverse rules need webhooks; without them nothing here sends mail
+    compiled = themes.themes_for(config, files=files)
     return HelpdeskNotifier(compiled, config.outgoing)

@@ -8,9 +8,9 @@ import time
 import httpx
 
 from gateway.config import Config
-from gateway.delivery import http11, mailer
+from gateway.delivery import http11, mailer, pagerduty_rest
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
-from gateway.delivery.pagerduty import PagerDutySender, RateLimiter
+from gateway.delivery.pagerduty import PagerDutySender, RateBudget
 from gateway.store import StoreThread
 
 
@@ -40,26 +40,56 @@ class Deliveries:
         self, store: StoreThread, transport: httpx.AsyncBaseTransport, config: Config
     ) -> None:
         pd = config.pagerduty
-        limiter = RateLimiter(pd.rate_limit_per_minute) if pd.rate_limit_per_minute else None
+        budget = None
+        if pd.rate_limit_per_minute:  # per routing key, applied when items are claimed
+            budget = RateBudget(
+                pd.rate_limit_per_minute, lambda s: self.pagerduty.routing_keys.get(s)
+            )
         self.pagerduty = PagerDutySender(
             transport,
             pd.events_url,
             routing_keys(config),
             timeout=pd.timeout_seconds,
-            rate_limiter=limiter,
+            rate_budget=budget,
         )
         policy = retry_policy(config)
         # the lease outlives any one attempt (the HTTP timeout), so no item is sent twice at once
         lease = 2 * pd.timeout_seconds + 5
         self.dispatchers = [
-            Dispatcher(store, "pagerduty", self.pagerduty, policy, lease_seconds=lease)
+            Dispatcher(
+                store, "pagerduty", self.pagerduty, policy, lease_seconds=lease, throttle=budget
+            )
         ]
+        self.rest: pagerduty_rest.PagerDutyRestSender | None = None
+        if pd.api_token:  # REST actions of rules (issue 14): their own kind and sender
+            self.rest = pagerduty_rest.PagerDutyRestSender(
+                transport,
+                pd.api_url,
+                pd.api_token,
+                from_email=pd.api_from,
+                requester_id=pd.api_requester_id,
+                timeout=pd.timeout_seconds,
+            )
+            # PagerDuty limits REST calls per token: one budget for the kind, at claim time
+            calls = RateBudget(pd.api_rate_limit_per_minute, lambda _service: "rest-api")
+            self.dispatchers.append(
+                Dispatcher(
+                    store,
+                    pagerduty_rest.KIND,
+                    self.rest,
+                    policy,
+                    lease_seconds=lease,
+                    throttle=calls,
+                )
+            )
         self.mail = mailer.MailSender(config.outgoing) if config.outgoing else None
         if self.mail is not None:
             self.dispatchers.append(mailer.dispatcher_for(store, self.mail, policy))
 
     def reconfigure(self, config: Config) -> None:
         self.pagerduty.reconfigure(config.pagerduty.events_url, routing_keys(config))
+        if self.rest is not None and config.pagerduty.api_token:  # a rotated token or user
+            self.rest.reconfigure(config.pagerduty)
         if self.mail is not None and config.outgoing is not None:
             self.mail.reconfigure(config.outgoing)
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.backoff import Backoff
 from gateway.errors import RejectedDeliveryError, StoreError, TemporaryDeliveryError
@@ -34,6 +36,16 @@ from gateway.store import OutboxItem, OutboxResult, StoreThread
 log = logging.getLogger(__name__)
 
 Sender = Callable[[OutboxItem], Awaitable[str]]
+
+
+class Throttle(Protocol):
+    """A rate limit applied when items are claimed (`pagerduty.RateBudget`)."""
+
+    held_back: int  # due items the last claim left unclaimed
+
+    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]: ...
+
+    def wait_seconds(self) -> float: ...
 
 
 def lease_owner(pid: int | None = None) -> str:
@@ -99,8 +111,10 @@ class Dispatcher:
         lease_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.store = store
+        self.throttle = throttle
         self.kind = kind
         self.send = send
         self.policy = policy
@@ -147,10 +161,23 @@ class Dispatcher:
                 started = await self._start_due(exclude=tried)
                 tried.update(self._in_flight)
                 if not started and not self._in_flight:
-                    break
+                    if not await self._wait_for_budget(deadline):
+                        break
+                    continue
                 await asyncio.wait(list(self._in_flight.values()), return_when="FIRST_COMPLETED")
                 await self._flush()
             await self._drain()
+
+    async def _wait_for_budget(self, deadline: float) -> bool:
+        """Due items wait for the rate limit: sleep until a slot frees (False: none wait,
+        or not before the deadline)."""
+        if self.throttle is None or not self.throttle.held_back:
+            return False
+        wait = self.throttle.wait_seconds()
+        if self.clock() + wait >= deadline:
+            return False
+        await asyncio.sleep(max(wait, 0.01))
+        return True
 
     async def run_once(self) -> int:
         """Attempt every item that is due now and record the results; returns how many."""
@@ -165,8 +192,11 @@ class Dispatcher:
             return 0
         now, lease, owner = self.clock(), self.lease_seconds, self.owner
         skip = sorted(set(exclude) | set(self._in_flight))  # never claim our own item again
+        admit = None
+        if self.throttle is not None:
+            admit = functools.partial(self.throttle.admit, limit=capacity)
         items = await self.store.call(
-            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip, owner)
+            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip, owner, admit)
         )
         for item in items:
             self._in_flight[item.id] = asyncio.create_task(self._attempt(item))
@@ -247,6 +277,9 @@ class Dispatcher:
             log.warning("%s outbox: cannot read the next due time: %s", self.kind, exc)
             due = None
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
+        if self.throttle is not None and self.throttle.held_back:
+            # due items wait for the rate limit: look again when a slot frees, not at once
+            timeout = max(timeout, min(max_sleep, self.throttle.wait_seconds()))
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

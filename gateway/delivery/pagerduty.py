@@ -13,11 +13,11 @@ worker's delivery CPU. Production passes `http11.build_transport`; tests pass
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -35,22 +35,63 @@ def _json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-class RateLimiter:
-    """Client-side smoothing per routing key (off unless configured): N events per minute."""
+class RateBudget:
+    """Per routing key at most `per_minute` events a minute, evenly spaced (PagerDuty's
+    documented Events API rate is about 120 a minute per key).
 
-    def __init__(self, per_minute: int, clock: Any = time.monotonic) -> None:
+    The dispatcher asks it at claim time (`admit`), so an event over the budget stays in the
+    outbox, unclaimed and visible as throttled, instead of waiting in memory in front of the
+    events claimed after it: among the due heads, in claim order, new cases go first. A 429
+    closes the key's budget for its Retry-After (`penalize`). Thread-safe: the claim runs on
+    the store's thread.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        routing_key: Callable[[str], str | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interval = 60.0 / per_minute
+        self.routing_key = routing_key  # service -> its routing key (None: none configured)
         self.clock = clock
-        self._next: dict[str, float] = {}
-        self._lock = asyncio.Lock()
+        self.held_back = 0  # due heads the last claim left for later
+        self._next: dict[str, float] = {}  # routing key -> when it may send again
+        self._lock = threading.Lock()
 
-    async def wait(self, key: str) -> None:
-        async with self._lock:
+    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]:
+        """The items that may be sent now, in their order, at most `limit` (a claim's room:
+        no slot is spent on an item that would not be claimed); each takes its key's slot."""
+        with self._lock:
             now = self.clock()
-            slot = max(now, self._next.get(key, now))
-            self._next[key] = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+            admitted: list[OutboxItem] = []
+            for item in items:
+                if limit is not None and len(admitted) >= limit:
+                    break
+                key = self.routing_key(item.service)
+                if key is not None:  # the key it is sent with: its incident's, pinned if any
+                    key = str(item.payload.get("routing_key") or key)
+                    if self._next.get(key, now) > now:
+                        continue
+                    self._next[key] = now + self.interval
+                admitted.append(item)  # without a key it fails at once, costing nothing
+            self.held_back = len(items) - len(admitted)
+            return admitted
+
+    def penalize(self, routing_key: str, seconds: float) -> None:
+        """PagerDuty said 429: send nothing more for this key for `seconds`."""
+        with self._lock:
+            until = self.clock() + max(seconds, self.interval)
+            self._next[routing_key] = max(self._next.get(routing_key, 0.0), until)
+
+    def wait_seconds(self) -> float:
+        """How long until a key that held items back may send again (0 if none did)."""
+        with self._lock:
+            if not self.held_back:
+                return 0.0
+            now = self.clock()
+            waits = [when - now for when in self._next.values() if when > now]
+            return min(waits, default=0.0)
 
 
 class PagerDutySender:
@@ -63,11 +104,11 @@ class PagerDutySender:
         routing_keys: Mapping[str, str],
         *,
         timeout: float = 10.0,
-        rate_limiter: RateLimiter | None = None,
+        rate_budget: RateBudget | None = None,
     ) -> None:
         self.transport = transport
         self.timeout = httpx.Timeout(timeout).as_dict()  # connect, read, write (and pool)
-        self.rate_limiter = rate_limiter
+        self.rate_budget = rate_budget
         self.reconfigure(events_url, routing_keys)
 
     def reconfigure(self, events_url: str, routing_keys: Mapping[str, str]) -> None:
@@ -79,11 +120,11 @@ class PagerDutySender:
             self._url = None  # each attempt says so, and waits for a reload with a good one
 
     async def __call__(self, item: OutboxItem) -> str:
-        routing_key = self.routing_keys.get(item.service)
-        if not routing_key:
+        configured = self.routing_keys.get(item.service)
+        if not configured:
             raise TemporaryDeliveryError(f"service {item.service!r} has no routing_key configured")
-        if self.rate_limiter is not None:
-            await self.rate_limiter.wait(routing_key)
+        # the key its incident records, pinned when decided
+        routing_key = str(item.payload.get("routing_key") or configured)
         if self._url is None:
             raise TemporaryDeliveryError(f"events_url {self.events_url!r} is not a valid URL")
         body = {"routing_key": routing_key, **item.payload}
@@ -100,6 +141,8 @@ class PagerDutySender:
             raise TemporaryDeliveryError(f"timeout: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
             raise TemporaryDeliveryError(f"connection error: {exc or type(exc).__name__}") from exc
+        if response.status_code == 429 and self.rate_budget is not None:
+            self.rate_budget.penalize(routing_key, _retry_after(response) or 1.0)
         return classify_response(response)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:

@@ -112,6 +112,9 @@ class CompatSMTP(SMTP):
 # -- aiosmtpd's per-connection introspection, cached ------------------------------------------
 
 
+_HOOKS = ("handle_", "smtp_", "auth_")  # the member prefixes aiosmtpd's SMTP.__init__ collects
+
+
 class _ClassCachedInspection:
     """aiosmtpd's `SMTP.__init__` introspects the handler and the session on every connection
     (`inspect.getmembers`, `dir`, `inspect.signature`): measured, half the listener's CPU per
@@ -126,14 +129,16 @@ class _ClassCachedInspection:
         return getattr(inspect, name)
 
     def dir(self, obj: Any = None) -> list[str]:
-        """The class's attribute names (cached) plus the instance's own, like `dir(obj)`."""
+        """The class's attribute names (cached) plus the instance's own, like `dir(obj)`, but
+        only those aiosmtpd looks for (`handle_*`, `smtp_*`, `auth_*`): every use in
+        aiosmtpd.smtp filters by these prefixes, and each connection walked the whole list."""
         if obj is None:
             raise TypeError("dir() without an argument is not supported here")
         kind = type(obj)
         names = self._names.get(kind)
         if names is None:
-            names = self._names[kind] = builtins.dir(kind)
-        own = getattr(obj, "__dict__", None)
+            names = self._names[kind] = [n for n in builtins.dir(kind) if n.startswith(_HOOKS)]
+        own = [n for n in getattr(obj, "__dict__", ()) if n.startswith(_HOOKS)]
         return [*names, *own] if own else names
 
     def getmembers(self, obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:

@@ -269,6 +269,7 @@ async def _durably(spool: SpoolWriter, mail: IncomingMail) -> Accepted:
 
     A client that disconnects cancels the session task; the commit still has to finish (the
     writer thread owns the request), so it is shielded and its outcome consumed either way.
+    (`SpoolWriter.accept` gives a future, which `ensure_future` passes through as it is.)
     """
     task = asyncio.ensure_future(spool.accept(mail))
     task.add_done_callback(_consume_outcome)

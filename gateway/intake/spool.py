@@ -117,8 +117,10 @@ class SpoolWriter:
         self._queue.put(_Request(tuple(mails), future, tuple(positions), single=False))
         return future
 
-    async def accept(self, mail: IncomingMail) -> Accepted:
-        return await asyncio.wrap_future(self.submit(mail))
+    def accept(self, mail: IncomingMail) -> asyncio.Future[Accepted]:
+        """Awaitable from the event loop. A plain future, not a coroutine: the SMTP handler
+        shields it as it is, with no task (and no extra loop iteration) per mail."""
+        return asyncio.wrap_future(self.submit(mail))
 
     def _run(self) -> None:
         try:

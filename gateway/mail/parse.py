@@ -62,10 +62,16 @@ class ParsedMail:
     text: str = ""  # text/plain body, else the HTML converted to text
     html: str = ""  # the raw HTML body, if any
     attachments: tuple[Attachment, ...] = ()
-    is_auto_reply: bool = False
+    is_auto_reply: bool = False  # any automatic mail: an auto-reply or a notification
     is_bounce: bool = False
     loop_reason: str = ""  # why is_auto_reply / is_bounce was set
+    # what the loop guard (gateway.mail.loop_guard) tells apart:
+    auto_reply_reason: str = ""  # an automatic *reply* (Auto-Submitted: auto-replied, OOO...)
+    notification_reason: str = ""  # Auto-Submitted: auto-generated / auto-notified, nothing else
+    bounce_reason: str = ""
+    gateway_loop: tuple[str, ...] = ()  # X-Gateway-Loop values: mail a gateway sent
     defects: tuple[str, ...] = ()
+    auth: Mapping[str, str] = field(default_factory=dict)  # auth.* fields, once checked
 
     def header(self, name: str) -> str:
         """First value of a header (case-insensitive), or ''."""
@@ -76,6 +82,8 @@ class ParsedMail:
         """The text of a rule field: subject, body, html, from, to, cc or headers.<Name>."""
         if name.startswith("headers."):
             return "\n".join(self.headers.get(name[len("headers.") :].lower(), ()))
+        if name.startswith("auth."):  # unchecked mail: no result ('none'), no signing domain
+            return self.auth.get(name, "" if name == "auth.dkim_domain" else "none")
         simple = {
             "subject": self.subject,
             "body": self.text,
@@ -88,6 +96,7 @@ class ParsedMail:
 
 
 FIELDS = ("subject", "body", "html", "from", "to", "cc")  # plus headers.<Name>
+AUTH_FIELDS = ("auth.dkim", "auth.spf", "auth.dmarc", "auth.dkim_domain")  # sender authenticity
 
 # --- bounds: every loop over attacker-controlled structure is capped -------------------------
 
@@ -362,25 +371,49 @@ def _note_parser_defects(part: Message, defects: Defects) -> None:
 # --- loop guard -----------------------------------------------------------------------------
 
 
-def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> str:
-    """Why this looks like an auto-reply, or ''.
+NOTIFICATION_KEYWORDS = frozenset({"auto-generated", "auto-notified"})  # RFC 3834, RFC 5436
 
-    `Precedence: bulk` and `X-Auto-Response-Suppress` only count together with an
-    out-of-office-looking subject: helpdesks and notifiers (Zendesk, Desk.com, Jira, cron
-    relays) put both on the very notifications we must act on, to stop *other* robots from
-    answering them. Junk/auto_reply precedence and the explicit headers always count.
+
+def _auto_submitted(headers: Mapping[str, tuple[str, ...]]) -> tuple[str, str]:
+    """(reason, keyword) of the Auto-Submitted fields other than 'no', or ('', '').
+
+    With several fields, a reply keyword wins over a notification one: a mail that says it is
+    an automatic reply anywhere is treated as one.
     """
+    found: tuple[str, str] = ("", "")
+    for submitted in headers.get("auto-submitted", ())[:10]:
+        keyword = _KEYWORD.match(submitted.strip()).group(0).lower()  # type: ignore[union-attr]
+        if keyword == "no":  # 'no (sent by hand)' is still no
+            continue
+        if keyword not in NOTIFICATION_KEYWORDS:
+            return f"Auto-Submitted: {submitted[:60]}", keyword
+        found = found if found[0] else (f"Auto-Submitted: {submitted[:60]}", keyword)
+    return found
+
+
+def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> str:
+    """Why this looks like an automatic *reply*, or ''.
+
+    Auto-Submitted counts here unless it says auto-generated/auto-notified (a notification,
+    judged separately). `Precedence: bulk` and `X-Auto-Response-Suppress` only count together
+    with an out-of-office-looking subject: helpdesks and notifiers (Zendesk, Desk.com, Jira,
+    cron relays) put both on the very notifications we must act on, to stop *other* robots
+    from answering them; and not at all on a mail that declares itself a notification
+    (Zendesk's "Out of office: VPN down (#4711)" is a ticket, not a vacation reply). Junk and
+    auto_reply precedence and the explicit autoreply headers always count.
+    """
+    reason, keyword = _auto_submitted(headers)
+    if reason and keyword not in NOTIFICATION_KEYWORDS:
+        return reason
     first = _first_values(headers)
-    submitted = first.get("auto-submitted", "")
-    keyword = _KEYWORD.match(submitted.strip()).group(0).lower()  # type: ignore[union-attr]
-    if "auto-submitted" in headers and keyword != "no":  # 'no (sent by hand)' is still no
-        return f"Auto-Submitted: {submitted[:60]}"
     for name in _AUTOREPLY_HEADERS:
         if name in headers:
             return f"{name.title()} header present"
     precedence = first.get("precedence", "").strip().lower()
     if precedence in ("junk", "auto_reply", "auto-reply"):
         return f"Precedence: {precedence}"
+    if reason:  # a declared notification: the subject guesses below are not for it
+        return ""
     ooo_subject = bool(_AUTOREPLY_SUBJECT.search(subject))
     if precedence in ("bulk", "list") and ooo_subject:
         return f"Precedence: {precedence} with an out-of-office subject"
@@ -388,6 +421,17 @@ def _auto_reply_reason(headers: Mapping[str, tuple[str, ...]], subject: str) -> 
     if ("oof" in suppress or "autoreply" in suppress or "all" in suppress) and ooo_subject:
         return "X-Auto-Response-Suppress with an out-of-office subject"
     return ""
+
+
+def _notification_reason(headers: Mapping[str, tuple[str, ...]]) -> str:
+    """'Auto-Submitted: auto-generated' (or auto-notified): a notification, not a reply."""
+    reason, keyword = _auto_submitted(headers)
+    return reason if keyword in NOTIFICATION_KEYWORDS else ""
+
+
+def _gateway_stamps(headers: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The X-Gateway-Loop values (gateway.mail.loop_guard.LOOP_HEADER), stripped."""
+    return tuple(v.strip() for v in headers.get("x-gateway-loop", ())[:20] if v.strip())
 
 
 def _bounce_reason(
@@ -469,10 +513,12 @@ def _parse(raw: bytes, envelope_from: str | None) -> ParsedMail:
     if not text.strip() and bodies.html:
         text = _cap(html_to_text(bodies.html), defects, "text")
     content_type = _top_content_type(msg)
-    auto = _auto_reply_reason(headers, subject)
+    reply = _auto_reply_reason(headers, subject)
+    notification = _notification_reason(headers)
+    auto = notification or reply  # Auto-Submitted first, as it always was reported
     bounce = _bounce_reason(envelope_from, content_type, from_addr, subject, headers)
     msgid = msg_ids(first.get("message-id", ""))
-    reply = msg_ids(first.get("in-reply-to", ""))
+    in_reply_to = msg_ids(first.get("in-reply-to", ""))
     return ParsedMail(
         subject=subject,
         from_=from_,
@@ -480,7 +526,7 @@ def _parse(raw: bytes, envelope_from: str | None) -> ParsedMail:
         to=bare_addresses(_raw_values(raw_headers, "to"), defects),
         cc=bare_addresses(_raw_values(raw_headers, "cc"), defects),
         message_id=msgid[0] if msgid else "",
-        in_reply_to=reply[0] if reply else "",
+        in_reply_to=in_reply_to[0] if in_reply_to else "",
         references=tuple(msg_ids(" ".join(headers.get("references", ())))[:MAX_REFERENCES]),
         date=parse_date(first.get("date", "")),
         headers=headers,
@@ -490,5 +536,9 @@ def _parse(raw: bytes, envelope_from: str | None) -> ParsedMail:
         is_auto_reply=bool(auto),
         is_bounce=bool(bounce),
         loop_reason="; ".join(r for r in (auto, bounce) if r),
+        auto_reply_reason=reply,
+        notification_reason=notification,
+        bounce_reason=bounce,
+        gateway_loop=_gateway_stamps(headers),
         defects=tuple(defects.items),
     )

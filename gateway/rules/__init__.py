@@ -1,9 +1,29 @@
 """Parsing rules: the operator's TOML files (`loader`), the compiled `model`, incident `keys`,
 sandboxed `templates` and `evaluate`, the per-mail hot path."""
 
-from gateway.rules.evaluate import evaluate
+from gateway.rules.evaluate import evaluate, evaluate_pagerduty
 from gateway.rules.keys import normalise_key
 from gateway.rules.loader import load_ruleset
-from gateway.rules.model import Decision, Rule, Ruleset, TraceStep
+from gateway.rules.model import (
+    PAGERDUTY_FIELDS,
+    Decision,
+    PagerDutyDecision,
+    PagerDutyRule,
+    Rule,
+    Ruleset,
+    TraceStep,
+)
 
-__all__ = ["Decision", "Rule", "Ruleset", "TraceStep", "evaluate", "load_ruleset", "normalise_key"]
+__all__ = [
+    "PAGERDUTY_FIELDS",
+    "Decision",
+    "PagerDutyDecision",
+    "PagerDutyRule",
+    "Rule",
+    "Ruleset",
+    "TraceStep",
+    "evaluate",
+    "evaluate_pagerduty",
+    "load_ruleset",
+    "normalise_key",
+]

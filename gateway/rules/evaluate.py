@@ -6,7 +6,8 @@ and field texts are case-folded at most once per message.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import regex
@@ -18,17 +19,21 @@ from gateway.rules.model import (
     DEFAULT_SUMMARY,
     KEYED_ACTIONS,
     MAX_DETAIL,
+    MAX_NOTE,
     MAX_SUMMARY,
     NO_SUBJECT,
     SEVERITIES,
     Condition,
     Decision,
     Extractor,
+    Filter,
+    PagerDutyDecision,
     Rule,
     Ruleset,
     TraceStep,
 )
 from gateway.rules.templates import render
+from gateway.schedules import Schedule, is_within
 
 # --------------------------------------------------------------------------- per-message fields
 
@@ -36,13 +41,20 @@ from gateway.rules.templates import render
 class _Fields:
     """Field texts of one message, computed and case-folded at most once per evaluation."""
 
-    __slots__ = ("_folded", "_stripped", "_text", "mail")
+    __slots__ = ("_folded", "_stripped", "_text", "at", "mail")
 
-    def __init__(self, mail: ParsedMail) -> None:
+    def __init__(self, mail: ParsedMail, at: float | None = None) -> None:
         self.mail = mail
+        self.at = at  # the instant `time` conditions judge: when the mail was accepted
         self._text: dict[str, str] = {}
         self._folded: dict[str, str] = {}
         self._stripped: dict[str, str] = {}
+
+    def instant(self) -> float:
+        """`at`, or now (read once) when the caller gave none, e.g. `gateway test-rules`."""
+        if self.at is None:
+            self.at = time.time()
+        return self.at
 
     def text(self, name: str) -> str:
         value = self._text.get(name)
@@ -64,6 +76,24 @@ class _Fields:
             source = self.folded(name) if ignore_case else self.text(name)
             value = self._stripped[cache_key] = source.strip()
         return value
+
+
+class _Within(Mapping[str, bool]):
+    """The `within` template name: schedule name -> whether the mail arrived within it,
+    judged only for the names a template reads."""
+
+    def __init__(self, schedules: tuple[Schedule, ...], at: float) -> None:
+        self._schedules = {s.name: s for s in schedules}
+        self._at = at
+
+    def __getitem__(self, name: str) -> bool:
+        return is_within(self._schedules[name], self._at)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._schedules)
+
+    def __len__(self) -> int:
+        return len(self._schedules)
 
 
 def _search(
@@ -98,6 +128,8 @@ def _test(cond: Condition, fields: _Fields, timeout: float, rule: str) -> bool:
     op = cond.op
     if op == "always":
         return True
+    if cond._schedule is not None:
+        return is_within(cond._schedule, fields.instant()) == (op == "within")
     if cond._pattern is not None:
         found = _search(cond._pattern, fields.text(cond.field), timeout, rule, cond.field)
         return (found is not None) == (op == "matches")
@@ -109,17 +141,28 @@ def _test(cond: Condition, fields: _Fields, timeout: float, rule: str) -> bool:
 
 
 def _match(rule: Rule, fields: _Fields, timeout: float) -> tuple[bool, str]:
-    """(matched, reason) for a rule's conditions; all short-circuits on the first 'no'."""
-    conds = rule.conditions
-    if rule.match == "any":
+    """(matched, reason) for a rule's conditions."""
+    return _match_conditions(rule.conditions, rule.match, fields, timeout, rule.name)
+
+
+def _match_conditions(
+    conds: tuple[Condition, ...], match: str, fields: _Fields, timeout: float, name: str
+) -> tuple[bool, str]:
+    """(matched, reason) for rules and filters alike; all short-circuits on the first 'no'."""
+    if match == "any":
         for number, cond in enumerate(conds, 1):
-            if _test(cond, fields, timeout, rule.name):
+            if _test(cond, fields, timeout, name):
                 return True, f"condition {number} {cond.describe()}: yes (any)"
         return False, f"none of {_count(len(conds))} matched (any)"
     for number, cond in enumerate(conds, 1):
-        if not _test(cond, fields, timeout, rule.name):
+        if not _test(cond, fields, timeout, name):
             return False, f"condition {number} {cond.describe()}: no"
     return True, f"all {_count(len(conds))} matched"
+
+
+def _match_filter(stop: Filter, fields: _Fields, timeout: float) -> tuple[bool, str]:
+    """(passed, reason) for a [filter]: the same condition logic as a rule's `match`."""
+    return _match_conditions(stop.conditions, stop.mode, fields, timeout, "[filter]")
 
 
 def _count(number: int) -> str:
@@ -183,7 +226,9 @@ def extract(ex: Extractor, fields: _Fields, timeout: float, rule: str) -> str | 
 # --------------------------------------------------------------------------- rendering
 
 
-def _context(mail: ParsedMail, key: str | None, rule: str) -> dict[str, Any]:
+def _context(
+    mail: ParsedMail, key: str | None, rule: str, within: Mapping[str, bool]
+) -> dict[str, Any]:
     """The names templates see; `from` is a Jinja keyword, hence `from_` and `sender`."""
     return {
         "subject": mail.subject,
@@ -200,6 +245,7 @@ def _context(mail: ParsedMail, key: str | None, rule: str) -> dict[str, Any]:
         "key": key or "",
         "rule": rule,
         "details": {},
+        "within": within,
     }
 
 
@@ -248,13 +294,23 @@ def _links(rule: Rule, ctx: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) -> Decision:
+def evaluate(
+    ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5, at: float | None = None
+) -> Decision:
     """First enabled matching rule wins; the trace records every rule tried and why.
 
-    Raises RuleEvaluationError (regex timeout, failing template) so the caller quarantines.
+    `at` is the instant `time` conditions and `within` judge: the processor passes when the
+    mail was accepted, so a backlog or a replay decides as it would have on arrival; without
+    it, now. Raises RuleEvaluationError (regex timeout, failing template) so the caller
+    quarantines.
     """
-    fields = _Fields(mail)
+    fields = _Fields(mail, at)
     trace: list[TraceStep] = []
+    for stop in ruleset.filters:
+        passed, why = _match_filter(stop, fields, regex_timeout)
+        trace.append(TraceStep(stop.label, passed, why))
+        if not passed:
+            return _filtered(stop, mail, tuple(trace), why)
     for rule in ruleset.rules:
         if not rule.enabled:
             trace.append(TraceStep(rule.name, False, "disabled"))
@@ -262,20 +318,32 @@ def evaluate(ruleset: Ruleset, mail: ParsedMail, *, regex_timeout: float = 0.5) 
         matched, why = _match(rule, fields, regex_timeout)
         key = None
         if matched and rule.action in KEYED_ACTIONS:
-            raw = extract(rule.incident_key, fields, regex_timeout, rule.name)
-            key = normalise_key(raw, ruleset.strip_tags) if raw else ""
+            key = _key(rule, fields, regex_timeout, ruleset.strip_tags)
             if not key:
-                why = f"{why}, but incident key not found ({rule.incident_key.describe()})"
+                why = f"{why}, but incident key not found ({rule.describe_key()})"
                 matched = False
             else:
                 why = f'{why}; key "{key}"'
         trace.append(TraceStep(rule.name, matched, why))
         if matched:
-            return _decide(rule, mail, fields, key, tuple(trace), regex_timeout)
-    return _unmatched(ruleset, mail, tuple(trace))
+            return _decide(ruleset, rule, mail, fields, key, tuple(trace), regex_timeout)
+    return _unmatched(ruleset, mail, tuple(trace), fields)
+
+
+def _key(rule: Rule, fields: _Fields, timeout: float, tags: tuple[str, ...]) -> str:
+    """The normalised key from the first of the rule's key extractors that finds one."""
+    raw = extract(rule.incident_key, fields, timeout, rule.name)
+    key = normalise_key(raw, tags) if raw else ""
+    for extractor in rule.key_fallbacks:
+        if key:
+            break
+        raw = extract(extractor, fields, timeout, rule.name)
+        key = normalise_key(raw, tags) if raw else ""
+    return key
 
 
 def _decide(
+    ruleset: Ruleset,
     rule: Rule,
     mail: ParsedMail,
     fields: _Fields,
@@ -283,7 +351,7 @@ def _decide(
     trace: tuple[TraceStep, ...],
     timeout: float,
 ) -> Decision:
-    ctx = _context(mail, key, rule.name)
+    ctx = _context(mail, key, rule.name, _Within(ruleset.schedules, fields.instant()))
     details = _details(rule, fields, ctx, timeout)
     where = f" ({rule.where})" if rule.where else ""
     return Decision(
@@ -296,10 +364,41 @@ def _decide(
         links=_links(rule, ctx),
         trace=trace,
         reason=f'matched rule "{rule.name}"{where}',
+        rest=_rest(rule, ctx),
     )
 
 
-def _unmatched(ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...]) -> Decision:
+def _rest(rule: Rule, ctx: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The rule's REST actions, with its note rendered (cut to PagerDuty's limit)."""
+    actions = []
+    for name, value in rule.rest:
+        if name == "add_note":
+            value = render(value, ctx, rule.name, "add_note").strip()[:MAX_NOTE]
+            if not value:
+                continue  # an empty note is no note
+        actions.append((name, value))
+    return tuple(actions)
+
+
+def _filtered(stop: Filter, mail: ParsedMail, trace: tuple[TraceStep, ...], why: str) -> Decision:
+    """Stopped by a [filter]: no rule is tried, nothing is sent; the mail is kept, visible."""
+    return Decision(
+        rule=None,
+        action="discard",
+        incident_key=None,
+        summary=_collapse(mail.subject, MAX_SUMMARY) or NO_SUBJECT,
+        severity="",
+        details={},
+        links=(),
+        trace=trace,
+        reason=f"filtered by {stop.label}: {why}",
+        filtered=True,
+    )
+
+
+def _unmatched(
+    ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...], fields: _Fields
+) -> Decision:
     """No rule matched: discard (kept, visible) or a generic alert keyed by the subject."""
     action = ruleset.unmatched_action
     key = None
@@ -307,7 +406,7 @@ def _unmatched(ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...])
         key = normalise_key(mail.subject, ruleset.strip_tags)
         if not key:  # one alert per subject-less mail; redeliveries share the Message-ID
             key = f"no-subject:{mail.message_id}" if mail.message_id else NO_SUBJECT
-    ctx = _context(mail, key, "[unmatched]")
+    ctx = _context(mail, key, "[unmatched]", _Within(ruleset.schedules, fields.instant()))
     tried = f"{len(trace)} rule(s) tried" if trace else "no rules"
     return Decision(
         rule=None,
@@ -321,3 +420,49 @@ def _unmatched(ruleset: Ruleset, mail: ParsedMail, trace: tuple[TraceStep, ...])
         reason=f"no rule matched ({tried}); [unmatched] action = {action}",
         unmatched=True,
     )
+
+
+def conditions_match(
+    conditions: tuple[Condition, ...],
+    mail: ParsedMail,
+    *,
+    match: str = "all",
+    at: float | None = None,
+    regex_timeout: float = 0.5,
+    name: str = "conditions",
+) -> bool:
+    """Whether a mail meets conditions that belong to no rule (a `[[heartbeat]]`'s), judged
+    as a rule's are. Raises RuleEvaluationError on a regex timeout."""
+    probe = Rule(name=name, conditions=conditions, action="discard", match=match)
+    return _match(probe, _Fields(mail, at), regex_timeout)[0]
+
+
+# --------------------------------------------------------------------------- reverse rules
+
+
+class _EventFields:
+    """A PagerDuty event's fields (`PAGERDUTY_FIELDS`), shaped like a mail for `_Fields`."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+
+    def field(self, name: str) -> str:
+        return self.values.get(name, "")
+
+
+def evaluate_pagerduty(
+    ruleset: Ruleset, fields: Mapping[str, str], *, regex_timeout: float = 0.5
+) -> PagerDutyDecision:
+    """The first enabled `[[pagerduty_rule]]` whose conditions hold for the event's fields;
+    none matching means "mirror" (and the service's `notify.on` shorthand decides on mail)."""
+    texts = _Fields(_EventFields(fields))  # type: ignore[arg-type]
+    trace: list[TraceStep] = []
+    for rule in ruleset.pagerduty_rules:
+        if not rule.enabled:
+            trace.append(TraceStep(rule.name, False, "disabled"))
+            continue
+        matched, reason = _match(rule, texts, regex_timeout)  # type: ignore[arg-type]
+        trace.append(TraceStep(rule.name, matched, reason))
+        if matched:
+            return PagerDutyDecision(rule.name, rule.action, rule.theme, rule.to, tuple(trace))
+    return PagerDutyDecision(None, "mirror", trace=tuple(trace))

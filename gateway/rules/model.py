@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import regex
 
+from gateway.schedules import Schedule
+
 ACTIONS = ("trigger", "acknowledge", "resolve", "discard")
 KEYED_ACTIONS = ("trigger", "acknowledge", "resolve")
 SEVERITIES = ("critical", "error", "warning", "info")
@@ -23,6 +25,8 @@ OPS = (
     "not_matches",
     "always",
 )
+TIME_FIELD = "time"  # { field = "time", op = "within" | "outside", value = "<schedule>" }
+TIME_OPS = ("within", "outside")
 TEMPLATE_NAMES = (  # what summary / severity / details / links templates may use
     "subject",
     "body",
@@ -38,7 +42,26 @@ TEMPLATE_NAMES = (  # what summary / severity / details / links templates may us
     "key",
     "rule",
     "details",
+    "within",  # schedule name -> whether the mail arrived within it
 )
+# reverse rules ([[pagerduty_rule]]): what a Webhooks v3 event offers to conditions, and actions
+PAGERDUTY_FIELDS = (
+    "event_type",
+    "title",
+    "status",
+    "service",
+    "escalation_policy",
+    "priority",
+    "urgency",
+    "assignee",
+    "note",
+)
+PAGERDUTY_ACTIONS = ("notify", "mirror", "discard")
+# REST API actions a mail rule may add (with `[pagerduty] api_token`): what the Events API can't
+REST_ACTIONS = ("set_priority", "set_urgency", "add_note", "reassign", "add_responders")
+TRIGGER_ONLY_REST = ("set_priority", "set_urgency")
+URGENCIES = ("high", "low")
+MAX_NOTE = 25_000  # PagerDuty's note content limit
 MAX_KEY = 255  # PagerDuty dedup_key limit
 MAX_SUMMARY = 1024  # PagerDuty payload.summary limit
 MAX_DETAIL = 4000  # per custom_details value; keeps events far below the 512 KB request cap
@@ -62,6 +85,7 @@ class Condition:
     line: int | None = None
     _pattern: regex.Pattern[str] | None = field(default=None, compare=False, repr=False)
     _folded: str = field(default="", compare=False, repr=False)
+    _schedule: Schedule | None = field(default=None, compare=False, repr=False)  # time ops
 
     def __post_init__(self) -> None:
         if self.op in ("matches", "not_matches") and self._pattern is None:
@@ -134,6 +158,7 @@ class Rule:
     action: str
     match: str = "all"
     incident_key: Extractor = Extractor(field="subject")
+    key_fallbacks: tuple[Extractor, ...] = ()  # incident_key = [a, b, ...]: tried in order
     summary: str = DEFAULT_SUMMARY
     severity: str = "critical"
     details: tuple[tuple[str, Extractor | str], ...] = ()
@@ -141,6 +166,13 @@ class Rule:
     enabled: bool = True
     file: str = ""
     line: int | None = None
+    # REST actions, in REST_ACTIONS order: (action, value); a note is a template, a target
+    # is "escalation_policy:PXXXXXX" or "user:PXXXXXX"
+    rest: tuple[tuple[str, str], ...] = ()
+
+    def describe_key(self) -> str:
+        """The key's extractor(s) for traces: 'subject regex ... or body regex ...'."""
+        return " or ".join(ex.describe() for ex in (self.incident_key, *self.key_fallbacks))
 
     @property
     def where(self) -> str:
@@ -148,6 +180,58 @@ class Rule:
         if not self.file:
             return ""
         return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A `[filter]` table: mail must pass it before any rule is tried (PagerDuty's email
+    filters). Mail that does not pass is kept as `filtered` and nothing is sent."""
+
+    conditions: tuple[Condition, ...]
+    mode: str = "all"
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        """'[filter] (name.toml:line)' for traces: which file's filter stopped the mail."""
+        if not self.file:
+            return "[filter]"
+        name = self.file.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"[filter] ({name}:{self.line})" if self.line else f"[filter] ({name})"
+
+
+@dataclass(frozen=True)
+class PagerDutyRule:
+    """A reverse rule: a PagerDuty-side event -> tell the helpdesk (a theme to addresses),
+    only update the incident mirror, or discard the event (recorded, nothing changes)."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+    action: str  # notify | mirror | discard
+    match: str = "all"
+    theme: str = "incident_update"
+    to: tuple[str, ...] = ()
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        if not self.file:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class PagerDutyDecision:
+    """What a PagerDuty-side event does: the first matching reverse rule, or none."""
+
+    rule: str | None  # None: no reverse rule matched (the mirror is updated; `notify.on` applies)
+    action: str  # notify | mirror | discard
+    theme: str = ""
+    to: tuple[str, ...] = ()
+    trace: tuple[TraceStep, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +244,9 @@ class Ruleset:
     unmatched_severity: str = "warning"
     strip_tags: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    filters: tuple[Filter, ...] = ()  # every one must pass (one per file at most)
+    schedules: tuple[Schedule, ...] = ()  # config.toml's, for the `within` template name
+    pagerduty_rules: tuple[PagerDutyRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,3 +272,5 @@ class Decision:
     trace: tuple[TraceStep, ...]
     reason: str
     unmatched: bool = False
+    filtered: bool = False  # stopped by a [filter]: kept as `filtered`, nothing sent
+    rest: tuple[tuple[str, str], ...] = ()  # REST actions, a note rendered

@@ -20,6 +20,7 @@ from gateway.runtime.systemd import ServiceManager
 from gateway.store import StoreThread
 from gateway.web.metrics import LiveState
 from gateway.web.notify import NotifyEndpoint
+from gateway.web.pagerduty_webhook import PagerDutyWebhook
 from gateway.web.server import WebServer
 from gateway.web.status import WebApp
 
@@ -90,6 +91,9 @@ class ControlPlane:
             on_requeue=runtime.worker.wake_outbox,
             notify=self._notify_endpoint(),
             services=runtime.generation.config.services,
+            maintenance=runtime.generation.config.maintenance,
+            heartbeats=runtime.generation.config.heartbeats,
+            pagerduty=self._pagerduty_webhook(),
         )
         self._tasks.append(asyncio.create_task(self._watch_worker(), name="worker-watch"))
         # the latency histogram counts jobs decided from now on, like any per-process metric
@@ -115,6 +119,12 @@ class ControlPlane:
             on_queued=self.runtime.worker.wake_outbox,
         )
 
+    def _pagerduty_webhook(self) -> PagerDutyWebhook | None:
+        secrets = self.runtime.generation.config.pagerduty.webhook_secret
+        if not secrets:
+            return None
+        return PagerDutyWebhook(self.store, secrets, on_stored=self.runtime.worker.wake)
+
     def _install_sighup(self) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -131,7 +141,10 @@ class ControlPlane:
         if self.web is not None:
             self.web.settings = new.config.web
             self.web.services = new.config.services  # routing keys: local mode or not
+            self.web.maintenance = new.config.maintenance
+            self.web.heartbeats = new.config.heartbeats
             self.web.notify = self._notify_endpoint()  # recompiles the themes
+            self.web.pagerduty = self._pagerduty_webhook()  # secrets may be rotated
 
     async def _watch_worker(self) -> None:
         """Health input: the supervisor only counts restarts; this notes when they happen,

@@ -24,8 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.config import Config, load_config
+from gateway.decide import heartbeats
+from gateway.decide.pagerduty_side import reverse_rule_problems
 from gateway.decide.processor import ServiceRuntime, load_services
-from gateway.errors import Problem, ProblemsError, ThemeError
+from gateway.errors import ConfigError, Problem, ProblemsError, RuleError, ThemeError
 from gateway.files import FileSnapshot
 
 log = logging.getLogger(__name__)
@@ -83,13 +85,22 @@ def load_generation(config_path: Path, *, files: FileSnapshot | None = None) -> 
     """Config, every rule file and every theme; raises ConfigError/RuleError/ThemeError."""
     files = FileSnapshot() if files is None else files
     config = load_config(config_path, files=files)
-    services = load_services(config.services, files=files)
+    services = load_services(config.services, files=files, schedules=config.schedules)
+    rulesets = {name: runtime.ruleset for name, runtime in services.items()}
+    problems = heartbeats.rule_problems(config.heartbeats, rulesets, config.path)
+    if problems:
+        raise ConfigError(problems)
+    text = files.read_text(config.path)  # already read: where a bad heartbeat condition is
+    heartbeats.compile_conditions(config.heartbeats, str(config.path), text, config.schedules)
     from gateway.themes import render as themes
 
     if files.exists(config.gateway.templates_dir) or uses_themes(config):
         problems = themes.check(config.gateway.templates_dir, files=files)
         if problems:
             raise ThemeError(problems)
+    problems = reverse_rule_problems(config, services, files)
+    if problems:
+        raise RuleError(problems)
     return Generation(config, services, files)
 
 
@@ -101,7 +112,11 @@ def compile_generation(shipped: GenerationFiles) -> Generation:
 
 def uses_themes(config: Config) -> bool:
     """Without these, a missing templates directory is no error: nothing would render."""
-    return any(s.notify for s in config.services) or bool(config.web.notify_token)
+    return (
+        any(s.notify for s in config.services)
+        or bool(config.web.notify_token)
+        or bool(config.pagerduty.webhook_secret)
+    )
 
 
 def restart_required(old: Config, new: Config) -> list[str]:

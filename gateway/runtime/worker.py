@@ -5,8 +5,9 @@ Everything after acceptance runs here, in a child process started with `spawn`:
 
 * parsing, rules and HTTP calls are CPU work; in their own process they use the second core
   instead of competing with the SMTP listener for the GIL;
-* the child runs at the lowest CPU priority, so under a burst the durable acceptance of mail
-  comes first and processing catches up from the spool right after;
+* the child runs at the listener's CPU priority: paging is what the gateway is for, and a
+  niced worker on a busy host fell seconds behind (see WORKER_NICENESS); the listener needs
+  the CPU only in short bursts, and each of its commits is group-committed anyway;
 * a crash here cannot take the listener down: the supervisor restarts the child, and pending
   jobs and outbox items simply wait in the store;
 * its commits skip the fsync (``synchronous=NORMAL``): the device's fsync queue belongs to the
@@ -16,17 +17,21 @@ Everything after acceptance runs here, in a child process started with `spawn`:
   PagerDuty folds into the same incident by its dedup_key. Every later acceptance commit
   (FULL) makes all earlier ones durable too.
 
-The parent talks to the child over a pipe. The first message on every pipe is the last good
-configuration generation (`GenerationFiles`: the bytes the parent validated), later ones are a
-new generation after each accepted reload, "wake" (a spool commit), "outbox" (items re-queued)
-and "stop" (finish the batch and the deliveries in flight, then exit). The child compiles
+The parent talks to the child over two pipes. On the message pipe, the first message is the
+last good configuration generation (`GenerationFiles`: the bytes the parent validated), later
+ones are a new generation after each accepted reload, "outbox" (items re-queued) and "stop"
+(finish the batch and the deliveries in flight, then exit). The child compiles
 generations from those bytes and never reads config, rules or themes from disk, so it cannot
 run a file the parent refused, not even after a crash and restart. The database path is the
 parent's, fixed for the life of `serve`, whatever a later generation says about data_dir.
 
-One thread in the parent writes to the pipe, fed by a queue: a big generation never blocks the
-event loop or the spool writer (which wakes the child after every commit) while the child is
-still starting up.
+One thread in the parent writes to the message pipe, fed by a queue: a big generation never
+blocks the event loop while the child is still starting up.
+
+The wake pipe carries one byte per spool commit, written by the spool writer's thread itself
+(non-blocking: a full pipe already holds wakes the child has not read). No thread hop, no
+pickling, and a wake never waits behind a generation; the child reads every byte waiting at
+once, so a burst of commits is one wake.
 """
 
 from __future__ import annotations
@@ -56,11 +61,12 @@ from gateway.store import Store, StoreThread, exclusive_turn, listen_for_work, o
 
 log = logging.getLogger(__name__)
 
-# Acceptance first, processing right after. Under Linux CFS a niced process is never starved,
-# only weighted: even beside a busy nice-0 process on one core it keeps a share that decides a
-# normal mail within tens of milliseconds; on the usual dedicated host it only yields to the
-# listener during bursts (bench/RESULTS.md: ratio 0.79-0.83 at 19, 0.75-0.81 at 10).
-WORKER_NICENESS = 19
+# Chosen by end-to-end latency under load, not by intake alone (bench/RESULTS.md, issue 12
+# "perf2"): with other work on the box, a worker at 19 (or 10) got so small a CPU share that at
+# 500 msg/s end of DATA -> POST reached p50 0.7-1.1 s, p99 1.1-2.0 s, and a burst was delivered
+# at 0.41-0.63x intake; at 0 the same runs kept p50 15-18 ms, p99 143-223 ms and 0.67-0.68x,
+# with no measurable cost to intake. 0: the parent's priority, the call is skipped.
+WORKER_NICENESS = 0
 
 # batches of `Processor.process_pending` per trip to the decider thread
 BATCHES_PER_HOP = 5
@@ -68,7 +74,7 @@ BATCHES_PER_HOP = 5
 # "decide" turn to another node; a live one asks at least every second (`_decide_backlog`)
 DECIDE_TURN_SILENCE = 15.0
 
-Message = str | GenerationFiles  # "wake" | "outbox" | "stop" | a generation
+Message = str | GenerationFiles  # "outbox" | "stop" | a generation (and "wake" in tests)
 _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
 
 
@@ -83,34 +89,47 @@ class WorkerProcess:
         self._pipe: Connection | None = None
         self._outgoing: queue.SimpleQueue[tuple[Connection, Message] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="worker-pipe", daemon=True)
-        self._wake_queued = False  # a "wake" waits in `_outgoing`: later commits need no other
+        self._wakes: Connection | None = None  # the parent's end of the wake pipe
+        self._wakes_lock = threading.Lock()  # never write to a descriptor closed meanwhile
         self._stopping = False
         self.restarts = 0
 
     def start(self) -> None:
         child_end, parent_end = self._context.Pipe(duplex=False)
+        wakes_child, wakes_parent = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_worker_main, args=(str(self.db_path), child_end), name="gateway-worker"
+            target=_worker_main,
+            args=(str(self.db_path), child_end, wakes_child),
+            name="gateway-worker",
         )
         process.start()
         child_end.close()
+        wakes_child.close()
         old, self._process, self._pipe = self._pipe, process, parent_end
         if old is not None:
             self._outgoing.put((old, _CLOSE))
         self._outgoing.put((parent_end, self.generation))
         if not self._writer.is_alive():
             self._writer.start()
-        self._wake_queued = False  # a wake still queued goes to the old pipe
+        os.set_blocking(wakes_parent.fileno(), False)
+        self._replace_wakes(wakes_parent)
         self.wake()  # resume whatever a previous run left pending
 
+    def _replace_wakes(self, wakes: Connection | None) -> None:
+        with self._wakes_lock:
+            old, self._wakes = self._wakes, wakes
+            if old is not None:
+                old.close()
+
     def wake(self) -> None:
-        """Thread-safe; the spool writer calls it after every commit. Under load one queued
-        "wake" stands for every commit before the writer thread sends it."""
-        if self._wake_queued:
-            return
-        self._wake_queued = True
-        if not self._post("wake"):
-            self._wake_queued = False
+        """Thread-safe; the spool writer calls it after every commit: one byte, no hop."""
+        with self._wakes_lock:
+            wakes = self._wakes
+            if wakes is None:
+                return
+            # full (the child has wakes unread) or broken (the supervisor restarts the child)
+            with contextlib.suppress(OSError):
+                os.write(wakes.fileno(), b"w")
 
     def wake_outbox(self) -> None:
         self._post("outbox")
@@ -134,8 +153,6 @@ class WorkerProcess:
             if message == _CLOSE:
                 pipe.close()
                 continue
-            if message == "wake":
-                self._wake_queued = False  # cleared before sending: a later commit posts again
             # a dead child is restarted by the supervisor and gets the generation again
             with contextlib.suppress(OSError):
                 pipe.send(message)
@@ -169,14 +186,16 @@ class WorkerProcess:
         self._outgoing.put(None)
         if self._writer.is_alive():
             self._writer.join(5)
+        self._replace_wakes(None)
 
 
-def _worker_main(db_path: str, inbox: Connection) -> None:
+def _worker_main(db_path: str, inbox: Connection, wakes: Connection) -> None:
     """Child process entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads arrive over the pipe
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
+    if WORKER_NICENESS:
+        with contextlib.suppress(OSError):
+            os.nice(WORKER_NICENESS)
     try:
         shipped = inbox.recv()  # the parent sends the last good generation first
     except EOFError:
@@ -190,16 +209,25 @@ def _worker_main(db_path: str, inbox: Connection) -> None:
     config = generation.config
     setup_logging(config.gateway.log_level, config.gateway.log_format)
     set_node(config.store.node)
-    run_event_loop(_Worker(_location(db_path), generation, inbox).run())
+    run_event_loop(_Worker(_location(db_path), generation, inbox, wakes).run())
 
 
 class _Worker:
     """Inside the child: one thread decides jobs, the event loop delivers outbox items."""
 
-    def __init__(self, db_path: str | Path, generation: Generation, inbox: Connection) -> None:
+    def __init__(
+        self,
+        db_path: str | Path,
+        generation: Generation,
+        inbox: Connection,
+        wakes: Connection | None = None,
+    ) -> None:
         self.db_path = db_path
         self.generation = generation
         self.inbox = inbox
+        self.wakes = wakes  # the wake pipe: one byte per spool commit, read without blocking
+        if wakes is not None:
+            os.set_blocking(wakes.fileno(), False)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.deliveries: Deliveries | None = None
@@ -226,12 +254,16 @@ class _Worker:
         async with pagerduty_transport(config) as transport:
             self.deliveries = Deliveries(store, transport, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
+            if self.wakes is not None:
+                loop.add_reader(self.wakes.fileno(), self._on_wakes)
             delivering = asyncio.create_task(self.deliveries.run(self.stop))
             if wakeups is not None:
                 wakeups.start()
             await self._decide_until_stopped()
             await delivering
             loop.remove_reader(self.inbox.fileno())
+            if self.wakes is not None:
+                loop.remove_reader(self.wakes.fileno())
         if wakeups is not None:
             wakeups.stop()
         store.close()
@@ -275,12 +307,30 @@ class _Worker:
     def _decide_backlog(self) -> bool:
         """On the decider thread: batches until none is pending (True), or until
         `BATCHES_PER_HOP` ran (False), so a reload or stop can run between them. One hop per
-        wake: the query that finds nothing left runs on this thread too."""
+        wake; a wake that finds one mail costs one query for pending jobs."""
         processor = self.processor
         assert processor is not None
         if self.decide_turn is not None and not self.decide_turn.acquire():
             return True  # another node decides; this one takes over if it dies
-        return any(not processor.process_pending() for _ in range(BATCHES_PER_HOP))
+        try:
+            processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
+        except Exception:  # never in the way of deciding mail; tried again next time
+            log.exception("heartbeat check failed; will retry")
+        return processor.process_backlog(BATCHES_PER_HOP)
+
+    def _on_wakes(self) -> None:
+        """The wake pipe is readable: every commit signalled so far is one wake."""
+        assert self.wakes is not None
+        try:
+            signalled = os.read(self.wakes.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            signalled = b""
+        if signalled:
+            self.wake.set()
+        else:  # the parent is gone: the message pipe says so too, and stops the child
+            asyncio.get_running_loop().remove_reader(self.wakes.fileno())
 
     def _on_message(self) -> None:
         """The pipe is readable: take one message; the loop calls again while more wait.
@@ -297,7 +347,11 @@ class _Worker:
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, GenerationFiles):
-            task = asyncio.get_running_loop().create_task(self._switch(message))
+            # queued on the decider now, ahead of the batch any later "wake" asks for
+            swapped = asyncio.get_running_loop().run_in_executor(
+                self.decider, self._swap_processor, message
+            )
+            task = asyncio.get_running_loop().create_task(self._switch(swapped))
             self._switches.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self._switches.discard)
         elif message == "wake":
@@ -308,10 +362,9 @@ class _Worker:
             self.stop.set()
             self.wake.set()
 
-    async def _switch(self, shipped: GenerationFiles) -> None:
-        """Compile and swap on the processor thread, between batches; then the senders."""
-        loop = asyncio.get_running_loop()
-        generation = await loop.run_in_executor(self.decider, self._swap_processor, shipped)
+    async def _switch(self, swapped: asyncio.Future[Generation | None]) -> None:
+        """Once the processor swapped (on its thread, between batches): the senders."""
+        generation = await swapped
         if generation is None:
             return
         if self.deliveries is not None:
@@ -336,6 +389,9 @@ class _Worker:
             config.pagerduty,
             regex_timeout=config.gateway.regex_timeout_seconds,
             notifier=notifier,
+            maintenance=config.maintenance,
+            heartbeats=config.heartbeats,
+            installation_id=config.gateway.installation_id,
         )
         self.generation = generation
         return generation

@@ -8,6 +8,7 @@ exactly the union below, and `tests/store_contract/` checks the promises for eve
     DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
     ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
+    PagerDutyWebhookStore  webhook deliveries      web/pagerduty_webhook.py
     ReportStore    listings, metrics, retention,   web/status.py, web/metrics.py, cli, replay,
                    status page data                runtime/retention.py
     Store          all of them, plus close()       what `open_store` returns, for the wiring
@@ -18,12 +19,13 @@ inside ``with store.transaction():``, which makes everything in it one atomic co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from gateway.store.records import (
     Accepted,
+    HeartbeatState,
     ImapFailure,
     ImapPosition,
     Incident,
@@ -38,7 +40,9 @@ from gateway.store.records import (
     OutboxEntry,
     OutboxItem,
     OutboxResult,
+    PagerDutyEvent,
     PendingJob,
+    StormState,
 )
 from gateway.store.requeue import Requeued
 
@@ -74,7 +78,19 @@ class SpoolStore(Protocol):
         ...
 
 
-class DecisionStore(EventLog, Protocol):
+class HeartbeatStore(Protocol):
+    """Expected mail (`[[heartbeat]]`): when each was last seen and whether it is missing."""
+
+    def mail_heartbeats(self) -> list[HeartbeatState]:
+        """Every heartbeat's state, by name."""
+        ...
+
+    def save_mail_heartbeat(self, state: HeartbeatState) -> None:
+        """Insert or replace the state of `state.name`."""
+        ...
+
+
+class DecisionStore(EventLog, HeartbeatStore, Protocol):
     """Deciding pending jobs: the decision, incident change and outbox items commit together."""
 
     def transaction(self, *, durable: bool = True) -> AbstractContextManager[None]:
@@ -117,9 +133,77 @@ class DecisionStore(EventLog, Protocol):
         ...
 
     def add_outbox(
-        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+        self,
+        kind: str,
+        service: str,
+        order_key: str,
+        payload: dict[str, Any],
+        job: int | None,
+        priority: int = 1,
     ) -> int:
-        """Queue an item (due now) behind the pending items of its `order_key`; its id."""
+        """Queue an item (due now) behind the pending items of its `order_key`; its id.
+        Priority 0 heads are claimed before priority 1 heads (new cases first in a storm)."""
+        ...
+
+    def key_outbox(self, order_key: str, since: float, limit: int = 20) -> list[OutboxItem]:
+        """The newest items (pending, dead, done) of one order key created at or after
+        `since`, newest first."""
+        ...
+
+    def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
+        """Replace the payload of `item` if it is pending and unclaimed, and make it priority
+        1 (its key repeats: a storm; quiet new cases go first); False otherwise."""
+        ...
+
+    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
+        """Count one absorbed repeat trigger on the incident, with when and its details
+        (`save_incident` keeps these, and resets them when the incident opens again)."""
+        ...
+
+    # -- PagerDuty-side events (Webhooks v3), decided like jobs --
+
+    def pending_pagerduty_events(self, limit: int = 100) -> list[PagerDutyEvent]:
+        """Stored webhook deliveries not decided yet, oldest first."""
+        ...
+
+    def finish_pagerduty_event(
+        self,
+        event: int,
+        *,
+        outcome: str,
+        service: str = "",
+        detail: str = "",
+        incident_key: str = "",
+    ) -> bool:
+        """Record what deciding it did (and the incident's key, which notes do not carry);
+        False if it was decided already."""
+        ...
+
+    def incidents_with_key(self, key: str) -> list[Incident]:
+        """Every service's incident with this dedup key, most recently seen first."""
+        ...
+
+    def incident_by_pagerduty_id(self, pd_id: str) -> Incident | None:
+        """The incident a webhook named by PagerDuty's incident id (notes carry no key)."""
+        ...
+
+
+class PagerDutyWebhookStore(Protocol):
+    """Receiving Webhooks v3: the delivery is durable before PagerDuty gets its 2xx."""
+
+    def add_pagerduty_event(
+        self,
+        *,
+        body: str,
+        received_at: float,
+        webhook_id: str | None = None,
+        event_id: str | None = None,
+        event_type: str = "",
+        incident_key: str = "",
+        pd_incident: str = "",
+    ) -> int | None:
+        """Store one delivery (pending) in its own commit; None if a delivery with the same
+        `webhook_id` or `event_id` was stored before (a redelivery acts once)."""
         ...
 
 
@@ -141,9 +225,11 @@ class OutboxStore(Protocol):
         lease_seconds: float,
         exclude: Sequence[int] = (),
         owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
     ) -> list[OutboxItem]:
         """Take due items for `lease_seconds`: nobody else (process or host) gets them until
-        the lease runs out or a result is recorded. `owner` names the claiming worker."""
+        the lease runs out or a result is recorded. `owner` names the claiming worker.
+        `admit` (a rate limit) chooses among the due heads, in claim order, inside the claim."""
         ...
 
     def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
@@ -222,7 +308,7 @@ class ImapStore(EventLog, Protocol):
         ...
 
 
-class ReportStore(Protocol):
+class ReportStore(HeartbeatStore, Protocol):
     """What operators read and do: status page, /healthz, /metrics, CLI listings and retry,
     replay, retention."""
 
@@ -232,6 +318,11 @@ class ReportStore(Protocol):
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """(pending count, created_at of the oldest pending item)."""
+        ...
+
+    def storm_state(self, now: float) -> list[StormState]:
+        """Per service with PagerDuty events pending or repeats absorbed on open incidents:
+        queued, throttled (due heads not claimed at `now`), coalesced, oldest pending."""
         ...
 
     def metric_totals(self) -> list[Row]:
@@ -407,6 +498,21 @@ class ReportStore(Protocol):
         ('requeued'), in the order they happened."""
         ...
 
+    def pagerduty_events(
+        self, *, incident_key: str | None = None, limit: int = 100, outcome: str | None = None
+    ) -> list[PagerDutyEvent]:
+        """Webhook deliveries, newest first; only those of `incident_key` and of `outcome`
+        ('pending': not decided yet) if given."""
+        ...
+
+    def count_pagerduty_events(self, *, outcome: str | None = None) -> int:
+        """How many webhook deliveries are stored (of `outcome` if given, as above)."""
+        ...
+
+    def webhook_stats(self) -> tuple[int, float | None]:
+        """(webhook deliveries not decided yet, when the oldest of them was received)."""
+        ...
+
 
 class Background(Protocol):
     """A backend's own helper thread (PostgreSQL: LISTEN for other nodes' commits)."""
@@ -431,7 +537,15 @@ class Turn(Protocol):
     def release(self) -> None: ...
 
 
-class Store(SpoolStore, DecisionStore, OutboxStore, ImapStore, ReportStore, Protocol):
+class Store(
+    SpoolStore,
+    DecisionStore,
+    OutboxStore,
+    ImapStore,
+    ReportStore,
+    PagerDutyWebhookStore,
+    Protocol,
+):
     """A whole backend, as `open_store` returns it: for the code that wires consumers up."""
 
     def close(self) -> None: ...

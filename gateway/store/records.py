@@ -3,7 +3,8 @@ read and write. Plain frozen dataclasses, so a PostgreSQL backend returns the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 OPEN_STATES = ("triggered", "acknowledged")
@@ -60,10 +61,34 @@ class Incident:
     resolved_at: float | None
     last_message: int | None
     case_message_id: str
+    # Repeat triggers absorbed by the outbox since the incident (last) opened: kept by the store
+    # beside the mirror (`save_incident` leaves them alone), so not part of its equality.
+    coalesced: int = field(default=0, compare=False)
+    coalesced_at: float | None = field(default=None, compare=False)
+    latest_details: str = field(default="", compare=False)  # JSON: the newest repeat's details
+    # two-way with PagerDuty (all optional, so older rows and callers keep working)
+    routing_key: str = ""  # the routing key that opened it: its later events use it
+    pd_id: str = ""  # PagerDuty's incident id, from a webhook (or a REST lookup)
+    pd_url: str = ""  # its html_url
+    pd_status: str = ""  # what PagerDuty last said: triggered | acknowledged | resolved
+    assignees: str = ""  # names, ", "-joined
+    priority: str = ""
+    urgency: str = ""
+    changed_by: str = ""  # 'pagerduty' when the last state change came from a webhook
+    case_fields: str = "{}"  # JSON: subject, from, message_id, details of the trigger mail
 
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+    @property
+    def case(self) -> dict[str, Any]:
+        """The trigger mail's case fields (subject, from, message_id, details), decoded."""
+        try:
+            value = json.loads(self.case_fields or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -82,6 +107,7 @@ class OutboxItem:
     lease_owner: str = ""  # the worker ("host:pid") that claimed it; '' when not claimed
     requeued_at: float | None = None  # when a dead letter was last re-queued
     delivered_by: str = ""  # the node that recorded its last attempt ('' before any)
+    priority: int = 1  # 0: a trigger that opens an incident, claimed ahead of busy keys
 
     def in_flight(self, now: float) -> bool:
         """Claimed by a worker whose lease still runs: it may be on the wire right now."""
@@ -91,6 +117,8 @@ class OutboxItem:
         """A few words for people: a PagerDuty event's action and key, or a mail's subject."""
         if "event_action" in self.payload:
             return f"{self.payload['event_action']} {self.payload.get('dedup_key', '')}"[:80]
+        if self.kind == "pagerduty_rest":
+            return f"{self.payload.get('action')} {self.payload.get('incident_key', '')}"[:80]
         return f"mail {self.payload.get('subject', '')}"[:80]
 
 
@@ -231,3 +259,60 @@ class OutboxEntry:
     item: OutboxItem
     job: int | None
     message: int | None
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    """Where one `[[heartbeat]]` (expected mail) stands; it survives restarts.
+
+    The deadline counts from `last_seen`, or from `watched_since` (when the gateway first
+    watched for it) until a first mail arrives; `missing_since` is set while the gateway's own
+    `heartbeat:<name>` incident is open."""
+
+    name: str
+    service: str
+    watched_since: float
+    last_seen: float | None = None
+    last_message: int | None = None
+    missing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class PagerDutyEvent:
+    """One Webhooks v3 delivery as stored before its 2xx, and what deciding it did."""
+
+    id: int
+    received_at: float
+    webhook_id: str | None
+    event_id: str | None
+    event_type: str
+    incident_key: str
+    pd_incident: str
+    service: str  # the gateway service whose incident it changed ('' if none)
+    state: str  # 'pending' | 'done'
+    outcome: str  # e.g. 'mirrored', 'notified', 'unknown_key', 'discarded', 'duplicate'
+    detail: str
+    body: str  # the raw JSON body, as received
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The `event` object of the body ({} if the body is not what PagerDuty sends)."""
+        try:
+            value = json.loads(self.body).get("event")
+        except (ValueError, AttributeError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class StormState:
+    """One service's PagerDuty queue as an operator watches a storm."""
+
+    service: str
+    queued: int  # pending events (waiting, retrying or in flight)
+    throttled: int  # due at the head of their key but not claimed: held back by the rate limit
+    coalesced: int  # repeat triggers absorbed into an earlier event, over its open incidents
+    oldest_pending: float | None  # created_at of the oldest pending event
+
+    def oldest_age(self, now: float) -> float:
+        return 0.0 if self.oldest_pending is None else max(0.0, now - self.oldest_pending)

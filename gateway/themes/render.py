@@ -16,6 +16,13 @@ header block is made single-line (every line break and control character becomes
 case field cannot inject a header.
 Message-ID (with the From domain) and Date are added when the theme does not set them.
 
+Every mail the gateway sends on its own account is stamped ``X-Gateway-Loop: <installation_id>``
+and ``Auto-Submitted: auto-generated`` (unless the theme set Auto-Submitted), so if it ever comes
+back the loop guard (`gateway.mail.loop_guard`) ignores it, whatever the service's `loop_guard`
+says. The one exception is a helpdesk's own notification rendered on its behalf to be taken in
+(`gateway notify`, ``POST /notify``, ``for_intake=True``): it is that helpdesk's mail, meant to
+open an incident, and carries no stamp.
+
 Templates run in Jinja's immutable sandbox, with time and size budgets (`gateway.sandbox`), and
 ``StrictUndefined``: a missing variable is an
 error naming the template file and line, never an empty string in a customer's email. Filters
@@ -40,8 +47,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
+from gateway.config import DEFAULT_INSTALLATION_ID, Config
 from gateway.errors import Problem, ThemeError
 from gateway.files import FileSnapshot
+from gateway.mail.loop_guard import LOOP_HEADER
 from gateway.sandbox import BudgetedSandbox
 
 TEXT_FILE = "message.txt.j2"
@@ -162,8 +171,15 @@ def _read(path: Path, files: FileSnapshot) -> str:
 class Themes:
     """Every theme of a templates directory, compiled once; `render()` builds an EmailMessage."""
 
-    def __init__(self, directory: Path, *, files: FileSnapshot | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        files: FileSnapshot | None = None,
+        installation_id: str = DEFAULT_INSTALLATION_ID,
+    ) -> None:
         self.directory = directory
+        self.installation_id = installation_id  # the X-Gateway-Loop stamp
         self.files = FileSnapshot() if files is None else files  # see gateway.files
         self._header_env = _environment(single_line)
         self._body_env = _environment(None)
@@ -209,9 +225,18 @@ class Themes:
             ) from None
 
     def render(
-        self, theme: str, context: Mapping[str, Any], *, default_from: str | None = None
+        self,
+        theme: str,
+        context: Mapping[str, Any],
+        *,
+        default_from: str | None = None,
+        for_intake: bool = False,
     ) -> EmailMessage:
-        """Render `theme` with `context` into a complete message; ThemeError names file:line."""
+        """Render `theme` with `context` into a complete message; ThemeError names file:line.
+
+        `for_intake`: a helpdesk's notification rendered on its behalf, meant to be taken in by
+        a gateway: no loop stamp. Everything else is the gateway's own mail and is stamped.
+        """
         t = self.get(theme)
         header_text = _run(t.headers, context, t.text_path)
         body = _drop_padding(_run(t.body, context, t.text_path), t.body_offset)
@@ -219,6 +244,9 @@ class Themes:
         msg = EmailMessage(policy=POLICY)
         _set_headers(msg, _parse_header_block(header_text, t.text_path), t.text_path)
         _complete(msg, t.text_path, default_from)
+        del msg[LOOP_HEADER]  # only the gateway sets it, never a theme
+        if not for_intake:
+            stamp_own_mail(msg, self.installation_id)
         msg.set_content(body)
         if html is not None:
             msg.add_alternative(html, subtype="html")
@@ -233,6 +261,17 @@ class Themes:
             path = t.text_path.parent / SAMPLE_FILE
             raise ThemeError(Problem(str(path), "missing: check renders every theme with it"))
         return self.render(theme, load_context(t.sample_path, files=self.files))
+
+
+def themes_for(config: Config, *, files: FileSnapshot | None = None) -> Themes:
+    """The configuration's themes, stamping its `installation_id` on the gateway's own mail.
+
+    Build Themes this way wherever the gateway sends mail on its own account, so the loop
+    guard recognises that mail when it comes back.
+    """
+    return Themes(
+        config.gateway.templates_dir, files=files, installation_id=config.gateway.installation_id
+    )
 
 
 def _theme_folders(directory: Path, files: FileSnapshot) -> list[Path]:
@@ -344,6 +383,13 @@ def _complete(msg: EmailMessage, path: Path, default_from: str | None) -> None:
         msg["Date"] = format_datetime(datetime.now(UTC))
 
 
+def stamp_own_mail(msg: EmailMessage, installation_id: str) -> None:
+    """Mark a mail as the gateway's own: the loop guard ignores it if it ever comes back."""
+    msg[LOOP_HEADER] = installation_id
+    if "Auto-Submitted" not in msg:
+        msg["Auto-Submitted"] = "auto-generated"
+
+
 def _from_domain(msg: EmailMessage) -> str | None:
     addresses: Sequence[Address] = msg["From"].addresses
     return (addresses[0].domain or None) if addresses else None
@@ -382,19 +428,32 @@ def check(directory: Path, *, files: FileSnapshot | None = None) -> list[Problem
 
 
 def incident_context(
-    event: str, incident: Any, *, to: Sequence[str], from_addr: str
+    event: str,
+    incident: Any,
+    *,
+    to: Sequence[str],
+    from_addr: str,
+    note: str = "",
+    agent: str = "",
 ) -> dict[str, Any]:
-    """The context of `incident_update` (event: trigger|duplicate|acknowledge|resolve).
+    """The context of `incident_update` (event: trigger|duplicate|acknowledge|resolve, or a
+    PagerDuty webhook event type such as incident.acknowledged).
 
     `incident` is a store.Incident; it is flattened to plain values here so the theme (and its
-    sample.json) only depend on this contract.
+    sample.json) only depend on this contract. `case` holds the fields of the mail that
+    triggered the incident (subject, from, message_id, details); `note` the text of an
+    `incident.annotated` event, `agent` who did it in PagerDuty.
     """
+    case = {"subject": incident.summary, "from": "", "message_id": incident.case_message_id}
+    case.update(getattr(incident, "case", {}) or {})
+    case.setdefault("details", {})
     return {
         "event": event,
         "service": incident.service,
         "to": ", ".join(to),
         "from": from_addr,
         "case_message_id": incident.case_message_id,
+        "case": case,
         "incident": {
             "service": incident.service,
             "key": incident.incident_key,
@@ -405,5 +464,13 @@ def incident_context(
             "resolve_count": incident.resolve_count,
             "first_seen": incident.first_seen,
             "last_seen": incident.last_seen,
+            "title": incident.summary,
+            "status": getattr(incident, "pd_status", "") or incident.state,
+            "assignee": getattr(incident, "assignees", ""),
+            "priority": getattr(incident, "priority", ""),
+            "urgency": getattr(incident, "urgency", ""),
+            "html_url": getattr(incident, "pd_url", ""),
+            "note": note,
+            "agent": agent,
         },
     }

@@ -46,7 +46,7 @@ MEANING = {
     "resolved": "resolved an incident",
     "unmatched": "no rule matched (kept)",
     "quarantined": "could not be decided (kept, with the reason)",
-    "other": "acknowledged, discarded, auto-replies, resolves with nothing open, undecided",
+    "other": "acknowledged, discarded, filtered, auto-replies, resolves with nothing open, undecided",
 }
 LATENCY_TICKS = (
     (0.001, "1 ms"),

@@ -34,6 +34,11 @@ class Limits:
     max_connections: int = 64
     request_timeout: float = 10.0  # for the head, and again for the body: slowloris gets 408
     write_timeout: float = 30.0  # a client that stops reading the answer is disconnected
+    # paths allowed a bigger body: PagerDuty's webhooks are best effort up to 256 KB
+    path_body_bytes: tuple[tuple[str, int], ...] = (("/pagerduty/webhook", 256 * 1024),)
+
+    def body_limit(self, path: str) -> int:
+        return dict(self.path_body_bytes).get(path, self.max_body_bytes)
 
 
 SECURITY_HEADERS = {
@@ -114,7 +119,7 @@ class RequestLimits:
         if refusal is None:
             try:
                 async with asyncio.timeout(self.limits.request_timeout):
-                    body = await self._read_body(receive)
+                    body = await self._read_body(receive, self.limits.body_limit(scope["path"]))
             except TimeoutError:
                 refusal = PlainTextResponse("request timeout\n", 408)
             except _TooLarge:
@@ -133,19 +138,21 @@ class RequestLimits:
             return PlainTextResponse("request header fields too large\n", 431)
         length = Headers(scope=scope).get("content-length")
         if length is None or (
-            length.isascii() and length.isdigit() and int(length) <= self.limits.max_body_bytes
+            length.isascii()
+            and length.isdigit()
+            and int(length) <= self.limits.body_limit(scope["path"])
         ):
             return None
         return _too_large()
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] != "http.request":  # http.disconnect
                 return None
             body += message.get("body", b"")
-            if len(body) > self.limits.max_body_bytes:
+            if len(body) > limit:
                 raise _TooLarge
             if not message.get("more_body", False):
                 return bytes(body)

@@ -42,6 +42,8 @@ class StoreFacts:
     oldest_job: float | None
     dead_letters: int
     newest_dead: float | None
+    webhooks_pending: int = 0  # PagerDuty webhook deliveries not decided yet
+    webhooks_oldest: float | None = None  # when the oldest of them arrived
 
 
 def read_facts(store: ReportStore) -> StoreFacts:
@@ -49,7 +51,17 @@ def read_facts(store: ReportStore) -> StoreFacts:
     heartbeat = store.heartbeat()
     pending, oldest = store.outbox_stats()
     dead, newest = store.dead_letter_stats()
-    return StoreFacts(heartbeat, pending, oldest, store.oldest_pending_job(), dead, newest)
+    webhooks, oldest_webhook = store.webhook_stats()
+    return StoreFacts(
+        heartbeat,
+        pending,
+        oldest,
+        store.oldest_pending_job(),
+        dead,
+        newest,
+        webhooks,
+        oldest_webhook,
+    )
 
 
 class RestartHistory:
@@ -102,6 +114,34 @@ def processing_check(facts: StoreFacts | None, settings: WebSettings, now: float
     if facts.oldest_job:
         return Check(True, detail, f"deciding mail; the oldest waiting arrived {duration(age)} ago")
     return Check(True, detail, "every accepted mail is decided")
+
+
+def webhook_check(facts: StoreFacts | None, settings: WebSettings, now: float) -> Check:
+    """PagerDuty's webhooks are stored before their 2xx and decided by the worker: while one
+    waits, the mirror and the helpdesk do not know what PagerDuty said."""
+    limit = settings.webhook_max_age_seconds
+    if facts is None:
+        return _unknown("PagerDuty webhooks waiting for a decision", limit)
+    age = now - facts.webhooks_oldest if facts.webhooks_oldest else 0.0
+    detail = {
+        "pending": facts.webhooks_pending,
+        "oldest_pending_age_seconds": round(age, 1),
+        "max_age_seconds": limit,
+    }
+    if age > limit:
+        words = (
+            f"{facts.webhooks_pending} PagerDuty webhook(s) waiting for their decision, the "
+            f"oldest for {duration(age)} (limit {duration(limit)}): the worker is not deciding "
+            "them, so the incident mirror and the helpdesk miss what PagerDuty said"
+        )
+        return Check(False, detail, words)
+    if facts.webhooks_pending:
+        words = (
+            f"deciding PagerDuty webhooks; {facts.webhooks_pending} waiting, the oldest "
+            f"arrived {duration(age)} ago"
+        )
+        return Check(True, detail, words)
+    return Check(True, detail, "every PagerDuty webhook is decided")
 
 
 def outbox_check(facts: StoreFacts | None, settings: WebSettings, now: float) -> Check:

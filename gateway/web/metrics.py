@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from gateway.errors import Problem
 from gateway.node import this_node
 from gateway.outcomes import Outcome
-from gateway.store import ReportStore
+from gateway.store import ReportStore, StormState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -40,6 +40,16 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rule_matches": ("gateway_rule_matches", "Jobs decided by each rule", ("service", "rule")),
     "outbox_done": ("gateway_events_sent", "Outbox items delivered", ("kind",)),
     "outbox_retries": ("gateway_events_retried", "Failed attempts scheduled again", ("kind",)),
+    "webhooks_received": (
+        "gateway_webhooks_received",
+        "PagerDuty webhook deliveries stored (a redelivery counts once)",
+        (),
+    ),
+    "webhooks_decided": (
+        "gateway_webhooks_decided",
+        "PagerDuty webhook deliveries decided, by outcome",
+        ("outcome",),
+    ),
 }
 GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "outbox_depth": ("gateway_outbox_depth", "Outbox items waiting for delivery", ("kind",)),
@@ -51,6 +61,23 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gateway_imap_messages_failing",
         "Unread IMAP messages being retried",
         ("account",),
+    ),
+    # storm state per service: the PagerDuty queue, what the rate limit holds back, repeats
+    "storm_queued": ("gateway_storm_queued", "PagerDuty events pending", ("service",)),
+    "storm_throttled": (
+        "gateway_storm_throttled",
+        "PagerDuty events due but held back by the rate limit",
+        ("service",),
+    ),
+    "storm_coalesced": (
+        "gateway_storm_coalesced",
+        "Repeat triggers absorbed into an earlier event, over open incidents",
+        ("service",),
+    ),
+    "storm_oldest_age": (
+        "gateway_storm_oldest_pending_age_seconds",
+        "Age of the oldest pending PagerDuty event",
+        ("service",),
     ),
     "imap_unreadable": (
         "gateway_imap_messages_unreadable",
@@ -68,6 +95,7 @@ class Snapshot:
     gauges: list[Row]
     latencies: list[tuple[int, float]]
     taken_at: float = field(default_factory=time.time)
+    webhooks: tuple[int, float | None] = (0, None)  # pending deliveries, the oldest's arrival
 
 
 # What the web side reads of the running parts. Protocols, because those parts are built by
@@ -168,7 +196,11 @@ class GatewayMetrics:
         if self.last_job is None:
             self.last_job = store.last_decided_job()
         latencies = store.decided_latencies(self.last_job)
-        return Snapshot(store.metric_totals(), store.metric_gauges(), latencies)
+        now = time.time()
+        gauges = store.metric_gauges() + storm_rows(store.storm_state(now), now)
+        return Snapshot(
+            store.metric_totals(), gauges, latencies, now, webhooks=store.webhook_stats()
+        )
 
     def render(self, snapshot: Snapshot, live: LiveState) -> bytes:
         for job, seconds in snapshot.latencies:
@@ -237,6 +269,20 @@ class GatewayMetrics:
         yield from (up, last, errors)
 
 
+def storm_rows(states: Sequence[StormState], now: float) -> list[Row]:
+    """The storm figures of each service with PagerDuty events pending or repeats absorbed."""
+    rows: list[Row] = []
+    for state in states:
+        labels = (state.service,)
+        rows += [
+            ("storm_queued", labels, state.queued),
+            ("storm_throttled", labels, state.throttled),
+            ("storm_coalesced", labels, state.coalesced),
+            ("storm_oldest_age", labels, state.oldest_age(now)),
+        ]
+    return rows
+
+
 def store_families(snapshot: Snapshot) -> list[Metric]:
     """Counter and gauge families from the store's rows (labels as the store returned them)."""
     families: dict[str, Metric] = {}
@@ -253,6 +299,9 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
     quarantined = CounterMetricFamily(
         "gateway_messages_quarantined", "Jobs kept for a failure", labels=("service",)
     )
+    filtered = CounterMetricFamily(
+        "gateway_messages_filtered", "Jobs a [filter] stopped (kept)", labels=("service",)
+    )
     totals = list(snapshot.totals)
     seen = {(metric, labels) for metric, labels, _ in totals}
     services = sorted({labels[0] for metric, labels, _ in totals if metric == "decisions"})
@@ -260,7 +309,7 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
         if (metric, ("pagerduty",)) not in seen:
             totals.append((metric, ("pagerduty",), 0))
     for service in services:
-        for outcome in (Outcome.UNMATCHED, Outcome.QUARANTINED):
+        for outcome in (Outcome.UNMATCHED, Outcome.QUARANTINED, Outcome.FILTERED):
             if ("decisions", (service, outcome)) not in seen:
                 totals.append(("decisions", (service, outcome), 0))
     for metric, labels, value in totals:
@@ -270,6 +319,8 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
             unmatched.add_metric(labels[:1], value)
         if metric == "decisions" and labels[1] == Outcome.QUARANTINED:
             quarantined.add_metric(labels[:1], value)
+        if metric == "decisions" and labels[1] == Outcome.FILTERED:
+            filtered.add_metric(labels[:1], value)
     gauges = list(snapshot.gauges)
     kinds = {labels for metric, labels, _ in gauges if metric == "outbox_depth"}
     if ("pagerduty",) not in kinds:
@@ -279,7 +330,24 @@ def store_families(snapshot: Snapshot) -> list[Metric]:
             oldest.add_metric(labels, max(0.0, snapshot.taken_at - value))
         elif metric in families:
             families[metric].add_metric(labels, value)
-    return [*families.values(), oldest, unmatched, quarantined]
+    return [*families.values(), oldest, unmatched, quarantined, filtered, *webhook_gauges(snapshot)]
+
+
+def webhook_gauges(snapshot: Snapshot) -> list[Metric]:
+    """PagerDuty webhook deliveries waiting for the worker's decision, and the oldest's age."""
+    pending, oldest = snapshot.webhooks
+    age = max(0.0, snapshot.taken_at - oldest) if oldest is not None else 0.0
+    return [
+        _gauge(
+            "gateway_webhooks_pending", "PagerDuty webhook deliveries not decided yet", (), pending
+        ),
+        _gauge(
+            "gateway_webhooks_oldest_pending_age_seconds",
+            "Age of the oldest undecided PagerDuty webhook delivery (0: none)",
+            (),
+            age,
+        ),
+    ]
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float) -> GaugeMetricFamily:

@@ -76,7 +76,10 @@ class NotifyEndpoint:
         if theme not in self.themes.names():
             raise HTTPException(404, f"no theme {theme!r}")
         try:
-            return self.themes.render(theme, context, default_from=self.outgoing.from_addr)
+            # the helpdesk's notification, rendered on its behalf to be taken in: no loop stamp
+            return self.themes.render(
+                theme, context, default_from=self.outgoing.from_addr, for_intake=True
+            )
         except ThemeError as exc:
             raise HTTPException(400, f"theme {theme!r} failed: {exc}") from None
 

@@ -22,18 +22,21 @@ import jinja2
 from starlette.responses import HTMLResponse
 
 from gateway.config import WebSettings
+from gateway.config_time import HeartbeatSettings
 from gateway.delivery.paging import Delivery, delivery_of
 from gateway.mail.parse import parse_message
 from gateway.outcomes import Outcome
+from gateway.schedules import MaintenanceWindow
 from gateway.store import (
     Incident,
     JobHistory,
     JobRecord,
     OutboxAttempt,
     OutboxItem,
+    PagerDutyEvent,
     ReportStore,
 )
-from gateway.web import chart, words
+from gateway.web import chart, timing, words
 
 BODY_CHARS = 100_000  # of a mail body shown on the detail page
 RECENT_MESSAGES = 50
@@ -146,6 +149,8 @@ class PageContext:
     settings: WebSettings
     local: frozenset[str] = frozenset()  # services in local mode (no routing_key)
     now: float = field(default_factory=time.time)
+    maintenance: tuple[MaintenanceWindow, ...] = ()  # config.toml's [[maintenance]]
+    heartbeats: tuple[HeartbeatSettings, ...] = ()  # config.toml's [[heartbeat]]
 
 
 def incident_link(service: str, key: str) -> str:
@@ -161,11 +166,15 @@ def index_data(store: ReportStore, query: IndexQuery, context: PageContext) -> d
     return {
         "jobs": [{"job": job, "subject": _subject(head)} for job, head in recent],
         "incidents": incident_rows(store, store.incidents(open_only=True, limit=200), context),
+        "storm": store.storm_state(context.now),
         "pending": [o for o in outbox if o.state == "pending"],
         "dead": [o for o in outbox if o.state == "dead"],
         "imap_failures": store.imap_failures(),  # templates/imap_failures.html
+        "pagerduty_events": [said(e) for e in store.pagerduty_events(limit=20)],
         "mail_chart": chart.mail_chart(store.mail_minutes(frame.start), frame),
         "latency_chart": chart.latency_chart(store.delivery_minutes(frame.start), frame),
+        "maintenance": timing.maintenance_rows(store, context.maintenance, context.now),
+        "heartbeats": timing.heartbeat_rows(store, context.heartbeats),  # _timing.html
     }
 
 
@@ -217,16 +226,49 @@ def incident_data(
     attempts = store.outbox_attempts([i.id for items in queued.values() for i in items])
     return {
         "row": row,
+        "latest": latest_repeat(incident),
         "timeline": timeline(history, queued, attempts),
         "truncated": len(history) >= 200,
+        "pd_link": safe_link(incident.pd_url),
+        "pagerduty_events": [said(e) for e in store.pagerduty_events(incident_key=key, limit=50)],
     }
+
+
+def safe_link(url: str) -> str | None:
+    """A PagerDuty `html_url` only as an http(s) link: the webhook body is not ours."""
+    return url if url.startswith(("https://", "http://")) else None
+
+
+def said(event: PagerDutyEvent) -> dict[str, Any]:
+    """A webhook delivery for the pages: when, what, who, the note, and what it did here."""
+    body = event.event
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    agent = body.get("agent") if isinstance(body.get("agent"), dict) else {}
+    note = data.get("content") if isinstance(data.get("content"), str) else ""
+    return {
+        "event": event,
+        "agent": agent.get("summary", "") if isinstance(agent.get("summary"), str) else "",
+        "note": note[:BODY_CHARS],
+    }
+
+
+def latest_repeat(incident: Incident) -> dict[str, Any] | None:
+    """The details of the newest repeat trigger absorbed on the incident, if any."""
+    try:
+        latest = json.loads(incident.latest_details) if incident.latest_details else None
+    except ValueError:
+        return None
+    return latest if isinstance(latest, dict) else None
 
 
 def outbox_data(store: ReportStore, item: int) -> dict[str, Any] | None:
     entry = store.outbox_entry(item)
     if entry is None:
         return None
-    payload = json.dumps(entry.item.payload, indent=2, ensure_ascii=False)
+    shown = dict(entry.item.payload)
+    if "routing_key" in shown:  # an incident's opening key, kept for fidelity: a secret
+        shown["routing_key"] = "(the key that opened the incident)"
+    payload = json.dumps(shown, indent=2, ensure_ascii=False)
     key = entry.item.payload.get("dedup_key")
     incident = incident_link(entry.item.service, key) if entry.item.kind == "pagerduty" else None
     return {
@@ -324,6 +366,8 @@ def describe_item(item: OutboxItem) -> str:
     payload = item.payload
     if "event_action" in payload:
         return f"PagerDuty {payload['event_action']} {payload.get('dedup_key', '')!r}"
+    if item.kind == "pagerduty_rest":
+        return f"PagerDuty REST {payload.get('action')} {payload.get('incident_key', '')!r}"
     return f"mail {str(payload.get('subject', ''))!r}"
 
 

@@ -39,12 +39,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import ServiceSettings, WebSettings
+from gateway.config_time import HeartbeatSettings
+from gateway.schedules import MaintenanceWindow
 from gateway.store import StoreThread
 from gateway.web import chart, health, pages
 from gateway.web.hardening import Limits, RequestLimits, SecureResponses
 from gateway.web.health import Check, RestartHistory
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics, LiveState
 from gateway.web.notify import NotifyEndpoint
+from gateway.web.pagerduty_webhook import PagerDutyWebhook
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,10 @@ class WebApp:
     notify: NotifyEndpoint | None = None  # POST /notify/<theme>, when configured
     limits: Limits = field(default_factory=Limits)
     services: Sequence[ServiceSettings] = ()  # the running configuration's (swapped on reload)
+    maintenance: tuple[MaintenanceWindow, ...] = ()  # ... and these two as well
+    heartbeats: tuple[HeartbeatSettings, ...] = ()
     restarts: RestartHistory = field(default_factory=RestartHistory)
+    pagerduty: PagerDutyWebhook | None = None  # POST /pagerduty/webhook, when configured
 
     def __post_init__(self) -> None:
         self.pages = pages.Pages()
@@ -94,6 +100,7 @@ class WebApp:
                 Route("/outbox/{item:rowid}", self.outbox_page, methods=["GET"]),
                 Route("/outbox/{item:rowid}/retry", self.retry, methods=["POST"]),
                 Route("/notify/{theme}", self.notify_theme, methods=["POST"]),
+                Route("/pagerduty/webhook", self.pagerduty_webhook, methods=["POST"]),
             ],
             middleware=[
                 Middleware(SecureResponses),
@@ -133,6 +140,8 @@ class WebApp:
             "dead_letters": health.dead_letter_check(facts, settings, now),
             "pagerduty": health.pagerduty_check(self.services),
         }
+        if self.pagerduty is not None or (facts is not None and facts.webhooks_pending):
+            checks["webhooks"] = health.webhook_check(facts, settings, now)
         if live.worker is not None:
             self.restarts.observe(live.worker.restarts, now)
             checks["worker"] = health.worker_check(self.restarts, settings, now)
@@ -158,7 +167,9 @@ class WebApp:
 
     def _context(self) -> pages.PageContext:
         local = frozenset(health.local_services(self.services))
-        return pages.PageContext(self.settings, local)
+        return pages.PageContext(
+            self.settings, local, maintenance=self.maintenance, heartbeats=self.heartbeats
+        )
 
     async def index(self, request: Request) -> Response:
         names = [s.name for s in self.services]
@@ -243,6 +254,11 @@ class WebApp:
         if self.notify is None:
             raise HTTPException(404, "POST /notify is off: set [web] notify_token and [outgoing]")
         return await self.notify(request, request.path_params["theme"])
+
+    async def pagerduty_webhook(self, request: Request) -> Response:
+        if self.pagerduty is None:
+            raise HTTPException(404, "webhooks are off: set [pagerduty] webhook_secret")
+        return await self.pagerduty(request)
 
 
 def _multi(request: Request) -> dict[str, list[str]]:

@@ -15,6 +15,8 @@ PROTOCOLS = [
     protocols.OutboxStore,
     protocols.ImapStore,
     protocols.ReportStore,
+    protocols.HeartbeatStore,
+    protocols.PagerDutyWebhookStore,
     protocols.Store,
 ]
 

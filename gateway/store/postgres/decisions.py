@@ -91,10 +91,24 @@ class DecisionQueries(Connection):
         return Incident(*row) if row else None
 
     def save_incident(self, incident: Incident) -> None:
+        """Write the mirror; the coalesced-repeat columns are kept, and reset when the
+        incident opens again (a new episode)."""
         placeholders = ",".join(["%s"] * len(INCIDENT_FIELDS))
         updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
+        new_episode = "incidents.times_opened <> excluded.times_opened"
         self._exec(
-            f"INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES ({placeholders})"
-            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates}",
+            f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) VALUES ({placeholders})"
+            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates},"
+            f" coalesced = CASE WHEN {new_episode} THEN 0 ELSE incidents.coalesced END,"
+            f" coalesced_at = CASE WHEN {new_episode} THEN NULL ELSE incidents.coalesced_at END,"
+            f" latest_details = CASE WHEN {new_episode} THEN '' ELSE incidents.latest_details END",
             tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
+        )
+
+    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
+        """Count one repeat trigger absorbed by the outbox on its (open) incident."""
+        self._exec(
+            "UPDATE incidents SET coalesced = coalesced + 1, coalesced_at = %s,"
+            " latest_details = %s WHERE service = %s AND incident_key = %s",
+            (at, json.dumps(details, ensure_ascii=False), service, key),
         )

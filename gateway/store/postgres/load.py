@@ -14,7 +14,7 @@ from gateway.errors import StoreError
 from gateway.store.postgres import PostgresStore
 from gateway.store.postgres.schema import MIGRATIONS
 
-IDENTITY_TABLES = ("messages", "jobs", "outbox", "outbox_attempts", "events")
+IDENTITY_TABLES = ("messages", "jobs", "outbox", "outbox_attempts", "events", "pagerduty_events")
 Rows = tuple[str, tuple[str, ...], Iterator[list[tuple[Any, ...]]]]
 
 

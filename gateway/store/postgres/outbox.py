@@ -11,14 +11,14 @@ moved onto the database clock (`on_db_clock`): leases are compared on one clock 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.node import this_node
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import OUTBOX_COLUMNS, on_db_clock, outbox_item
 from gateway.store.postgres.wakeups import notify_outbox
-from gateway.store.records import OutboxItem, OutboxResult
+from gateway.store.records import OutboxItem, OutboxResult, StormState
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 
 _HEADS = (  # the oldest pending item of each key (of one kind)
@@ -27,6 +27,9 @@ _HEADS = (  # the oldest pending item of each key (of one kind)
 )
 _PREFIXED = ", ".join(f"o.{c.strip()}" for c in OUTBOX_COLUMNS.split(","))
 _PICKED = ", ".join(f"picked.{c.strip()}" for c in OUTBOX_COLUMNS.split(","))
+_CLAIM_ORDER = "o.priority, o.next_attempt_at, o.id"  # new cases first, then due time
+# how many due heads a rate limit (`admit`) chooses from per claim, as on SQLite
+ADMIT_CANDIDATES = 500
 
 
 def _filters(kind: str | None, exclude: Sequence[int]) -> tuple[str, str]:
@@ -38,17 +41,29 @@ def _filters(kind: str | None, exclude: Sequence[int]) -> tuple[str, str]:
 
 class OutboxQueries(Connection):
     def add_outbox(
-        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+        self,
+        kind: str,
+        service: str,
+        order_key: str,
+        payload: dict[str, Any],
+        job: int | None,
+        priority: int = 1,
     ) -> int:
+        """`priority` 0: claimed ahead of every priority-1 head (a trigger opening an incident)."""
         with self.transaction():
             self._exec("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (order_key,))
             row = self._row(
                 "INSERT INTO outbox (kind, service, order_key, payload, job, created_at,"
-                f" next_attempt_at, updated_at) VALUES (%(kind)s, %(service)s, %(key)s,"
+                " next_attempt_at, updated_at, priority) VALUES (%(kind)s, %(service)s, %(key)s,"
                 f" %(payload)s, %(job)s, {on_db_clock('now')}, {on_db_clock('now')},"
-                f" {on_db_clock('now')}) RETURNING id",
+                f" {on_db_clock('now')}, %(priority)s) RETURNING id",
                 self._clock_args(
-                    kind=kind, service=service, key=order_key, payload=json.dumps(payload), job=job
+                    kind=kind,
+                    service=service,
+                    key=order_key,
+                    payload=json.dumps(payload),
+                    job=job,
+                    priority=priority,
                 ),
             )
             self._notify_outbox()
@@ -62,7 +77,7 @@ class OutboxQueries(Connection):
         rows = self._rows(
             f"SELECT {_PREFIXED} FROM outbox o WHERE o.id IN ({_HEADS.format(kind=kind_filter)})"
             f" AND o.next_attempt_at <= {on_db_clock('due')} {skip}"
-            " ORDER BY o.next_attempt_at, o.id LIMIT %(limit)s",
+            f" ORDER BY {_CLAIM_ORDER} LIMIT %(limit)s",
             self._clock_args(due=now, kind=kind, exclude=list(exclude), limit=limit),
         )
         return [outbox_item(r) for r in rows]
@@ -75,15 +90,21 @@ class OutboxQueries(Connection):
         lease_seconds: float,
         exclude: Sequence[int] = (),
         owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
     ) -> list[OutboxItem]:
-        """Due heads, locked with SKIP LOCKED and leased until the database's now + lease."""
+        """Due heads, locked with SKIP LOCKED and leased until the database's now + lease.
+
+        `admit` (a rate limit) picks, in claim order, which of up to `ADMIT_CANDIDATES` locked
+        due heads to take; the others are unlocked again at the commit, untouched."""
+        if admit is not None:
+            return self._claim_admitted(now, limit, kind, lease_seconds, exclude, owner, admit)
         kind_filter, skip = _filters(kind, exclude)
         with self.transaction(durable=False):
             rows = self._rows(
                 f"WITH picked AS (SELECT {_PREFIXED} FROM outbox o"
                 f"  WHERE o.id IN ({_HEADS.format(kind=kind_filter)}) AND o.state = 'pending'"
                 f"  AND o.next_attempt_at <= {on_db_clock('due')} {skip}"
-                "  ORDER BY o.next_attempt_at, o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
+                f"  ORDER BY {_CLAIM_ORDER} LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED)"
                 f" UPDATE outbox SET next_attempt_at = {on_db_clock('due')} + %(lease)s,"
                 f" lease_owner = %(owner)s FROM picked WHERE outbox.id = picked.id"
                 f" RETURNING {_PICKED}",
@@ -97,7 +118,66 @@ class OutboxQueries(Connection):
                 ),
             )
         items = [outbox_item(r) for r in rows]
-        return sorted(items, key=lambda i: (i.next_attempt_at, i.id))
+        return sorted(items, key=lambda i: (i.priority, i.next_attempt_at, i.id))
+
+    def _claim_admitted(
+        self,
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int],
+        owner: str,
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]],
+    ) -> list[OutboxItem]:
+        kind_filter, skip = _filters(kind, exclude)
+        with self.transaction(durable=False):
+            rows = self._rows(
+                f"SELECT {_PREFIXED} FROM outbox o"
+                f" WHERE o.id IN ({_HEADS.format(kind=kind_filter)}) AND o.state = 'pending'"
+                f" AND o.next_attempt_at <= {on_db_clock('due')} {skip}"
+                f" ORDER BY {_CLAIM_ORDER} LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED",
+                self._clock_args(
+                    due=now,
+                    kind=kind,
+                    exclude=list(exclude),
+                    limit=ADMIT_CANDIDATES,
+                ),
+            )
+            items = admit([outbox_item(r) for r in rows])[:limit]
+            if items:
+                self._exec(
+                    f"UPDATE outbox SET next_attempt_at = {on_db_clock('due')} + %(lease)s,"
+                    " lease_owner = %(owner)s WHERE id = ANY(%(items)s)",
+                    self._clock_args(
+                        due=now, lease=lease_seconds, owner=owner, items=[i.id for i in items]
+                    ),
+                )
+        return items
+
+    def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
+        """Replace the payload of `item` if it is pending and not claimed (a claim by another
+        node holds the row until it commits; then `lease_owner` is set and this changes
+        nothing). Its key now storms, so it gives up priority 0."""
+        return (
+            self._exec(
+                f"UPDATE outbox SET payload = %(payload)s, updated_at = {on_db_clock('now')},"
+                " priority = 1 WHERE id = %(id)s AND state = 'pending' AND lease_owner = ''",
+                self._clock_args(payload=json.dumps(payload), id=item),
+            )
+            == 1
+        )
+
+    def key_outbox(self, order_key: str, since: float, limit: int = 20) -> list[OutboxItem]:
+        """The newest items of one order key created at or after `since` (the caller's
+        clock, moved onto the database's), newest first."""
+        rows = self._rows(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE state IN ('pending', 'dead', 'done')"
+            f" AND order_key = %(key)s AND created_at >= {on_db_clock('since')}"
+            " ORDER BY id DESC LIMIT %(limit)s",
+            self._clock_args(key=order_key, since=since, limit=limit),
+        )
+        return [outbox_item(r) for r in rows]
 
     def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
         if not items:
@@ -247,3 +327,32 @@ class OutboxQueries(Connection):
         row = self._row("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'")
         assert row is not None
         return int(row[0]), row[1]
+
+    def storm_state(self, now: float) -> list[StormState]:
+        """Per service with PagerDuty events pending or repeats absorbed: the storm figures."""
+        queued: dict[str, tuple[int, int, float | None]] = {}
+        for service, count, throttled, oldest in self._rows(
+            "SELECT service, COUNT(*), SUM(CASE WHEN next_attempt_at <= "
+            f"{on_db_clock('now')} AND lease_owner = ''"
+            f" AND id IN ({_HEADS.format(kind='AND kind = %(kind)s')}) THEN 1 ELSE 0 END),"
+            " MIN(created_at) FROM outbox WHERE state = 'pending' AND kind = %(kind)s"
+            " GROUP BY service",
+            self._clock_args(now=now, kind="pagerduty"),
+        ):
+            queued[service] = (int(count), int(throttled or 0), oldest)
+        coalesced = {
+            service: int(total)
+            for service, total in self._rows(
+                "SELECT service, SUM(coalesced) FROM incidents WHERE coalesced > 0"
+                " AND state IN ('triggered', 'acknowledged') GROUP BY service"
+            )
+        }
+        return [
+            StormState(
+                name,
+                *queued.get(name, (0, 0, None))[:2],
+                coalesced.get(name, 0),
+                queued.get(name, (0, 0, None))[2],
+            )
+            for name in sorted(queued.keys() | coalesced.keys())
+        ]

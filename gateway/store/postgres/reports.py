@@ -28,7 +28,7 @@ from gateway.store.records import (
     OutboxItem,
 )
 
-# As SQLite's COUNTER_QUERIES; {m} {j} {o}: "TRUE" for live totals, retention's selection.
+# As SQLite's COUNTER_QUERIES; {m} {j} {o} {w}: "TRUE" for live totals, retention's selection.
 COUNTER_QUERIES = (
     ("accepted", "SELECT COUNT(*) FROM messages m WHERE {m}"),
     ("duplicates", "SELECT COUNT(*) FROM messages m WHERE m.duplicate_of IS NOT NULL AND {m}"),
@@ -51,6 +51,12 @@ COUNTER_QUERIES = (
         "SELECT o.kind, SUM(CASE WHEN o.state = 'pending' THEN o.attempts"
         " ELSE GREATEST(o.attempts - 1, 0) END)::bigint FROM outbox o WHERE {o} GROUP BY 1",
     ),
+    ("webhooks_received", "SELECT COUNT(*) FROM pagerduty_events w WHERE {w}"),
+    (
+        "webhooks_decided",
+        "SELECT w.outcome, COUNT(*) FROM pagerduty_events w WHERE w.state = 'done' AND {w}"
+        " GROUP BY 1",
+    ),
 )
 Row = tuple[str, tuple[str, ...], float]
 
@@ -69,7 +75,7 @@ class ReportQueries(ImapQueries):
         totals: dict[tuple[str, tuple[str, ...]], float] = {}
         with self.transaction():
             for metric, sql in COUNTER_QUERIES:
-                for row in self._rows(sql.format(m="TRUE", j="TRUE", o="TRUE")):
+                for row in self._rows(sql.format(m="TRUE", j="TRUE", o="TRUE", w="TRUE")):
                     key = (metric, tuple(str(v) for v in row[:-1]))
                     totals[key] = totals.get(key, 0) + (row[-1] or 0)
             for metric, labels, value in self._rows(

@@ -28,13 +28,18 @@ _PURGEABLE_INCIDENTS = (
     "SELECT service, incident_key FROM incidents WHERE state NOT IN ('triggered', 'acknowledged')"
     " AND last_seen < %(cutoff)s LIMIT %(limit)s"
 )
+# Webhook deliveries already decided (counted with the event log's "events"); pending ones stay.
+_PURGEABLE_WEBHOOKS = (
+    "SELECT id FROM pagerduty_events WHERE state = 'done' AND received_at < %(cutoff)s"
+    " ORDER BY id LIMIT %(limit)s"
+)
+Selection = tuple[list[int], list[int], list[int]]  # messages, outbox items, webhook deliveries
 
 
 class RetentionQueries(Connection):
     def purge_plan(self, cutoff: float) -> dict[str, int]:
         with self.transaction():
-            messages, outbox = self._select_purge(cutoff, None)
-            return self._purge_counts(cutoff, None, messages, outbox)
+            return self._purge_counts(cutoff, None, self._select_purge(cutoff, None))
 
     def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
         """One node purges at a time: while another holds the lock this one purges nothing
@@ -43,13 +48,13 @@ class RetentionQueries(Connection):
             locked = self._row("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK,))
             if not (locked and locked[0]):
                 return dict.fromkeys(("messages", "jobs", "outbox", "events", "incidents"), 0)
-            messages, outbox = self._select_purge(cutoff, batch)
-            counts = self._purge_counts(cutoff, batch, messages, outbox)
-            self._save_metric_offsets(messages, outbox)
-            self._delete_purged(cutoff, batch, messages, outbox)
+            selected = self._select_purge(cutoff, batch)
+            counts = self._purge_counts(cutoff, batch, selected)
+            self._save_metric_offsets(selected)
+            self._delete_purged(cutoff, batch, selected)
         return counts
 
-    def _select_purge(self, cutoff: float, limit: int | None) -> tuple[list[int], list[int]]:
+    def _select_purge(self, cutoff: float, limit: int | None) -> Selection:
         args = {"cutoff": cutoff, "limit": limit}
         messages = [r[0] for r in self._rows(_PURGEABLE_MESSAGES, args)]
         messages += [  # duplicates go with their original (all older than the cutoff)
@@ -64,11 +69,13 @@ class RetentionQueries(Connection):
                 args,
             )
         ]
-        return messages, outbox
+        webhooks = [r[0] for r in self._rows(_PURGEABLE_WEBHOOKS, args)]
+        return messages, outbox, webhooks
 
     def _purge_counts(
-        self, cutoff: float, limit: int | None, messages: list[int], outbox: list[int]
+        self, cutoff: float, limit: int | None, selected: Selection
     ) -> dict[str, int]:
+        messages, outbox, webhooks = selected
         args = {"cutoff": cutoff, "limit": limit, "messages": messages}
 
         def count(sql: str) -> int:
@@ -82,17 +89,20 @@ class RetentionQueries(Connection):
             "events": count(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE at < %(cutoff)s"
                 " LIMIT %(limit)s) e"
-            ),
+            )
+            + len(webhooks),
             "incidents": count(f"SELECT COUNT(*) FROM ({_PURGEABLE_INCIDENTS}) i"),
         }
 
-    def _save_metric_offsets(self, messages: list[int], outbox: list[int]) -> None:
+    def _save_metric_offsets(self, selected: Selection) -> None:
+        messages, outbox, webhooks = selected
         m = "m.id = ANY(%(messages)s)"
         j = "j.message = ANY(%(messages)s)"
         o = "o.id = ANY(%(outbox)s)"
-        args: dict[str, Any] = {"messages": messages, "outbox": outbox}
+        w = "w.id = ANY(%(webhooks)s)"
+        args: dict[str, Any] = {"messages": messages, "outbox": outbox, "webhooks": webhooks}
         for metric, sql in COUNTER_QUERIES:
-            for row in self._rows(sql.format(m=m, j=j, o=o), args):
+            for row in self._rows(sql.format(m=m, j=j, o=o, w=w), args):
                 if not row[-1]:
                     continue
                 self._exec(
@@ -102,9 +112,8 @@ class RetentionQueries(Connection):
                     (metric, json.dumps([str(v) for v in row[:-1]]), row[-1]),
                 )
 
-    def _delete_purged(
-        self, cutoff: float, limit: int, messages: list[int], outbox: list[int]
-    ) -> None:
+    def _delete_purged(self, cutoff: float, limit: int, selected: Selection) -> None:
+        messages, outbox, webhooks = selected
         args = {"cutoff": cutoff, "limit": limit, "messages": messages, "outbox": outbox}
         self._exec("DELETE FROM jobs WHERE message = ANY(%(messages)s)", args)
         self._exec("DELETE FROM messages WHERE id = ANY(%(messages)s)", args)
@@ -118,3 +127,4 @@ class RetentionQueries(Connection):
             f"DELETE FROM incidents WHERE (service, incident_key) IN ({_PURGEABLE_INCIDENTS})",
             args,
         )
+        self._exec("DELETE FROM pagerduty_events WHERE id = ANY(%s)", (webhooks,))

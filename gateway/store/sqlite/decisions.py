@@ -72,8 +72,24 @@ class DecisionQueries(Connection):
         return Incident(*row) if row else None
 
     def save_incident(self, incident: Incident) -> None:
+        """Write the mirror; the coalesced-repeat columns are kept, and reset when the
+        incident opens again (a new episode)."""
         placeholders = ",".join("?" * len(INCIDENT_FIELDS))
+        updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
+        new_episode = "incidents.times_opened <> excluded.times_opened"
         self.conn.execute(
-            f"INSERT OR REPLACE INTO incidents ({INCIDENT_COLUMNS}) VALUES ({placeholders})",
+            f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) VALUES ({placeholders})"
+            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates},"
+            f" coalesced = CASE WHEN {new_episode} THEN 0 ELSE incidents.coalesced END,"
+            f" coalesced_at = CASE WHEN {new_episode} THEN NULL ELSE incidents.coalesced_at END,"
+            f" latest_details = CASE WHEN {new_episode} THEN '' ELSE incidents.latest_details END",
             tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
+        )
+
+    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
+        """Count one repeat trigger absorbed by the outbox on its (open) incident."""
+        self.conn.execute(
+            "UPDATE incidents SET coalesced = coalesced + 1, coalesced_at = ?, latest_details = ?"
+            " WHERE service = ? AND incident_key = ?",
+            (at, json.dumps(details, ensure_ascii=False), service, key),
         )

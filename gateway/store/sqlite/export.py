@@ -21,6 +21,8 @@ TABLES = (
     "imap_state",
     "imap_failures",
     "metric_offsets",
+    "mail_heartbeats",
+    "pagerduty_events",
 )
 BATCH = 500
 

@@ -9,25 +9,35 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.node import this_node
-from gateway.store.records import OutboxItem, OutboxResult
+from gateway.store.records import OutboxItem, OutboxResult, StormState
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.rows import OUTBOX_COLUMNS, outbox_item
 
+# how many due heads a rate limit chooses from per claim
+ADMIT_CANDIDATES = 500
+
 
 class OutboxQueries(Connection):
     def add_outbox(
-        self, kind: str, service: str, order_key: str, payload: dict[str, Any], job: int | None
+        self,
+        kind: str,
+        service: str,
+        order_key: str,
+        payload: dict[str, Any],
+        job: int | None,
+        priority: int = 1,
     ) -> int:
+        """`priority` 0: claimed ahead of every priority-1 head (a trigger opening an incident)."""
         now = time.time()
         cursor = self.conn.execute(
             "INSERT INTO outbox (kind, service, order_key, payload, job, created_at,"
-            " next_attempt_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-            (kind, service, order_key, json.dumps(payload), job, now, now, now),
+            " next_attempt_at, updated_at, priority) VALUES (?,?,?,?,?,?,?,?,?)",
+            (kind, service, order_key, json.dumps(payload), job, now, now, now, priority),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -40,6 +50,7 @@ class OutboxQueries(Connection):
         exclude: Sequence[int] = (),
     ) -> list[OutboxItem]:
         """The oldest pending item of each order key, if it is due: per-key order is kept.
+        Heads of priority 0 (new cases) come first, then the rest by due time and id.
 
         `exclude`d items (already tried by this caller) also hold back the rest of their key.
         """
@@ -49,7 +60,8 @@ class OutboxQueries(Connection):
         rows = self.conn.execute(
             f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id IN ("
             f"  SELECT MIN(id) FROM outbox WHERE state = 'pending' {kind_filter} GROUP BY order_key"
-            f") AND next_attempt_at <= ? {skip} ORDER BY next_attempt_at, id LIMIT ?",
+            f") AND next_attempt_at <= ? {skip} ORDER BY priority, next_attempt_at, id"
+            " LIMIT ?",
             (*args, now, *exclude, limit),
         ).fetchall()
         return [outbox_item(r) for r in rows]
@@ -62,16 +74,45 @@ class OutboxQueries(Connection):
         lease_seconds: float,
         exclude: Sequence[int] = (),
         owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
     ) -> list[OutboxItem]:
         """Take due items for `lease_seconds` so no other worker (process or host) sends them
-        too; a worker that dies mid-attempt loses the lease and the item becomes due again."""
+        too; a worker that dies mid-attempt loses the lease and the item becomes due again.
+
+        `admit` (a rate limit) picks, in claim order, which of the due items to take now; it
+        sees up to `ADMIT_CANDIDATES` of them, so one throttled routing key holds up no other.
+        """
         with self.transaction(durable=False):
-            items = self.due_outbox(now, limit, kind, exclude)
+            if admit is None:
+                items = self.due_outbox(now, limit, kind, exclude)
+            else:
+                candidates = self.due_outbox(now, max(limit, ADMIT_CANDIDATES), kind, exclude)
+                items = admit(candidates[:ADMIT_CANDIDATES])[:limit]
             self.conn.executemany(
                 "UPDATE outbox SET next_attempt_at = ?, lease_owner = ? WHERE id = ?",
                 [(now + lease_seconds, owner, item.id) for item in items],
             )
         return items
+
+    def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
+        """Replace the payload of `item` if it is pending and not claimed (nothing on the
+        wire can differ from what is recorded); False: it is in flight or finished. Its key is
+        now a busy one (a storm), so it gives up priority 0 to cases that are new and quiet."""
+        cursor = self.conn.execute(
+            "UPDATE outbox SET payload = ?, updated_at = ?, priority = 1 WHERE id = ?"
+            " AND state = 'pending' AND lease_owner = ''",
+            (json.dumps(payload), time.time(), item),
+        )
+        return cursor.rowcount == 1
+
+    def key_outbox(self, order_key: str, since: float, limit: int = 20) -> list[OutboxItem]:
+        """The newest items of one order key created at or after `since`, newest first."""
+        rows = self.conn.execute(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE state IN ('pending', 'dead', 'done')"
+            " AND order_key = ? AND created_at >= ? ORDER BY id DESC LIMIT ?",
+            (order_key, since, limit),
+        ).fetchall()
+        return [outbox_item(r) for r in rows]
 
     def renew_outbox_leases(self, items: Sequence[int], owner: str, until: float) -> int:
         """Extend `owner`'s claims on `items` (still pending and still its own) to `until`."""
@@ -207,3 +248,30 @@ class OutboxQueries(Connection):
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
         ).fetchone()
         return row[0], row[1]
+
+    def storm_state(self, now: float) -> list[StormState]:
+        """Per service with PagerDuty events pending or repeats absorbed: the storm figures."""
+        queued: dict[str, tuple[int, int, float | None]] = {}
+        for service, count, throttled, oldest in self.conn.execute(
+            "SELECT service, COUNT(*), SUM(CASE WHEN next_attempt_at <= ? AND lease_owner = ''"
+            " AND id IN (SELECT MIN(id) FROM outbox WHERE state = 'pending'"
+            " AND kind = 'pagerduty' GROUP BY order_key) THEN 1 ELSE 0 END), MIN(created_at)"
+            " FROM outbox WHERE state = 'pending' AND kind = 'pagerduty' GROUP BY service",
+            (now,),
+        ):
+            queued[service] = (count, throttled or 0, oldest)
+        coalesced = dict(
+            self.conn.execute(
+                "SELECT service, SUM(coalesced) FROM incidents WHERE coalesced > 0"
+                " AND state IN ('triggered', 'acknowledged') GROUP BY service"
+            ).fetchall()
+        )
+        return [
+            StormState(
+                name,
+                *queued.get(name, (0, 0, None))[:2],
+                coalesced.get(name, 0),
+                queued.get(name, (0, 0, None))[2],
+            )
+            for name in sorted(queued.keys() | coalesced.keys())
+        ]

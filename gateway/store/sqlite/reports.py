@@ -29,8 +29,9 @@ from gateway.store.sqlite.rows import (
     outbox_item,
 )
 
-# Counter queries: label columns, then the value. {m} {j} {o} restrict messages, jobs and
-# outbox rows: "1" for the live totals, the purge selection for retention's offsets.
+# Counter queries: label columns, then the value. {m} {j} {o} {w} restrict messages, jobs,
+# outbox rows and webhook deliveries: "1" for the live totals, the purge selection for
+# retention's offsets.
 COUNTER_QUERIES = (
     ("accepted", "SELECT COUNT(*) FROM messages m WHERE {m}"),
     ("duplicates", "SELECT COUNT(*) FROM messages m WHERE m.duplicate_of IS NOT NULL AND {m}"),
@@ -53,6 +54,12 @@ COUNTER_QUERIES = (
         "SELECT o.kind, SUM(CASE WHEN o.state = 'pending' THEN o.attempts"
         " ELSE MAX(o.attempts - 1, 0) END) FROM outbox o WHERE {o} GROUP BY 1",
     ),
+    ("webhooks_received", "SELECT COUNT(*) FROM pagerduty_events w WHERE {w}"),
+    (
+        "webhooks_decided",
+        "SELECT w.outcome, COUNT(*) FROM pagerduty_events w WHERE w.state = 'done' AND {w}"
+        " GROUP BY 1",
+    ),
 )
 
 
@@ -72,7 +79,7 @@ class ReportQueries(Connection):
         """Counters: what the rows count now plus what retention purged before (monotonic)."""
         totals: dict[tuple[str, tuple[str, ...]], float] = {}
         for metric, sql in COUNTER_QUERIES:
-            for row in self.conn.execute(sql.format(m="1", j="1", o="1")):
+            for row in self.conn.execute(sql.format(m="1", j="1", o="1", w="1")):
                 key = (metric, tuple(str(v) for v in row[:-1]))
                 totals[key] = totals.get(key, 0) + (row[-1] or 0)
         for metric, labels, value in self.conn.execute(

@@ -25,6 +25,12 @@ _PURGEABLE_INCIDENTS = (
     " AND last_seen < ? LIMIT ?"
 )
 
+# Webhook deliveries already decided (counted with the event log's "events"; their counters
+# move to metric_offsets); pending ones stay.
+_PURGEABLE_WEBHOOKS = (
+    "SELECT id FROM pagerduty_events WHERE state = 'done' AND received_at < ? ORDER BY id LIMIT ?"
+)
+
 
 class RetentionQueries(Connection):
     def purge_plan(self, cutoff: float) -> dict[str, int]:
@@ -35,6 +41,7 @@ class RetentionQueries(Connection):
         finally:
             self.conn.execute("DELETE FROM temp.purge_messages")
             self.conn.execute("DELETE FROM temp.purge_outbox")
+            self.conn.execute("DELETE FROM temp.purge_webhooks")
 
     def purge(self, cutoff: float, batch: int = 1000) -> dict[str, int]:
         """Delete one batch of rows older than `cutoff`; call until it returns all zeros.
@@ -51,7 +58,7 @@ class RetentionQueries(Connection):
         return counts
 
     def _select_purge(self, cutoff: float, limit: int) -> None:
-        for table in ("purge_messages", "purge_outbox"):
+        for table in ("purge_messages", "purge_outbox", "purge_webhooks"):
             self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY)")
             self.conn.execute(f"DELETE FROM temp.{table}")
         self.conn.execute(
@@ -66,6 +73,7 @@ class RetentionQueries(Connection):
             " AND updated_at < ? ORDER BY id LIMIT ?",
             (cutoff, limit),
         )
+        self.conn.execute(f"INSERT INTO temp.purge_webhooks {_PURGEABLE_WEBHOOKS}", (cutoff, limit))
 
     def _purge_counts(self, cutoff: float, limit: int) -> dict[str, int]:
         def count(sql: str, *args: Any) -> int:
@@ -79,7 +87,8 @@ class RetentionQueries(Connection):
             "outbox": count("SELECT COUNT(*) FROM temp.purge_outbox"),
             "events": count(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE at < ? LIMIT ?)", cutoff, limit
-            ),
+            )
+            + count("SELECT COUNT(*) FROM temp.purge_webhooks"),
             "incidents": count(f"SELECT COUNT(*) FROM ({_PURGEABLE_INCIDENTS})", cutoff, limit),
         }
 
@@ -87,8 +96,9 @@ class RetentionQueries(Connection):
         m = "m.id IN (SELECT id FROM temp.purge_messages)"
         j = "j.message IN (SELECT id FROM temp.purge_messages)"
         o = "o.id IN (SELECT id FROM temp.purge_outbox)"
+        w = "w.id IN (SELECT id FROM temp.purge_webhooks)"
         for metric, sql in COUNTER_QUERIES:
-            for row in self.conn.execute(sql.format(m=m, j=j, o=o)).fetchall():
+            for row in self.conn.execute(sql.format(m=m, j=j, o=o, w=w)).fetchall():
                 if not row[-1]:
                     continue
                 self.conn.execute(
@@ -109,4 +119,7 @@ class RetentionQueries(Connection):
         self.conn.execute(
             f"DELETE FROM incidents WHERE rowid IN ({_PURGEABLE_INCIDENTS})",
             (cutoff, limit),
+        )
+        self.conn.execute(
+            "DELETE FROM pagerduty_events WHERE id IN (SELECT id FROM temp.purge_webhooks)"
         )

@@ -9,8 +9,9 @@ from typing import Any
 
 from gateway.store.records import Incident, OutboxItem
 
-INCIDENT_FIELDS = tuple(Incident.__dataclass_fields__)
-INCIDENT_COLUMNS = ", ".join(INCIDENT_FIELDS)
+INCIDENT_COLUMNS = ", ".join(Incident.__dataclass_fields__)
+# what `save_incident` writes: the mirror; the coalesced-repeat columns have their own writer
+INCIDENT_FIELDS = tuple(f for f, d in Incident.__dataclass_fields__.items() if d.compare)
 OUTBOX_FIELDS = tuple(OutboxItem.__dataclass_fields__)
 OUTBOX_COLUMNS = ", ".join(OUTBOX_FIELDS)
 JOB_RECORD_COLUMNS = (

@@ -163,8 +163,61 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_message ON jobs(message);
     CREATE INDEX outbox_job ON outbox(job);
     """,
-    # 7: which node accepted each mail and which recorded each item's last attempt (several
-    # nodes can share one PostgreSQL store; on SQLite it is always this host).
+    # heartbeats (`[[heartbeat]]`): when each expected mail was last seen, and whether the
+    # gateway's own `heartbeat:<name>` incident for it is open. Keyed by the configured name.
+    """
+    CREATE TABLE mail_heartbeats (
+        name TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        watched_since REAL NOT NULL,
+        last_seen REAL,
+        last_message INTEGER,
+        missing_since REAL
+    );
+    """,
+    # 8: two-way with PagerDuty. Each incident keeps the routing key that opened it (PagerDuty
+    # drops an acknowledge/resolve sent with another key), what PagerDuty last said about it
+    # (Webhooks v3) and the case fields of the mail that triggered it (for the helpdesk's
+    # notification). `pagerduty_events` holds every webhook delivery, stored before the 2xx and
+    # decided later; UNIQUE webhook_id / event_id make a redelivery act once.
+    """
+    ALTER TABLE incidents ADD COLUMN routing_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN pd_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN pd_url TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN pd_status TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN assignees TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN priority TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN urgency TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN changed_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN case_fields TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX incidents_key ON incidents(incident_key);
+    CREATE TABLE pagerduty_events (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        webhook_id TEXT UNIQUE,
+        event_id TEXT UNIQUE,
+        event_type TEXT NOT NULL DEFAULT '',
+        incident_key TEXT NOT NULL DEFAULT '',
+        pd_incident TEXT NOT NULL DEFAULT '',
+        service TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'pending',
+        outcome TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '',
+        body TEXT NOT NULL
+    );
+    CREATE INDEX pagerduty_events_pending ON pagerduty_events(state, id);
+    CREATE INDEX pagerduty_events_key ON pagerduty_events(incident_key);
+    """,
+    # storm: absorbed repeat triggers are counted on their incident (count, when, the latest
+    # details), and a trigger that opens an incident is claimed ahead of busy keys' items.
+    """
+    ALTER TABLE incidents ADD COLUMN coalesced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE incidents ADD COLUMN coalesced_at REAL;
+    ALTER TABLE incidents ADD COLUMN latest_details TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+    """,
+    # which node accepted each mail and which recorded each item's last attempt (several nodes
+    # can share one PostgreSQL store; on SQLite it is always this host).
     """
     ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
     ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';

@@ -1,0 +1,115 @@
+"""The outbox's storm methods (issue 12): priority claims, a rate limit's choice inside the
+claim, coalescing into an unclaimed item, absorbed repeats on the incident, storm state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from gateway.store import OutboxItem, OutboxResult, Store
+from tests.store_support import incident
+
+OWNER = "host:1"
+
+
+def add(store: Store, key: str, priority: int = 1, service: str = "s", n: int = 0) -> int:
+    with store.transaction():
+        return store.add_outbox("pagerduty", service, key, {"n": n}, None, priority)
+
+
+def test_priority_zero_heads_are_claimed_first_and_per_key_order_holds(store: Store) -> None:
+    busy = add(store, "busy")
+    busy_next = add(store, "busy", 0)  # a new opening of a busy key waits behind its head
+    fresh = add(store, "fresh", 0)
+    assert store.outbox_item(fresh).priority == 0  # type: ignore[union-attr]
+    now = time.time() + 1
+    assert [i.id for i in store.due_outbox(now)] == [fresh, busy]
+    assert [i.id for i in store.claim_outbox(now, 1, None, 60.0, owner=OWNER)] == [fresh]
+    assert [i.id for i in store.claim_outbox(now, 5, None, 60.0, owner=OWNER)] == [busy]
+    store.record_outbox([OutboxResult(busy, "done", response="202")])
+    assert [i.id for i in store.claim_outbox(now, 5, None, 60.0, owner=OWNER)] == [busy_next]
+
+
+def test_a_claim_takes_only_what_admit_chooses(store: Store) -> None:
+    first, second, third = add(store, "a"), add(store, "b"), add(store, "c")
+    seen: list[list[int]] = []
+
+    def admit(items: list[OutboxItem]) -> list[OutboxItem]:
+        seen.append([i.id for i in items])
+        return [i for i in items if i.id != second]
+
+    now = time.time() + 1
+    claimed = store.claim_outbox(now, 10, "pagerduty", 60.0, owner=OWNER, admit=admit)
+    assert [i.id for i in claimed] == [first, third] and seen == [[first, second, third]]
+    left = store.outbox_item(second)
+    assert left is not None and left.lease_owner == ""  # not claimed: due for the next claim
+    claimed = store.claim_outbox(now, 1, "pagerduty", 60.0, owner=OWNER, admit=lambda i: i)
+    assert [i.id for i in claimed] == [second]
+
+
+def test_only_an_unclaimed_pending_item_takes_a_coalesced_payload(store: Store) -> None:
+    item = add(store, "k", 0, n=1)
+    with store.transaction():
+        assert store.coalesce_outbox(item, {"n": 2})
+    coalesced = store.outbox_item(item)
+    assert coalesced is not None and (coalesced.payload, coalesced.priority) == ({"n": 2}, 1)
+    store.claim_outbox(time.time() + 1, 1, None, 60.0, owner=OWNER)
+    with store.transaction():
+        assert not store.coalesce_outbox(item, {"n": 3})  # in flight: what was sent stays
+    store.record_outbox([OutboxResult(item, "done", response="202")])
+    with store.transaction():
+        assert not store.coalesce_outbox(item, {"n": 4})
+    assert store.outbox_item(item).payload == {"n": 2}  # type: ignore[union-attr]
+
+
+def test_key_outbox_lists_one_keys_items_since_newest_first(store: Store) -> None:
+    before = time.time()
+    first, second = add(store, "k", n=1), add(store, "k", n=2)
+    add(store, "other")
+    store.record_outbox([OutboxResult(first, "done", response="202")])
+    assert [i.id for i in store.key_outbox("k", before)] == [second, first]
+    assert store.key_outbox("k", time.time() + 10) == []
+
+
+def test_absorbed_repeats_are_kept_on_the_incident_until_it_opens_again(store: Store) -> None:
+    opened = incident("Printer on fire")
+    with store.transaction():
+        store.save_incident(opened)
+        store.note_coalesced("helpdesk", "Printer on fire", 1001.0, {"summary": "latest"})
+        store.note_coalesced("helpdesk", "Printer on fire", 1002.0, {"summary": "newest"})
+        store.save_incident(replace(opened, trigger_count=3, last_seen=1002.0))
+    seen = store.incident("helpdesk", "Printer on fire")
+    assert seen is not None and seen == replace(opened, trigger_count=3, last_seen=1002.0)
+    assert (seen.coalesced, seen.coalesced_at) == (2, 1002.0)
+    assert seen.latest_details == '{"summary": "newest"}'
+    with store.transaction():
+        store.save_incident(replace(seen, state="resolved", resolved_at=1003.0))
+    assert store.incident("helpdesk", "Printer on fire").coalesced == 2  # type: ignore[union-attr]
+    with store.transaction():
+        store.save_incident(replace(opened, times_opened=2, opened_at=1004.0))
+    again = store.incident("helpdesk", "Printer on fire")
+    assert again is not None
+    assert (again.coalesced, again.coalesced_at, again.latest_details) == (0, None, "")
+
+
+def test_storm_state_per_service(store: Store) -> None:
+    created = time.time()
+    head = add(store, "a", service="helpdesk")
+    add(store, "a", service="helpdesk")  # behind its head: queued, not throttled
+    add(store, "b", service="helpdesk")
+    claimed = add(store, "c", service="billing")
+    store.claim_outbox(time.time() + 1, 10, None, 60.0, owner=OWNER, admit=_only(claimed))
+    with store.transaction():
+        store.save_incident(incident("x"))
+        store.note_coalesced("helpdesk", "x", 1.0, {})
+    states = {s.service: s for s in store.storm_state(time.time() + 1)}
+    helpdesk, billing = states["helpdesk"], states["billing"]
+    assert (helpdesk.queued, helpdesk.throttled, helpdesk.coalesced) == (3, 2, 1)
+    assert (billing.queued, billing.throttled, billing.coalesced) == (1, 0, 0)
+    assert helpdesk.oldest_pending is not None and helpdesk.oldest_pending >= created
+    assert helpdesk.oldest_age(helpdesk.oldest_pending + 5) == 5
+    store.record_outbox([OutboxResult(head, "done", response="202")])
+
+
+def _only(item: int):
+    return lambda items: [i for i in items if i.id == item]
