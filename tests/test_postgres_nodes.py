@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway.store import OutboxItem, Store, open_store
+from gateway.store import OutboxItem, Store, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import wait_until
 
@@ -119,3 +119,21 @@ def test_schema_versions_are_numbered_alike_on_both_backends() -> None:
     from gateway.store.sqlite.schema import MIGRATIONS as SQLITE
 
     assert len(POSTGRES) == len(SQLITE)
+
+
+def test_a_webhook_delivery_on_one_node_wakes_every_nodes_decider(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    a, _ = nodes
+    jobs, outbox = threading.Event(), threading.Event()
+    listener = listen_for_work(url, jobs.set, outbox.set)  # "node B" listens
+    assert listener is not None
+    listener.start()
+    try:
+        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
+        jobs.clear(), outbox.clear()  # the wake-up every (re)connection gives
+        a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2")
+        wait_until(jobs.is_set, message="no wake-up for a webhook delivery")
+        assert a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2") is None
+    finally:
+        listener.stop()

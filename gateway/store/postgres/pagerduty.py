@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import INCIDENT_COLUMNS
+from gateway.store.postgres.wakeups import notify_jobs
 from gateway.store.records import Incident, PagerDutyEvent
 from gateway.store.sqlite.pagerduty import EVENT_COLUMNS
 
@@ -27,13 +28,16 @@ class PagerDutyQueries(Connection):
         pd_incident: str = "",
     ) -> int | None:
         """Store a delivery durably (its own synchronous commit); None if its webhook id or
-        event id was stored before."""
-        row = self._row(
-            "INSERT INTO pagerduty_events (received_at, webhook_id, event_id, event_type,"
-            " incident_key, pd_incident, body) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING RETURNING id",
-            (received_at, webhook_id, event_id, event_type, incident_key, pd_incident, body),
-        )
+        event id was stored before. The commit wakes the deciding node, whichever it is."""
+        with self.transaction(), self._connection() as conn:
+            row = conn.execute(
+                "INSERT INTO pagerduty_events (received_at, webhook_id, event_id, event_type,"
+                " incident_key, pd_incident, body) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (received_at, webhook_id, event_id, event_type, incident_key, pd_incident, body),
+            ).fetchone()
+            if row is not None:
+                notify_jobs(conn)  # delivered with the commit, like a new job's
         return None if row is None else int(row[0])
 
     def pending_pagerduty_events(self, limit: int = 100) -> list[PagerDutyEvent]:
