@@ -123,17 +123,31 @@ def test_results_the_store_refused_are_recorded_later_not_resent(tmp_path: Path)
     db = tmp_path / "g.sqlite3"
     ids = queue(db, "a", "b", "c")
     sender = CountingSender()
+    failures = [1]
 
     async def run() -> None:
         store = StoreThread(db)
         real_call = store.call
-        failures = [1]
 
-        async def flaky_call(fn):  # the first commit of results fails (database busy)
-            if failures and "record_outbox" in fn.__code__.co_names:
-                failures.pop()
-                raise StoreError("database busy or unwritable: database is locked")
-            return await real_call(fn)
+        class FlakyStore:  # the first commit of results fails (database busy)
+            def __init__(self, store):
+                self.store = store
+
+            def __getattr__(self, name):
+                method = getattr(self.store, name)
+                if name not in ("record_outbox", "record_and_claim_outbox"):
+                    return method
+
+                def record(results, *args, **kwargs):
+                    if failures and results:
+                        failures.pop()
+                        raise StoreError("database busy or unwritable: database is locked")
+                    return method(results, *args, **kwargs)
+
+                return record
+
+        async def flaky_call(fn):
+            return await real_call(lambda s: fn(FlakyStore(s)))
 
         store.call = flaky_call  # type: ignore[method-assign]
         dispatcher = Dispatcher(store, "pagerduty", sender, FAST, lease_seconds=0.3)
@@ -142,6 +156,7 @@ def test_results_the_store_refused_are_recorded_later_not_resent(tmp_path: Path)
         store.close()
 
     asyncio.run(run())
+    assert not failures  # the failure was met
     assert [sender.sent[i] for i in ids] == [1, 1, 1]
     assert [o.state for o in open_store(db).outbox(("done", "pending"))] == ["done"] * 3
 

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from gateway.backoff import Backoff
 from gateway.errors import RejectedDeliveryError, StoreError, TemporaryDeliveryError
-from gateway.store import OutboxItem, OutboxResult, StoreThread
+from gateway.store import OutboxItem, OutboxResult, OutboxStore, StoreThread
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ def _running(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -124,32 +129,81 @@ class Dispatcher:
         self.owner = owner or lease_owner()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._results: list[OutboxResult] = []
-        self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = False  # on the loop: look again (new items, a finished attempt, stop)
+        self._waiter: asyncio.Future[None] | None = None  # the sleep `_set_wake` ends
+        # a wake is on its way and the round that will see it has not begun: later wakes (the
+        # decider's, one per batch) need no callback and no write to the loop's self-pipe
+        self._woken = False
 
     def wake(self) -> None:
         """Thread-safe: new items were committed, look now instead of at the next timer."""
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        if self._woken or self._loop is None:
+            return
+        self._woken = True  # cleared by the loop before the round whose claim sees the items
+        self._loop.call_soon_threadsafe(self._set_wake)
+
+    def _set_wake(self) -> None:
+        """On the loop: end the sleep, or skip the next one."""
+        self._wake = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def run(self, stop: asyncio.Event, max_sleep: float = 5.0) -> None:
         """Deliver until `stop` is set, then let the attempts in flight finish and record them."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        await self._release_dead_claims()
-        async with self._leases_kept():
-            while not stop.is_set():
-                self._wake.clear()
-                try:
-                    await self._flush()
-                    started = await self._start_due()
-                except Exception:
-                    log.exception("%s outbox: store error, retrying shortly", self.kind)
-                    started = 0
-                    await asyncio.sleep(1.0)
-                if not started:
-                    await self._sleep(stop, max_sleep)
-            await self._drain()
+        stopped = asyncio.ensure_future(stop.wait())  # one waiter for the whole run
+        stopped.add_done_callback(lambda _: self._set_wake())
+        try:
+            await self._release_dead_claims()
+            async with self._leases_kept():
+                while not stop.is_set():
+                    self._wake = self._woken = False
+                    try:
+                        due = await self._round()
+                    except StoreError as exc:  # the database is away (a PostgreSQL restart)
+                        log.warning("%s outbox: store unavailable, retrying: %s", self.kind, exc)
+                        await asyncio.sleep(1.0)
+                        continue
+                    except Exception:
+                        log.exception("%s outbox: store error, retrying shortly", self.kind)
+                        await asyncio.sleep(1.0)
+                        continue
+                    await self._sleep(stop, max_sleep, due)
+                await self._drain()
+        finally:
+            stopped.cancel()
+
+    async def _round(self) -> float | None:
+        """Record the finished attempts and claim the due items that fit, in one store call
+        and one transaction; returns when the next head is due if nothing is left in flight
+        (else a finishing attempt wakes the loop, and the time is not looked up)."""
+        results, self._results = self._results, []
+        finished = {result.id for result in results}
+        skip = sorted(i for i in self._in_flight if i not in finished)  # never claim our own again
+        capacity = self.concurrency - len(skip)
+        now, lease, owner, kind = self.clock(), self.lease_seconds, self.owner, self.kind
+        admit = None
+        if self.throttle is not None and capacity > 0:
+            admit = functools.partial(self.throttle.admit, limit=capacity)
+
+        def record_and_claim(s: OutboxStore) -> tuple[list[OutboxItem], float | None]:
+            items = s.record_and_claim_outbox(
+                results, now, capacity, kind, lease, skip, owner, admit
+            )
+            idle = not items and not skip
+            return items, s.next_outbox_due(kind) if idle else None
+
+        try:
+            items, due = await self.store.call(record_and_claim)
+        except BaseException:
+            self._results[:0] = results  # recorded with the next round, never forgotten
+            raise
+        for item_id in finished:  # only now may their keys' next items be started
+            self._in_flight.pop(item_id, None)
+        for item in items:
+            self._in_flight[item.id] = asyncio.create_task(self._attempt(item))
+        return due
 
     async def run_until_idle(self, deadline: float) -> None:
         """One-shot commands: try each due item once (a failure waits for its backoff, in
@@ -267,32 +321,30 @@ class Dispatcher:
                 owner,
             )
 
-    async def _sleep(self, stop: asyncio.Event, max_sleep: float) -> None:
-        assert self._wake is not None
-        if self._results:
+    async def _sleep(self, stop: asyncio.Event, max_sleep: float, due: float | None) -> None:
+        """Until woken (new items, a finished attempt), the next head is due, or `max_sleep`."""
+        if self._results or self._wake or stop.is_set():
             return
-        try:
-            due = await self.store.call(lambda s: s.next_outbox_due(self.kind))
-        except StoreError as exc:  # the database is away (a PostgreSQL restart): poll again
-            log.warning("%s outbox: cannot read the next due time: %s", self.kind, exc)
-            due = None
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
         if self.throttle is not None and self.throttle.held_back:
             # due items wait for the rate limit: look again when a slot frees, not at once
-            timeout = max(timeout, min(max_sleep, self.throttle.wait_seconds()))
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            wait = min(max_sleep, self.throttle.wait_seconds())
+            timeout = wait if due is None else max(timeout, wait)
+        # a bare future and a timer: no tasks made and cancelled per sleep (two per event)
+        assert self._loop is not None
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _resolve, waiter)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            timer.cancel()
+            self._waiter = None
 
     async def _attempt(self, item: OutboxItem) -> None:
         result = await self._deliver(item)
         # appended only now: `_flush` may have swapped the list while we were awaiting
         self._results.append(result)
-        if self._wake is not None:
-            self._wake.set()
+        self._set_wake()
 
     async def _deliver(self, item: OutboxItem) -> OutboxResult:
         try:

@@ -30,9 +30,13 @@ from gateway.store import OutboxItem
 HEADERS = {"User-Agent": f"{CLIENT_NAME}/{__version__}", "Content-Type": "application/json"}
 
 
+# one encoder for every request: `json.dumps` with options builds a new one per call
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _json(body: dict[str, Any]) -> bytes:
     """The request body as httpx's `json=` would encode it (compact, UTF-8)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODE(body).encode()
 
 
 class RateBudget:

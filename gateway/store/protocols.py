@@ -250,8 +250,25 @@ class OutboxStore(Protocol):
         again at `next_attempt_at`; each counts one attempt."""
         ...
 
+    def record_and_claim_outbox(
+        self,
+        results: Sequence[OutboxResult],
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int] = (),
+        owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
+    ) -> list[OutboxItem]:
+        """One delivery round in one transaction: `record_outbox(results)`, then
+        `claim_outbox(...)`, which already sees them (a recorded head's next item is
+        claimable). All or nothing: if it fails, nothing is recorded and nothing claimed."""
+        ...
+
     def next_outbox_due(self, kind: str | None = None) -> float | None:
-        """When the earliest pending item becomes due (None: nothing pending)."""
+        """When the earliest head of a key (the oldest pending item of its order key) becomes
+        due (None: nothing pending); items behind a head wait for it, not for a time."""
         ...
 
 

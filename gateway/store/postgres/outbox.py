@@ -96,6 +96,8 @@ class OutboxQueries(Connection):
 
         `admit` (a rate limit) picks, in claim order, which of up to `ADMIT_CANDIDATES` locked
         due heads to take; the others are unlocked again at the commit, untouched."""
+        if limit <= 0:
+            return []
         if admit is not None:
             return self._claim_admitted(now, limit, kind, lease_seconds, exclude, owner, admit)
         kind_filter, skip = _filters(kind, exclude)
@@ -155,6 +157,24 @@ class OutboxQueries(Connection):
                 )
         return items
 
+    def record_and_claim_outbox(
+        self,
+        results: Sequence[OutboxResult],
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int] = (),
+        owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
+    ) -> list[OutboxItem]:
+        """`record_outbox` then `claim_outbox` in one transaction (one synchronous commit
+        when there are results to keep); the claim sees the results, so a recorded head's next
+        item is claimable at once. Recorded items must not be in `exclude`."""
+        with self.transaction(durable=bool(results)):
+            self.record_outbox(results)
+            return self.claim_outbox(now, limit, kind, lease_seconds, exclude, owner, admit)
+
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
         """Replace the payload of `item` if it is pending and not claimed (a claim by another
         node holds the row until it commits; then `lease_owner` is set and this changes
@@ -210,11 +230,12 @@ class OutboxQueries(Connection):
         return released
 
     def next_outbox_due(self, kind: str | None = None) -> float | None:
-        """On the caller's clock again (it sleeps until then)."""
+        """When the earliest head of a key becomes due (an item behind its head waits for the
+        head, not for a time), on the caller's clock again (it sleeps until then)."""
         kind_filter = "AND kind = %(kind)s" if kind else ""
         row = self._row(
             "SELECT MIN(next_attempt_at) - %(shift)s FROM outbox"
-            f" WHERE state = 'pending' {kind_filter}",
+            f" WHERE id IN ({_HEADS.format(kind=kind_filter)})",
             self._clock_args(kind=kind),
         )
         return None if row is None or row[0] is None else float(row[0])

@@ -82,6 +82,8 @@ class OutboxQueries(Connection):
         `admit` (a rate limit) picks, in claim order, which of the due items to take now; it
         sees up to `ADMIT_CANDIDATES` of them, so one throttled routing key holds up no other.
         """
+        if limit <= 0:
+            return []
         with self.transaction(durable=False):
             if admit is None:
                 items = self.due_outbox(now, limit, kind, exclude)
@@ -93,6 +95,24 @@ class OutboxQueries(Connection):
                 [(now + lease_seconds, owner, item.id) for item in items],
             )
         return items
+
+    def record_and_claim_outbox(
+        self,
+        results: Sequence[OutboxResult],
+        now: float,
+        limit: int,
+        kind: str | None,
+        lease_seconds: float,
+        exclude: Sequence[int] = (),
+        owner: str = "",
+        admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
+    ) -> list[OutboxItem]:
+        """`record_outbox` then `claim_outbox` in one transaction: a delivery round costs one
+        commit (durable only with results to keep), and a recorded head's next item can be
+        claimed at once. Recorded items must not be in `exclude`."""
+        with self.transaction(durable=bool(results)):
+            self.record_outbox(results)
+            return self.claim_outbox(now, limit, kind, lease_seconds, exclude, owner, admit)
 
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
         """Replace the payload of `item` if it is pending and not claimed (nothing on the
@@ -148,10 +168,13 @@ class OutboxQueries(Connection):
         return cursor.rowcount
 
     def next_outbox_due(self, kind: str | None = None) -> float | None:
-        """When the earliest pending item becomes due, so workers can sleep until then."""
+        """When the earliest head of a key becomes due, so workers can sleep until then: an
+        item waiting behind its key's head (in flight, or waiting for a retry) is not due
+        before the head is recorded, so its own time would only wake the worker in vain."""
         kind_filter = "AND kind = ?" if kind else ""
         row = self.conn.execute(
-            f"SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' {kind_filter}",
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE id IN (SELECT MIN(id) FROM outbox"
+            f" WHERE state = 'pending' {kind_filter} GROUP BY order_key)",
             (kind,) if kind else (),
         ).fetchone()
         return row[0]
