@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import ImapPosition, OutboxResult, Store, copy_store, open_store
+from gateway.store import (
+    HeartbeatState,
+    ImapPosition,
+    OutboxResult,
+    Store,
+    copy_store,
+    open_store,
+)
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import ROOT
 from tests.store_support import counts, incident, mail
@@ -41,6 +48,12 @@ def installation(path: Path) -> Store:
         [OutboxResult(done, "done", response="202"), OutboxResult(dead, "dead", error="400")]
     )
     store.record_imap_failure("desk", "INBOX", 40, "unreadable", 9e9)
+    store.save_mail_heartbeat(HeartbeatState("backup", "helpdesk", 1.0, 2.0, 1, None))
+    store.note_coalesced("helpdesk", "case 1", 4.0, {"n": 1})
+    store.add_pagerduty_event(body='{"event": {}}', received_at=3.0, event_id="E1")
+    decided_webhook = store.add_pagerduty_event(body="{}", received_at=3.5, event_id="E2")
+    assert decided_webhook is not None
+    store.finish_pagerduty_event(decided_webhook, outcome="mirrored", service="helpdesk")
     assert decided.duplicate_of is None and pending.duplicate_of is None
     return store
 
@@ -57,6 +70,9 @@ def snapshot(store: Store) -> dict[str, object]:
         "owed": store.imap_owed("desk", "INBOX"),
         "events": [(e["kind"], e["detail"]) for e in store.events()],
         "totals": store.metric_totals(),
+        "heartbeats": store.mail_heartbeats(),
+        "webhooks": store.pagerduty_events(),
+        "coalesced": [(i.coalesced, i.coalesced_at, i.latest_details) for i in store.incidents()],
     }
 
 
@@ -72,6 +88,7 @@ def test_store_copy_moves_everything_and_postgresql_carries_on(tmp_path: Path, u
     assert pending.message == 2  # still to be decided, on PostgreSQL now
     [new] = target.accept([mail("c")])
     assert new.id == 4  # ids continue after the copied ones
+    assert target.add_pagerduty_event(body="{}", received_at=5.0, event_id="E3") == 3
     assert [i.order_key for i in target.due_outbox(time.time())] == ["k3"]
 
 
