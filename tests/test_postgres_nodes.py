@@ -20,6 +20,7 @@ import pytest
 from gateway.store import OutboxItem, Store, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import wait_until
+from tests.store_support import mail
 
 OWNER_A, OWNER_B = "node-a:1", "node-b:1"
 
@@ -137,3 +138,20 @@ def test_a_webhook_delivery_on_one_node_wakes_every_nodes_decider(
         assert a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2") is None
     finally:
         listener.stop()
+
+
+def test_a_job_another_node_is_deciding_is_skipped_not_waited_for(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    [accepted] = a.accept([mail("decide-once")])
+    job = a.pending_jobs()[0].id
+    with a.transaction():
+        assert a.finish_job(job, outcome="triggered", reason="node a")
+        thread, result = in_thread(lambda: b.finish_job(job, outcome="ignored", reason="node b"))
+        thread.join(10)  # inside A's open transaction: B must answer without waiting for it
+        assert not thread.is_alive() and result == [False]
+    assert accepted.duplicate_of is None and b.pending_jobs() == []
+    assert not b.finish_job(job, outcome="ignored", reason="node b")  # decided: still False
+    [record] = a.jobs()
+    assert (record.id, record.outcome) == (job, "triggered")

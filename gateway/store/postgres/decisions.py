@@ -1,9 +1,9 @@
 """Deciding jobs on PostgreSQL: whichever node decides, each job is decided once.
 
 Nodes decide one at a time (the worker's "decide" turn keeps acceptance order), but a
-`gateway ingest` may decide beside them: inside the decision's transaction `job_is_pending`
-claims the job with `FOR UPDATE SKIP LOCKED` (False: another decider holds or decided it),
-and `incident` locks the incident's key until the commit, so two deciders never both build on
+`gateway ingest` may decide beside them: `finish_job` claims the job with `FOR UPDATE SKIP
+LOCKED` as it records the decision (False: another decider holds or decided it, and the
+processor undoes that job's savepoint), and `incident` locks the incident's key until the commit, so two deciders never both build on
 the same incident: the second reads the first one's result and decides its job again (the
 processor's IncidentMoved).
 """
@@ -47,10 +47,14 @@ class DecisionQueries(Connection):
         details: dict[str, Any] | None = None,
         trace: list[dict[str, Any]] | None = None,
     ) -> bool:
+        """Record the decision; False if the job was decided already or another decider holds
+        it right now (claimed with SKIP LOCKED: this one never waits for it, and undoes its
+        own savepoint; if the other rolls back, the job is still pending and comes again)."""
         touched = self._exec(
             "UPDATE jobs SET state='done', outcome=%s, reason=%s, rule=%s, action=%s,"
             " incident_key=%s, summary=%s, severity=%s, details=%s, trace=%s, decided_at=%s"
-            " WHERE id=%s AND state='pending'",
+            " WHERE id = (SELECT id FROM jobs WHERE id=%s AND state='pending'"
+            " FOR UPDATE SKIP LOCKED)",
             (
                 outcome,
                 reason,
