@@ -136,7 +136,11 @@ class GatewayServer:
         *,
         log_level: str = "info",
         rate_limit_per_minute: int | None = 0,
+        extra: str = "",
+        store_url: str | None = None,
     ) -> None:
+        """`extra`: more config text (e.g. `[store]`); `store_url`: the PostgreSQL store the
+        benchmark reads (None: the node's own SQLite file)."""
         self.tmp = tempfile.TemporaryDirectory(prefix="gateway-bench-")
         self.dir = Path(self.tmp.name)
         self.port = free_port()
@@ -170,9 +174,11 @@ rules = ["helpdesk.toml"]
 routing_key = "{ROUTING_KEY}"
 [web]
 listen = "127.0.0.1:{free_port()}"
+{extra}
 """
         )
         self.db = self.dir / "data" / "gateway.sqlite3"
+        self.location: str | Path = store_url or self.db
 
     def __enter__(self) -> GatewayServer:
         with open(self.dir / "log", "wb") as log:
@@ -198,7 +204,7 @@ listen = "127.0.0.1:{free_port()}"
         """A read connection for the benchmark (its queries cost the benchmark's CPU, not the
         gateway's); opened once, before any load."""
         if self._store is None:
-            self._store = open_store(self.db)
+            self._store = open_store(self.location)
         return self._store
 
     def gauge(self, *names: str) -> int:

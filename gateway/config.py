@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -200,6 +201,16 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where the durable state lives: `url` None is SQLite in data_dir (the embedded default);
+    `postgresql://user@host:port/db` is one database shared by several gateway nodes. `node`
+    names this node on the status page and in /metrics (default: the host name)."""
+
+    url: str | None = None
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -211,6 +222,7 @@ class Config:
     imap: tuple[ImapSettings, ...] = ()
     outgoing: OutgoingSettings | None = None
     web: WebSettings = field(default_factory=WebSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     # gateway/config_time.py: named schedules, maintenance windows, expected mail
     schedules: dict[str, Schedule] = field(default_factory=dict)
     maintenance: tuple[MaintenanceWindow, ...] = ()
@@ -225,7 +237,18 @@ class Config:
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file in data_dir (the embedded default's database)."""
         return self.gateway.data_dir / "gateway.sqlite3"
+
+    @property
+    def store_location(self) -> str | Path:
+        """What `open_store` opens: `[store] url`, else the SQLite file in data_dir."""
+        return self.store.url or self.db_path
+
+    @property
+    def node(self) -> str:
+        """This node's name: `[store] node`, else the host name."""
+        return self.store.node or socket.gethostname()
 
 
 def find_config_path(cli_value: str | None) -> Path:
@@ -280,7 +303,7 @@ def _toml_line(exc: tomllib.TOMLDecodeError) -> int | None:
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BARE_ENV = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: the shell's, not ours
-_SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web")
+_SECTIONS = ("gateway", "smtp", "pagerduty", "service", "imap", "outgoing", "web", "store")
 _TIME_SECTIONS = ("schedules", "maintenance", "heartbeat")  # gateway/config_time.py
 
 
@@ -347,6 +370,8 @@ class _Reader:
         pagerduty = self.pagerduty(self.table(data, "pagerduty"))
         self.in_section("web")
         web = self.web(self.table(data, "web"))
+        self.in_section("store")
+        store = self.store(self.table(data, "store"))
         schedules = read_schedules(self, data)
         maintenance = read_maintenance(self, data, names, schedules)
         heartbeats = read_heartbeats(self, data, names)
@@ -359,6 +384,7 @@ class _Reader:
             imap=tuple(imap),
             outgoing=outgoing,
             web=web,
+            store=store,
             schedules=schedules,
             maintenance=maintenance,
             heartbeats=heartbeats,
@@ -715,6 +741,14 @@ class _Reader:
             tls_verify=self.get(w, t, "tls_verify", bool, True),
         )
 
+    def store(self, t: dict[str, Any]) -> StoreSettings:
+        w = "store"
+        self.check_keys(w, t, {f.name for f in _fields(StoreSettings)})
+        return StoreSettings(
+            url=self.get(w, t, "url", str, None, check=_store_url) or None,
+            node=self.get(w, t, "node", str, ""),
+        )
+
     def web(self, t: dict[str, Any]) -> WebSettings:
         w = "web"
         self.check_keys(w, t, {f.name for f in _fields(WebSettings)})
@@ -738,6 +772,13 @@ class _Reader:
             worker_max_restarts=self.get(w, t, "worker_max_restarts", int, 3, check=_at_least(1)),
             refresh_seconds=self.get(w, t, "refresh_seconds", int, 60, check=_at_least(0)),
         )
+
+
+def _store_url(value: str) -> str | None:
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in ("postgresql", "postgres"):
+        return "must be a postgresql://user@host:port/database URL (leave it out for SQLite)"
+    return None
 
 
 _WEB_THRESHOLDS = (

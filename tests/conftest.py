@@ -18,6 +18,7 @@ import pytest
 
 from tests.net import free_port
 from tests.pdserver import PagerDutyStandIn
+from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "parsing_rules"

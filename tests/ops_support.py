@@ -88,7 +88,8 @@ def worker_pid(parent: int) -> int | None:
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus exposition text (labels in any order)."""
+    """The value of one sample in Prometheus exposition text (labels in any order; the `node`
+    label every sample carries is compared only when asked for)."""
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
@@ -99,6 +100,9 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         found = dict(
             part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part
         )
-        if {k: v.strip('"') for k, v in found.items()} == labels:
+        values = {k: v.strip('"') for k, v in found.items()}
+        if "node" not in labels:
+            values.pop("node", None)
+        if values == labels:
             return float(value)
     return None

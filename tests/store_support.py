@@ -24,6 +24,27 @@ class Backend:
     def close(self) -> None:
         for store in self._opened:
             store.close()
+        if self.name == "postgresql":  # its pool would keep a connection to a finished test's DB
+            from gateway.store.postgres.connection import close_pool
+
+            close_pool(str(self.location))
+
+
+def set_schema_version(backend: Backend, version: int) -> None:
+    """Stamp the database with another schema version (as a newer gateway would leave it)."""
+    if backend.name == "postgresql":
+        import psycopg
+
+        with psycopg.connect(str(backend.location)) as conn:
+            conn.execute("UPDATE gateway_schema SET version = %s", (version,))
+    else:
+        import sqlite3
+
+        conn = sqlite3.connect(str(backend.location))
+        try:
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            conn.close()
 
 
 def mail(

@@ -18,12 +18,14 @@ import httpx
 import pytest
 
 from gateway.config import OutgoingSettings, WebSettings
+from gateway.node import set_node
 from gateway.store import StoreThread
 from gateway.web.hardening import SECURITY_HEADERS, Limits
 from gateway.web.metrics import CONTENT_TYPE, LiveState
 from gateway.web.notify import NotifyEndpoint
 from gateway.web.status import WebApp
 from tests.conftest import ROOT
+from tests.ops_support import metric
 
 TOKEN = "retry-token"
 NOTIFY_TOKEN = "notify-token"
@@ -83,8 +85,20 @@ def test_metrics_content_type(web: WebApp) -> None:
     response = call(web, "GET", "/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"] == CONTENT_TYPE
-    assert "gateway_messages_accepted_total 0.0" in response.text
-    assert "gateway_smtp_up 1.0" in response.text
+    assert metric(response.text, "gateway_messages_accepted_total") == 0.0
+    assert metric(response.text, "gateway_smtp_up") == 1.0
+
+
+def test_every_metric_names_the_node_that_answered(web: WebApp) -> None:
+    """Several nodes can share one store: /metrics says which one answered (issue 13)."""
+    set_node("mx2")
+    try:
+        text = call(web, "GET", "/metrics").text
+    finally:
+        set_node("")
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all('node="mx2"' in line for line in samples)
+    assert metric(text, "gateway_smtp_up", node="mx2") == 1.0
 
 
 def test_status_page_renders(web: WebApp) -> None:

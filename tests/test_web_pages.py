@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.config import WebSettings
+from gateway.node import set_node
 from gateway.store import OutboxResult, Store, StoreThread, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.status import WebApp
@@ -354,3 +355,22 @@ def test_the_page_is_compressed_and_keeps_its_security_headers(web: WebApp) -> N
     assert "<h1>Email gateway</h1>" in response.text  # httpx decoded it
     plain = call(web, "GET", "/", headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers and "<h1>Email gateway</h1>" in plain.text
+
+
+# -- issue 13: several nodes share one store ----------------------------------------------------
+
+
+def test_the_message_page_names_the_node_that_accepted_and_the_one_that_delivered(
+    web: WebApp, seed: Store
+) -> None:
+    set_node("mx1")
+    try:
+        paged = page_for(seed, "Printer on fire")
+        set_node("mx2")
+        [claimed] = seed.claim_outbox(time.time(), 1, None, 60.0, owner="mx2:1")
+        seed.record_outbox([OutboxResult(claimed.id, "done", response="202")])
+    finally:
+        set_node("")
+    page = unescape(get(web, f"/messages/{paged.message}"))
+    assert re.search(r"accepted by</th><td[^>]*>node mx1<", page), page
+    assert "delivered by node mx2" in page

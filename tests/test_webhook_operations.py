@@ -5,7 +5,6 @@ waits too long for its decision; `gateway webhooks` lists them, read-only."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from gateway.web.status import WebApp
 from tests.cli_support import Cli, run_gateway
 from tests.conftest import wait_until, write_config
 from tests.net import free_port
+from tests.ops_support import metric as labeled_metric
 from tests.pdserver import PagerDutyStandIn
 from tests.test_mailer import Sink
 from tests.web_support import SMTP_UP, call, service
@@ -74,9 +74,11 @@ def stored_long_ago(seed: Store, seconds: float, webhook_id: str = "old") -> int
     return stored
 
 
-def metric(text: str, name: str) -> float:
-    [value] = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(value)
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value; every sample also carries the answering node's label (issue 13)."""
+    value = labeled_metric(text, name, **labels)
+    assert value is not None, f"no sample {name} {labels}"
+    return value
 
 
 def test_metrics_count_webhook_deliveries_by_outcome_and_the_pending_ones(
@@ -92,8 +94,8 @@ def test_metrics_count_webhook_deliveries_by_outcome_and_the_pending_ones(
     stored_long_ago(seed, 120.0)
     text = call(web, "GET", "/metrics").text
     assert metric(text, "gateway_webhooks_received_total") == 4  # the redelivery counts once
-    assert metric(text, 'gateway_webhooks_decided_total{outcome="mirrored"}') == 1
-    assert metric(text, 'gateway_webhooks_decided_total{outcome="unknown_key"}') == 1
+    assert metric(text, "gateway_webhooks_decided_total", outcome="mirrored") == 1
+    assert metric(text, "gateway_webhooks_decided_total", outcome="unknown_key") == 1
     assert metric(text, "gateway_webhooks_pending") == 2  # `second` and the old one
     assert metric(text, "gateway_webhooks_oldest_pending_age_seconds") >= 120
     seed.finish_pagerduty_event(second, outcome="notified", service="helpdesk")
@@ -227,7 +229,7 @@ def test_a_running_gateway_shows_its_webhooks_in_metrics_health_and_the_listing(
             )
             text = gateway.get("/metrics")[1]
             assert metric(text, "gateway_webhooks_received_total") == 1
-            assert metric(text, 'gateway_webhooks_decided_total{outcome="unknown_key"}') == 1
+            assert metric(text, "gateway_webhooks_decided_total", outcome="unknown_key") == 1
             assert metric(text, "gateway_webhooks_pending") == 0
             with monkeypatch.context() as shell:  # an on-call engineer's: no secrets
                 for name in SECRETS_ENV:

@@ -22,10 +22,12 @@ from gateway.cli import (
     import_cmd,
     ingest,
     listings,
+    migrate,
     purge,
     replay,
     rules_cmd,
     serve,
+    store_cmd,
     themes_cmd,
     webhooks,
 )
@@ -46,6 +48,7 @@ __all__ = ["EX_OK", "EX_PIPE", "EX_TEMPFAIL", "EX_USAGE", "build_parser", "main"
 COMMANDS = (
     serve,
     check,
+    migrate,
     rules_cmd,
     ingest,
     imap_once,
@@ -54,6 +57,7 @@ COMMANDS = (
     hash_password,
     purge,
     replay,
+    store_cmd,
     import_cmd,
     webhooks,
 )

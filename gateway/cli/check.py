@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     templates = config.gateway.templates_dir
     count = len(themes.Themes(templates).names()) if templates.exists() else 0
     print(f"OK: {config.path}: {len(services)} service(s), {rules} rule(s), {count} theme(s)")
-    print(f"OK: {verify_store(config.db_path)}")  # StoreError: exit 75, as `serve` would
+    print(f"OK: {verify_store(config.store_location)}")  # StoreError: exit 75, as `serve` would
     notice = local_mode_notice(config.services)
     if notice:  # valid, but nothing would page anyone: say so plainly
         print(f"NOTE: {notice}")

@@ -19,6 +19,7 @@ from gateway.delivery import dispatch as delivery
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError
 from gateway.logs import setup_logging as _setup_logging
+from gateway.node import set_node
 from gateway.store import ReportStore, Store, open_store
 
 EX_OK, EX_USAGE, EX_TEMPFAIL = 0, 1, 75
@@ -88,7 +89,9 @@ def _positive(text: str) -> int:
 
 def config(args: argparse.Namespace) -> Config:
     """The whole config, secrets expanded: for commands that send, fetch or serve."""
-    return load_config(find_config_path(args.config))
+    loaded = load_config(find_config_path(args.config))
+    set_node(loaded.store.node)
+    return loaded
 
 
 def reading_config(args: argparse.Namespace) -> Config:
@@ -99,7 +102,7 @@ def reading_config(args: argparse.Namespace) -> Config:
 
 def reading_store(settings: Config) -> Store:
     """The store opened read-only: works with read access alone and never changes it."""
-    return open_store(settings.db_path, read_only=True)
+    return open_store(settings.store_location, read_only=True)
 
 
 def check_choice(kind: str, value: str, known: Iterable[str]) -> str:

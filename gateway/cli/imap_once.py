@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if account is None:
         known = ", ".join(a.name for a in settings.imap) or "none"
         raise UsageError(f"unknown imap account {args.name!r} (configured: {known})")
-    store = open_store(settings.db_path)
+    store = open_store(settings.store_location)
     try:
         result = imap.run_once(account, store)
     except imap.ImapAuthError as exc:  # the server's words: escaped like mail

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     settings.service(args.service)
     raw = read_input(args.file)
     mail = intake.incoming(raw, source="cli", services=(args.service,), mail_from=args.sender)
-    store = open_store(settings.db_path)
+    store = open_store(settings.store_location)
     [accepted] = store.accept([mail])  # one durable commit: only then exit 0
     if accepted.duplicate_of is not None:
         print(f"accepted as message {accepted.id} (duplicate of {accepted.duplicate_of})")

@@ -244,7 +244,7 @@ def _cut(text: str, width: int) -> str:
 def run_outbox(args: argparse.Namespace) -> int:
     listing = args.action == "list"  # read-only: no secrets, no write access needed
     settings = reading_config(args) if listing else config(args)
-    store = reading_store(settings) if listing else open_store(settings.db_path)
+    store = reading_store(settings) if listing else open_store(settings.store_location)
     if args.action == "retry":
         return _retry(store, args)
     if args.action == "flush":
@@ -345,7 +345,7 @@ def run_resolve(args: argparse.Namespace) -> int:
     service, key = args.target
     settings = config(args)
     known = {s.name: s for s in settings.services}
-    store = open_store(settings.db_path)
+    store = open_store(settings.store_location)
     try:
         done = resolve_incident(store, service, key, send=args.send, settings=known.get(service))
     except ResolveRefused as exc:

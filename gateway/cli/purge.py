@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if days <= 0:
         print("retention_days is 0: everything is kept, nothing to purge")
         return EX_OK
-    store = reading_store(settings) if args.dry_run else open_store(settings.db_path)
+    store = reading_store(settings) if args.dry_run else open_store(settings.store_location)
     if args.dry_run:
         counts = retention.plan(store, days)
         print(f"would delete (older than {days} days): {retention.describe(counts)}")

@@ -68,7 +68,7 @@ def run_notify(args: argparse.Namespace) -> int:
         raise UsageError(f"{settings.path}: no [outgoing] section (set host, port and from)")
     setup_logging(settings, "warning")
     msg = _render_case(args, settings.gateway.templates_dir, settings.outgoing.from_addr)
-    store = open_store(settings.db_path)
+    store = open_store(settings.store_location)
     try:
         sender = outgoing_mail.envelope_sender(settings.outgoing.from_addr)
         item = outgoing_mail.queue_mail(store, msg, mail_from=sender)

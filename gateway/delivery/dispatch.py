@@ -108,7 +108,7 @@ class Deliveries:
 
 async def deliver_due(config: Config, seconds: float) -> None:
     """One-shot delivery of whatever is due (ingest, notify, `outbox flush`)."""
-    store = StoreThread(config.db_path, "delivery")
+    store = StoreThread(config.store_location, "delivery")
     deadline = time.time() + seconds
     try:
         async with pagerduty_transport(config) as transport:

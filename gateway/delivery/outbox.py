@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.backoff import Backoff
-from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
+from gateway.errors import RejectedDeliveryError, StoreError, TemporaryDeliveryError
 from gateway.store import OutboxItem, OutboxResult, OutboxStore, StoreThread
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,10 @@ class Dispatcher:
                     self._wake = self._woken = False
                     try:
                         due = await self._round()
+                    except StoreError as exc:  # the database is away (a PostgreSQL restart)
+                        log.warning("%s outbox: store unavailable, retrying: %s", self.kind, exc)
+                        await asyncio.sleep(1.0)
+                        continue
                     except Exception:
                         log.exception("%s outbox: store error, retrying shortly", self.kind)
                         await asyncio.sleep(1.0)

@@ -79,7 +79,7 @@ class _Request:
 class SpoolWriter:
     """One thread, one connection, batched commits; callers wait on a future per mail."""
 
-    def __init__(self, db_path: Path, *, max_batch: int = 512) -> None:
+    def __init__(self, db_path: str | Path, *, max_batch: int = 512) -> None:
         self._db_path = db_path
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()

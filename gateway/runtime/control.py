@@ -41,7 +41,7 @@ class ControlPlane:
             on_start=self.manager.reloading,
             on_end=lambda: self.manager.ready(),
         )
-        self.store = StoreThread(runtime.generation.config.db_path, "ops")
+        self.store = StoreThread(runtime.generation.config.store_location, "ops")
         self.web: WebApp | None = None
         self.http: WebServer | None = None
         self._tasks: list[asyncio.Task] = []

@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.intake.imap import ImapPoller
 from gateway.intake.smtp_listener import SmtpListener
 from gateway.intake.spool import SpoolWriter
+from gateway.node import set_node
 from gateway.runtime.control import ControlPlane
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.parts import Runtime
@@ -53,19 +54,22 @@ class Service:
         # what `gateway check` runs: fail with file:line before listening
         generation = replace(load_generation(self.config.path), number=1)
         config = generation.config
-        verify_store(config.db_path)  # a damaged database is refused, never started over
-        spool = SpoolWriter(config.db_path)
+        set_node(config.store.node)
+        verify_store(config.store_location)  # a damaged database is refused, never started over
+        spool = SpoolWriter(config.store_location)
         runtime = self.runtime = Runtime(
             stopping=self.stopping,
             generation=generation,
             spool=spool,
-            worker=WorkerProcess(config.db_path, generation.for_worker()),
+            worker=WorkerProcess(config.store_location, generation.for_worker()),
             smtp=SmtpListener(config.smtp, config.services, spool),
-            imap=[ImapPoller(account, spool, config.db_path) for account in config.imap],
+            imap=[ImapPoller(account, spool, config.store_location) for account in config.imap],
         )
         spool.start()
-        checkpointer = Checkpointer(config.db_path)
-        checkpointer.start()
+        # WAL checkpoints are SQLite's; PostgreSQL checkpoints on its own
+        checkpointer = Checkpointer(config.db_path) if config.store.url is None else None
+        if checkpointer is not None:
+            checkpointer.start()
         runtime.worker.start()
         spool.on_commit(runtime.worker.wake)
         tasks = [asyncio.create_task(runtime.worker.supervise(self.stopping), name="worker")]
@@ -86,7 +90,8 @@ class Service:
             log.info("shutting down: no new sessions, finishing those in flight")
         finally:
             await self._shutdown(runtime, tasks)
-            checkpointer.stop()
+            if checkpointer is not None:
+                checkpointer.stop()
         log.info("gateway stopped")
         return 0
 

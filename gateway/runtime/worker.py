@@ -54,9 +54,10 @@ from gateway.decide.processor import Processor, build_processor
 from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.errors import ProblemsError
 from gateway.logs import LEVELS, setup_logging
+from gateway.node import set_node
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
-from gateway.store import Store, StoreThread, open_store
+from gateway.store import Store, StoreThread, exclusive_turn, listen_for_work, open_store
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ WORKER_NICENESS = 0
 
 # batches of `Processor.process_pending` per trip to the decider thread
 BATCHES_PER_HOP = 5
+# PostgreSQL: a decider that asks nothing of the store this long (frozen, hung) loses the
+# "decide" turn to another node; a live one asks at least every second (`_decide_backlog`)
+DECIDE_TURN_SILENCE = 15.0
 
 Message = str | GenerationFiles  # "outbox" | "stop" | a generation (and "wake" in tests)
 _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
@@ -77,7 +81,7 @@ _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
 class WorkerProcess:
     """The parent's handle on the worker child: start, wake, configure, supervise, stop."""
 
-    def __init__(self, db_path: Path, generation: GenerationFiles) -> None:
+    def __init__(self, db_path: str | Path, generation: GenerationFiles) -> None:
         self.db_path = db_path
         self.generation = generation  # the last good one: what a (re)started child gets first
         self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
@@ -204,7 +208,8 @@ def _worker_main(db_path: str, inbox: Connection, wakes: Connection) -> None:
         raise SystemExit(f"worker: generation {shipped.number} does not compile:\n{exc}") from None
     config = generation.config
     setup_logging(config.gateway.log_level, config.gateway.log_format)
-    run_event_loop(_Worker(Path(db_path), generation, inbox, wakes).run())
+    set_node(config.store.node)
+    run_event_loop(_Worker(_location(db_path), generation, inbox, wakes).run())
 
 
 class _Worker:
@@ -212,7 +217,7 @@ class _Worker:
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: str | Path,
         generation: Generation,
         inbox: Connection,
         wakes: Connection | None = None,
@@ -231,6 +236,8 @@ class _Worker:
         self.decider = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="processor")
         self.processor: Processor | None = None
         self.decisions: Store | None = None  # the processor's connection, owned by `decider`
+        # nodes sharing a PostgreSQL store decide one at a time, in acceptance order (None: SQLite)
+        self.decide_turn = exclusive_turn(db_path, "decide", silence=DECIDE_TURN_SILENCE)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,20 +245,32 @@ class _Worker:
         config = self.generation.config
         log.info("worker running generation %d", self.generation.number)
         store = StoreThread(self.db_path, "outbox", durable=False)
+        # other nodes' commits (PostgreSQL); the timers below remain the polling fallback
+        wakeups = listen_for_work(
+            self.db_path,
+            on_jobs=lambda: loop.call_soon_threadsafe(self.wake.set),
+            on_outbox=self._wake_outboxes_threadsafe,
+        )
         async with pagerduty_transport(config) as transport:
             self.deliveries = Deliveries(store, transport, config)
             loop.add_reader(self.inbox.fileno(), self._on_message)
             if self.wakes is not None:
                 loop.add_reader(self.wakes.fileno(), self._on_wakes)
             delivering = asyncio.create_task(self.deliveries.run(self.stop))
+            if wakeups is not None:
+                wakeups.start()
             await self._decide_until_stopped()
             await delivering
             loop.remove_reader(self.inbox.fileno())
             if self.wakes is not None:
                 loop.remove_reader(self.wakes.fileno())
+        if wakeups is not None:
+            wakeups.stop()
         store.close()
         if self.decisions is not None:
             await loop.run_in_executor(self.decider, self.decisions.close)
+        if self.decide_turn is not None:
+            await loop.run_in_executor(self.decider, self.decide_turn.release)
         self.decider.shutdown()
 
     def _new_processor(self) -> Processor:
@@ -291,6 +310,8 @@ class _Worker:
         wake; a wake that finds one mail costs one query for pending jobs."""
         processor = self.processor
         assert processor is not None
+        if self.decide_turn is not None and not self.decide_turn.acquire():
+            return True  # another node decides; this one takes over if it dies
         try:
             processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
         except Exception:  # never in the way of deciding mail; tried again next time
@@ -374,3 +395,9 @@ class _Worker:
         )
         self.generation = generation
         return generation
+
+
+def _location(text: str) -> str | Path:
+    """The store location passed to the worker as text: a URL stays a URL (Path would fold
+    its `//`), a file path becomes a Path again."""
+    return text if "://" in text else Path(text)

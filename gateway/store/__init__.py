@@ -12,7 +12,14 @@ A store object belongs to one thread. Writes that must be atomic together run in
 
 from __future__ import annotations
 
-from gateway.store.backend import open_store, verify_store
+from gateway.store.backend import (
+    copy_store,
+    exclusive_turn,
+    listen_for_work,
+    migrate_store,
+    open_store,
+    verify_store,
+)
 from gateway.store.protocols import (
     DecisionStore,
     EventLog,
@@ -23,6 +30,7 @@ from gateway.store.protocols import (
     ReportStore,
     SpoolStore,
     Store,
+    Turn,
 )
 from gateway.store.records import (
     OPEN_STATES,
@@ -84,6 +92,11 @@ __all__ = [
     "Store",
     "StoreThread",
     "StormState",
+    "Turn",
+    "copy_store",
+    "exclusive_turn",
+    "listen_for_work",
+    "migrate_store",
     "open_store",
     "verify_store",
 ]

@@ -531,6 +531,29 @@ class ReportStore(HeartbeatStore, Protocol):
         ...
 
 
+class Background(Protocol):
+    """A backend's own helper thread (PostgreSQL: LISTEN for other nodes' commits)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Turn(Protocol):
+    """A job only one node may do at a time (polling one IMAP account)."""
+
+    def acquire(self) -> bool:
+        """Take it without waiting: True if this node holds it now, False while another node
+        does; StoreError when the store cannot be asked."""
+        ...
+
+    def held(self) -> bool:
+        """Still this node's (checked before each round of work)."""
+        ...
+
+    def release(self) -> None: ...
+
+
 class Store(
     SpoolStore,
     DecisionStore,

@@ -106,6 +106,7 @@ class OutboxItem:
     response: str
     lease_owner: str = ""  # the worker ("host:pid") that claimed it; '' when not claimed
     requeued_at: float | None = None  # when a dead letter was last re-queued
+    delivered_by: str = ""  # the node that recorded its last attempt ('' before any)
     priority: int = 1  # 0: a trigger that opens an incident, claimed ahead of busy keys
 
     def in_flight(self, now: float) -> bool:
@@ -210,6 +211,7 @@ class MessageRecord:
     size: int
     duplicate_of: int | None
     jobs: tuple[int, ...]  # one per service it was accepted for; none for a duplicate
+    node: str = ""  # the gateway node that accepted it (several may share a store)
 
 
 @dataclass(frozen=True)

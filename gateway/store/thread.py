@@ -17,7 +17,7 @@ T = TypeVar("T")
 class StoreThread:
     """Runs store calls on one dedicated thread, for asyncio code (the loop never blocks on fsync)."""
 
-    def __init__(self, db_path: Path, name: str = "store", *, durable: bool = True) -> None:
+    def __init__(self, db_path: str | Path, name: str = "store", *, durable: bool = True) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
         self._store = self._executor.submit(open_store, db_path, durable=durable).result()
 

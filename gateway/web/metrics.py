@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.errors import Problem
+from gateway.node import this_node
 from gateway.outcomes import Outcome
 from gateway.store import ReportStore, StormState
 
@@ -209,7 +210,7 @@ class GatewayMetrics:
             *store_families(snapshot),
             *self._live_families(live),
         ]
-        return generate_latest(self.registry)
+        return generate_latest(_NodeLabelled(self.registry, this_node()))
 
     def _live_families(self, live: LiveState) -> Iterable[Metric]:
         if live.smtp is not None:
@@ -353,6 +354,23 @@ def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float) -> GaugeM
     family = GaugeMetricFamily(name, doc, labels=labels)
     family.add_metric((), value)
     return family
+
+
+class _NodeLabelled:
+    """Every sample with a `node` label: which gateway node answered the scrape (several can
+    share one PostgreSQL store; the store's counters and gauges are then the whole cluster's,
+    the live ones this node's)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry, self.node = registry, node
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            family.samples = [
+                sample._replace(labels={**sample.labels, "node": self.node})
+                for sample in family.samples
+            ]
+            yield family
 
 
 class _Families:

@@ -14,13 +14,16 @@ import pytest
 from gateway.store import Store
 from tests.store_support import Backend
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         opened = Backend("sqlite", tmp_path / "db" / "gateway.sqlite3")
+    elif request.param == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        opened = Backend("postgresql", server.new_database())
     else:  # pragma: no cover - a backend listed without a fixture branch
         raise AssertionError(f"no fixture for backend {request.param!r}")
     try:

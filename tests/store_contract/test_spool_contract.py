@@ -68,3 +68,10 @@ def test_failed_transaction_leaves_nothing(store: Store) -> None:
         store.accept([mail("x")])
         raise RuntimeError("crash before commit")
     assert counts(store)["messages"] == 0
+
+
+def test_a_mail_with_nul_in_its_envelope_is_stored(store: Store) -> None:
+    """Hostile mail carries NUL bytes in headers; PostgreSQL text cannot hold them."""
+    [accepted] = store.accept([mail("nul", mail_from="a\x00b@example.com", message_id="<\x00>")])
+    record = store.message(accepted.id)
+    assert record is not None and record.mail_from.replace("\ufffd", "\x00") == "a\x00b@example.com"

@@ -39,13 +39,23 @@ from gateway.intake.imap.connection import (
 )
 from gateway.intake.imap.failures import UnreadablePolicy
 from gateway.intake.imap.sync import FolderSync
-from gateway.store import Accepted, ImapPosition, ImapStore, IncomingMail, open_store
+from gateway.store import (
+    Accepted,
+    ImapPosition,
+    ImapStore,
+    IncomingMail,
+    Turn,
+    exclusive_turn,
+    open_store,
+)
 
 log = logging.getLogger("gateway.intake.imap")
 
 _IDLE_SLICE_SECONDS = 0.5  # idle_check granularity
 _DEAD_EMPTY_BURST = 5  # this many instant, empty idle_checks in a row mean the socket hit EOF
 _COMMIT_TIMEOUT = 120.0  # waiting longer for the spool means something is badly wrong
+TURN_RETRY_SECONDS = 5.0  # a standby node asks for the account's turn this often
+STANDBY = "standby: another node polls this account"
 _STOP_FORCE_SECONDS = 2.0  # after stop()'s timeout: how long to wait once the socket is cut
 
 
@@ -61,7 +71,7 @@ class ImapPoller:
         self,
         settings: ImapSettings,
         spool: intake.SpoolWriter,
-        db_path: Path,
+        db_path: str | Path,
         *,
         backoff: Backoff | None = None,
         unreadable: UnreadablePolicy | None = None,
@@ -128,19 +138,33 @@ class ImapPoller:
                 "imap %s: cannot open the database, poller not running: %s", self.settings.name, exc
             )
             return
+        # nodes sharing a PostgreSQL store take turns: one polls the account at a time
+        turn = exclusive_turn(self._db_path, f"imap:{self.settings.name}")
         try:
             while not self._stop.is_set():
                 try:
-                    self._session(store)
+                    if turn is not None and not turn.acquire():
+                        self._stand_by()
+                        continue
+                    self._session(store, turn)
                 except Exception as exc:
                     if self._stop.is_set():
                         break
                     self._failed(exc)
         finally:
+            if turn is not None:
+                turn.release()
             store.close()
             self._set_state("stopped")
 
-    def _session(self, store: ImapStore) -> None:
+    def _stand_by(self) -> None:
+        """Another node holds the account's turn: its poller reports the mailbox's health."""
+        self._failures = 0
+        self.last_success = time.time()
+        self._set_state(STANDBY)
+        self._stop.wait(TURN_RETRY_SECONDS)
+
+    def _session(self, store: ImapStore, turn: Turn | None = None) -> None:
         if not self._failures:  # while failing, the state keeps saying why
             self._set_state("connecting")
         self.attempts += 1
@@ -168,6 +192,12 @@ class ImapPoller:
                 log.info("imap %s: server has no IDLE, polling instead", self.settings.name)
             self._cycle(sync, client)
             while not self._stop.is_set():
+                if turn is not None and not turn.held():
+                    log.warning(
+                        "imap %s: lost the account's turn; polling stops", self.settings.name
+                    )
+                    polite = True
+                    return
                 self._set_state("idle" if use_idle else "polling")
                 retry_at = sync.owed.next_due()  # an owed message due again ends the wait early
                 if use_idle:

@@ -28,10 +28,33 @@ _HINT = " (run as the gateway's user: see the README's read-only recipe)"
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations the database lacks (the caller holds the transaction)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database schema version {version} is newer than this gateway's ({len(MIGRATIONS)}):"
+            " a newer gateway migrated it; upgrade this one instead of running it against it"
+        )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         for statement in _statements(script):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number}")
+
+
+def migrate_file(path: Path) -> tuple[int, int]:
+    """`gateway migrate`: (version before, version after); creates a missing database."""
+    before = 0
+    if check_file(path):
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            before = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {path}: {exc}") from None
+        finally:
+            conn.close()
+    store = Connection(path)
+    try:
+        return before, store.schema_version
+    finally:
+        store.close()
 
 
 class GuardedCursor(sqlite3.Cursor):

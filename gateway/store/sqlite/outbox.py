@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.node import this_node
 from gateway.store.records import OutboxItem, OutboxResult, StormState
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 from gateway.store.sqlite.connection import Connection
@@ -180,14 +181,15 @@ class OutboxQueries(Connection):
 
     def record_outbox(self, results: Sequence[OutboxResult]) -> None:
         """Apply delivery attempts' results in one commit (one fsync for a whole batch)."""
-        now = time.time()
+        now, node = time.time(), this_node()
         with self.transaction():
             for r in results:
                 self.conn.execute(
                     "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?,"
                     " last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
-                    " lease_owner = '', updated_at = ? WHERE id = ? AND state = 'pending'",
-                    (r.state, r.response, r.error, r.next_attempt_at, now, r.id),
+                    " lease_owner = '', delivered_by = ?, updated_at = ?"
+                    " WHERE id = ? AND state = 'pending'",
+                    (r.state, r.response, r.error, r.next_attempt_at, node, now, r.id),
                 )
 
     def outbox(

@@ -275,14 +275,14 @@ class ReportQueries(Connection):
     def message(self, message: int) -> MessageRecord | None:
         row = self.conn.execute(
             "SELECT id, received_at, source, peer, mail_from, rcpt_tos, message_id, size,"
-            " duplicate_of FROM messages WHERE id = ?",
+            " duplicate_of, node FROM messages WHERE id = ?",
             (message,),
         ).fetchone()
         if row is None:
             return None
         jobs = self.conn.execute("SELECT id FROM jobs WHERE message = ? ORDER BY id", (message,))
         rcpt = tuple(json.loads(row[5] or "[]"))
-        return MessageRecord(*row[:5], rcpt, *row[6:], jobs=tuple(j for (j,) in jobs))
+        return MessageRecord(*row[:5], rcpt, *row[6:9], jobs=tuple(j for (j,) in jobs), node=row[9])
 
     def incident_jobs(
         self, service: str, key: str, limit: int = 200, head_bytes: int = 16384

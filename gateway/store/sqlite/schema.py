@@ -216,4 +216,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE incidents ADD COLUMN latest_details TEXT NOT NULL DEFAULT '';
     ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
     """,
+    # which node accepted each mail and which recorded each item's last attempt (several nodes
+    # can share one PostgreSQL store; on SQLite it is always this host).
+    """
+    ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';
+    """,
 )

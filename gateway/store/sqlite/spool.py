@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 
+from gateway.node import this_node
 from gateway.store.records import Accepted, ImapPosition, IncomingMail
 from gateway.store.sqlite.imap import ImapQueries
 
@@ -28,7 +29,7 @@ class SpoolQueries(ImapQueries):
     def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
         cursor = self.conn.execute(
             "INSERT INTO messages (received_at, source, peer, mail_from, rcpt_tos, message_id,"
-            " fingerprint, size, raw, duplicate_of) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " fingerprint, size, raw, duplicate_of, node) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 now,
                 mail.source,
@@ -40,6 +41,7 @@ class SpoolQueries(ImapQueries):
                 len(mail.raw),
                 mail.raw,
                 None,
+                this_node(),
             ),
         )
         message = cursor.lastrowid

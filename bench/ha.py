@@ -1,0 +1,124 @@
+"""End-to-end delivered/s: one node on SQLite, one node on PostgreSQL, two nodes on PostgreSQL.
+
+    python bench/ha.py [--messages 3000] [--sessions 16]
+
+The same matching workload (bench/workload.py) for each setup, in the same run: the SMTP
+client (16 persistent sessions, split evenly over the nodes) sends every mail; a run counts
+until the store shows nothing pending, and delivered/s is mails / (first mail sent -> last
+event at the PagerDuty endpoint, bench/pd_sink.py). PostgreSQL is Debian's, started here in a
+temporary directory with fsync on (like production; `synchronous_commit = on`). Also printed:
+CPU per mail of the gateway nodes and of the PostgreSQL server, from /proc, which is the
+honest figure on a shared box. Goal (issue 13): two nodes >= 1.6x one PostgreSQL node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.clients import SendResult, send_python
+from bench.common import GatewayServer, TreeCpu, tree_cpu, verdict
+from bench.measure import warm_up
+from bench.pd_sink import PdSink
+from bench.workload import Mail, mixed
+from tests.postgres import PostgresServer, pg_bin
+
+
+@contextlib.contextmanager
+def nodes(sink: PdSink, url: str | None, count: int) -> Iterator[list[GatewayServer]]:
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for n in range(count):
+            store = f'\n[store]\nurl = "{url}"\nnode = "node{n + 1}"\n' if url else ""
+            server = GatewayServer(sink.url, extra=store, store_url=url)
+            servers.append(stack.enter_context(server))
+        yield servers
+
+
+def send_split(servers: list[GatewayServer], mails: list[Mail], sessions: int) -> SendResult:
+    """Mail i to node i mod N, all nodes at once; the span from the first start to the last end."""
+    results: list[SendResult] = []
+    share = max(1, sessions // len(servers))
+
+    def send(index: int, server: GatewayServer) -> None:
+        mine = [m.raw for m in mails[index :: len(servers)]]
+        results.append(send_python(server.port, mine, sessions=share))
+
+    threads = [threading.Thread(target=send, args=(i, s)) for i, s in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return SendResult(
+        min(r.started for r in results),
+        max(r.finished for r in results),
+        [t for r in results for t in r.sent_at],
+        sum(r.client_cpu for r in results),
+    )
+
+
+def measure(
+    name: str, servers: list[GatewayServer], sink: PdSink, args: argparse.Namespace, db_pid: int
+) -> float | None:
+    for server in servers:
+        warm_up(server, count=100 if server is servers[0] else 0)
+    mails = mixed(args.messages, name.replace(" ", "-"))
+    before = [s.cpu() for s in servers], tree_cpu(db_pid) if db_pid else TreeCpu(0, 0)
+    sent = send_split(servers, mails, args.sessions)
+    drained = servers[0].wait_idle(args.timeout)
+    gateway_cpu = sum(((s.cpu() - b).total for s, b in zip(servers, before[0], strict=True)), 0.0)
+    db_cpu = (tree_cpu(db_pid) - before[1]).total if db_pid else 0.0
+    requests = [r for r in sink.requests() if r.at >= sent.started]
+    last = max((r.at for r in requests), default=None)
+    if not drained or last is None:
+        print(f"{name:24} did not drain within {args.timeout:.0f} s")
+        return None
+    rate = len(mails) / (max(last, sent.finished) - sent.started)
+    print(
+        f"{name:24} intake {len(mails) / (sent.finished - sent.started):7.0f} msg/s"
+        f"  delivered {rate:7.0f} msg/s  CPU/mail: gateway {gateway_cpu / len(mails) * 1000:5.2f} ms"
+        f", PostgreSQL {db_cpu / len(mails) * 1000:5.2f} ms",
+        flush=True,
+    )
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir, fsync=True)
+    server.start()
+    rates: dict[str, float | None] = {}
+    try:
+        with PdSink() as sink:
+            with nodes(sink, None, 1) as one:
+                rates["sqlite"] = measure("1 node, SQLite", one, sink, args, 0)
+            with nodes(sink, server.new_database(), 1) as one:
+                rates["pg1"] = measure("1 node, PostgreSQL", one, sink, args, server.pid())
+            with nodes(sink, server.new_database(), 2) as two:
+                rates["pg2"] = measure("2 nodes, PostgreSQL", two, sink, args, server.pid())
+    finally:
+        server.stop()
+        server.remove()
+    if rates["pg1"] and rates["pg2"]:
+        ratio = rates["pg2"] / rates["pg1"]
+        print(
+            f"two nodes / one PostgreSQL node: {ratio:.2f}x (goal >= 1.6x) {verdict(ratio >= 1.6)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

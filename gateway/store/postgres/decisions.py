@@ -1,0 +1,118 @@
+"""Deciding jobs on PostgreSQL: whichever node decides, each job is decided once.
+
+Nodes decide one at a time (the worker's "decide" turn keeps acceptance order), but a
+`gateway ingest` may decide beside them: `finish_job` claims the job with `FOR UPDATE SKIP
+LOCKED` as it records the decision (False: another decider holds or decided it, and the
+processor undoes that job's savepoint), and `incident` locks the incident's key until the commit, so two deciders never both build on
+the same incident: the second reads the first one's result and decides its job again (the
+processor's IncidentMoved).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.store.postgres.connection import Connection
+from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
+from gateway.store.records import Incident, PendingJob
+
+
+class DecisionQueries(Connection):
+    def pending_jobs(self, limit: int = 100, max_bytes: int = 16 * 1024 * 1024) -> list[PendingJob]:
+        rows = self._rows(
+            "WITH claimable AS (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id"
+            "  LIMIT %s)"
+            " SELECT id, message, service, raw, mail_from, source, received_at FROM ("
+            "  SELECT j.id, j.message, j.service, m.raw, m.mail_from, m.source, m.received_at,"
+            "   SUM(m.size) OVER (ORDER BY j.id) - m.size AS ahead"
+            "  FROM claimable c JOIN jobs j ON j.id = c.id JOIN messages m ON m.id = j.message"
+            " ) w WHERE ahead < %s ORDER BY id",
+            (limit, max_bytes),
+        )
+        return [PendingJob(r[0], r[1], r[2], bytes(r[3] or b""), r[4], r[5], r[6]) for r in rows]
+
+    def finish_job(
+        self,
+        job: int,
+        *,
+        outcome: str,
+        reason: str,
+        rule: str | None = None,
+        action: str | None = None,
+        incident_key: str | None = None,
+        summary: str | None = None,
+        severity: str | None = None,
+        details: dict[str, Any] | None = None,
+        trace: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Record the decision; False if the job was decided already or another decider holds
+        it right now (claimed with SKIP LOCKED: this one never waits for it, and undoes its
+        own savepoint; if the other rolls back, the job is still pending and comes again)."""
+        touched = self._exec(
+            "UPDATE jobs SET state='done', outcome=%s, reason=%s, rule=%s, action=%s,"
+            " incident_key=%s, summary=%s, severity=%s, details=%s, trace=%s, decided_at=%s"
+            " WHERE id = (SELECT id FROM jobs WHERE id=%s AND state='pending'"
+            " FOR UPDATE SKIP LOCKED)",
+            (
+                outcome,
+                reason,
+                rule,
+                action,
+                incident_key,
+                summary,
+                severity,
+                json.dumps(details or {}),
+                json.dumps(trace or []),
+                time.time(),
+                job,
+            ),
+        )
+        return touched == 1
+
+    def job_is_pending(self, job: int) -> bool:
+        """Pending and now ours until the commit: another node deciding it makes this False."""
+        row = self._row(
+            "SELECT state FROM jobs WHERE id = %s AND state = 'pending' FOR UPDATE SKIP LOCKED",
+            (job,),
+        )
+        return row is not None
+
+    def incident(self, service: str, key: str) -> Incident | None:
+        """Inside a transaction the key stays locked until the commit (even while the incident
+        does not exist yet), so the mirror changes atomically with one decision at a time."""
+        locking = self._held is not None  # a plain read (status page) waits for nobody
+        with self._connection() as conn:
+            if locking:
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
+                )
+            row = conn.execute(
+                f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=%s AND incident_key=%s",
+                (service, key),
+            ).fetchone()
+        return Incident(*row) if row else None
+
+    def save_incident(self, incident: Incident) -> None:
+        """Write the mirror; the coalesced-repeat columns are kept, and reset when the
+        incident opens again (a new episode)."""
+        placeholders = ",".join(["%s"] * len(INCIDENT_FIELDS))
+        updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
+        new_episode = "incidents.times_opened <> excluded.times_opened"
+        self._exec(
+            f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) VALUES ({placeholders})"
+            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates},"
+            f" coalesced = CASE WHEN {new_episode} THEN 0 ELSE incidents.coalesced END,"
+            f" coalesced_at = CASE WHEN {new_episode} THEN NULL ELSE incidents.coalesced_at END,"
+            f" latest_details = CASE WHEN {new_episode} THEN '' ELSE incidents.latest_details END",
+            tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
+        )
+
+    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
+        """Count one repeat trigger absorbed by the outbox on its (open) incident."""
+        self._exec(
+            "UPDATE incidents SET coalesced = coalesced + 1, coalesced_at = %s,"
+            " latest_details = %s WHERE service = %s AND incident_key = %s",
+            (at, json.dumps(details, ensure_ascii=False), service, key),
+        )

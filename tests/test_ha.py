@@ -1,0 +1,148 @@
+"""Several nodes on PostgreSQL (`[store] url`): `gateway serve` end to end on a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from gateway.store import open_store
+from gateway.store.postgres.connection import close_pool
+from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
+from tests.ops_support import WebGateway, running
+from tests.pdserver import PagerDutyStandIn
+from tests.postgres import PostgresServer, require_postgres
+
+
+def pg_config(directory: Path, pd_url: str, url: str, node: str = "", web: bool = False) -> Path:
+    store = f'[store]\nurl = "{url}"\n' + (f'node = "{node}"\n' if node else "")
+    web_part = f'[web]\nlisten = "127.0.0.1:{free_port()}"\n' if web else ""
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(directory, pd_url=pd_url, smtp_port=free_port(), extra=store + web_part)
+
+
+def smtp_port(config: Path) -> int:
+    return int(load_config(config).smtp.listen[0].rpartition(":")[2])
+
+
+def test_serve_on_postgresql_accepts_and_delivers_without_a_sqlite_file(
+    tmp_path: Path, pd: PagerDutyStandIn, postgres_url: str
+) -> None:
+    config = pg_config(tmp_path, pd.url, postgres_url)
+    gateway = GatewayProcess(config, smtp_port(config)).start()
+    try:
+        WebGateway(config, gateway.port, 0).send(desk_mail("Printer on fire", "New"))
+        [event] = pd.wait_for(1)
+        assert event["event_action"] == "trigger"
+        assert gateway.stop() == 0
+    finally:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.kill()
+    assert not (tmp_path / "data" / "gateway.sqlite3").exists()
+
+
+def test_store_url_takes_secrets_from_the_environment(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, extra='[store]\nurl = "postgresql://gw:${PGPASS}@db.example/gateway"\n'
+    )
+    loaded = load_config(config, {"PGPASS": "s3cret"})
+    assert loaded.store_location == "postgresql://gw:s3cret@db.example/gateway"
+    assert load_config(write_config(tmp_path)).store_location == tmp_path / "data/gateway.sqlite3"
+
+
+def test_a_store_url_that_is_not_postgresql_is_a_config_error_with_its_line(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, extra='[store]\nurl = "mysql://db.example/gateway"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    text = str(raised.value)
+    assert "store.url" in text and "postgresql://" in text
+    line = next(n for n, t in enumerate(config.read_text().splitlines(), 1) if "mysql" in t)
+    assert f":{line}:" in text or f"line {line}" in text
+
+
+def test_gateway_migrate_creates_the_postgresql_schema(tmp_path: Path, postgres_url: str) -> None:
+    config = pg_config(tmp_path, "http://127.0.0.1:9/", postgres_url)
+
+    def migrate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "--config", str(config), "migrate"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    first = migrate()
+    assert first.returncode == 0, first.stderr
+    assert "migrated from version 0" in first.stdout
+    again = migrate()
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def smtp_data_reply(port: int, raw: bytes) -> tuple[int, bytes]:
+    """The reply to DATA (or the first refusal before it)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        for code, text in (
+            client.mail("support@helpdesk.example"),
+            client.rcpt("desk@gateway.example"),
+        ):
+            if code >= 400:
+                return code, text
+        return client.data(raw)
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A server of this test's own: it is taken away and brought back."""
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.stop()
+        server.remove()
+
+
+def test_postgresql_going_away_answers_451_never_250_and_service_resumes(
+    tmp_path: Path, pd: PagerDutyStandIn, own_server: PostgresServer
+) -> None:
+    url = own_server.new_database()
+    config = pg_config(tmp_path, pd.url, url, web=True)
+    web_port = int(load_config(config).web.listen.rpartition(":")[2])
+    with running(config, smtp_port(config), web_port) as gateway:
+        assert smtp_data_reply(gateway.port, desk_mail("Before", "New"))[0] == 250
+        pd.wait_for(1)
+        reader = open_store(url, read_only=True)
+        wait_until(lambda: reader.outbox_stats()[0] == 0, message="delivery never recorded")
+        own_server.stop()  # immediate: the database is gone
+        code, text = smtp_data_reply(gateway.port, desk_mail("During", "New"))
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        failing = wait_until(
+            lambda: (answer := gateway.get("/healthz"))[0] == 503 and answer,
+            60,
+            message="healthz stayed ok",
+        )
+        assert json.loads(failing[1])["store"]["ok"] is False
+        own_server.start()
+        wait_until(
+            lambda: smtp_data_reply(gateway.port, desk_mail("After", "New"))[0] == 250,
+            60,
+            interval=0.5,
+            message="no 250 after the database came back",
+        )
+        events = pd.wait_for(2, timeout=60)
+        assert [e["dedup_key"] for e in events] == ["Before", "After"]
+        wait_until(lambda: gateway.get("/healthz")[0] == 200, 60, message="healthz stayed failing")
+    close_pool(url)

@@ -1,0 +1,157 @@
+"""PostgreSQL only: what main's newer store methods promise when two nodes act at the same time.
+
+Each test holds one node's transaction open at the moment that matters and lets the other node
+act meanwhile, so the interleaving is forced, not hoped for: a rate-limited claim skips rows
+another node is claiming (never waits on them, never takes them too), a payload is coalesced
+only into an item no node has claimed, and a webhook redelivery received by two nodes at once
+is stored once (the UNIQUE constraint decides, not a read-then-write).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from gateway.store import OutboxItem, Store, listen_for_work, open_store
+from gateway.store.postgres.connection import close_pool
+from tests.conftest import wait_until
+from tests.store_support import mail
+
+OWNER_A, OWNER_B = "node-a:1", "node-b:1"
+
+
+@pytest.fixture
+def url(postgres_url: str) -> Iterator[str]:
+    yield postgres_url
+    close_pool(postgres_url)
+
+
+@pytest.fixture
+def nodes(url: str) -> Iterator[tuple[Store, Store]]:
+    a, b = open_store(url), open_store(url)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def add(store: Store, key: str, priority: int = 1) -> int:
+    return store.add_outbox("pagerduty", "helpdesk", key, {"key": key}, None, priority)
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def waiting_on_a_lock(url: str) -> bool:
+    """Some other session of this database waits for a row or advisory lock."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_rate_limited_claim_skips_what_another_node_is_claiming(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    first, second, third = add(a, "k1"), add(a, "k2"), add(a, "k3")
+    now = time.time() + 1
+    during: list[list[int]] = []
+
+    def admit_first(items: list[OutboxItem]) -> list[OutboxItem]:
+        # node A holds its candidates locked right now: node B must neither wait nor take them
+        during.append([i.id for i in b.claim_outbox(now, 10, None, 60.0, owner=OWNER_B,
+                                                      admit=lambda c: c)])  # fmt: skip
+        return [i for i in items if i.id == first]
+
+    claimed = a.claim_outbox(now, 10, None, 60.0, owner=OWNER_A, admit=admit_first)
+    assert [i.id for i in claimed] == [first] and during == [[]]
+    # what A locked but did not admit is free again once A's claim committed
+    again = b.claim_outbox(now, 10, None, 60.0, owner=OWNER_B, admit=lambda c: c)
+    assert sorted(i.id for i in again) == [second, third]
+    assert a.outbox_item(first).lease_owner == OWNER_A  # type: ignore[union-attr]
+
+
+def test_a_payload_is_not_coalesced_into_an_item_another_node_is_claiming(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    a, b = nodes
+    item = add(a, "k", priority=0)
+    with a.transaction():
+        assert [i.id for i in a.claim_outbox(time.time() + 1, 1, None, 60.0, owner=OWNER_A)] == [
+            item
+        ]
+        thread, result = in_thread(lambda: b.coalesce_outbox(item, {"key": "repeat"}))
+        wait_until(lambda: waiting_on_a_lock(url), message="B never waited for A's claim")
+    thread.join(10)
+    assert result == [False]  # A's claim committed first: what is on the wire stays recorded
+    found = a.outbox_item(item)
+    assert found is not None and found.payload == {"key": "k"} and found.priority == 0
+
+
+def test_a_webhook_delivery_received_by_two_nodes_at_once_is_stored_once(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    a, b = nodes
+    body = '{"event": {"id": "E1"}}'
+    with a.transaction():
+        stored = a.add_pagerduty_event(body=body, received_at=1.0, event_id="E1")
+        thread, result = in_thread(
+            lambda: b.add_pagerduty_event(body=body, received_at=1.0, event_id="E1")
+        )
+        wait_until(lambda: waiting_on_a_lock(url), message="B never waited for A's insert")
+    thread.join(10)
+    assert stored is not None and result == [None]  # a redelivery, not a failure
+    assert a.count_pagerduty_events() == 1
+
+
+def test_schema_versions_are_numbered_alike_on_both_backends() -> None:
+    from gateway.store.postgres.schema import MIGRATIONS as POSTGRES
+    from gateway.store.sqlite.schema import MIGRATIONS as SQLITE
+
+    assert len(POSTGRES) == len(SQLITE)
+
+
+def test_a_webhook_delivery_on_one_node_wakes_every_nodes_decider(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    a, _ = nodes
+    jobs, outbox = threading.Event(), threading.Event()
+    listener = listen_for_work(url, jobs.set, outbox.set)  # "node B" listens
+    assert listener is not None
+    listener.start()
+    try:
+        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
+        jobs.clear(), outbox.clear()  # the wake-up every (re)connection gives
+        a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2")
+        wait_until(jobs.is_set, message="no wake-up for a webhook delivery")
+        assert a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2") is None
+    finally:
+        listener.stop()
+
+
+def test_a_job_another_node_is_deciding_is_skipped_not_waited_for(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    [accepted] = a.accept([mail("decide-once")])
+    job = a.pending_jobs()[0].id
+    with a.transaction():
+        assert a.finish_job(job, outcome="triggered", reason="node a")
+        thread, result = in_thread(lambda: b.finish_job(job, outcome="ignored", reason="node b"))
+        thread.join(10)  # inside A's open transaction: B must answer without waiting for it
+        assert not thread.is_alive() and result == [False]
+    assert accepted.duplicate_of is None and b.pending_jobs() == []
+    assert not b.finish_job(job, outcome="ignored", reason="node b")  # decided: still False
+    [record] = a.jobs()
+    assert (record.id, record.outcome) == (job, "triggered")

@@ -1,0 +1,75 @@
+"""PostgreSQL only: wake-ups across nodes (LISTEN/NOTIFY) and one purging node at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from gateway.store import OutboxResult, listen_for_work, open_store
+from gateway.store.postgres.connection import close_pool
+from gateway.store.postgres.retention import PURGE_LOCK
+from tests.conftest import wait_until
+from tests.store_support import mail
+
+
+@pytest.fixture
+def url(postgres_url: str) -> Iterator[str]:
+    yield postgres_url
+    close_pool(postgres_url)
+
+
+def test_another_nodes_commits_wake_this_nodes_workers(url: str) -> None:
+    store = open_store(url)  # "node B": its commits must reach "node A"'s listener
+    jobs, outbox = threading.Event(), threading.Event()
+    listener = listen_for_work(url, jobs.set, outbox.set)
+    assert listener is not None
+    listener.start()
+    try:
+        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
+        jobs.clear(), outbox.clear()  # the wake-up every (re)connection gives
+        store.accept([mail("wake")])
+        wait_until(jobs.is_set, message="no wake-up for new jobs")
+        assert not outbox.is_set()
+        store.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
+        wait_until(outbox.is_set, message="no wake-up for the outbox")
+    finally:
+        listener.stop()
+        store.close()
+
+
+def test_sqlite_needs_no_listener(tmp_path) -> None:
+    assert listen_for_work(tmp_path / "gateway.sqlite3", lambda: None, lambda: None) is None
+
+
+def test_retention_runs_on_one_node_at_a_time(url: str) -> None:
+    store = open_store(url)
+    store.accept([mail("old")])
+    store.finish_job(store.pending_jobs()[0].id, outcome="discarded", reason="test")
+    with psycopg.connect(url, autocommit=True) as other_node:
+        other_node.execute("SELECT pg_advisory_lock(%s)", (PURGE_LOCK,))
+        assert store.purge(cutoff=9e9) == dict.fromkeys(
+            ("messages", "jobs", "outbox", "events", "incidents"), 0
+        )
+        other_node.execute("SELECT pg_advisory_unlock(%s)", (PURGE_LOCK,))
+    assert store.purge(cutoff=9e9)["messages"] == 1
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0], ids=["fast", "slow"])
+def test_a_node_with_a_skewed_clock_neither_takes_a_live_lease_nor_keeps_a_dead_one(
+    url: str, skew: float
+) -> None:
+    """Leases are compared on the database's clock: node B's clock is `skew` seconds off."""
+    a, b = open_store(url), open_store(url)
+    b.clock = lambda: time.time() + skew  # type: ignore[attr-defined]
+    item = a.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
+    [claimed] = a.claim_outbox(time.time(), 1, None, 10.0, owner="a:1")
+    assert b.claim_outbox(b.clock(), 1, None, 10.0, owner="b:1") == []  # type: ignore[attr-defined]
+    a.record_outbox([OutboxResult(claimed.id, "pending", error="503", next_attempt_at=time.time())])
+    [taken] = b.claim_outbox(b.clock(), 1, None, 10.0, owner="b:1")  # type: ignore[attr-defined]
+    assert taken.id == item  # due now on the database's clock, whatever B's clock says
+    assert a.claim_outbox(time.time() + 5, 1, None, 10.0, owner="a:1") == []  # B's lease runs
+    assert [i.id for i in a.claim_outbox(time.time() + 11, 1, None, 10.0, owner="a:1")] == [item]
