@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from gateway.errors import StoreError
 from gateway.store import ReportStore, StoreThread
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ async def run_schedule(
             continue  # 0 = keep everything
         try:
             counts = await store.call(lambda s, d=days: purge(s, d))
+        except StoreError as exc:  # the database is away: one line, no trace
+            log.warning("retention: store unavailable; retrying in %.0f s: %s", interval, exc)
+            continue
         except Exception:
             log.exception("retention: purge failed; retrying in %.0f s", interval)
             continue

@@ -52,7 +52,7 @@ from pathlib import Path
 from gateway.decide.notifications import build_helpdesk_notifier
 from gateway.decide.processor import Processor, build_processor
 from gateway.delivery.dispatch import Deliveries, pagerduty_transport
-from gateway.errors import ProblemsError
+from gateway.errors import ProblemsError, StoreError
 from gateway.logs import LEVELS, setup_logging
 from gateway.node import set_node
 from gateway.runtime.loop import run_event_loop
@@ -299,7 +299,9 @@ class _Worker:
             try:
                 while not await loop.run_in_executor(self.decider, self._decide_backlog):
                     pass
-            except Exception:  # store trouble: the jobs stay pending, try again shortly
+            except StoreError as exc:  # the database is away: the jobs stay pending
+                log.warning("deciding paused, store unavailable; will retry: %s", exc)
+            except Exception:  # anything else is a bug: its trace is for the developers
                 log.exception("processing failed; will retry")
             if self.stop.is_set():
                 return
@@ -314,6 +316,8 @@ class _Worker:
             return True  # another node decides; this one takes over if it dies
         try:
             processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
+        except StoreError as exc:  # the database is away; deciding below says so too
+            log.warning("heartbeat check paused, store unavailable: %s", exc)
         except Exception:  # never in the way of deciding mail; tried again next time
             log.exception("heartbeat check failed; will retry")
         return processor.process_backlog(BATCHES_PER_HOP)
