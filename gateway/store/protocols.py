@@ -107,8 +107,6 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
         of mail (always at least one)."""
         ...
 
-    def job_is_pending(self, job: int) -> bool: ...
-
     def finish_job(
         self,
         job: int,

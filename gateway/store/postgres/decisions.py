@@ -71,14 +71,6 @@ class DecisionQueries(Connection):
         )
         return touched == 1
 
-    def job_is_pending(self, job: int) -> bool:
-        """Pending and now ours until the commit: another node deciding it makes this False."""
-        row = self._row(
-            "SELECT state FROM jobs WHERE id = %s AND state = 'pending' FOR UPDATE SKIP LOCKED",
-            (job,),
-        )
-        return row is not None
-
     def incident(self, service: str, key: str) -> Incident | None:
         """Inside a transaction the key stays locked until the commit (even while the incident
         does not exist yet), so the mirror changes atomically with one decision at a time."""

@@ -60,10 +60,6 @@ class DecisionQueries(Connection):
         )
         return cursor.rowcount == 1
 
-    def job_is_pending(self, job: int) -> bool:
-        row = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone()
-        return row is not None and row[0] == "pending"
-
     def incident(self, service: str, key: str) -> Incident | None:
         row = self.conn.execute(
             f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=? AND incident_key=?",
