@@ -25,11 +25,6 @@ class Outcome(StrEnum):
     UNAUTHENTICATED = "unauthenticated"  # fails require_authentication; kept, visible
     MAINTENANCE = "maintenance_suppressed"  # a trigger during a suppressing maintenance window
 
-    @property
-    def is_action(self) -> bool:
-        """Whether the mail changed (or confirmed) an incident, as opposed to a non-action."""
-        return self not in NON_ACTIONS
-
 
 NON_ACTIONS = frozenset(
     {

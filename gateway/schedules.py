@@ -102,14 +102,6 @@ def is_within(schedule: Schedule, at: float) -> bool:
     return any(hours.spills_into(minute) for hours in schedule.hours_on(yesterday))
 
 
-def describe_at(schedule: Schedule, at: float) -> str:
-    """'within business_hours (Mon 10:30 Europe/Berlin)': for decision reasons and traces."""
-    local = local_time(schedule, at)
-    word = "within" if is_within(schedule, at) else "outside"
-    when = local.strftime("%a %Y-%m-%d %H:%M")
-    return f"{word} {schedule.name} ({when} {schedule.timezone})"
-
-
 def to_instant(value: datetime | date, timezone: str | None) -> float | None:
     """A config datetime -> Unix time; a local one needs `timezone` (None if it is missing)."""
     if not isinstance(value, datetime):
