@@ -226,3 +226,43 @@ def test_a_mail_to_two_services_is_parsed_once(
         ("helpdesk", Outcome.TRIGGERED),
     ]
     assert len(parses) == 1
+
+
+class WebhookLooks(CountingStore):
+    """A real store that counts the looks for stored PagerDuty webhook deliveries."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.webhook_looks = 0
+
+    def pending_pagerduty_events(self, *args: Any, **kwargs: Any) -> Any:
+        self.webhook_looks += 1
+        return self.store.pending_pagerduty_events(*args, **kwargs)
+
+
+def test_without_a_webhook_secret_batches_do_not_look_for_webhooks(store: Store) -> None:
+    """No receiver, nothing new to decide: one look after each (re)configuration decides what
+    an earlier configuration stored, then the mail hot path is spared that query."""
+    store.add_pagerduty_event(body='{"event": {}}', received_at=1.0, event_id="stored-earlier")
+    counting = WebhookLooks(store)
+    worker = processor(counting, WatchedThemes(store))  # type: ignore[arg-type]
+    for n in range(3):
+        spool(store, desk_mail(f"Case {n}"))
+        worker.process_pending()
+    assert store.pending_pagerduty_events(10) == []  # the earlier delivery was decided
+    assert counting.webhook_looks == 2  # it found one, so it looked once more, then stopped
+    worker.reconfigure(
+        worker.services, PagerDutySettings(), regex_timeout=0.5, notifier=worker.notifier
+    )
+    worker.process_pending()
+    worker.process_pending()
+    assert counting.webhook_looks == 3
+    worker.reconfigure(
+        worker.services,
+        PagerDutySettings(webhook_secret=("s",)),
+        regex_timeout=0.5,
+        notifier=worker.notifier,
+    )
+    worker.process_pending()
+    worker.process_pending()
+    assert counting.webhook_looks == 5  # a receiver: every batch looks

@@ -174,6 +174,7 @@ class Processor(HeartbeatDuties):
         self._heartbeats_checked = float("-inf")
         self.expect_mail(heartbeats)
         self.pagerduty_side = PagerDutySide(store, clock=clock, regex_timeout=regex_timeout)
+        self._look_for_webhooks = True  # see `_decide_pagerduty_events`
         # the last `process_pending` took every job that was pending when it looked: the next
         # call would find nothing new unless a commit came after (which wakes the worker again)
         self.drained = False
@@ -195,6 +196,7 @@ class Processor(HeartbeatDuties):
         self.maintenance, self.heartbeats = maintenance, heartbeats
         self.expect_mail(heartbeats)
         self.installation_id = installation_id
+        self._look_for_webhooks = True
 
     def process_pending(self, batch: int = 200) -> list[Processed]:
         """Decide up to `batch` pending jobs; returns their outcomes.
@@ -234,10 +236,16 @@ class Processor(HeartbeatDuties):
 
     def _decide_pagerduty_events(self) -> None:
         """Webhook deliveries first: they are few, and a mail judged after them sees what
-        PagerDuty said (e.g. an incident resolved there opens anew on the next "new" mail)."""
+        PagerDuty said (e.g. an incident resolved there opens anew on the next "new" mail).
+        Without a webhook secret nothing new is stored: one look after each (re)configuration
+        (and on while it finds some) decides what an earlier configuration stored, and the
+        mail hot path is spared a query per batch."""
+        if not self._look_for_webhooks:
+            return
         services = {n: (r.settings, r.ruleset) for n, r in self.services.items()}
         self.pagerduty_side.regex_timeout = self.regex_timeout
-        _decided, mailed = self.pagerduty_side.process_pending(services, self.notifier)
+        decided, mailed = self.pagerduty_side.process_pending(services, self.notifier)
+        self._look_for_webhooks = bool(self.pagerduty.webhook_secret) or decided > 0
         if mailed and self.on_outbox:
             self.on_outbox()
 
