@@ -137,10 +137,12 @@ class GatewayServer:
         log_level: str = "info",
         rate_limit_per_minute: int | None = 0,
         extra: str = "",
+        smtp_extra: str = "",
         store_url: str | None = None,
     ) -> None:
-        """`extra`: more config text (e.g. `[store]`); `store_url`: the PostgreSQL store the
-        benchmark reads (None: the node's own SQLite file)."""
+        """`extra`: more config text (e.g. `[store]`); `smtp_extra`: more `[smtp]` keys;
+        `store_url`: the PostgreSQL store the benchmark reads (None: the node's own SQLite
+        file)."""
         self.tmp = tempfile.TemporaryDirectory(prefix="gateway-bench-")
         self.dir = Path(self.tmp.name)
         self.port = free_port()
@@ -162,6 +164,7 @@ listen = ["127.0.0.1:{self.port}"]
 hostname = "localhost"
 max_message_bytes = 10485760
 max_connections = 100
+{smtp_extra}
 [pagerduty]
 events_url = "{pd_url}"
 timeout_seconds = 10

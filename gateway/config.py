@@ -98,6 +98,10 @@ class SmtpSettings:
     auth_max_failures: int = 10
     auth_lockout_seconds: float = 300.0
     auth_failure_delay_seconds: float = 2.0
+    # Pacing (Postfix's in_flow_delay): while more than in_flow_backlog accepted mails wait for
+    # a decision, a new transaction waits up to in_flow_delay_seconds (either 0 = off).
+    in_flow_backlog: int = 50
+    in_flow_delay_seconds: float = 1.0
 
 
 DEFAULT_RATE_LIMIT_PER_MINUTE = 120  # PagerDuty: about 120 events a minute per routing key
@@ -555,7 +559,7 @@ class _Reader:
         return settings
 
     def smtp_limits(self, w: str, t: dict[str, Any]) -> dict[str, Any]:
-        """The [smtp] keys that bound what one client may take (see SmtpSettings)."""
+        """The [smtp] keys that bound what clients may take and when (see SmtpSettings)."""
         kinds: dict[str, tuple[type, Callable[[Any], str | None]]] = {
             "max_session_seconds": (float, _positive),
             "data_timeout_seconds": (float, _positive),
@@ -563,6 +567,8 @@ class _Reader:
             "auth_max_failures": (int, _at_least(1)),
             "auth_lockout_seconds": (float, _positive),
             "auth_failure_delay_seconds": (float, _at_least(0)),
+            "in_flow_backlog": (int, _at_least(0)),
+            "in_flow_delay_seconds": (float, _at_least(0)),
         }
         return {
             key: self.get(w, t, key, kind, getattr(SmtpSettings, key), check=check)

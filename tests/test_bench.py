@@ -114,11 +114,14 @@ def test_gateway_cpu_counts_the_whole_process_tree() -> None:
 
 
 def test_cpu_benchmark_reports_cpu_per_mail_split_and_latency_against_goals() -> None:
-    out = run_bench("cpu_per_message.py", "--messages", "40", "--only", "steady-100,burst")
+    out = run_bench(
+        "cpu_per_message.py", "--messages", "40", "--only", "steady-100,burst,burst-unpaced"
+    )
     assert re.search(r"CPU per mail, gateway process tree: [\d.]+ ms +\(goal <= 1.5 ms", out), out
     assert re.search(r"listener [\d.]+ ms, worker and children [\d.]+ ms", out), out
     assert re.search(r"p99 [\d.]+ ms.*\(goal p99 < 50 ms", out), out
     assert re.search(r"delivered \d+ msg/s end to end, [\d.]+x intake +\(goal >= 0.9x", out), out
+    assert "intake paced (shipped default)" in out and "pacing off (baseline)" in out, out
 
 
 def test_pd_sink_throttles_to_its_rate_and_answers_429_beyond() -> None:

@@ -83,6 +83,11 @@ def test_env_default_syntax(tmp_path: Path) -> None:
             "[pagerduty.events_url]: must be an http(s) URL",
             id="bad-url",
         ),
+        pytest.param(
+            "[smtp]\nin_flow_backlog = -1\n",
+            "[smtp.in_flow_backlog]: must be at least 0",
+            id="negative-pacing",
+        ),
         pytest.param("[bogus]\n", "[bogus]: unknown key", id="unknown-table"),
         pytest.param(
             '[smtp]\ntls = "starttls"\n',

@@ -151,6 +151,10 @@ class FakeSpool:
         self.fail = fail
         self.gate = gate
         self.waiting = 0
+        self.backlog = 0  # what pacing is told waits for a decision
+
+    async def undecided(self) -> int:
+        return self.backlog
 
     async def accept(self, mail: IncomingMail) -> Accepted:
         self.waiting += 1

@@ -31,7 +31,11 @@ TOKEN = "retry-token"
 NOTIFY_TOKEN = "notify-token"
 CASE29 = ROOT / "tests" / "fixtures" / "case29.json"
 SMTP_UP = SimpleNamespace(
-    bound=[("127.0.0.1", 2525)], closing=False, active_sessions=0, refusal_counts={}
+    bound=[("127.0.0.1", 2525)],
+    closing=False,
+    active_sessions=0,
+    refusal_counts={},
+    pacing_counts={},
 )
 
 
@@ -87,6 +91,15 @@ def test_metrics_content_type(web: WebApp) -> None:
     assert response.headers["content-type"] == CONTENT_TYPE
     assert metric(response.text, "gateway_messages_accepted_total") == 0.0
     assert metric(response.text, "gateway_smtp_up") == 1.0
+
+
+def test_metrics_show_smtp_pacing(web: WebApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = {"paced": 12, "waited_seconds": 0.75, "timed_out": 1}
+    monkeypatch.setattr(SMTP_UP, "pacing_counts", counts)
+    text = call(web, "GET", "/metrics").text
+    assert metric(text, "gateway_smtp_paced_total") == 12
+    assert metric(text, "gateway_smtp_paced_seconds_total") == 0.75
+    assert metric(text, "gateway_smtp_pacing_timeouts_total") == 1
 
 
 def test_every_metric_names_the_node_that_answered(web: WebApp) -> None:

@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import ServiceSettings
 from gateway.errors import StoreError
+from gateway.intake.flow import IntakePacing
 from gateway.intake.spool import SpoolWriter, incoming
 from gateway.mail.addresses import envelope_address, sender_matches
 from gateway.store import Accepted, IncomingMail
@@ -147,10 +148,16 @@ class GatewayHandler:
     """
 
     def __init__(
-        self, services: Sequence[ServiceSettings], spool: SpoolWriter, *, offer_auth: bool
+        self,
+        services: Sequence[ServiceSettings],
+        spool: SpoolWriter,
+        *,
+        offer_auth: bool,
+        pacing: IntakePacing | None = None,
     ) -> None:
         self.services = tuple(services)
         self.spool = spool
+        self.pacing = pacing
         self.offer_auth = offer_auth
         self._by_name = {s.name: s for s in self.services}
         self._routes: dict[str, str | None] = {}  # a handler lives until the next reload
@@ -181,6 +188,8 @@ class GatewayHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self.pacing is not None:
+            await self.pacing.admit()  # a new transaction waits while decisions lag behind
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return REPLY_MAIL_OK
@@ -225,6 +234,8 @@ class GatewayHandler:
         except Exception:
             log.exception("%s -> 451: internal error", _where(session, envelope, raw))
             return REPLY_TEMPFAIL
+        if self.pacing is not None and accepted.duplicate_of is None:
+            self.pacing.accepted()
         if accepted.duplicate_of is not None:  # never reaches the worker: say it here
             where = _where(session, envelope, raw)
             log.info(

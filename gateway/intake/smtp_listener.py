@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.config import ServiceSettings, SmtpSettings, split_hostport
+from gateway.intake.flow import IntakePacing
 from gateway.intake.smtp_auth import UsersFile
 from gateway.intake.smtp_compat import install_cached_inspection, silence_login_data_deprecation
 from gateway.intake.smtp_handler import GatewayHandler, format_peer
@@ -54,7 +55,14 @@ class SmtpListener:
         install_cached_inspection()
         silence_login_data_deprecation()
         self.users = UsersFile(settings.auth_users_file) if settings.auth_users_file else None
-        self.handler = GatewayHandler(services, spool, offer_auth=self.users is not None)
+        self.pacing = IntakePacing(
+            spool.undecided,
+            backlog=settings.in_flow_backlog,
+            max_delay=settings.in_flow_delay_seconds,
+        )
+        self.handler = GatewayHandler(
+            services, spool, offer_auth=self.users is not None, pacing=self.pacing
+        )
         self.bound: list[tuple[str, int]] = []
         self.closing = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -77,8 +85,13 @@ class SmtpListener:
     def reconfigure(self, services: Sequence[ServiceSettings]) -> None:
         """A reload: new sessions route with `services`; sessions in flight keep their handler."""
         self.handler = GatewayHandler(
-            services, self.handler.spool, offer_auth=self.users is not None
+            services, self.handler.spool, offer_auth=self.users is not None, pacing=self.pacing
         )
+
+    @property
+    def pacing_counts(self) -> Mapping[str, float]:
+        """Pacing since start (`flow.PacingCounts`), for `/metrics`."""
+        return vars(self.pacing.counts)
 
     @property
     def refusal_counts(self) -> Mapping[str, int]:

@@ -4,7 +4,8 @@ A mail is *accepted* only when `Store.accept` has committed it. The `SpoolWriter
 writing connection for acceptance and commits whatever has queued up while the previous commit
 was running in one transaction (group commit), so many concurrent SMTP sessions share each
 fsync instead of paying one each. An IMAP batch is one request carrying its folder's new
-position, which commits in the same transaction as the batch's mail.
+position, which commits in the same transaction as the batch's mail. The same connection
+answers SMTP pacing's question (how many jobs wait for a decision) between commits.
 """
 
 from __future__ import annotations
@@ -76,13 +77,20 @@ class _Request:
             self.future.set_result(results[0] if self.single else results)
 
 
+@dataclass(frozen=True)
+class _Count:
+    """Pacing's question, answered on the writer's connection after the batch queued with it."""
+
+    future: concurrent.futures.Future[int]
+
+
 class SpoolWriter:
     """One thread, one connection, batched commits; callers wait on a future per mail."""
 
     def __init__(self, db_path: str | Path, *, max_batch: int = 512) -> None:
         self._db_path = db_path
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Request | _Count | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._listeners: list[Callable[[], None]] = []
         self._ready = threading.Event()
@@ -122,6 +130,12 @@ class SpoolWriter:
         shields it as it is, with no task (and no extra loop iteration) per mail."""
         return asyncio.wrap_future(self.submit(mail))
 
+    def undecided(self) -> asyncio.Future[int]:
+        """Awaitable count of the jobs waiting for a decision (`SpoolStore.undecided_jobs`)."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._queue.put(_Count(future))
+        return asyncio.wrap_future(future)
+
     def _run(self) -> None:
         try:
             store = open_store(self._db_path, eager=True)
@@ -132,28 +146,33 @@ class SpoolWriter:
         self._ready.set()
         try:
             while True:
-                batch, stopping = self._next_batch()
+                batch, counts, stopping = self._next_batch()
                 if batch:
                     self._commit(store, batch)
+                if counts:
+                    _answer(store, counts)
                 if stopping:
                     return
         finally:
             store.close()
 
-    def _next_batch(self) -> tuple[list[_Request], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        while len(batch) < self._max_batch:
+    def _next_batch(self) -> tuple[list[_Request], list[_Count], bool]:
+        """What queued up meanwhile (at least one item): mail to commit, counts to answer."""
+        batch: list[_Request] = []
+        counts: list[_Count] = []
+        item = self._queue.get()
+        while item is not None:
+            if isinstance(item, _Count):
+                counts.append(item)
+            else:
+                batch.append(item)
+            if len(batch) >= self._max_batch:
+                return batch, counts, False
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                return batch, counts, False
+        return batch, counts, True
 
     def _commit(self, store: SpoolStore, batch: list[_Request]) -> None:
         mails = [mail for request in batch for mail in request.mails]
@@ -174,6 +193,20 @@ class SpoolWriter:
             start += len(request.mails)
         for listener in self._listeners:
             listener()
+
+
+def _answer(store: SpoolStore, counts: list[_Count]) -> None:
+    try:
+        result: int | BaseException = store.undecided_jobs()
+    except Exception as exc:  # StoreError or worse: pacing then lets mail through
+        result = exc
+    for count in counts:
+        if not count.future.set_running_or_notify_cancel():
+            continue  # its asker gave up waiting
+        if isinstance(result, BaseException):
+            count.future.set_exception(result)
+        else:
+            count.future.set_result(result)
 
 
 def _fail(batch: list[_Request], exc: BaseException) -> None:

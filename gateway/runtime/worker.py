@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -67,6 +68,12 @@ log = logging.getLogger(__name__)
 # at 0.41-0.63x intake; at 0 the same runs kept p50 15-18 ms, p99 143-223 ms and 0.67-0.68x,
 # with no measurable cost to intake. 0: the parent's priority, the call is skipped.
 WORKER_NICENESS = 0
+
+# The decider thread runs flat out in a burst while the event loop thread (deliveries) waits for
+# the GIL after every wake-up, by default up to 5 ms each time: deliveries then fell behind
+# decisions by hundreds of items. At 0.5 ms a burst of 3,000 mails was delivered at 1,590-1,600
+# instead of 1,490-1,510 mails/s, with no change in CPU per mail (bench/RESULTS.md, third pass).
+GIL_SWITCH_SECONDS = 0.0005
 
 # batches of `Processor.process_pending` per trip to the decider thread
 BATCHES_PER_HOP = 5
@@ -191,6 +198,7 @@ class WorkerProcess:
 
 def _worker_main(db_path: str, inbox: Connection, wakes: Connection) -> None:
     """Child process entry point."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads arrive over the pipe
     if WORKER_NICENESS:

@@ -4,7 +4,7 @@ A backend (SQLite in `gateway.store.sqlite`; PostgreSQL next) implements every p
 class; each consumer names only the protocol it uses, so the interface a backend must honour is
 exactly the union below, and `tests/store_contract/` checks the promises for every backend.
 
-    SpoolStore     accept                          intake/spool.py (SpoolWriter), `gateway ingest`
+    SpoolStore     accept, undecided_jobs          intake/spool.py (SpoolWriter), `gateway ingest`
     DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
     ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
@@ -75,6 +75,10 @@ class SpoolStore(Protocol):
         duplicate (`Accepted.duplicate_of`), its bytes dropped, and no job is created for it.
         `positions` (IMAP folders the batch came from) are saved in the same commit.
         """
+        ...
+
+    def undecided_jobs(self) -> int:
+        """How many accepted jobs wait for a decision: what SMTP intake pacing watches."""
         ...
 
 

@@ -113,6 +113,8 @@ class SmtpState(Protocol):
     def active_sessions(self) -> int: ...
     @property
     def refusal_counts(self) -> Mapping[str, int]: ...
+    @property
+    def pacing_counts(self) -> Mapping[str, float]: ...
 
 
 class AccountName(Protocol):
@@ -227,6 +229,7 @@ class GatewayMetrics:
             for reason, count in live.smtp.refusal_counts.items():
                 refusals.add_metric((reason,), count)
             yield refusals
+            yield from _pacing_families(live.smtp.pacing_counts)
         yield from self._imap_families(live.imap)
         if live.reloader is not None:
             reloads = CounterMetricFamily(
@@ -381,3 +384,17 @@ class _Families:
 
     def collect(self) -> Iterable[Metric]:
         return list(self.families())
+
+
+def _pacing_families(counts: Mapping[str, float]) -> Iterable[Metric]:
+    """`[smtp] in_flow_backlog`: how often and how long new mail waited for decisions."""
+    for name, key, text in (
+        ("gateway_smtp_paced", "paced", "SMTP transactions that waited for decisions to catch up"),
+        ("gateway_smtp_paced_seconds", "waited_seconds", "Seconds SMTP transactions waited"),
+        (
+            "gateway_smtp_pacing_timeouts",
+            "timed_out",
+            "Pacing waits that ran out with no decision (pacing then paused)",
+        ),
+    ):
+        yield CounterMetricFamily(name, text, value=counts.get(key, 0))

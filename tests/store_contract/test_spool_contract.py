@@ -75,3 +75,15 @@ def test_a_mail_with_nul_in_its_envelope_is_stored(store: Store) -> None:
     [accepted] = store.accept([mail("nul", mail_from="a\x00b@example.com", message_id="<\x00>")])
     record = store.message(accepted.id)
     assert record is not None and record.mail_from.replace("\ufffd", "\x00") == "a\x00b@example.com"
+
+
+def test_undecided_jobs_counts_what_waits_for_a_decision(store: Store) -> None:
+    """Pacing watches this: one per (mail, service) job, duplicates add none, deciding takes
+    one off."""
+    assert store.undecided_jobs() == 0
+    store.accept([mail("a"), mail("b", services=("helpdesk", "ops")), mail("a")])
+    assert store.undecided_jobs() == 3
+    first = store.pending_jobs(1)[0]
+    with store.transaction():
+        assert store.finish_job(first.id, outcome="unmatched", reason="no rule matched")
+    assert store.undecided_jobs() == 2

@@ -86,8 +86,11 @@ class ReportQueries(ImapQueries):
         return [(metric, labels, value) for (metric, labels), value in sorted(totals.items())]
 
     def metric_gauges(self) -> list[Row]:
-        gauges: list[Row] = []
         with self.transaction():
+            # jobs first: see the SQLite backend (READ COMMITTED reads a snapshot per statement)
+            pending_jobs = self._row("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
+            assert pending_jobs is not None
+            gauges: list[Row] = [("jobs_pending", (), pending_jobs[0])]
             for kind, pending, oldest, dead in self._rows(
                 "SELECT kind, COUNT(*) FILTER (WHERE state = 'pending'),"
                 " MIN(created_at) FILTER (WHERE state = 'pending'),"
@@ -96,9 +99,6 @@ class ReportQueries(ImapQueries):
                 gauges += [("outbox_depth", (kind,), pending), ("outbox_dead", (kind,), dead)]
                 if oldest is not None:
                     gauges.append(("outbox_oldest_created", (kind,), oldest))
-            pending_jobs = self._row("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
-            assert pending_jobs is not None
-            gauges.append(("jobs_pending", (), pending_jobs[0]))
             for service, count in self._rows(
                 "SELECT service, COUNT(*) FROM incidents"
                 " WHERE state IN ('triggered','acknowledged') GROUP BY service"

@@ -27,6 +27,10 @@ class SpoolQueries(ImapQueries):
                     notify_jobs(conn)  # delivered with the commit: every node's worker wakes
         return results
 
+    def undecided_jobs(self) -> int:
+        row = self._row("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
+        return int(row[0]) if row else 0
+
     def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
         row = self._row(
             "INSERT INTO messages (received_at, source, peer, mail_from, rcpt_tos, message_id,"

@@ -91,7 +91,13 @@ class ReportQueries(Connection):
 
     def metric_gauges(self) -> list[tuple[str, tuple[str, ...], float]]:
         """Current levels: outbox depth/oldest/dead per kind, pending jobs, open incidents."""
-        gauges: list[tuple[str, tuple[str, ...], float]] = []
+        # Jobs before the outbox: a job decided after the first read has its outbox items
+        # by the second, so "no job and no item pending" is never read while one is owed
+        # (each statement reads its own snapshot).
+        pending_jobs = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
+        gauges: list[tuple[str, tuple[str, ...], float]] = [
+            ("jobs_pending", (), pending_jobs.fetchone()[0])
+        ]
         for kind, pending, oldest, dead in self.conn.execute(
             "SELECT kind, SUM(state = 'pending'), MIN(CASE WHEN state = 'pending'"
             " THEN created_at END), SUM(state = 'dead') FROM outbox GROUP BY kind"
@@ -99,8 +105,6 @@ class ReportQueries(Connection):
             gauges += [("outbox_depth", (kind,), pending), ("outbox_dead", (kind,), dead)]
             if oldest is not None:
                 gauges.append(("outbox_oldest_created", (kind,), oldest))
-        pending_jobs = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
-        gauges.append(("jobs_pending", (), pending_jobs.fetchone()[0]))
         for service, count in self.conn.execute(
             "SELECT service, COUNT(*) FROM incidents WHERE state IN ('triggered','acknowledged')"
             " GROUP BY service"

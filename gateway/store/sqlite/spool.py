@@ -26,6 +26,11 @@ class SpoolQueries(ImapQueries):
                 self._advance_imap(position)
         return results
 
+    def undecided_jobs(self) -> int:
+        return int(
+            self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
+        )
+
     def _accept_one(self, mail: IncomingMail, now: float) -> Accepted:
         cursor = self.conn.execute(
             "INSERT INTO messages (received_at, source, peer, mail_from, rcpt_tos, message_id,"
