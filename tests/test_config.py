@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import find_config_path, load_config, split_hostport
+from gateway.config import (
+    IN_FLOW_BACKLOG_POSTGRES,
+    IN_FLOW_BACKLOG_SQLITE,
+    find_config_path,
+    load_config,
+    split_hostport,
+)
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,3 +212,20 @@ def test_a_missing_config_says_where_it_looked_and_how_to_pass_one(tmp_path: Pat
     message = str(info.value)
     assert "config file not found: nowhere.toml (in " in message
     assert "--config" in message and "GATEWAY_CONFIG" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        pytest.param("", IN_FLOW_BACKLOG_SQLITE, id="sqlite-default"),
+        pytest.param('[store]\nurl = "postgresql://db/gw"\n', IN_FLOW_BACKLOG_POSTGRES, id="pg"),
+        pytest.param(
+            '[store]\nurl = "postgresql://db/gw"\n[smtp]\nin_flow_backlog = 30\n', 30, id="set"
+        ),
+    ],
+)
+def test_the_pacing_backlog_defaults_to_the_stores_own(
+    tmp_path: Path, extra: str, expected: int
+) -> None:
+    """Deciding on PostgreSQL costs round trips per batch: its default lets batches grow."""
+    assert load_config(write(tmp_path, MINIMAL + extra)).smtp.in_flow_backlog == expected

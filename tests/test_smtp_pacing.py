@@ -78,6 +78,20 @@ def test_waiting_sessions_share_one_question() -> None:
     run(scenario)
 
 
+def test_a_decider_that_makes_no_progress_is_asked_about_rarely() -> None:
+    """Each question is a round trip (PostgreSQL, several nodes asking): with nothing decided,
+    the questions slow down to one per MAX_POLL_SECONDS, not one per POLL_SECONDS."""
+
+    async def scenario() -> None:
+        backlog = ScriptedBacklog(500)
+        pacing = IntakePacing(backlog, backlog=10, max_delay=0.3)
+        await pacing.admit()
+        assert pacing.counts.timed_out == 1
+        assert backlog.asked <= 1 + round(0.3 / flow.MAX_POLL_SECONDS) + 1  # not 0.3 / 0.005
+
+    run(scenario)
+
+
 def test_a_stalled_worker_costs_one_delay_then_pacing_pauses_until_the_backlog_falls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

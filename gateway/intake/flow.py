@@ -12,8 +12,9 @@ The backlog is the store's count (`SpoolStore.undecided_jobs`, asked on the spoo
 connection, so on PostgreSQL it is the cluster's backlog), plus the mails this listener
 accepted since it asked: an upper bound that needs no question while it stays under the
 limit (at a steady rate, one question per `backlog` mails or per `MAX_AGE_SECONDS`). Over the
-limit the count is asked again at most every `POLL_SECONDS`, one question shared by every
-session. When a wait runs out (no decision for a whole delay: the worker is down, or
+limit the count is asked again when, at the rate the last questions saw mail decided, the
+backlog should be under it (every 5 to 100 ms), one question shared by every session: with
+PostgreSQL each is a round trip, and several nodes ask. When a wait runs out (no decision for a whole delay: the worker is down, or
 restarting), pacing stops until the backlog has been seen under the limit again, so a stalled
 worker costs intake one delay, not one per mail.
 """
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 MAX_AGE_SECONDS = 1.0  # other nodes and IMAP accept mail too: ask at least this often
-POLL_SECONDS = 0.005
+POLL_SECONDS = 0.005  # the shortest time between questions while mail waits
+MAX_POLL_SECONDS = 0.1  # the longest (a slow or stalled decider)
 LOG_EVERY_SECONDS = 60.0  # one "paced" line per minute of pacing, not one per mail
 
 
@@ -57,6 +59,7 @@ class IntakePacing:
         self.counts = PacingCounts()
         self._backlog = 0
         self._accepted_since = 0  # mails accepted here since the last question was asked
+        self._rate = 0.0  # mails decided per second, as the last questions saw it
         self._asked_at = float("-inf")
         self._question: asyncio.Future[int] | None = None
         self._suspended = False  # a wait ran out: no pacing until the backlog is under the limit
@@ -96,7 +99,7 @@ class IntakePacing:
                 self.counts.paced,
             )
         while not self._suspended:
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(min(self._poll_delay(), max(deadline - self._now(), 0.0)))
             if await self._backlog_now() <= self.backlog_limit:
                 break
             if self._now() >= deadline:
@@ -118,17 +121,26 @@ class IntakePacing:
                 self._backlog,
             )
 
+    def _poll_delay(self) -> float:
+        """When the backlog should be under the limit at the rate mail is being decided."""
+        if self._rate <= 0:
+            return MAX_POLL_SECONDS
+        excess = self._backlog - self.backlog_limit
+        return min(max(excess / self._rate, POLL_SECONDS), MAX_POLL_SECONDS)
+
     async def _backlog_now(self) -> int:
         """The store's backlog, asked again when older than `POLL_SECONDS` (one question for
         everyone waiting)."""
         if self._question is None and self._now() - self._asked_at >= POLL_SECONDS:
+            expected = self._backlog + self._accepted_since  # if nothing were decided meanwhile
             self._accepted_since = 0
-            self._question = asyncio.ensure_future(self._ask())
+            self._question = asyncio.ensure_future(self._ask(expected))
         if self._question is not None:
             await asyncio.shield(self._question)
         return self._backlog
 
-    async def _ask(self) -> int:
+    async def _ask(self, expected: int) -> int:
+        previous = self._asked_at
         try:
             self._backlog = await asyncio.wait_for(self._undecided(), self.max_delay)
         except Exception as exc:  # the store's trouble shows at the commit (451), not here
@@ -137,10 +149,16 @@ class IntakePacing:
         finally:
             self._asked_at = self._now()
             self._question = None
+        self._note_rate(max(expected - self._backlog, 0), self._asked_at - previous)
         if self._suspended and self._backlog <= self.backlog_limit:
             self._suspended = False
             log.info("smtp intake pacing resumed: the backlog is under %d", self.backlog_limit)
         return self._backlog
+
+    def _note_rate(self, decided: int, seconds: float) -> None:
+        if 0 < seconds < MAX_AGE_SECONDS:  # (the first question, or one after a quiet spell)
+            sample = decided / seconds
+            self._rate = sample if self._rate <= 0 else (self._rate + sample) / 2
 
     @staticmethod
     def _now() -> float:
