@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import AuthSettings, PagerDutySettings, ServiceSettings, load_config
-from gateway.decide.processor import AUTH_RETRY_DELAYS, Processor, load_services
+from gateway.decide.evaluation import AUTH_RETRY_DELAYS
+from gateway.decide.processor import Processor, load_services
 from gateway.decide.replay import replay
 from gateway.errors import ConfigError, RuleError
 from gateway.intake.spool import incoming

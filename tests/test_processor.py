@@ -13,7 +13,8 @@ import pytest
 from gateway.config import NotifySettings, OutgoingSettings, PagerDutySettings, ServiceSettings
 from gateway.decide.incidents import apply_action
 from gateway.decide.notifications import HelpdeskNotifier
-from gateway.decide.processor import Processed, Processor, load_services
+from gateway.decide.processor import Processor, load_services
+from gateway.decide.verdicts import Processed
 from gateway.intake.spool import incoming
 from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
@@ -203,16 +204,16 @@ def test_a_full_batch_looks_again_for_pending_jobs(store: Store) -> None:
 def test_a_mail_to_two_services_is_parsed_once(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.decide.processor as processor_module
+    import gateway.decide.evaluation as evaluation_module
 
     parses: list[bytes] = []
-    real_parse = processor_module.parse_message
+    real_parse = evaluation_module.parse_message
 
     def counting_parse(raw: bytes, envelope_from: str | None = None) -> Any:
         parses.append(raw)
         return real_parse(raw, envelope_from)
 
-    monkeypatch.setattr(processor_module, "parse_message", counting_parse)
+    monkeypatch.setattr(evaluation_module, "parse_message", counting_parse)
     services = tuple(
         ServiceSettings(name, (f"{name}@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
         for name in ("helpdesk", "facilities")

@@ -19,7 +19,8 @@ import pytest
 from gateway.cli.listings import incident_json
 from gateway.config import PagerDutySettings, ServiceSettings, WebSettings, load_config
 from gateway.decide.events import build_event, pagerduty_order_key
-from gateway.decide.processor import Processed, Processor, load_services
+from gateway.decide.processor import Processor, load_services
+from gateway.decide.verdicts import Processed
 from gateway.delivery.dispatch import Deliveries
 from gateway.delivery.outbox import Dispatcher, RetryPolicy
 from gateway.delivery.pagerduty import RateBudget

@@ -14,7 +14,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from gateway.config import Config, find_config_path, load_config
-from gateway.decide.processor import ServiceRuntime, build_processor
+from gateway.decide.processor import build_processor
+from gateway.decide.verdicts import ServiceRuntime
 from gateway.delivery import dispatch as delivery
 from gateway.display import json_line, printable
 from gateway.errors import GatewayError

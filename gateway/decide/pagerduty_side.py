@@ -6,7 +6,7 @@ the processor decides it here, like a mail job, in two phases: reading the event
 and rendering the theme happen before the write transaction; the transaction re-reads the
 incident and applies the change only if it is still what was read (else the event stays
 pending and is decided again). Nothing here ever sends an event to PagerDuty: a change that
-came from PagerDuty is never echoed back (and `processor._is_echo` keeps the helpdesk's reply
+came from PagerDuty is never echoed back (and `recording._is_echo` keeps the helpdesk's reply
 to our notification from echoing it either).
 
 Events name the incident by `data.incident_key` (the dedup key the gateway sent); notes and

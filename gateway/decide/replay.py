@@ -20,8 +20,8 @@ from gateway.decide.authenticity import (
     check_authenticity,
     with_auth_fields,
 )
-from gateway.decide.processor import ServiceRuntime, non_action_outcome
 from gateway.decide.senders import sender_refusal
+from gateway.decide.verdicts import ServiceRuntime, non_action_outcome
 from gateway.errors import RuleEvaluationError
 from gateway.mail.loop_guard import loop_verdict
 from gateway.mail.parse import parse_message

@@ -26,7 +26,8 @@ from pathlib import Path
 from gateway.config import Config, load_config
 from gateway.decide import heartbeats
 from gateway.decide.pagerduty_side import reverse_rule_problems
-from gateway.decide.processor import ServiceRuntime, load_services
+from gateway.decide.processor import load_services
+from gateway.decide.verdicts import ServiceRuntime
 from gateway.errors import ConfigError, Problem, ProblemsError, RuleError, ThemeError
 from gateway.files import FileSnapshot
 

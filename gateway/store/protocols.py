@@ -5,7 +5,7 @@ class; each consumer names only the protocol it uses, so the interface a backend
 exactly the union below, and `tests/store_contract/` checks the promises for every backend.
 
     SpoolStore     accept, undecided_jobs          intake/spool.py (SpoolWriter), `gateway ingest`
-    DecisionStore  jobs, incidents, outbox writes  decide/processor.py, notifications, outgoing_mail
+    DecisionStore  jobs, incidents, outbox writes  decide/ (recording, notifications, outgoing_mail)
     OutboxStore    due / claim / record / next     delivery/outbox.py (Dispatcher)
     ImapStore      positions, owed UIDs, success   intake/imap/ (FolderSync, ImapPoller)
     PagerDutyWebhookStore  webhook deliveries      web/pagerduty_webhook.py
