@@ -7,6 +7,7 @@ loopback over a real spool (SQLite) with no worker, so nothing is decided until 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -93,15 +94,19 @@ def test_a_decider_that_makes_no_progress_is_asked_about_rarely() -> None:
 
 
 def test_a_stalled_worker_costs_one_delay_then_pacing_pauses_until_the_backlog_falls(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(flow, "MAX_AGE_SECONDS", 0.05)
+    caplog.set_level(logging.INFO, logger="gateway.intake.flow")
 
     async def scenario() -> None:
         backlog = ScriptedBacklog(500)
         pacing = IntakePacing(backlog, backlog=10, max_delay=0.05)
         assert await pacing.admit() >= 0.05  # the one delay, then pacing pauses
         assert pacing.counts.timed_out == 1
+        assert "nothing was decided for 0.05 s while 500 mails waited (is the worker running?)" in (
+            caplog.text
+        )
         assert [await pacing.admit() for _ in range(20)] == [0.0] * 20
         backlog.answers = [0]  # the worker is back and has caught up
         await asyncio.sleep(flow.MAX_AGE_SECONDS)
@@ -114,6 +119,24 @@ def test_a_stalled_worker_costs_one_delay_then_pacing_pauses_until_the_backlog_f
         assert (pacing.counts.paced, pacing.counts.timed_out) == (2, 2)
 
     run(scenario)
+
+
+def test_a_backlog_bigger_than_a_delay_of_work_is_not_called_a_stalled_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After an outage the worker decides, just not fast enough to bring 5,000 mails under the
+    limit within one delay: the warning says so, and does not blame the worker."""
+    caplog.set_level(logging.WARNING, logger="gateway.intake.flow")
+
+    async def scenario() -> None:
+        backlog = ScriptedBacklog(*range(5000, 4000, -7))
+        pacing = IntakePacing(backlog, backlog=10, max_delay=0.1)
+        await pacing.admit()
+        assert pacing.counts.timed_out == 1
+
+    run(scenario)
+    assert "mails wait for a decision, more than 0.1 s of work at the current rate" in caplog.text
+    assert "worker running" not in caplog.text
 
 
 def test_an_unknown_backlog_never_holds_mail_back() -> None:

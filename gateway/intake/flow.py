@@ -14,9 +14,12 @@ accepted since it asked: an upper bound that needs no question while it stays un
 limit (at a steady rate, one question per `backlog` mails or per `MAX_AGE_SECONDS`). Over the
 limit the count is asked again when, at the rate the last questions saw mail decided, the
 backlog should be under it (every 5 to 100 ms), one question shared by every session: with
-PostgreSQL each is a round trip, and several nodes ask. When a wait runs out (no decision for a whole delay: the worker is down, or
-restarting), pacing stops until the backlog has been seen under the limit again, so a stalled
-worker costs intake one delay, not one per mail.
+PostgreSQL each is a round trip, and several nodes ask.
+
+When a wait runs out, pacing stops until the backlog has been seen under the limit again, and
+a warning says why: nothing was decided (the worker is down or restarting: pacing would only
+slow intake for nothing), or the backlog is more than a delay's worth of work (after an
+outage). Either way intake pays one delay, not one per mail.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class IntakePacing:
         self._backlog = 0
         self._accepted_since = 0  # mails accepted here since the last question was asked
         self._rate = 0.0  # mails decided per second, as the last questions saw it
+        self._decided = 0  # mails seen decided between questions, since start
         self._asked_at = float("-inf")
         self._question: asyncio.Future[int] | None = None
         self._suspended = False  # a wait ran out: no pacing until the backlog is under the limit
@@ -98,28 +102,41 @@ class IntakePacing:
                 self.backlog_limit,
                 self.counts.paced,
             )
+        decided_before = self._decided
         while not self._suspended:
             await asyncio.sleep(min(self._poll_delay(), max(deadline - self._now(), 0.0)))
             if await self._backlog_now() <= self.backlog_limit:
                 break
             if self._now() >= deadline:
-                self._suspend()
+                self._suspend(progressed=self._decided > decided_before)
                 break
         waited = self._now() - start
         self.counts.paced += 1
         self.counts.waited_seconds += waited
         return waited
 
-    def _suspend(self) -> None:
-        if not self._suspended:
-            self._suspended = True
-            self.counts.timed_out += 1
-            log.warning(
-                "smtp intake pacing paused: no decision for %.1f s with %d mails waiting"
-                " (is the worker running?); mail is accepted at full speed meanwhile",
-                self.max_delay,
-                self._backlog,
+    def _suspend(self, progressed: bool) -> None:
+        """A wait ran out: say truthfully why, and pace no more until the backlog falls."""
+        if self._suspended:
+            return
+        self._suspended = True
+        self.counts.timed_out += 1
+        if progressed:
+            why = (
+                f"{self._backlog} mails wait for a decision, more than"
+                f" {self.max_delay:g} s of work at the current rate"
             )
+        else:
+            why = (
+                f"nothing was decided for {self.max_delay:g} s while {self._backlog} mails"
+                " waited (is the worker running?)"
+            )
+        log.warning(
+            "smtp intake pacing paused: %s; mail is accepted at full speed until fewer than"
+            " %d wait",
+            why,
+            self.backlog_limit + 1,
+        )
 
     def _poll_delay(self) -> float:
         """When the backlog should be under the limit at the rate mail is being decided."""
@@ -156,6 +173,7 @@ class IntakePacing:
         return self._backlog
 
     def _note_rate(self, decided: int, seconds: float) -> None:
+        self._decided += decided
         if 0 < seconds < MAX_AGE_SECONDS:  # (the first question, or one after a quiet spell)
             sample = decided / seconds
             self._rate = sample if self._rate <= 0 else (self._rate + sample) / 2
