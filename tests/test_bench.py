@@ -123,6 +123,7 @@ def test_cpu_benchmark_reports_cpu_per_mail_split_and_latency_against_goals() ->
     assert re.search(r"p99 [\d.]+ ms.*\(goal p99 < 50 ms", out), out
     assert re.search(r"delivered \d+ msg/s end to end, [\d.]+x intake +\(goal >= 0.9x", out), out
     assert "intake paced (shipped default)" in out and "pacing off (baseline)" in out, out
+    assert re.search(r"acceptance -> decision: p50 \d+ ms, p99 \d+ ms", out), out
 
 
 def test_pd_sink_throttles_to_its_rate_and_answers_429_beyond() -> None:
