@@ -162,11 +162,12 @@ class IntakePacing:
             self._backlog = await asyncio.wait_for(self._undecided(), self.max_delay)
         except Exception as exc:  # the store's trouble shows at the commit (451), not here
             log.debug("smtp intake pacing: backlog unknown: %s", exc)
-            self._backlog = 0
+            self._backlog = 0  # (and no rate learnt from it)
+        else:
+            self._note_rate(max(expected - self._backlog, 0), self._now() - previous)
         finally:
             self._asked_at = self._now()
             self._question = None
-        self._note_rate(max(expected - self._backlog, 0), self._asked_at - previous)
         if self._suspended and self._backlog <= self.backlog_limit:
             self._suspended = False
             log.info("smtp intake pacing resumed: the backlog is under %d", self.backlog_limit)
