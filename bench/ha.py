@@ -8,13 +8,16 @@ until the store shows nothing pending, and delivered/s is mails / (first mail se
 event at the PagerDuty endpoint, bench/pd_sink.py). PostgreSQL is Debian's, started here in a
 temporary directory with fsync on (like production; `synchronous_commit = on`). Also printed:
 CPU per mail of the gateway nodes and of the PostgreSQL server, from /proc, which is the
-honest figure on a shared box. Goal (issue 13): two nodes >= 1.6x one PostgreSQL node.
+honest figure on a shared box, and the box's ceiling: every core busy at one PostgreSQL node's CPU
+cost per mail, as a multiple of that node's rate. Goal (issue 13): two nodes >= 1.6x one
+PostgreSQL node.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -65,7 +68,8 @@ def send_split(servers: list[GatewayServer], mails: list[Mail], sessions: int) -
 
 def measure(
     name: str, servers: list[GatewayServer], sink: PdSink, args: argparse.Namespace, db_pid: int
-) -> float | None:
+) -> tuple[float, float] | None:
+    """(delivered msg/s, CPU seconds per mail of the gateway nodes and PostgreSQL together)."""
     for server in servers:
         warm_up(server, count=100 if server is servers[0] else 0)
     mails = mixed(args.messages, name.replace(" ", "-"))
@@ -86,7 +90,7 @@ def measure(
         f", PostgreSQL {db_cpu / len(mails) * 1000:5.2f} ms",
         flush=True,
     )
-    return rate
+    return rate, (gateway_cpu + db_cpu) / len(mails)
 
 
 def main() -> int:
@@ -100,7 +104,7 @@ def main() -> int:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
     server = PostgresServer(bin_dir, fsync=True)
     server.start()
-    rates: dict[str, float | None] = {}
+    rates: dict[str, tuple[float, float] | None] = {}
     try:
         with PdSink() as sink:
             with nodes(sink, None, 1) as one:
@@ -112,12 +116,25 @@ def main() -> int:
     finally:
         server.stop()
         server.remove()
-    if rates["pg1"] and rates["pg2"]:
-        ratio = rates["pg2"] / rates["pg1"]
+    one_node, two_nodes = rates["pg1"], rates["pg2"]
+    if one_node and two_nodes:
+        ratio = two_nodes[0] / one_node[0]
         print(
             f"two nodes / one PostgreSQL node: {ratio:.2f}x (goal >= 1.6x) {verdict(ratio >= 1.6)}"
         )
+        print_box_ceiling(*one_node)
     return 0
+
+
+def print_box_ceiling(one_node_rate: float, cpu_per_mail: float) -> None:
+    """What this box could show at best: all its cores busy at one node's CPU cost per mail
+    (gateway + PostgreSQL; the load generator and the PagerDuty stand-in not even counted)."""
+    cores = os.cpu_count() or 1
+    ceiling = cores / cpu_per_mail
+    print(
+        f"this box's ceiling: {cores} cores / {cpu_per_mail * 1000:.2f} ms CPU per mail"
+        f" = {ceiling:.0f} msg/s = {ceiling / one_node_rate:.2f}x one node, with perfect scaling"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from bench.pd_sink import PdSink
 from bench.workload import mixed, storm
 from gateway.mail.parse import parse_message
 from gateway.rules import evaluate, load_ruleset
+from tests.postgres import require_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_RULES = ROOT / "parsing_rules" / "helpdesk.toml"
@@ -158,7 +159,7 @@ def test_storm_benchmark_reports_its_goals_and_that_nothing_was_lost() -> None:
 
 
 def test_short_runs_and_help_work_for_every_benchmark() -> None:
-    for script in ("smtp_throughput.py", "cpu_per_message.py", "storm.py", "pd_sink.py"):
+    for script in ("smtp_throughput.py", "cpu_per_message.py", "storm.py", "pd_sink.py", "ha.py"):
         assert "usage:" in run_bench(script, "--help", timeout=60)
 
 
@@ -168,3 +169,14 @@ def test_thread_benchmark_splits_the_cpu_per_mail_by_thread() -> None:
     assert re.search(r"listener threads \(ms per mail\): \S", out), out
     assert re.search(r"worker threads \(ms per mail\): \S", out), out
     assert "usage:" in run_bench("thread_cpu.py", "--help", timeout=60)
+
+
+def test_ha_benchmark_compares_the_setups_and_prints_the_box_ceiling() -> None:
+    require_postgres()
+    out = run_bench("ha.py", "--messages", "40", "--sessions", "4", timeout=300)
+    for setup in ("1 node, SQLite", "1 node, PostgreSQL", "2 nodes, PostgreSQL"):
+        assert re.search(rf"{setup} +intake +\d+ msg/s +delivered +\d+ msg/s", out), out
+    assert re.search(r"two nodes / one PostgreSQL node: [\d.]+x \(goal >= 1.6x\)", out), out
+    assert re.search(r"this box's ceiling: \d+ cores / [\d.]+ ms CPU per mail = \d+ msg/s", out), (
+        out
+    )
