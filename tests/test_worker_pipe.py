@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
-from gateway.runtime.worker import BATCHES_PER_HOP, WorkerProcess, _Worker
+from gateway.runtime.worker import BATCHES_PER_HOP, TURN_RETRY_SECONDS, WorkerProcess, _Worker
 from tests.conftest import ROOT, GatewayProcess, desk_mail
 from tests.ops_support import worker_pid
 from tests.pdserver import PagerDutyStandIn
@@ -207,3 +207,49 @@ def test_the_worker_pages_at_the_listeners_cpu_priority(
     assert pid is not None
     parent = os.getpriority(os.PRIO_PROCESS, gateway_process.proc.pid)
     assert os.getpriority(os.PRIO_PROCESS, pid) == parent
+
+
+class OtherNodesTurn:
+    """The decide turn, held by another node all along; counts the asks."""
+
+    def __init__(self) -> None:
+        self.asks = 0
+
+    def acquire(self) -> bool:
+        self.asks += 1
+        return False
+
+
+def test_a_standby_node_asks_for_the_decide_turn_about_once_a_second_not_per_wake(
+    tmp_path: Path,
+) -> None:
+    """Every commit on any node wakes every worker; while another node holds the turn, each
+    ask would be a round trip and a trip to the decider thread for nothing."""
+    generation = load_generation(ROOT / "config.toml")
+    child_end, _parent_end = multiprocessing.Pipe(duplex=False)
+    worker = _Worker(tmp_path / "g.sqlite3", generation, child_end)
+    worker.decider.shutdown()
+    decider = worker.decider = CountingExecutor(1)
+    processor = ScriptedProcessor(batches=5)
+    worker.processor = processor  # type: ignore[assignment]
+    turn = worker.decide_turn = OtherNodesTurn()  # type: ignore[assignment]
+
+    async def many_wakes() -> None:
+        deciding = asyncio.create_task(worker._decide_until_stopped())
+        for _ in range(50):  # 50 commits within a few milliseconds
+            worker.wake.set()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        worker.stop.set()
+        worker.wake.set()
+        async with asyncio.timeout(TURN_RETRY_SECONDS):  # stopping does not wait for a retry
+            await deciding
+
+    try:
+        asyncio.run(many_wakes())
+    finally:
+        decider.shutdown()
+    # one ask in the ~0.1 s this takes (two if the box stalls for TURN_RETRY_SECONDS); per wake
+    # it was five (the 50 wakes fold into a few)
+    assert turn.asks == decider.trips <= 2
+    assert processor.calls == 0  # the holder decides; this node never did

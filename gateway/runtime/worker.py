@@ -46,6 +46,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -80,6 +81,11 @@ BATCHES_PER_HOP = 5
 # PostgreSQL: a decider that asks nothing of the store this long (frozen, hung) loses the
 # "decide" turn to another node; a live one asks at least every second (`_decide_backlog`)
 DECIDE_TURN_SILENCE = 15.0
+# PostgreSQL: a standby node asks for the "decide" turn at most this often, not at every
+# wake-up (each ask is a round trip, and every commit on any node wakes every worker): the
+# holder decides every node's mail, and a dead holder's lock is free as soon as its session
+# ends; a standby asks about once a second (the safety-net wake), so it takes over that soon
+TURN_RETRY_SECONDS = 0.9
 
 Message = str | GenerationFiles  # "outbox" | "stop" | a generation (and "wake" in tests)
 _CLOSE = "close"  # not sent: tells the pipe writer to close a replaced pipe
@@ -246,6 +252,7 @@ class _Worker:
         self.decisions: Store | None = None  # the processor's connection, owned by `decider`
         # nodes sharing a PostgreSQL store decide one at a time, in acceptance order (None: SQLite)
         self.decide_turn = exclusive_turn(db_path, "decide", silence=DECIDE_TURN_SILENCE)
+        self._turn_refused_at: float | None = None  # when another node last held it
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,15 +311,24 @@ class _Worker:
                 async with asyncio.timeout(1.0):
                     await self.wake.wait()
             self.wake.clear()
-            try:
-                while not await loop.run_in_executor(self.decider, self._decide_backlog):
-                    pass
-            except StoreError as exc:  # the database is away: the jobs stay pending
-                log.warning("deciding paused, store unavailable; will retry: %s", exc)
-            except Exception:  # anything else is a bug: its trace is for the developers
-                log.exception("processing failed; will retry")
+            if not self._standing_by():
+                await self._decide_all(loop)
             if self.stop.is_set():
                 return
+
+    async def _decide_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while not await loop.run_in_executor(self.decider, self._decide_backlog):
+                pass
+        except StoreError as exc:  # the database is away: the jobs stay pending
+            log.warning("deciding paused, store unavailable; will retry: %s", exc)
+        except Exception:  # anything else is a bug: its trace is for the developers
+            log.exception("processing failed; will retry")
+
+    def _standing_by(self) -> bool:
+        """Another node held the decide turn less than `TURN_RETRY_SECONDS` ago."""
+        refused = self._turn_refused_at
+        return refused is not None and time.monotonic() - refused < TURN_RETRY_SECONDS
 
     def _decide_backlog(self) -> bool:
         """On the decider thread: batches until none is pending (True), or until
@@ -320,8 +336,11 @@ class _Worker:
         wake; a wake that finds one mail costs one query for pending jobs."""
         processor = self.processor
         assert processor is not None
-        if self.decide_turn is not None and not self.decide_turn.acquire():
-            return True  # another node decides; this one takes over if it dies
+        if self.decide_turn is not None:
+            if not self.decide_turn.acquire():
+                self._turn_refused_at = time.monotonic()
+                return True  # another node decides; this one takes over if it dies
+            self._turn_refused_at = None
         try:
             processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
         except StoreError as exc:  # the database is away; deciding below says so too
