@@ -68,7 +68,7 @@ def test_healthz_ok(web: WebApp) -> None:
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["status"] == "ok"
-    assert body["smtp"] == {"ok": True, "detail": {"listening": ["127.0.0.1:2525"]}}
+    assert body["smtp"] == {"ok": True, "detail": {"listening": ["127.0.0.1:2525"], "paced": 0}}
     assert body["store"]["ok"] and body["outbox"]["detail"]["pending"] == 0
 
 

@@ -162,6 +162,17 @@ def test_health_details_on_the_page_are_words_not_python_reprs(web: WebApp) -> N
     assert "the database takes commits" in page and "nothing waiting for delivery" in page
 
 
+def test_paced_intake_is_said_on_the_page_and_stays_healthy(web: WebApp) -> None:
+    paced = SimpleNamespace(
+        **{**vars(SMTP_UP), "pacing_counts": {"paced": 40, "waited_seconds": 2.5}}
+    )
+    web.live = LiveState(smtp=paced)
+    page = call(web, "GET", "/").text
+    assert "40 transactions waited for decisions to catch up since start (2.5 s in all)" in page
+    status, checks = health(web)
+    assert status == 200 and checks["smtp"]["detail"]["paced"] == 40
+
+
 def test_reload_swaps_the_thresholds(web: WebApp, seed: Store) -> None:
     seed.accept([mail("slow")])
     assert health(web)[0] == 200  # under the default 300 s

@@ -26,9 +26,7 @@ from tests.test_mailer import Sink
 from tests.web_support import SMTP_UP, call, service
 from tests.webhook_support import SECRETS_ENV, event_body, post, serving, two_way_config
 
-SMTP = SimpleNamespace(
-    **vars(SMTP_UP), refusal_counts={}, pacing_counts={}
-)  # what /metrics reads of it too
+SMTP = SimpleNamespace(**vars(SMTP_UP), refusal_counts={})  # what /metrics reads of it too
 
 SECRET = "subscription-secret-0123456789"
 

@@ -17,7 +17,9 @@ from gateway.decide.events import pagerduty_order_key
 from gateway.store import OutboxResult, Store
 from tests.store_support import incident, mail
 
-SMTP_UP = SimpleNamespace(bound=[("127.0.0.1", 2525)], closing=False, active_sessions=0)
+SMTP_UP = SimpleNamespace(
+    bound=[("127.0.0.1", 2525)], closing=False, active_sessions=0, pacing_counts={}
+)
 
 
 def call(app: Any, method: str, path: str, **kwargs: Any) -> httpx.Response:

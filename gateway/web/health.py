@@ -90,7 +90,15 @@ def smtp_check(smtp: SmtpState | None) -> Check:
     bound = [f"{h}:{p}" for h, p in smtp.bound]
     if smtp.closing or not bound:
         return Check(False, {"listening": bound}, "the SMTP listener is shutting down")
-    return Check(True, {"listening": bound}, f"accepting mail on {', '.join(bound)}")
+    words = f"accepting mail on {', '.join(bound)}"
+    paced = int(smtp.pacing_counts.get("paced", 0))
+    if paced:  # [smtp] in_flow_backlog: not a fault, but worth knowing
+        waited = smtp.pacing_counts.get("waited_seconds", 0.0)
+        words += (
+            f"; {paced} transactions waited for decisions to catch up since start"
+            f" ({waited:.1f} s in all)"
+        )
+    return Check(True, {"listening": bound, "paced": paced}, words)
 
 
 def store_check(facts: StoreFacts | None, error: str) -> Check:
