@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import smtplib
 import subprocess
@@ -148,3 +149,29 @@ def test_postgresql_going_away_answers_451_never_250_and_service_resumes(
         # the outage is told in one line per attempt, never as a stack trace to the operator
         assert "Traceback" not in gateway.output(), gateway.output()
     close_pool(url)
+
+
+def test_two_nodes_keep_one_rate_limit_per_routing_key_between_them(
+    tmp_path: Path, pd: PagerDutyStandIn, postgres_url: str
+) -> None:
+    """`rate_limit_per_minute` is PagerDuty's rate per routing key, so it must hold for the
+    cluster: the send slots are in the shared store, not in each node's memory. At 60 a
+    minute, six new cases sent to two nodes at once go out about a second apart, not in pairs."""
+    nodes = []
+    for name in ("a", "b"):
+        config = pg_config(tmp_path / name, pd.url, postgres_url, node=name)
+        text = config.read_text().replace("rate_limit_per_minute = 0", "rate_limit_per_minute = 60")
+        config.write_text(text)
+        nodes.append(GatewayProcess(config, smtp_port(config)).start())
+    try:
+        for n in range(6):
+            node = nodes[n % 2]
+            WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
+        pd.wait_for(6, timeout=30)
+        times = sorted(request["at"] for request in pd.requests)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert min(gaps) > 0.8, gaps  # two per-node budgets would send pairs ~0 s apart
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill()

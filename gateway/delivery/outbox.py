@@ -43,7 +43,15 @@ class Throttle(Protocol):
 
     held_back: int  # due items the last claim left unclaimed
 
-    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]: ...
+    def admit(
+        self,
+        items: list[OutboxItem],
+        limit: int | None = None,
+        slots: OutboxStore | None = None,
+    ) -> list[OutboxItem]:
+        """The items that may be sent now; `slots`: the claiming store, whose send slots are
+        shared with every other worker of it (every node)."""
+        ...
 
     def wait_seconds(self) -> float: ...
 
@@ -149,6 +157,14 @@ class Dispatcher:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _admit(
+        self, store: OutboxStore, capacity: int
+    ) -> Callable[[list[OutboxItem]], list[OutboxItem]] | None:
+        """The claim's rate limit, taking its send slots in the claiming store's transaction."""
+        if self.throttle is None:
+            return None
+        return functools.partial(self.throttle.admit, limit=capacity, slots=store)
+
     async def run(self, stop: asyncio.Event, max_sleep: float = 5.0) -> None:
         """Deliver until `stop` is set, then let the attempts in flight finish and record them."""
         self._loop = asyncio.get_running_loop()
@@ -183,11 +199,9 @@ class Dispatcher:
         skip = sorted(i for i in self._in_flight if i not in finished)  # never claim our own again
         capacity = self.concurrency - len(skip)
         now, lease, owner, kind = self.clock(), self.lease_seconds, self.owner, self.kind
-        admit = None
-        if self.throttle is not None and capacity > 0:
-            admit = functools.partial(self.throttle.admit, limit=capacity)
 
         def record_and_claim(s: OutboxStore) -> tuple[list[OutboxItem], float | None]:
+            admit = self._admit(s, capacity) if capacity > 0 else None
             items = s.record_and_claim_outbox(
                 results, now, capacity, kind, lease, skip, owner, admit
             )
@@ -246,11 +260,10 @@ class Dispatcher:
             return 0
         now, lease, owner = self.clock(), self.lease_seconds, self.owner
         skip = sorted(set(exclude) | set(self._in_flight))  # never claim our own item again
-        admit = None
-        if self.throttle is not None:
-            admit = functools.partial(self.throttle.admit, limit=capacity)
         items = await self.store.call(
-            lambda s: s.claim_outbox(now, capacity, self.kind, lease, skip, owner, admit)
+            lambda s: s.claim_outbox(
+                now, capacity, self.kind, lease, skip, owner, self._admit(s, capacity)
+            )
         )
         for item in items:
             self._in_flight[item.id] = asyncio.create_task(self._attempt(item))

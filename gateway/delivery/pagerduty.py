@@ -14,6 +14,7 @@ worker's delivery CPU. Production passes `http11.build_transport`; tests pass
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ import httpx
 from gateway import __version__
 from gateway.decide.events import CLIENT_NAME
 from gateway.errors import RejectedDeliveryError, TemporaryDeliveryError
-from gateway.store import OutboxItem
+from gateway.store import OutboxItem, OutboxStore
 
 HEADERS = {"User-Agent": f"{CLIENT_NAME}/{__version__}", "Content-Type": "application/json"}
 
@@ -37,6 +38,11 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=
 def _json(body: dict[str, Any]) -> bytes:
     """The request body as httpx's `json=` would encode it (compact, UTF-8)."""
     return _ENCODE(body).encode()
+
+
+def slot_name(routing_key: str) -> str:
+    """What the store keeps of a rate-limited key: a hash, never the secret itself."""
+    return hashlib.sha256(routing_key.encode()).hexdigest()[:32]
 
 
 class RateBudget:
@@ -63,9 +69,16 @@ class RateBudget:
         self._next: dict[str, float] = {}  # routing key -> when it may send again
         self._lock = threading.Lock()
 
-    def admit(self, items: list[OutboxItem], limit: int | None = None) -> list[OutboxItem]:
+    def admit(
+        self,
+        items: list[OutboxItem],
+        limit: int | None = None,
+        slots: OutboxStore | None = None,
+    ) -> list[OutboxItem]:
         """The items that may be sent now, in their order, at most `limit` (a claim's room:
-        no slot is spent on an item that would not be claimed); each takes its key's slot."""
+        no slot is spent on an item that would not be claimed); each takes its key's slot,
+        here and, with `slots` (the claiming store), in the store, which every other worker
+        and node sharing it also asks: the cluster keeps the rate, not each node."""
         with self._lock:
             now = self.clock()
             admitted: list[OutboxItem] = []
@@ -78,6 +91,10 @@ class RateBudget:
                     if self._next.get(key, now) > now:
                         continue
                     self._next[key] = now + self.interval
+                    if slots is not None and not slots.take_send_slot(
+                        slot_name(key), self.interval
+                    ):
+                        continue  # another worker took this slot; this one tries for the next
                 admitted.append(item)  # without a key it fails at once, costing nothing
             self.held_back = len(items) - len(admitted)
             return admitted

@@ -219,6 +219,13 @@ class OutboxStore(Protocol):
         `exclude`d items also hold back the rest of their key."""
         ...
 
+    def take_send_slot(self, key: str, interval: float) -> bool:
+        """A rate limit shared by every worker of the store (every node, on PostgreSQL): True,
+        and `key`'s next slot moved `interval` seconds on, if its slot is free now on the
+        store's clock; False while it is taken. Called inside a claim's transaction, so a
+        claim that rolls back gives its slots back. `key` names a hash, never a routing key."""
+        ...
+
     def claim_outbox(
         self,
         now: float,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from gateway.delivery.pagerduty import RateBudget
 from gateway.store import OutboxItem, OutboxResult, Store
-from tests.store_support import incident
+from tests.store_support import Backend, incident
 
 OWNER = "host:1"
 
@@ -113,3 +114,44 @@ def test_storm_state_per_service(store: Store) -> None:
 
 def _only(item: int):
     return lambda items: [i for i in items if i.id == item]
+
+
+def test_a_send_slot_is_taken_once_per_interval_and_per_key(store: Store) -> None:
+    with store.transaction():
+        assert store.take_send_slot("k1", 0.2)
+        assert not store.take_send_slot("k1", 0.2)  # taken until 0.2 s from now
+        assert store.take_send_slot("k2", 0.2)  # another key has its own pace
+    deadline = time.monotonic() + 10
+    while True:  # free again once the interval has passed (on the store's clock)
+        with store.transaction():
+            if store.take_send_slot("k1", 0.2):
+                break
+        assert time.monotonic() < deadline
+
+
+def test_a_rolled_back_claim_gives_its_send_slot_back(store: Store) -> None:
+    class Abandoned(Exception):
+        pass
+
+    try:
+        with store.transaction():
+            assert store.take_send_slot("k", 60.0)
+            raise Abandoned
+    except Abandoned:
+        pass
+    with store.transaction():
+        assert store.take_send_slot("k", 60.0)
+
+
+def test_two_workers_of_one_store_share_each_keys_pace(backend: Backend) -> None:
+    """Two nodes (or `serve` and `outbox flush`): each has its own budget in memory, the slot
+    in the store is one; the second worker cannot send in the first one's slot."""
+    node_a, node_b = backend.open(), backend.open()
+    budget_a = RateBudget(6, lambda _service: "R" * 32)  # one event per 10 s
+    budget_b = RateBudget(6, lambda _service: "R" * 32)
+    item = OutboxItem(1, "pagerduty", "s", "k", {}, "pending", 0, 0.0, 0.0, "", "")
+    with node_a.transaction():
+        assert budget_a.admit([item], slots=node_a) == [item]
+    with node_b.transaction():
+        assert budget_b.admit([item], slots=node_b) == []
+    assert budget_b.held_back == 1

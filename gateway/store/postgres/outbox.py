@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.node import this_node
 from gateway.store.postgres.connection import Connection
-from gateway.store.postgres.rows import OUTBOX_COLUMNS, on_db_clock, outbox_item
+from gateway.store.postgres.rows import DB_NOW, OUTBOX_COLUMNS, on_db_clock, outbox_item
 from gateway.store.postgres.wakeups import notify_outbox
 from gateway.store.records import OutboxItem, OutboxResult, StormState
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
@@ -81,6 +81,16 @@ class OutboxQueries(Connection):
             self._clock_args(due=now, kind=kind, exclude=list(exclude), limit=limit),
         )
         return [outbox_item(r) for r in rows]
+
+    def take_send_slot(self, key: str, interval: float) -> bool:
+        """On the database's clock, so nodes whose clocks differ share one pace."""
+        row = self._row(
+            f"INSERT INTO send_slots (key_hash, next_at) VALUES (%(key)s, {DB_NOW} + %(interval)s)"
+            " ON CONFLICT (key_hash) DO UPDATE SET next_at = excluded.next_at"
+            f" WHERE send_slots.next_at <= {DB_NOW} RETURNING 1",
+            {"key": key, "interval": interval},
+        )
+        return row is not None
 
     def claim_outbox(
         self,

@@ -219,4 +219,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
     ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';
     """,
+    # 11: each rate-limited key's next free send slot (a hash of the routing key), shared by
+    # every node, so the cluster keeps PagerDuty's rate, not each node
+    """
+    CREATE TABLE send_slots (key_hash TEXT PRIMARY KEY, next_at DOUBLE PRECISION NOT NULL);
+    """,
 )

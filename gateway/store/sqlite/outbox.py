@@ -66,6 +66,15 @@ class OutboxQueries(Connection):
         ).fetchall()
         return [outbox_item(r) for r in rows]
 
+    def take_send_slot(self, key: str, interval: float) -> bool:
+        now = time.time()
+        taken = self.conn.execute(
+            "INSERT INTO send_slots (key_hash, next_at) VALUES (?, ?) ON CONFLICT (key_hash)"
+            " DO UPDATE SET next_at = excluded.next_at WHERE send_slots.next_at <= ?",
+            (key, now + interval, now),
+        )
+        return taken.rowcount == 1
+
     def claim_outbox(
         self,
         now: float,

@@ -222,4 +222,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN node TEXT NOT NULL DEFAULT '';
     ALTER TABLE outbox ADD COLUMN delivered_by TEXT NOT NULL DEFAULT '';
     """,
+    # 11: each rate-limited key's next free send slot (a hash of the routing key, never the
+    # key), shared by every worker of the store: with PostgreSQL, by every node
+    """
+    CREATE TABLE send_slots (key_hash TEXT PRIMARY KEY, next_at REAL NOT NULL);
+    """,
 )
