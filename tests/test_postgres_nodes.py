@@ -82,6 +82,22 @@ def test_a_rate_limited_claim_skips_what_another_node_is_claiming(
     assert a.outbox_item(first).lease_owner == OWNER_A  # type: ignore[union-attr]
 
 
+def test_a_send_slot_another_node_is_taking_counts_as_taken_without_waiting(
+    nodes: tuple[Store, Store],
+) -> None:
+    """Two claims taking slots of two keys in opposite orders must not deadlock: a claim never
+    waits for another's slot, it leaves that key for its next round."""
+    a, b = nodes
+    with a.transaction():
+        assert a.take_send_slot("k1", 0.0)  # A's claim is taking k1's slot (a free one)
+        thread, result = in_thread(lambda: b.take_send_slot("k1", 0.0))
+        thread.join(10)
+        assert result == [False]  # answered at once, while A's transaction is still open
+        assert b.take_send_slot("k2", 0.0)  # another key is B's to take meanwhile
+    with b.transaction():
+        assert b.take_send_slot("k1", 0.0)  # A committed: the next slot is free (interval 0)
+
+
 def test_a_payload_is_not_coalesced_into_an_item_another_node_is_claiming(
     url: str, nodes: tuple[Store, Store]
 ) -> None:

@@ -83,9 +83,13 @@ class OutboxQueries(Connection):
         return [outbox_item(r) for r in rows]
 
     def take_send_slot(self, key: str, interval: float) -> bool:
-        """On the database's clock, so nodes whose clocks differ share one pace."""
+        """On the database's clock, so nodes whose clocks differ share one pace. A slot that
+        another claim is taking right now (its transaction holds the key's advisory lock) counts
+        as taken: a claim never waits for another, so two claims taking slots of two keys in
+        opposite orders cannot deadlock."""
         row = self._row(
-            f"INSERT INTO send_slots (key_hash, next_at) VALUES (%(key)s, {DB_NOW} + %(interval)s)"
+            f"INSERT INTO send_slots (key_hash, next_at) SELECT %(key)s, {DB_NOW} + %(interval)s"
+            " WHERE pg_try_advisory_xact_lock(hashtextextended(%(key)s, 3))"
             " ON CONFLICT (key_hash) DO UPDATE SET next_at = excluded.next_at"
             f" WHERE send_slots.next_at <= {DB_NOW} RETURNING 1",
             {"key": key, "interval": interval},
