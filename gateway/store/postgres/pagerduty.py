@@ -8,6 +8,7 @@ only a pending row, so a second decider (after the first commits) records nothin
 
 from __future__ import annotations
 
+from gateway.store.filters import event_filter
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import INCIDENT_COLUMNS
 from gateway.store.postgres.wakeups import notify_jobs
@@ -88,7 +89,7 @@ class PagerDutyQueries(Connection):
     def pagerduty_events(
         self, *, incident_key: str | None = None, limit: int = 100, outcome: str | None = None
     ) -> list[PagerDutyEvent]:
-        where, args = _event_filter(incident_key, outcome)
+        where, args = event_filter(incident_key, outcome, "%s")
         rows = self._rows(
             f"SELECT {EVENT_COLUMNS} FROM pagerduty_events {where} ORDER BY id DESC LIMIT %s",
             (*args, limit),
@@ -96,7 +97,7 @@ class PagerDutyQueries(Connection):
         return [PagerDutyEvent(*row) for row in rows]
 
     def count_pagerduty_events(self, *, outcome: str | None = None) -> int:
-        where, args = _event_filter(None, outcome)
+        where, args = event_filter(None, outcome, "%s")
         row = self._row(f"SELECT COUNT(*) FROM pagerduty_events {where}", args)
         return int(row[0]) if row else 0
 
@@ -106,17 +107,3 @@ class PagerDutyQueries(Connection):
         )
         assert row is not None
         return int(row[0]), row[1]
-
-
-def _event_filter(incident_key: str | None, outcome: str | None) -> tuple[str, list[str]]:
-    """WHERE for a key and an outcome ('pending': not decided yet)."""
-    clauses, args = [], []
-    if incident_key:
-        clauses.append("incident_key = %s")
-        args.append(incident_key)
-    if outcome == "pending":
-        clauses.append("state = 'pending'")
-    elif outcome:
-        clauses.append("state = 'done' AND outcome = %s")
-        args.append(outcome)
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args

@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.store.filters import incident_filter
+from gateway.store.filters import where as sql_where
 from gateway.store.postgres.imap import ImapQueries
 from gateway.store.postgres.rows import (
     INCIDENT_COLUMNS,
@@ -129,7 +131,7 @@ class ReportQueries(ImapQueries):
         where, args = _job_filter(outcomes, service)
         rows = self._rows(
             f"SELECT {JOB_RECORD_COLUMNS}, substr(m.raw, 1, %s)"
-            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
             " ORDER BY j.id DESC LIMIT %s",
             (head_bytes, *args, limit),
         )
@@ -158,7 +160,7 @@ class ReportQueries(ImapQueries):
             where, args = [*where, "j.id < %s"], [*args, before_job]
         rows = self._rows(
             f"SELECT {JOB_RECORD_COLUMNS}, m.mail_from, substr(m.raw, 1, %s)"
-            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
             " ORDER BY j.id DESC LIMIT %s",
             (head_bytes, *args, limit),
         )
@@ -168,7 +170,7 @@ class ReportQueries(ImapQueries):
         self, *, outcomes: Sequence[str] | None = None, service: str | None = None
     ) -> int:
         where, args = _job_filter(outcomes, service)
-        row = self._row(f"SELECT COUNT(*) FROM jobs j {_where(where)}", args)
+        row = self._row(f"SELECT COUNT(*) FROM jobs j {sql_where(where)}", args)
         return int(row[0]) if row else 0
 
     def known_services(self) -> list[str]:
@@ -191,17 +193,17 @@ class ReportQueries(ImapQueries):
     def incidents(
         self, *, open_only: bool = False, limit: int = 1000, service: str | None = None
     ) -> list[Incident]:
-        where, args = _incident_filter(open_only, service)
+        where, args = incident_filter(open_only, service, "%s")
         rows = self._rows(
-            f"SELECT {INCIDENT_COLUMNS} FROM incidents {_where(where)}"
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents {sql_where(where)}"
             " ORDER BY last_seen DESC LIMIT %s",
             (*args, limit),
         )
         return [Incident(*r) for r in rows]
 
     def count_incidents(self, *, open_only: bool = False, service: str | None = None) -> int:
-        where, args = _incident_filter(open_only, service)
-        row = self._row(f"SELECT COUNT(*) FROM incidents {_where(where)}", args)
+        where, args = incident_filter(open_only, service, "%s")
+        row = self._row(f"SELECT COUNT(*) FROM incidents {sql_where(where)}", args)
         return int(row[0]) if row else 0
 
     def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
@@ -330,14 +332,3 @@ def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[li
         where.append("j.service = %s")
         args.append(service)
     return where, args
-
-
-def _incident_filter(open_only: bool, service: str | None) -> tuple[list[str], list[Any]]:
-    where: list[str] = ["state IN ('triggered','acknowledged')"] if open_only else []
-    if service is None:
-        return where, []
-    return [*where, "service = %s"], [service]
-
-
-def _where(conditions: Sequence[str]) -> str:
-    return f"WHERE {' AND '.join(conditions)}" if conditions else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.store.filters import event_filter
 from gateway.store.records import Incident, PagerDutyEvent
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.rows import INCIDENT_COLUMNS
@@ -96,7 +97,7 @@ class PagerDutyQueries(Connection):
     def pagerduty_events(
         self, *, incident_key: str | None = None, limit: int = 100, outcome: str | None = None
     ) -> list[PagerDutyEvent]:
-        where, args = _event_filter(incident_key, outcome)
+        where, args = event_filter(incident_key, outcome, "?")
         rows = self.conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM pagerduty_events {where} ORDER BY id DESC LIMIT ?",
             (*args, limit),
@@ -104,7 +105,7 @@ class PagerDutyQueries(Connection):
         return [PagerDutyEvent(*row) for row in rows]
 
     def count_pagerduty_events(self, *, outcome: str | None = None) -> int:
-        where, args = _event_filter(None, outcome)
+        where, args = event_filter(None, outcome, "?")
         row = self.conn.execute(f"SELECT COUNT(*) FROM pagerduty_events {where}", args)
         return int(row.fetchone()[0])
 
@@ -113,17 +114,3 @@ class PagerDutyQueries(Connection):
             "SELECT COUNT(*), MIN(received_at) FROM pagerduty_events WHERE state = 'pending'"
         ).fetchone()
         return int(row[0]), row[1]
-
-
-def _event_filter(incident_key: str | None, outcome: str | None) -> tuple[str, list[str]]:
-    """WHERE for a key and an outcome ('pending': not decided yet)."""
-    clauses, args = [], []
-    if incident_key:
-        clauses.append("incident_key = ?")
-        args.append(incident_key)
-    if outcome == "pending":
-        clauses.append("state = 'pending'")
-    elif outcome:
-        clauses.append("state = 'done' AND outcome = ?")
-        args.append(outcome)
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args

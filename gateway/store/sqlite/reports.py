@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.store.filters import incident_filter
+from gateway.store.filters import where as sql_where
 from gateway.store.records import (
     REDELIVERED,
     Incident,
@@ -137,7 +139,7 @@ class ReportQueries(Connection):
         where, args = _job_filter(outcomes, service)
         rows = self.conn.execute(
             f"SELECT {JOB_RECORD_COLUMNS}, substr(m.raw, 1, ?)"
-            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
             " ORDER BY j.id DESC LIMIT ?",
             (head_bytes, *args, limit),
         ).fetchall()
@@ -169,7 +171,7 @@ class ReportQueries(Connection):
             where, args = [*where, "j.id < ?"], [*args, before_job]
         rows = self.conn.execute(
             f"SELECT {JOB_RECORD_COLUMNS}, m.mail_from, substr(m.raw, 1, ?)"
-            f" FROM jobs j JOIN messages m ON m.id = j.message {_where(where)}"
+            f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
             " ORDER BY j.id DESC LIMIT ?",
             (head_bytes, *args, limit),
         ).fetchall()
@@ -179,7 +181,9 @@ class ReportQueries(Connection):
         self, *, outcomes: Sequence[str] | None = None, service: str | None = None
     ) -> int:
         where, args = _job_filter(outcomes, service)
-        return self.conn.execute(f"SELECT COUNT(*) FROM jobs j {_where(where)}", args).fetchone()[0]
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM jobs j {sql_where(where)}", args
+        ).fetchone()[0]
 
     def known_services(self) -> list[str]:
         rows = self.conn.execute(
@@ -203,18 +207,18 @@ class ReportQueries(Connection):
     def incidents(
         self, *, open_only: bool = False, limit: int = 1000, service: str | None = None
     ) -> list[Incident]:
-        where, args = _incident_filter(open_only, service)
+        where, args = incident_filter(open_only, service, "?")
         rows = self.conn.execute(
-            f"SELECT {INCIDENT_COLUMNS} FROM incidents {_where(where)}"
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents {sql_where(where)}"
             " ORDER BY last_seen DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
         return [Incident(*r) for r in rows]
 
     def count_incidents(self, *, open_only: bool = False, service: str | None = None) -> int:
-        where, args = _incident_filter(open_only, service)
+        where, args = incident_filter(open_only, service, "?")
         return self.conn.execute(
-            f"SELECT COUNT(*) FROM incidents {_where(where)}", args
+            f"SELECT COUNT(*) FROM incidents {sql_where(where)}", args
         ).fetchone()[0]
 
     def replay_candidates(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
@@ -358,14 +362,3 @@ def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[li
         where.append("j.service = ?")
         args.append(service)
     return where, args
-
-
-def _incident_filter(open_only: bool, service: str | None) -> tuple[list[str], list[Any]]:
-    where: list[str] = ["state IN ('triggered','acknowledged')"] if open_only else []
-    if service is None:
-        return where, []
-    return [*where, "service = ?"], [service]
-
-
-def _where(conditions: Sequence[str]) -> str:
-    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
