@@ -11,9 +11,18 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.decide.processor import Processor
 from gateway.runtime.reload import load_generation
-from gateway.runtime.worker import BATCHES_PER_HOP, TURN_RETRY_SECONDS, WorkerProcess, _Worker
+from gateway.runtime.worker import (
+    BATCHES_PER_HOP,
+    GATHER_SECONDS,
+    TURN_RETRY_SECONDS,
+    GatherWindow,
+    WorkerProcess,
+    _Worker,
+)
 from tests.conftest import ROOT, GatewayProcess, desk_mail
 from tests.ops_support import worker_pid
 from tests.pdserver import PagerDutyStandIn
@@ -253,3 +262,44 @@ def test_a_standby_node_asks_for_the_decide_turn_about_once_a_second_not_per_wak
     # it was five (the 50 wakes fold into a few)
     assert turn.asks == decider.trips <= 2
     assert processor.calls == 0  # the holder decides; this node never did
+
+
+def test_a_mail_after_a_quiet_spell_is_decided_at_once() -> None:
+    """The gather window costs latency only while mail keeps coming: the first trip, and any
+    trip a window or more after the last one started, waits for nothing."""
+    window = GatherWindow(0.02)
+    assert window.wait(now=100.0) == 0
+    window.opened(100.0)
+    assert window.wait(now=100.005) == pytest.approx(0.015)
+    assert window.wait(now=100.02) == 0
+    assert window.wait(now=130.0) == 0
+
+
+def test_mail_that_keeps_coming_is_decided_once_per_window_not_per_wake(tmp_path: Path) -> None:
+    """At a steady rate every commit wakes the worker; the wakes of one window take one trip to
+    the decider (and one delivery round), not one each."""
+    generation = load_generation(ROOT / "config.toml")
+    child_end, _parent_end = multiprocessing.Pipe(duplex=False)
+    worker = _Worker(tmp_path / "g.sqlite3", generation, child_end)
+    worker.decider.shutdown()
+    decider = worker.decider = CountingExecutor(1)
+    worker.processor = ScriptedProcessor(batches=0)  # type: ignore[assignment]
+
+    async def steady_wakes() -> float:
+        deciding = asyncio.create_task(worker._decide_until_stopped())
+        started = time.monotonic()
+        while time.monotonic() - started < 10 * GATHER_SECONDS:  # a wake every millisecond
+            worker.wake.set()
+            await asyncio.sleep(0.001)
+        elapsed = time.monotonic() - started
+        worker.stop.set()
+        worker.wake.set()
+        await deciding
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(steady_wakes())
+    finally:
+        decider.shutdown()
+    # one trip at once, then at most one per window (and the stop's); a slow box wakes less
+    assert decider.trips <= elapsed / GATHER_SECONDS + 2
