@@ -9,6 +9,7 @@ is stored once (the UNIQUE constraint decides, not a read-then-write).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -171,3 +172,27 @@ def test_a_job_another_node_is_deciding_is_skipped_not_waited_for(
     assert not b.finish_job(job, outcome="ignored", reason="node b")  # decided: still False
     [record] = a.jobs()
     assert (record.id, record.outcome) == (job, "triggered")
+
+
+def test_an_outbox_insert_after_an_undone_savepoint_still_wakes_the_other_nodes(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    """A transaction notifies the outbox channel once; a savepoint that notified and was undone
+    took its NOTIFY with it, so the next insert of the transaction notifies again."""
+    a, _ = nodes
+    jobs, outbox = threading.Event(), threading.Event()
+    listener = listen_for_work(url, jobs.set, outbox.set)
+    assert listener is not None
+    listener.start()
+    try:
+        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
+        jobs.clear(), outbox.clear()
+        with a.transaction():
+            with contextlib.suppress(LookupError), a.savepoint():
+                add(a, "undone")
+                raise LookupError("this job's writes are undone")
+            add(a, "kept")
+        wait_until(outbox.is_set, message="the kept item woke no node")
+        assert [item.order_key for item in a.outbox()] == ["kept"]
+    finally:
+        listener.stop()

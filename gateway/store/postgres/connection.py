@@ -169,6 +169,7 @@ class Connection:
         self.where = describe(url)
         del durable  # see the module docstring: only per-transaction bookkeeping may skip it
         self._held: psycopg.Connection[Any] | None = None
+        self._notified: set[str] = set()  # channels the open transaction has notified
         self._read_only = read_only
         self.clock: Callable[[], float] = time.time  # this node's clock (tests skew it)
         self._shift: tuple[float, float] | None = None  # (shift, when measured: monotonic)
@@ -239,6 +240,7 @@ class Connection:
                 migrate(conn)
                 self._migrated = True
             self._held = conn
+            self._notified = set()
             try:
                 yield
             finally:
@@ -257,9 +259,15 @@ class Connection:
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
-        """A nested unit inside `transaction()`: an exception undoes only its own writes."""
-        with self._connection() as conn, self._errors(), conn.transaction():
-            yield
+        """A nested unit inside `transaction()`: an exception undoes only its own writes (and
+        its NOTIFYs: the transaction notifies again if it needs to)."""
+        notified = set(self._notified)
+        try:
+            with self._connection() as conn, self._errors(), conn.transaction():
+                yield
+        except BaseException:
+            self._notified = notified
+            raise
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -292,7 +300,7 @@ class Connection:
         with self._connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             return cursor.execute(sql, args).fetchall()  # type: ignore[arg-type]
 
-    def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _many(self, sql: str, rows: Sequence[Sequence[Any] | dict[str, Any]]) -> None:
         if rows:
             with self._connection() as conn, conn.cursor() as cursor:
                 cursor.executemany(sql, rows)  # type: ignore[arg-type]

@@ -75,15 +75,17 @@ class DecisionQueries(Connection):
         """Inside a transaction the key stays locked until the commit (even while the incident
         does not exist yet), so the mirror changes atomically with one decision at a time."""
         locking = self._held is not None  # a plain read (status page) waits for nobody
+        read = f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=%s AND incident_key=%s"
         with self._connection() as conn:
-            if locking:
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
-                )
-            row = conn.execute(
-                f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE service=%s AND incident_key=%s",
-                (service, key),
-            ).fetchone()
+            if not locking:
+                row = conn.execute(read, (service, key)).fetchone()
+            else:  # two statements (the read's snapshot follows the lock), one round trip
+                with conn.pipeline():
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
+                    )
+                    cursor = conn.execute(read, (service, key))
+                row = cursor.fetchone()
         return Incident(*row) if row else None
 
     def save_incident(self, incident: Incident) -> None:

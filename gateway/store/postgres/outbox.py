@@ -17,7 +17,7 @@ from typing import Any
 from gateway.node import this_node
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import DB_NOW, OUTBOX_COLUMNS, on_db_clock, outbox_item
-from gateway.store.postgres.wakeups import notify_outbox
+from gateway.store.postgres.wakeups import OUTBOX_CHANNEL, notify_outbox
 from gateway.store.records import OutboxItem, OutboxResult, StormState
 from gateway.store.requeue import Refusal, Requeued, not_requeueable, out_of_order
 
@@ -51,12 +51,15 @@ class OutboxQueries(Connection):
     ) -> int:
         """`priority` 0: claimed ahead of every priority-1 head (a trigger opening an incident)."""
         with self.transaction():
-            self._exec("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (order_key,))
+            # the key's lock first (the row comes from it), as `_locked_item`: one round trip
             row = self._row(
                 "INSERT INTO outbox (kind, service, order_key, payload, job, created_at,"
-                " next_attempt_at, updated_at, priority) VALUES (%(kind)s, %(service)s, %(key)s,"
-                f" %(payload)s, %(job)s, {on_db_clock('now')}, {on_db_clock('now')},"
-                f" {on_db_clock('now')}, %(priority)s) RETURNING id",
+                " next_attempt_at, updated_at, priority) SELECT %(kind)s::text,"
+                " %(service)s::text, %(key)s::text, %(payload)s::text, %(job)s::bigint,"
+                f" {on_db_clock('now')}, {on_db_clock('now')}, {on_db_clock('now')},"
+                " %(priority)s::integer"
+                " FROM (SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 1))) AS locked"
+                " RETURNING id",
                 self._clock_args(
                     kind=kind,
                     service=service,
@@ -257,14 +260,14 @@ class OutboxQueries(Connection):
     def record_outbox(self, results: Sequence[OutboxResult]) -> None:
         node = this_node()
         with self.transaction():
-            for r in results:
-                self._exec(
-                    "UPDATE outbox SET state = %(state)s, attempts = attempts + 1,"
-                    " response = %(response)s, last_error = %(error)s,"
-                    f" next_attempt_at = COALESCE({on_db_clock('next')}, next_attempt_at),"
-                    " lease_owner = '', delivered_by = %(node)s,"
-                    f" updated_at = {on_db_clock('now')}"
-                    " WHERE id = %(id)s AND state = 'pending'",
+            self._many(  # pipelined: one round trip for the batch
+                "UPDATE outbox SET state = %(state)s, attempts = attempts + 1,"
+                " response = %(response)s, last_error = %(error)s,"
+                f" next_attempt_at = COALESCE({on_db_clock('next')}, next_attempt_at),"
+                " lease_owner = '', delivered_by = %(node)s,"
+                f" updated_at = {on_db_clock('now')}"
+                " WHERE id = %(id)s AND state = 'pending'",
+                [
                     self._clock_args(
                         state=r.state,
                         response=r.response,
@@ -272,8 +275,10 @@ class OutboxQueries(Connection):
                         next=r.next_attempt_at,
                         id=r.id,
                         node=node,
-                    ),
-                )
+                    )
+                    for r in results
+                ],
+            )
             if any(r.state != "pending" for r in results):
                 self._notify_outbox()  # the next item of those keys is due now, on any node
 
@@ -322,9 +327,14 @@ class OutboxQueries(Connection):
         return Requeued(tuple(requeued), tuple(refused), tuple(forced))
 
     def _notify_outbox(self) -> None:
-        """Inside the transaction: every node's dispatchers look again once it commits."""
+        """Inside the transaction: every node's dispatchers look again once it commits (once
+        per transaction: the server folds a channel's repeats into one anyway)."""
+        if OUTBOX_CHANNEL in self._notified:
+            return
         with self._connection() as conn:
             notify_outbox(conn)
+        if self._held is not None:
+            self._notified.add(OUTBOX_CHANNEL)
 
     def _locked_item(self, item: int) -> OutboxItem | None:
         """The item, its key locked as `add_outbox` does: nothing joins the key meanwhile."""
