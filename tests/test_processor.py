@@ -15,6 +15,7 @@ from gateway.decide.incidents import apply_action
 from gateway.decide.notifications import HelpdeskNotifier
 from gateway.decide.processor import Processor, load_services
 from gateway.decide.verdicts import Processed
+from gateway.errors import StoreError
 from gateway.intake.spool import incoming
 from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
@@ -267,3 +268,23 @@ def test_without_a_webhook_secret_batches_do_not_look_for_webhooks(store: Store)
     worker.process_pending()
     worker.process_pending()
     assert counting.webhook_looks == 5  # a receiver: every batch looks
+
+
+def test_the_store_failing_while_a_batch_is_evaluated_leaves_its_jobs_pending(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the batch's incidents fails (the database went away): not the mail's fault, so
+    nothing is quarantined; the jobs wait for the next try, which decides them."""
+    decide = processor(store, WatchedThemes(store))
+    spool(store, desk_mail("Printer on fire"))
+
+    def away(slots: object) -> dict:
+        raise StoreError("database unreachable")
+
+    monkeypatch.setattr(store, "incidents_of", away)
+    with pytest.raises(StoreError):
+        decide.process_pending()
+    assert [(job.state, job.outcome) for job in store.jobs()] == [("pending", None)]
+    monkeypatch.undo()
+    [done] = decide.process_pending()
+    assert done.outcome == Outcome.TRIGGERED

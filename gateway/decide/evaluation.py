@@ -3,7 +3,9 @@
 Sender policy, parsing, the loop guard, sender authenticity, the rules, maintenance windows,
 the PagerDuty event, and the incident change (computed from a read of the incident, carried
 forward through the batch in `ahead` so two jobs of one key see each other) with the helpdesk
-notification it causes, rendered here. A mixin of `Processor` (which provides the attributes
+notification it causes, rendered here. The incidents a batch acts on are read in one query,
+once the rules named them (`_evaluate_batch`): on PostgreSQL a read per job was a round trip
+per job. A mixin of `Processor` (which provides the attributes
 below), kept apart so each phase reads on its own.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from gateway.config import PagerDutySettings
 from gateway.decide import incidents
@@ -21,7 +24,7 @@ from gateway.decide.maintenance import active_window, during_maintenance
 from gateway.decide.notifications import HelpdeskNotifier
 from gateway.decide.senders import sender_refusal
 from gateway.decide.verdicts import IncidentChange, ServiceRuntime, Verdict, non_action_outcome
-from gateway.errors import RuleEvaluationError
+from gateway.errors import RuleEvaluationError, StoreError
 from gateway.mail.loop_guard import loop_verdict
 from gateway.mail.parse import ParsedMail, parse_message
 from gateway.outcomes import Outcome
@@ -34,6 +37,25 @@ log = logging.getLogger(__name__)
 # seconds before each new try of a job whose sender check met a DNS failure; then it is decided
 # `unauthenticated` (a DNS failure is never a pass)
 AUTH_RETRY_DELAYS = (30.0, 60.0, 300.0, 900.0, 1800.0)
+
+
+@dataclass(frozen=True)
+class AwaitingIncident:
+    """A job's phase 1 up to its incident: what the change needs once the batch's incidents
+    are read."""
+
+    job: PendingJob
+    runtime: ServiceRuntime
+    mail: ParsedMail
+    decision: Decision
+    event: dict
+    reason: str
+    heartbeats: tuple[str, ...]
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        assert self.decision.incident_key is not None
+        return (self.job.service, self.decision.incident_key)
 
 
 class EvaluationSteps:
@@ -52,25 +74,63 @@ class EvaluationSteps:
     installation_id: str
     expected_mail: Callable[[PendingJob, ParsedMail, str | None], tuple[str, ...]]
 
-    def _evaluate_safely(
+    def _evaluate_batch(
         self,
-        job: PendingJob,
+        jobs: list[PendingJob],
         ahead: dict[tuple[str, str], Incident | None],
         parsed: dict[int, ParsedMail],
-    ) -> Verdict:
+    ) -> list[Verdict]:
+        """Phase 1 for `jobs`, in acceptance order: the rules for each, then the incidents they
+        act on (those not already `ahead`) in one read, then each job's change."""
+        steps = [self._evaluate_safely(job, parsed) for job in jobs]
+        wanted = list(
+            dict.fromkeys(
+                step.slot
+                for step in steps
+                if isinstance(step, AwaitingIncident) and step.slot not in ahead
+            )
+        )
+        found = self.store.incidents_of(wanted) if wanted else {}
+        ahead.update((slot, found.get(slot)) for slot in wanted)
+        return [
+            self._complete_safely(step, ahead) if isinstance(step, AwaitingIncident) else step
+            for step in steps
+        ]
+
+    def _evaluate_safely(
+        self, job: PendingJob, parsed: dict[int, ParsedMail]
+    ) -> Verdict | AwaitingIncident:
         """A bug or bad input quarantines one job; it never blocks the rest of the batch."""
         try:
-            return self._evaluate(job, ahead, parsed)
+            return self._evaluate(job, parsed)
+        except StoreError:  # not the mail's fault: the batch stops, its jobs stay pending
+            raise
         except Exception as exc:
-            log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
-            return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
+            return _quarantined(job, exc)
+
+    def _complete_safely(
+        self, step: AwaitingIncident, ahead: dict[tuple[str, str], Incident | None]
+    ) -> Verdict:
+        """The job's incident change (and helpdesk mail); a failure quarantines this job."""
+        try:
+            change = self._change(step.job, step.runtime, step.decision, step.mail, ahead)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return _quarantined(step.job, exc)
+        return Verdict(
+            step.job,
+            change.outcome,
+            step.reason,
+            decision=step.decision,
+            event=step.event,
+            change=change,
+            heartbeats=step.heartbeats,
+        )
 
     def _evaluate(
-        self,
-        job: PendingJob,
-        ahead: dict[tuple[str, str], Incident | None],
-        parsed: dict[int, ParsedMail],
-    ) -> Verdict:
+        self, job: PendingJob, parsed: dict[int, ParsedMail]
+    ) -> Verdict | AwaitingIncident:
         runtime = self.services.get(job.service)
         if runtime is None:
             return Verdict(job, Outcome.QUARANTINED, f"service {job.service!r} is not configured")
@@ -113,15 +173,8 @@ class EvaluationSteps:
             reason = decision.reason + let_through
             return Verdict(job, Outcome.MAINTENANCE, reason, decision=decision, heartbeats=seen)
         event = self._event(runtime, mail, decision)
-        change = self._change(job, runtime, decision, mail, ahead)
-        return Verdict(
-            job,
-            change.outcome,
-            decision.reason + let_through,
-            decision=decision,
-            event=event,
-            change=change,
-            heartbeats=seen,
+        return AwaitingIncident(
+            job, runtime, mail, decision, event, decision.reason + let_through, seen
         )
 
     def _unauthenticated(self, job: PendingJob, reason: str, temporary: bool) -> Verdict:
@@ -198,6 +251,11 @@ class EvaluationSteps:
             notification = self.notifier.render(notify, outcome, changed)
         ahead[slot] = basis if changed is None else changed
         return IncidentChange(basis, changed, outcome, notification)
+
+
+def _quarantined(job: PendingJob, exc: Exception) -> Verdict:
+    log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
+    return Verdict(job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _case_fields(mail: ParsedMail, decision: Decision) -> str:

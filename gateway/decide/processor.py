@@ -168,7 +168,7 @@ class Processor(HeartbeatDuties, EvaluationSteps, RecordingSteps):
         """Both phases for `jobs`: (what was decided, the jobs to decide again)."""
         ahead: dict[tuple[str, str], Incident | None] = {}  # incidents as this batch leaves them
         parsed: dict[int, ParsedMail] = {}  # a mail to several services is parsed once
-        verdicts = [self._evaluate_safely(job, ahead, parsed) for job in jobs]
+        verdicts = self._evaluate_batch(jobs, ahead, parsed)
         verdicts = [v for v in verdicts if v.retry_at is None]
         outcomes: list[Processed] = []
         again: list[PendingJob] = []

@@ -130,6 +130,11 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
 
     def incident(self, service: str, key: str) -> Incident | None: ...
 
+    def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        """The incidents of these (service, key) pairs that exist, in one query: a batch's
+        decisions read them all at once (no lock: recording reads each again under it)."""
+        ...
+
     def save_incident(self, incident: Incident) -> None:
         """Insert or replace the incident of (service, incident_key)."""
         ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gateway.store import Store
@@ -109,6 +111,19 @@ def test_incidents_are_saved_and_loaded(store: Store) -> None:
     store.save_incident(resolved)  # the same (service, key): replaced, not added
     assert store.incident("helpdesk", "k") == resolved
     assert store.incidents() == [resolved]
+
+
+def test_a_batch_of_incidents_is_read_at_once_by_service_and_key(store: Store) -> None:
+    """Only the pairs asked for and found; a key of one service is not another's; a batch
+    bigger than one query's variables (SQLite) is read whole."""
+    saved = [incident(f"k{n}") for n in range(450)]
+    for one in saved:
+        store.save_incident(one)
+    store.save_incident(dataclasses.replace(incident("x"), service="other"))
+    asked = [("helpdesk", f"k{n}") for n in range(450)] + [("helpdesk", "x"), ("other", "k1")]
+    found = store.incidents_of(asked)
+    assert found == {("helpdesk", one.incident_key): one for one in saved}
+    assert store.incidents_of([]) == {}
 
 
 def test_incident_listing_newest_first_and_open_only(store: Store) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.postgres.connection import Connection
@@ -87,6 +88,17 @@ class DecisionQueries(Connection):
                     cursor = conn.execute(read, (service, key))
                 row = cursor.fetchone()
         return Incident(*row) if row else None
+
+    def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        if not slots:
+            return {}
+        rows = self._rows(
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE (service, incident_key) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([service for service, _ in slots], [key for _, key in slots]),
+        )
+        incidents = [Incident(*row) for row in rows]
+        return {(incident.service, incident.incident_key): incident for incident in incidents}
 
     def save_incident(self, incident: Incident) -> None:
         """Write the mirror; the coalesced-repeat columns are kept, and reset when the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.records import Incident, PendingJob
@@ -66,6 +67,21 @@ class DecisionQueries(Connection):
             (service, key),
         ).fetchone()
         return Incident(*row) if row else None
+
+    def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        found: dict[tuple[str, str], Incident] = {}
+        for start in range(0, len(slots), 400):  # two variables each, far below SQLite's limit
+            chunk = slots[start : start + 400]
+            pairs = ",".join(["(?,?)"] * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT {INCIDENT_COLUMNS} FROM incidents"
+                f" WHERE (service, incident_key) IN (VALUES {pairs})",
+                [value for slot in chunk for value in slot],
+            ).fetchall()
+            for row in rows:
+                incident = Incident(*row)
+                found[(incident.service, incident.incident_key)] = incident
+        return found
 
     def save_incident(self, incident: Incident) -> None:
         """Write the mirror; the coalesced-repeat columns are kept, and reset when the
