@@ -180,3 +180,12 @@ def test_ha_benchmark_compares_the_setups_and_prints_the_box_ceiling() -> None:
     assert re.search(r"this box's ceiling: \d+ cores / [\d.]+ ms CPU per mail = \d+ msg/s", out), (
         out
     )
+
+
+def test_decide_rate_benchmark_decides_every_spooled_mail_on_both_backends() -> None:
+    require_postgres()
+    out = run_bench("decide_rate.py", "--messages", "40", "--runs", "1", timeout=300)
+    for backend in ("SQLite", "PostgreSQL"):
+        assert re.search(rf"{backend} +\d+ decisions/s  CPU per decision: decider [\d.]+ ms", out)
+    assert re.search(r"PostgreSQL / SQLite, best runs: [\d.]+x", out), out
+    assert "usage:" in run_bench("decide_rate.py", "--help", timeout=60)
