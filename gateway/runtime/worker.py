@@ -93,8 +93,8 @@ TURN_RETRY_SECONDS = 0.9
 # decider (and the delivery round it wakes) takes the mails of the window together, as
 # PostgreSQL's commit_delay gathers commits. A mail after a quiet spell is decided at once: the
 # window only costs latency (at most this much) while mail keeps coming. At a steady 100
-# msg/s it took the worker from 2.3 to about 1.5 ms CPU per mail (bench/RESULTS.md, fourth
-# pass); 40 ms saved a little more, but put the p99 near the 50 ms end-to-end goal.
+# msg/s it took the worker from 2.2-2.3 to 1.6-1.9 ms CPU per mail (bench/RESULTS.md, fourth
+# pass); 30-45 ms saved a little more, but put the p99 at 35-50 ms, near the 50 ms goal.
 GATHER_SECONDS = 0.02
 
 Message = str | GenerationFiles  # "outbox" | "stop" | a generation (and "wake" in tests)
