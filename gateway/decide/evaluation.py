@@ -5,8 +5,8 @@ the PagerDuty event, and the incident change (computed from a read of the incide
 forward through the batch in `ahead` so two jobs of one key see each other) with the helpdesk
 notification it causes, rendered here. The incidents a batch acts on are read in one query,
 once the rules named them (`_evaluate_batch`): on PostgreSQL a read per job was a round trip
-per job. A mixin of `Processor` (which provides the attributes
-below), kept apart so each phase reads on its own.
+per job. A mixin of `Processor` (which provides the attributes below), kept apart so each
+phase reads on its own.
 """
 
 from __future__ import annotations
