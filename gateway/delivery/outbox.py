@@ -275,7 +275,7 @@ class Dispatcher:
             return
         results, self._results = self._results, []
         try:
-            await self.store.call(lambda s: s.record_outbox(results))
+            await self.store.call(lambda s: s.record_outbox(results, self.owner))
         except BaseException:
             self._results[:0] = results  # recorded with the next flush, never forgotten
             raise

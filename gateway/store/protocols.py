@@ -259,9 +259,11 @@ class OutboxStore(Protocol):
         """Make the items a worker known to be dead (`owner`) had claimed due again at `now`."""
         ...
 
-    def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+    def record_outbox(self, results: Sequence[OutboxResult], owner: str = "") -> None:
         """Apply attempts' results in one commit: done, dead (with the response), or pending
-        again at `next_attempt_at`; each counts one attempt."""
+        again at `next_attempt_at`; each counts one attempt. With `owner`, only to items that
+        worker still holds: once its lease ran out and another worker (node) claimed the item,
+        a late result is not applied (that worker's own attempt decides it)."""
         ...
 
     def record_and_claim_outbox(
@@ -275,7 +277,7 @@ class OutboxStore(Protocol):
         owner: str = "",
         admit: Callable[[list[OutboxItem]], list[OutboxItem]] | None = None,
     ) -> list[OutboxItem]:
-        """One delivery round in one transaction: `record_outbox(results)`, then
+        """One delivery round in one transaction: `record_outbox(results, owner)`, then
         `claim_outbox(...)`, which already sees them (a recorded head's next item is
         claimable). All or nothing: if it fails, nothing is recorded and nothing claimed."""
         ...

@@ -270,3 +270,23 @@ def test_expedite_makes_waiting_retries_due_but_keeps_claims(store: Store) -> No
     assert [i.id for i in store.due_outbox(now)] == [waiting]
     assert claimed not in [i.id for i in store.due_outbox(now + 1)]
     assert store.expedite_outbox(now) == 1  # the mail too
+
+
+def test_a_late_result_is_not_applied_once_another_worker_took_the_item_over(
+    store: Store,
+) -> None:
+    """Worker 7's lease ran out while its attempt hung and worker 8 claimed the item: 7's
+    result (here a 400) arriving late must not end the item that 8 is delivering."""
+    item = add(store, "k")
+    now = time.time()
+    store.claim_outbox(now, 1, None, 1.0, owner="host:7")
+    assert store.claim_outbox(now + 2, 1, None, 60.0, owner="host:8") != []
+    store.record_outbox([OutboxResult(item, "dead", error="HTTP 400")], owner="host:7")
+    [seen] = store.outbox()
+    assert (seen.state, seen.lease_owner, seen.attempts) == ("pending", "host:8", 0)
+    claimed = store.record_and_claim_outbox(
+        [OutboxResult(item, "done", response="202")], now + 3, 1, None, 60.0, owner="host:8"
+    )
+    assert claimed == [] and [i.id for i in store.outbox(("done",))] == [item]
+    store.record_outbox([OutboxResult(item, "dead", error="HTTP 400")])  # no owner: as before
+    assert [i.id for i in store.outbox(("done",))] == [item]  # ended items stay ended

@@ -189,7 +189,7 @@ class OutboxQueries(Connection):
         when there are results to keep); the claim sees the results, so a recorded head's next
         item is claimable at once. Recorded items must not be in `exclude`."""
         with self.transaction(durable=bool(results)):
-            self.record_outbox(results)
+            self.record_outbox(results, owner)
             return self.claim_outbox(now, limit, kind, lease_seconds, exclude, owner, admit)
 
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
@@ -257,7 +257,7 @@ class OutboxQueries(Connection):
         )
         return None if row is None or row[0] is None else float(row[0])
 
-    def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+    def record_outbox(self, results: Sequence[OutboxResult], owner: str = "") -> None:
         node = this_node()
         with self.transaction():
             self._many(  # pipelined: one round trip for the batch
@@ -266,7 +266,8 @@ class OutboxQueries(Connection):
                 f" next_attempt_at = COALESCE({on_db_clock('next')}, next_attempt_at),"
                 " lease_owner = '', delivered_by = %(node)s,"
                 f" updated_at = {on_db_clock('now')}"
-                " WHERE id = %(id)s AND state = 'pending'",
+                " WHERE id = %(id)s AND state = 'pending'"
+                " AND (%(owner)s = '' OR lease_owner = %(owner)s)",
                 [
                     self._clock_args(
                         state=r.state,
@@ -275,6 +276,7 @@ class OutboxQueries(Connection):
                         next=r.next_attempt_at,
                         id=r.id,
                         node=node,
+                        owner=owner,
                     )
                     for r in results
                 ],

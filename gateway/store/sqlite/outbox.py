@@ -120,7 +120,7 @@ class OutboxQueries(Connection):
         commit (durable only with results to keep), and a recorded head's next item can be
         claimed at once. Recorded items must not be in `exclude`."""
         with self.transaction(durable=bool(results)):
-            self.record_outbox(results)
+            self.record_outbox(results, owner)
             return self.claim_outbox(now, limit, kind, lease_seconds, exclude, owner, admit)
 
     def coalesce_outbox(self, item: int, payload: dict[str, Any]) -> bool:
@@ -188,7 +188,7 @@ class OutboxQueries(Connection):
         ).fetchone()
         return row[0]
 
-    def record_outbox(self, results: Sequence[OutboxResult]) -> None:
+    def record_outbox(self, results: Sequence[OutboxResult], owner: str = "") -> None:
         """Apply delivery attempts' results in one commit (one fsync for a whole batch)."""
         now, node = time.time(), this_node()
         with self.transaction():
@@ -197,8 +197,18 @@ class OutboxQueries(Connection):
                     "UPDATE outbox SET state = ?, attempts = attempts + 1, response = ?,"
                     " last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
                     " lease_owner = '', delivered_by = ?, updated_at = ?"
-                    " WHERE id = ? AND state = 'pending'",
-                    (r.state, r.response, r.error, r.next_attempt_at, node, now, r.id),
+                    " WHERE id = ? AND state = 'pending' AND (? = '' OR lease_owner = ?)",
+                    (
+                        r.state,
+                        r.response,
+                        r.error,
+                        r.next_attempt_at,
+                        node,
+                        now,
+                        r.id,
+                        owner,
+                        owner,
+                    ),
                 )
 
     def outbox(
