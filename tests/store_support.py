@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-from gateway.store import Incident, IncomingMail, ReportStore, Store, open_store
+from gateway.store import Incident, IncomingMail, ReportStore, Store, listen_for_work, open_store
+from tests.conftest import wait_until
 
 
 class Backend:
@@ -95,3 +99,19 @@ def counts(store: ReportStore) -> dict[str, int]:
         if metric == "jobs_pending" and value:
             totals["jobs.pending"] = int(value)
     return totals
+
+
+@contextlib.contextmanager
+def other_node_listening(url: str) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Another node's LISTEN wake-ups (PostgreSQL): (jobs, outbox) events, set by each wake
+    after this point (the one every connection gives is cleared first)."""
+    jobs, outbox = threading.Event(), threading.Event()
+    listener = listen_for_work(url, jobs.set, outbox.set)
+    assert listener is not None
+    listener.start()
+    try:
+        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
+        jobs.clear(), outbox.clear()
+        yield jobs, outbox
+    finally:
+        listener.stop()

@@ -18,10 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway.store import OutboxItem, Store, listen_for_work, open_store
+from gateway.store import OutboxItem, Store, open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import wait_until
-from tests.store_support import mail
+from tests.store_support import mail, other_node_listening
 
 OWNER_A, OWNER_B = "node-a:1", "node-b:1"
 
@@ -143,18 +143,10 @@ def test_a_webhook_delivery_on_one_node_wakes_every_nodes_decider(
     url: str, nodes: tuple[Store, Store]
 ) -> None:
     a, _ = nodes
-    jobs, outbox = threading.Event(), threading.Event()
-    listener = listen_for_work(url, jobs.set, outbox.set)  # "node B" listens
-    assert listener is not None
-    listener.start()
-    try:
-        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
-        jobs.clear(), outbox.clear()  # the wake-up every (re)connection gives
+    with other_node_listening(url) as (jobs, _outbox):
         a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2")
         wait_until(jobs.is_set, message="no wake-up for a webhook delivery")
         assert a.add_pagerduty_event(body="{}", received_at=1.0, event_id="E2") is None
-    finally:
-        listener.stop()
 
 
 def test_a_job_another_node_is_deciding_is_skipped_not_waited_for(
@@ -180,13 +172,7 @@ def test_an_outbox_insert_after_an_undone_savepoint_still_wakes_the_other_nodes(
     """A transaction notifies the outbox channel once; a savepoint that notified and was undone
     took its NOTIFY with it, so the next insert of the transaction notifies again."""
     a, _ = nodes
-    jobs, outbox = threading.Event(), threading.Event()
-    listener = listen_for_work(url, jobs.set, outbox.set)
-    assert listener is not None
-    listener.start()
-    try:
-        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
-        jobs.clear(), outbox.clear()
+    with other_node_listening(url) as (_jobs, outbox):
         with a.transaction():
             with contextlib.suppress(LookupError), a.savepoint():
                 add(a, "undone")
@@ -194,5 +180,3 @@ def test_an_outbox_insert_after_an_undone_savepoint_still_wakes_the_other_nodes(
             add(a, "kept")
         wait_until(outbox.is_set, message="the kept item woke no node")
         assert [item.order_key for item in a.outbox()] == ["kept"]
-    finally:
-        listener.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from gateway.store import OutboxResult, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.retention import PURGE_LOCK
 from tests.conftest import wait_until
-from tests.store_support import mail
+from tests.store_support import mail, other_node_listening
 
 
 @pytest.fixture
@@ -24,20 +23,12 @@ def url(postgres_url: str) -> Iterator[str]:
 
 def test_another_nodes_commits_wake_this_nodes_workers(url: str) -> None:
     store = open_store(url)  # "node B": its commits must reach "node A"'s listener
-    jobs, outbox = threading.Event(), threading.Event()
-    listener = listen_for_work(url, jobs.set, outbox.set)
-    assert listener is not None
-    listener.start()
-    try:
-        wait_until(lambda: listener.listening.is_set(), message="never listened")  # type: ignore[attr-defined]
-        jobs.clear(), outbox.clear()  # the wake-up every (re)connection gives
+    with other_node_listening(url) as (jobs, outbox):
         store.accept([mail("wake")])
         wait_until(jobs.is_set, message="no wake-up for new jobs")
         assert not outbox.is_set()
         store.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
         wait_until(outbox.is_set, message="no wake-up for the outbox")
-    finally:
-        listener.stop()
         store.close()
 
 
