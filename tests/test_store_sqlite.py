@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import PagerDutySettings, ServiceSettings
+from gateway.decide.processor import Processor, load_services
 from gateway.errors import StoreError
+from gateway.intake.spool import incoming
 from gateway.store import open_store
+from gateway.store.records import OutboxResult
 from gateway.store.sqlite import AUTOCHECKPOINT_PAGES, Checkpointer, SQLiteStore
 from gateway.store.sqlite.schema import MIGRATIONS
+from tests.conftest import RULES_DIR, desk_mail
 from tests.store_support import counts, mail
 
 
@@ -160,3 +165,48 @@ def test_an_smtp_commit_is_awaited_without_a_task_per_mail(tmp_path: Path) -> No
         assert asyncio.run(scenario()) >= 1
     finally:
         writer.stop()
+
+
+GROWING_TABLES = ("messages", "jobs", "incidents", "outbox", "events", "pagerduty_events")
+
+
+def full_scans(store: SQLiteStore, statements: list[str]) -> dict[str, list[str]]:
+    """Each statement that reads a growing table from end to end, with the scans its plan
+    names (a scan of a constant list, a subquery or through an index is fine)."""
+    found: dict[str, list[str]] = {}
+    for sql in statements:
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH", "UPDATE", "DELETE", "INSERT")):
+            continue
+        plan = store.conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
+        scans = [
+            step[3]
+            for step in plan
+            if step[3].startswith("SCAN ")
+            and step[3].split()[1] in GROWING_TABLES
+            and " USING " not in step[3]
+        ]
+        if scans:
+            found[sql] = scans
+    return found
+
+
+def test_deciding_delivering_and_lookups_search_by_index(tmp_path: Path) -> None:
+    """The decide and delivery path (and a PagerDuty webhook's or a mail page's lookups) cost
+    the same with a year of incidents as with none: no statement scans a growing table."""
+    store = open_store(tmp_path / "gateway.sqlite3")
+    settings = ServiceSettings("helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+    processor = Processor(store, load_services((settings,)), PagerDutySettings())
+    mails = [desk_mail(f"Case {n}") for n in range(40)] + [desk_mail("Case 1", "Resolved")]
+    store.accept([incoming(raw, source="cli", services=("helpdesk",)) for raw in mails])
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    processor.process_pending()
+    claimed = store.claim_outbox(time.time(), 100, "pagerduty", 30, owner="w")
+    assert claimed, "the decisions queued PagerDuty events"
+    results = [OutboxResult(item.id, "done", response="{}") for item in claimed[:5]]
+    store.record_and_claim_outbox(results, time.time(), 100, "pagerduty", 30, owner="w")
+    store.incident_by_pagerduty_id("PABC123")
+    store.events(message=1)
+    store.conn.set_trace_callback(None)
+    assert len(statements) > 40
+    assert full_scans(store, statements) == {}

@@ -224,4 +224,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE send_slots (key_hash TEXT PRIMARY KEY, next_at DOUBLE PRECISION NOT NULL);
     """,
+    # 12: a PagerDuty webhook finds its incident by PagerDuty's id; a mail's page lists its events
+    """
+    CREATE INDEX incidents_pd_id ON incidents(pd_id);
+    CREATE INDEX events_message ON events(message);
+    """,
 )

@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.store.records import Incident, PendingJob
 from gateway.store.sqlite.connection import Connection
-from gateway.store.sqlite.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
+from gateway.store.sqlite.rows import INCIDENT_COLUMNS, INCIDENT_COLUMNS_OF_I, INCIDENT_FIELDS
 
 
 class DecisionQueries(Connection):
@@ -73,9 +73,10 @@ class DecisionQueries(Connection):
         for start in range(0, len(slots), 400):  # two variables each, far below SQLite's limit
             chunk = slots[start : start + 400]
             pairs = ",".join(["(?,?)"] * len(chunk))
-            rows = self.conn.execute(
-                f"SELECT {INCIDENT_COLUMNS} FROM incidents"
-                f" WHERE (service, incident_key) IN (VALUES {pairs})",
+            rows = self.conn.execute(  # CROSS JOIN: a primary-key search per pair, never a scan
+                f"WITH wanted (service, incident_key) AS (VALUES {pairs})"
+                f" SELECT {INCIDENT_COLUMNS_OF_I} FROM wanted CROSS JOIN incidents i"
+                " ON i.service = wanted.service AND i.incident_key = wanted.incident_key",
                 [value for slot in chunk for value in slot],
             ).fetchall()
             for row in rows:

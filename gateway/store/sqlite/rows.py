@@ -10,6 +10,7 @@ from typing import Any
 from gateway.store.records import Incident, OutboxItem
 
 INCIDENT_COLUMNS = ", ".join(Incident.__dataclass_fields__)
+INCIDENT_COLUMNS_OF_I = ", ".join(f"i.{field}" for field in Incident.__dataclass_fields__)
 # what `save_incident` writes: the mirror; the coalesced-repeat columns have their own writer
 INCIDENT_FIELDS = tuple(f for f, d in Incident.__dataclass_fields__.items() if d.compare)
 OUTBOX_FIELDS = tuple(OutboxItem.__dataclass_fields__)

@@ -227,4 +227,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE send_slots (key_hash TEXT PRIMARY KEY, next_at REAL NOT NULL);
     """,
+    # 12: the lookups outside the hot path that scanned a growing table: a PagerDuty webhook
+    # finds its incident by PagerDuty's id; a mail's page lists the events of that mail
+    """
+    CREATE INDEX incidents_pd_id ON incidents(pd_id);
+    CREATE INDEX events_message ON events(message);
+    """,
 )
