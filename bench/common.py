@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -139,10 +140,12 @@ class GatewayServer:
         extra: str = "",
         smtp_extra: str = "",
         store_url: str | None = None,
+        cpu_budget: CpuBudget | None = None,
     ) -> None:
         """`extra`: more config text (e.g. `[store]`); `smtp_extra`: more `[smtp]` keys;
         `store_url`: the PostgreSQL store the benchmark reads (None: the node's own SQLite
-        file)."""
+        file); `cpu_budget`: the process tree runs within it (a host of its own)."""
+        self.cpu_budget = cpu_budget
         self.tmp = tempfile.TemporaryDirectory(prefix="gateway-bench-")
         self.dir = Path(self.tmp.name)
         self.port = free_port()
@@ -190,6 +193,7 @@ listen = "127.0.0.1:{free_port()}"
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd=ROOT,
+                preexec_fn=self.cpu_budget.join if self.cpu_budget else None,
             )
         wait_for_port(self.port)
         self._store: Store | None = None
@@ -232,6 +236,52 @@ listen = "127.0.0.1:{free_port()}"
 
     def cpu(self) -> TreeCpu:
         return tree_cpu(self.proc.pid)
+
+
+class CpuBudget:
+    """A CPU quota (a cgroup's CFS quota) that the processes started in it share, to play a
+    host of `cores` cores on this one box: each node of `bench/ha.py` gets its own, so one node
+    cannot borrow the cores another node leaves idle. Needs root and a writable cgroup file
+    system (v1's `cpu` hierarchy, or v2 with the `cpu` controller)."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, name: str, cores: float) -> None:
+        self.cores = cores
+        quota = int(cores * self.PERIOD_US)
+        v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+        try:
+            if (v1 / "cpu.cfs_quota_us").exists():
+                self.dir = v1 / name
+                self.dir.mkdir(exist_ok=True)
+                (self.dir / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
+            elif "cpu" in (v2 / "cgroup.controllers").read_text().split():
+                self.dir = v2 / name
+                self.dir.mkdir(exist_ok=True)
+                (self.dir / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+            else:
+                raise OSError("no cgroup cpu controller")
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot set up a CPU budget (root and cgroups needed): {exc}"
+            ) from None
+
+    def join(self) -> None:
+        """Move the calling process (and so its future children) into the budget."""
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def throttled_seconds(self) -> float:
+        """How long the quota held the processes back so far."""
+        stat = dict(line.split() for line in (self.dir / "cpu.stat").read_text().splitlines())
+        if "throttled_usec" in stat:
+            return int(stat["throttled_usec"]) / 1e6
+        return int(stat.get("throttled_time", 0)) / 1e9
+
+    def remove(self) -> None:
+        """Once its processes ended."""
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import SendResult, send_python
-from bench.common import GatewayServer, TreeCpu, tree_cpu, verdict
+from bench.common import CpuBudget, GatewayServer, TreeCpu, tree_cpu, verdict
 from bench.measure import warm_up
 from bench.pd_sink import PdSink
 from bench.workload import Mail, mixed
@@ -34,12 +34,19 @@ from tests.postgres import PostgresServer, pg_bin
 
 
 @contextlib.contextmanager
-def nodes(sink: PdSink, url: str | None, count: int) -> Iterator[list[GatewayServer]]:
+def nodes(
+    sink: PdSink, url: str | None, count: int, cores: float | None = None
+) -> Iterator[list[GatewayServer]]:
+    """`count` nodes on `url`; with `cores`, each node within a CPU budget of its own."""
     with contextlib.ExitStack() as stack:
         servers = []
         for n in range(count):
             store = f'\n[store]\nurl = "{url}"\nnode = "node{n + 1}"\n' if url else ""
-            server = GatewayServer(sink.url, extra=store, store_url=url)
+            budget = None
+            if cores:
+                budget = CpuBudget(f"gateway-bench-node{n + 1}-{os.getpid()}", cores)
+                stack.callback(budget.remove)  # after the node stopped (callbacks run LIFO)
+            server = GatewayServer(sink.url, extra=store, store_url=url, cpu_budget=budget)
             servers.append(stack.enter_context(server))
         yield servers
 
@@ -76,18 +83,21 @@ def measure(
     before = [s.cpu() for s in servers], tree_cpu(db_pid) if db_pid else TreeCpu(0, 0)
     sent = send_split(servers, mails, args.sessions)
     drained = servers[0].wait_idle(args.timeout)
-    gateway_cpu = sum(((s.cpu() - b).total for s, b in zip(servers, before[0], strict=True)), 0.0)
+    node_cpu = [(s.cpu() - b).total for s, b in zip(servers, before[0], strict=True)]
+    gateway_cpu = sum(node_cpu)
     db_cpu = (tree_cpu(db_pid) - before[1]).total if db_pid else 0.0
     requests = [r for r in sink.requests() if r.at >= sent.started]
     last = max((r.at for r in requests), default=None)
     if not drained or last is None:
         print(f"{name:24} did not drain within {args.timeout:.0f} s")
         return None
-    rate = len(mails) / (max(last, sent.finished) - sent.started)
+    span = max(last, sent.finished) - sent.started
+    rate = len(mails) / span
+    busy = ", ".join(f"{cpu / span:.2f}" for cpu in node_cpu)
     print(
         f"{name:24} intake {len(mails) / (sent.finished - sent.started):7.0f} msg/s"
         f"  delivered {rate:7.0f} msg/s  CPU/mail: gateway {gateway_cpu / len(mails) * 1000:5.2f} ms"
-        f", PostgreSQL {db_cpu / len(mails) * 1000:5.2f} ms",
+        f", PostgreSQL {db_cpu / len(mails) * 1000:5.2f} ms; cores busy per node: {busy}",
         flush=True,
     )
     return rate, (gateway_cpu + db_cpu) / len(mails)
@@ -98,6 +108,13 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--node-cores",
+        type=float,
+        metavar="N",
+        help="give each node a CPU budget of N cores (a cgroup quota; root): nodes as on hosts"
+        " of their own, instead of sharing this box's cores with each other",
+    )
     args = parser.parse_args()
     bin_dir = pg_bin()
     if bin_dir is None:
@@ -107,11 +124,17 @@ def main() -> int:
     rates: dict[str, tuple[float, float] | None] = {}
     try:
         with PdSink() as sink:
-            with nodes(sink, None, 1) as one:
+            cores = args.node_cores
+            if cores:
+                print(
+                    f"each node within {cores:g} core(s) of CPU, as on a host of its own",
+                    flush=True,
+                )
+            with nodes(sink, None, 1, cores) as one:
                 rates["sqlite"] = measure("1 node, SQLite", one, sink, args, 0)
-            with nodes(sink, server.new_database(), 1) as one:
+            with nodes(sink, server.new_database(), 1, cores) as one:
                 rates["pg1"] = measure("1 node, PostgreSQL", one, sink, args, server.pid())
-            with nodes(sink, server.new_database(), 2) as two:
+            with nodes(sink, server.new_database(), 2, cores) as two:
                 rates["pg2"] = measure("2 nodes, PostgreSQL", two, sink, args, server.pid())
     finally:
         server.stop()
@@ -122,7 +145,8 @@ def main() -> int:
         print(
             f"two nodes / one PostgreSQL node: {ratio:.2f}x (goal >= 1.6x) {verdict(ratio >= 1.6)}"
         )
-        print_box_ceiling(*one_node)
+        if not args.node_cores:
+            print_box_ceiling(*one_node)
     return 0
 
 
