@@ -3,8 +3,9 @@ incident changed in between is made again from the new state."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
 from gateway.themes.render import Themes
 from tests.conftest import ROOT, RULES_DIR, desk_mail
+from tests.store_support import Backend
 
 AGENTS = "agents@helpdesk.example"
 
@@ -288,3 +290,72 @@ def test_the_store_failing_while_a_batch_is_evaluated_leaves_its_jobs_pending(
     monkeypatch.undo()
     [done] = decide.process_pending()
     assert done.outcome == Outcome.TRIGGERED
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        opened = Backend("sqlite", tmp_path / "gateway.sqlite3")
+    else:
+        opened = Backend("postgresql", request.getfixturevalue("postgres_server").new_database())
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+class FailingStore(CountingStore):
+    """A real store that counts savepoints; the outbox insert for the case named `fails`
+    goes through and then the database refuses the job's next write (a NOT NULL column)."""
+
+    def __init__(self, store: Store, fails: str = "") -> None:
+        super().__init__(store)
+        self.fails = fails
+        self.savepoints = 0
+
+    def savepoint(self) -> Any:
+        self.savepoints += 1
+        return self.store.savepoint()
+
+    def add_outbox(self, kind: str, service: str, order_key: str, *args: Any) -> int:
+        item = self.store.add_outbox(kind, service, order_key, *args)
+        if self.fails and order_key.endswith(self.fails):
+            (incident,) = [i for i in self.store.incidents() if i.incident_key == self.fails]
+            self.store.save_incident(dataclasses.replace(incident, state=None))  # type: ignore[arg-type]
+        return item
+
+
+def decide(store: Store) -> list[Processed]:
+    settings = ServiceSettings("helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+    return Processor(store, load_services((settings,)), PagerDutySettings()).process_pending()
+
+
+def test_a_batch_is_recorded_in_one_savepoint(backend: Backend) -> None:
+    """Not one per job: each costs two statements (round trips on PostgreSQL)."""
+    store = FailingStore(backend.open())
+    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3
+    assert store.savepoints == 1
+
+
+def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(
+    backend: Backend,
+) -> None:
+    """The batch is recorded again job by job: the others are decided as if nothing happened;
+    the failing job is quarantined, and its incident and outbox item (written before the
+    database refused its next write) are gone."""
+    store = FailingStore(backend.open(), fails="Case 1")
+    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [
+        Outcome.TRIGGERED,
+        Outcome.QUARANTINED,
+        Outcome.TRIGGERED,
+    ]
+    assert outcomes[1].reason.startswith("internal error: ")
+    assert "null" in outcomes[1].reason.lower()  # what the database said
+    assert store.savepoints == 1 + 3  # the batch's, then one per job
+    assert sorted(i.incident_key for i in store.incidents()) == ["Case 0", "Case 2"]
+    assert sorted(item.payload["dedup_key"] for item in store.outbox()) == ["Case 0", "Case 2"]
+    assert store.store.pending_jobs() == []

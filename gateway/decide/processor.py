@@ -29,7 +29,7 @@ from gateway.decide.heartbeat_duties import HeartbeatDuties
 from gateway.decide.notifications import HelpdeskNotifier, build_helpdesk_notifier
 from gateway.decide.pagerduty_side import PagerDutySide
 from gateway.decide.recording import RecordingSteps
-from gateway.decide.verdicts import IncidentMoved, Processed, ServiceRuntime
+from gateway.decide.verdicts import Processed, ServiceRuntime
 from gateway.errors import RuleError
 from gateway.files import FileSnapshot
 from gateway.mail.authenticity import DnsTxtResolver, TxtResolver
@@ -170,17 +170,8 @@ class Processor(HeartbeatDuties, EvaluationSteps, RecordingSteps):
         parsed: dict[int, ParsedMail] = {}  # a mail to several services is parsed once
         verdicts = self._evaluate_batch(jobs, ahead, parsed)
         verdicts = [v for v in verdicts if v.retry_at is None]
-        outcomes: list[Processed] = []
-        again: list[PendingJob] = []
         with self.store.transaction():
-            for verdict in verdicts:
-                try:
-                    outcome = self._record_safely(verdict)
-                except IncidentMoved:
-                    again.append(verdict.job)
-                    continue
-                if outcome is not None:
-                    outcomes.append(outcome)
+            outcomes, again = self._record_batch(verdicts)
         if log.isEnabledFor(logging.INFO):  # the line's text and fields are built only if shown
             for outcome in outcomes:
                 log.info("%s", outcome.log_line(), extra=outcome.log_fields())
