@@ -77,8 +77,8 @@ def measure(
     name: str, servers: list[GatewayServer], sink: PdSink, args: argparse.Namespace, db_pid: int
 ) -> tuple[float, float] | None:
     """(delivered msg/s, CPU seconds per mail of the gateway nodes and PostgreSQL together)."""
-    for server in servers:
-        warm_up(server, count=100 if server is servers[0] else 0)
+    for server in servers:  # every node: a node whose worker still imports is not measured
+        warm_up(server, count=100)
     mails = mixed(args.messages, name.replace(" ", "-"))
     before = [s.cpu() for s in servers], tree_cpu(db_pid) if db_pid else TreeCpu(0, 0)
     sent = send_split(servers, mails, args.sessions)

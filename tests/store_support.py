@@ -102,11 +102,13 @@ def counts(store: ReportStore) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def other_node_listening(url: str) -> Iterator[tuple[threading.Event, threading.Event]]:
+def other_node_listening(
+    url: str, node: str = "other"
+) -> Iterator[tuple[threading.Event, threading.Event]]:
     """Another node's LISTEN wake-ups (PostgreSQL): (jobs, outbox) events, set by each wake
     after this point (the one every connection gives is cleared first)."""
     jobs, outbox = threading.Event(), threading.Event()
-    listener = listen_for_work(url, jobs.set, outbox.set)
+    listener = listen_for_work(url, jobs.set, outbox.set, node)
     assert listener is not None
     listener.start()
     try:

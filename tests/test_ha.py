@@ -8,15 +8,20 @@ import json
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway.config import load_config
+from gateway.delivery.outbox import LEAVE_NEW_SECONDS
 from gateway.errors import ConfigError
-from gateway.store import open_store
+from gateway.runtime.worker import OTHER_WORKERS_SECONDS
+from gateway.store import Store, open_store
 from gateway.store.postgres.connection import close_pool
+from gateway.store.postgres.wakeups import WORKER_SESSION
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
 from tests.ops_support import WebGateway, running
 from tests.pdserver import PagerDutyStandIn
@@ -175,3 +180,66 @@ def test_two_nodes_keep_one_rate_limit_per_routing_key_between_them(
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.kill()
+
+
+def worker_sessions(url: str) -> set[str]:
+    """The nodes whose workers are connected (their LISTEN sessions)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            (WORKER_SESSION + "%",),
+        ).fetchall()
+    return {name.removeprefix(WORKER_SESSION) for (name,) in rows}
+
+
+def delivered_new(store: Store) -> dict[str, int]:
+    """Per node: the PagerDuty events it delivered less than `LEAVE_NEW_SECONDS` after they
+    were queued (the items only a node not leaving new items may take)."""
+    items = store.outbox(("done",))
+    first = {}
+    for attempt in store.outbox_attempts([item.id for item in items]):
+        first.setdefault(attempt.item, attempt.at)
+    counts: dict[str, int] = {}
+    for item in items:
+        if first[item.id] - item.created_at < LEAVE_NEW_SECONDS:
+            counts[item.delivered_by] = counts.get(item.delivered_by, 0) + 1
+    return counts
+
+
+def test_the_deciding_node_leaves_new_deliveries_to_the_other_node(
+    tmp_path: Path, pd: PagerDutyStandIn, postgres_url: str
+) -> None:
+    """The node holding the decide turn decides every node's mail: while the other node's
+    worker is up, that node delivers the new items, and the deciding one takes only items
+    that waited `LEAVE_NEW_SECONDS`. Once the other node is gone, it delivers at once again."""
+    nodes = {}
+    for name in ("a", "b"):
+        config = pg_config(tmp_path / name, pd.url, postgres_url, node=name)
+        nodes[name] = GatewayProcess(config, smtp_port(config)).start()
+    store = open_store(postgres_url)
+    try:
+        wait_until(lambda: worker_sessions(postgres_url) >= {"a", "b"}, message="workers not up")
+        time.sleep(2 * OTHER_WORKERS_SECONDS)  # the deciding node asks once a second who is up
+        for n in range(10):
+            node = nodes["ab"[n % 2]]
+            WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
+        pd.wait_for(10, timeout=30)
+        wait_until(lambda: len(store.outbox(("done",))) == 10, message="results not recorded")
+        delivering = delivered_new(store)
+        assert len(delivering) == 1, delivering  # the deciding node took no new item
+        (deliverer,) = delivering
+        decider = "b" if deliverer == "a" else "a"
+        nodes[deliverer].kill()
+        wait_until(lambda: deliverer not in worker_sessions(postgres_url), message="still up")
+        time.sleep(2 * OTHER_WORKERS_SECONDS)
+        node = nodes[decider]
+        for n in range(10, 13):
+            WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
+        pd.wait_for(13, timeout=30)
+        wait_until(lambda: len(store.outbox(("done",))) == 13, message="results not recorded")
+        assert delivered_new(store).get(decider) == 3
+    finally:
+        store.close()
+        for gateway in nodes.values():
+            if gateway.proc is not None and gateway.proc.poll() is None:
+                gateway.kill()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.delivery.outbox import Dispatcher, RetryPolicy
+from gateway.delivery.outbox import LEAVE_NEW_SECONDS, Dispatcher, RetryPolicy
 from gateway.store import OutboxResult, StoreThread, open_store
 from tests.test_outbox_leases import CountingSender, queue
 
@@ -172,3 +172,47 @@ def test_wakes_before_the_round_begins_cost_one_callback(tmp_path: Path) -> None
         return wakes
 
     assert asyncio.run(run()) == 1
+
+
+def test_a_node_leaving_new_items_to_others_takes_only_what_waited(tmp_path: Path) -> None:
+    """The node deciding for the cluster, while other nodes deliver: wakes do not send it
+    after new items, its rounds skip items younger than `LEAVE_NEW_SECONDS`, and take them
+    once they waited that long (another node that is up but stuck delays a page that much).
+    Back on its own, it delivers new items at once again. The clock is the dispatcher's."""
+    db = tmp_path / "g.sqlite3"
+    (first,) = queue(db, "k1")
+    now = [time.time()]
+
+    async def run() -> None:
+        store = CountedStore(db)
+        mine = StoreThread(db, "test")
+        sender = CountingSender()
+        dispatcher = Dispatcher(store, "pagerduty", sender, FAST, clock=lambda: now[0])
+        dispatcher.leave_new_items(True)
+        stop = asyncio.Event()
+        running = asyncio.create_task(dispatcher.run(stop, max_sleep=5.0))
+
+        async def looked_three_times() -> bool:
+            dispatcher.wake()  # ignored: new items are the other nodes'
+            return store.calls >= 3
+
+        await _wait_for(looked_three_times)  # every LEAVE_NEW_SECONDS / 2, not every wake
+        assert store.calls >= 3 and sender.sent == {}
+        now[0] += LEAVE_NEW_SECONDS + 0.1  # it waited long enough
+
+        async def sent(item: int) -> bool:
+            return sender.sent[item] == 1
+
+        await _wait_for(lambda: sent(first))
+        assert sender.sent == {first: 1}
+        dispatcher.leave_new_items(False)
+        second = await mine.call(lambda s: _add(s, "k2"))
+        dispatcher.wake()
+        await _wait_for(lambda: sent(second))  # the clock stands still: only if not leaving
+        assert sender.sent == {first: 1, second: 1}
+        stop.set()
+        await running
+        store.close()
+        mine.close()
+
+    asyncio.run(run())

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from gateway.store import OutboxResult, listen_for_work, open_store
+from gateway.store import OutboxResult, exclusive_turn, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.retention import PURGE_LOCK
 from tests.conftest import wait_until
@@ -30,6 +30,21 @@ def test_another_nodes_commits_wake_this_nodes_workers(url: str) -> None:
         store.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
         wait_until(outbox.is_set, message="no wake-up for the outbox")
         store.close()
+
+
+def test_the_deciding_node_sees_whether_other_nodes_workers_are_up(url: str) -> None:
+    """What `Turn.other_workers` answers: a worker of another node listening counts, this
+    node's own does not, and one that stopped no longer does."""
+    turn = exclusive_turn(url, "decide")
+    assert turn is not None and turn.acquire()
+    try:
+        assert not turn.other_workers("a")
+        with other_node_listening(url, node="a"):
+            assert not turn.other_workers("a")  # this node's own worker
+            assert turn.other_workers("b")
+        wait_until(lambda: not turn.other_workers("b"), message="a stopped worker still counts")
+    finally:
+        turn.release()
 
 
 def test_sqlite_needs_no_listener(tmp_path) -> None:

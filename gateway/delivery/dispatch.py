@@ -98,6 +98,11 @@ class Deliveries:
         for dispatcher in self.dispatchers:
             dispatcher.wake()
 
+    def leave_new_items(self, others: bool) -> None:
+        """Thread-safe: see `Dispatcher.leave_new_items`."""
+        for dispatcher in self.dispatchers:
+            dispatcher.leave_new_items(others)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop`, then let the attempts in flight finish."""
         await asyncio.gather(*(d.run(stop) for d in self.dispatchers))

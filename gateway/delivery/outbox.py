@@ -35,6 +35,10 @@ from gateway.store import OutboxItem, OutboxResult, OutboxStore, StoreThread
 
 log = logging.getLogger(__name__)
 
+# a node that leaves new items to the other nodes (`Dispatcher.leave_new_items`) takes those
+# that waited this long: the most a node that is up but stuck can delay a page
+LEAVE_NEW_SECONDS = 1.0
+
 Sender = Callable[[OutboxItem], Awaitable[str]]
 
 
@@ -143,9 +147,28 @@ class Dispatcher:
         # a wake is on its way and the round that will see it has not begun: later wakes (the
         # decider's, one per batch) need no callback and no write to the loop's self-pipe
         self._woken = False
+        # other nodes deliver what is new (`leave_new_items`): this one takes only what waited
+        self._leaving_new = False
+
+    def leave_new_items(self, others: bool) -> None:
+        """Thread-safe. `others`: other nodes are delivering, and this node is busy deciding
+        every node's mail (the decide turn): it leaves them the new items, which their own
+        wake-ups bring them at once, and takes only what waited `LEAVE_NEW_SECONDS` (a node
+        that is up but stuck delays a page by that much, at most). Spreads the cluster's
+        work: the deciding node was the busiest, and with nodes on hosts of their own the
+        cluster's rate was its rate."""
+        if others == self._leaving_new:
+            return
+        self._leaving_new = others
+        if not others:
+            self._signal()  # what was left may be waiting: look now
 
     def wake(self) -> None:
         """Thread-safe: new items were committed, look now instead of at the next timer."""
+        if not self._leaving_new:  # else: other nodes take new items; the timer looks for the rest
+            self._signal()
+
+    def _signal(self) -> None:
         if self._woken or self._loop is None:
             return
         self._woken = True  # cleared by the loop before the round whose claim sees the items
@@ -199,6 +222,8 @@ class Dispatcher:
         skip = sorted(i for i in self._in_flight if i not in finished)  # never claim our own again
         capacity = self.concurrency - len(skip)
         now, lease, owner, kind = self.clock(), self.lease_seconds, self.owner, self.kind
+        if self._leaving_new:  # only items due that long ago; the leases end as usual
+            now, lease = now - LEAVE_NEW_SECONDS, lease + LEAVE_NEW_SECONDS
 
         def record_and_claim(s: OutboxStore) -> tuple[list[OutboxItem], float | None]:
             admit = self._admit(s, capacity) if capacity > 0 else None
@@ -338,6 +363,9 @@ class Dispatcher:
         """Until woken (new items, a finished attempt), the next head is due, or `max_sleep`."""
         if self._results or self._wake or stop.is_set():
             return
+        if self._leaving_new:  # look again when the next item has waited long enough
+            due = None if due is None else due + LEAVE_NEW_SECONDS
+            max_sleep = min(max_sleep, LEAVE_NEW_SECONDS / 2)
         timeout = max_sleep if due is None else min(max_sleep, max(0.0, due - self.clock()))
         if self.throttle is not None and self.throttle.held_back:
             # due items wait for the rate limit: look again when a slot frees, not at once

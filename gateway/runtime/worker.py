@@ -58,7 +58,7 @@ from gateway.decide.processor import Processor, build_processor
 from gateway.delivery.dispatch import Deliveries, pagerduty_transport
 from gateway.errors import ProblemsError, StoreError
 from gateway.logs import LEVELS, setup_logging
-from gateway.node import set_node
+from gateway.node import set_node, this_node
 from gateway.runtime.loop import run_event_loop
 from gateway.runtime.reload import Generation, GenerationFiles, compile_generation
 from gateway.store import Store, StoreThread, exclusive_turn, listen_for_work, open_store
@@ -88,6 +88,9 @@ DECIDE_TURN_SILENCE = 15.0
 # holder decides every node's mail, and a dead holder's lock is free as soon as its session
 # ends; a standby asks about once a second (the safety-net wake), so it takes over that soon
 TURN_RETRY_SECONDS = 0.9
+# PostgreSQL: the node holding the decide turn asks this often whether other nodes' workers are
+# up; while one is, it leaves them the new outbox items (`Deliveries.leave_new_items`)
+OTHER_WORKERS_SECONDS = 1.0
 
 # Mail arriving steadily is decided at most once per this many seconds, so each trip to the
 # decider (and the delivery round it wakes) takes the mails of the window together, as
@@ -280,6 +283,8 @@ class _Worker:
         self.decide_turn = exclusive_turn(db_path, "decide", silence=DECIDE_TURN_SILENCE)
         self._turn_refused_at: float | None = None  # when another node last held it
         self.gather = GatherWindow(GATHER_SECONDS)
+        self._other_workers = False  # another node's worker was up when last asked
+        self._other_workers_asked = -OTHER_WORKERS_SECONDS
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -292,6 +297,7 @@ class _Worker:
             self.db_path,
             on_jobs=lambda: loop.call_soon_threadsafe(self.wake.set),
             on_outbox=self._wake_outboxes_threadsafe,
+            node=this_node(),
         )
         async with pagerduty_transport(config) as transport:
             self.deliveries = Deliveries(store, transport, config)
@@ -370,8 +376,10 @@ class _Worker:
         if self.decide_turn is not None:
             if not self.decide_turn.acquire():
                 self._turn_refused_at = time.monotonic()
+                self._share_deliveries(deciding=False)
                 return True  # another node decides; this one takes over if it dies
             self._turn_refused_at = None
+            self._share_deliveries(deciding=True)
         try:
             processor.check_heartbeats()  # expected mail overdue? (looks at most once a second)
         except StoreError as exc:  # the database is away; deciding below says so too
@@ -379,6 +387,20 @@ class _Worker:
         except Exception:  # never in the way of deciding mail; tried again next time
             log.exception("heartbeat check failed; will retry")
         return processor.process_backlog(BATCHES_PER_HOP)
+
+    def _share_deliveries(self, *, deciding: bool) -> None:
+        """On the decider thread. The node deciding every node's mail is the cluster's
+        busiest: while another node's worker is up, that node delivers the new items and this
+        one only what waited (`Dispatcher.leave_new_items`). Asked at most once a second."""
+        others = False
+        if deciding and self.decide_turn is not None:
+            now = time.monotonic()
+            if now - self._other_workers_asked >= OTHER_WORKERS_SECONDS:
+                self._other_workers = self.decide_turn.other_workers(this_node())
+                self._other_workers_asked = now
+            others = self._other_workers
+        if self.deliveries is not None:
+            self.deliveries.leave_new_items(others)
 
     def _on_wakes(self) -> None:
         """The wake pipe is readable: every commit signalled so far is one wake."""

@@ -68,16 +68,20 @@ def open_store(
 
 
 def listen_for_work(
-    location: str | os.PathLike[str], on_jobs: Callable[[], None], on_outbox: Callable[[], None]
+    location: str | os.PathLike[str],
+    on_jobs: Callable[[], None],
+    on_outbox: Callable[[], None],
+    node: str = "",
 ) -> Background | None:
     """Calls `on_jobs` when any node commits new jobs and `on_outbox` when outbox items become
     due (from a thread of its own); None where one process sees every commit itself (SQLite:
-    the spool writer wakes the worker directly)."""
+    the spool writer wakes the worker directly). `node`: this worker's node, which the other
+    nodes see connected while it listens (`Turn.other_workers`)."""
     if backend_of(location) != "postgresql":
         return None
     from gateway.store.postgres.wakeups import WakeUps
 
-    return WakeUps(str(location), on_jobs, on_outbox)
+    return WakeUps(str(location), on_jobs, on_outbox, node)
 
 
 def exclusive_turn(

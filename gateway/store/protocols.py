@@ -567,6 +567,10 @@ class Turn(Protocol):
         """Still this node's (checked before each round of work)."""
         ...
 
+    def other_workers(self, node: str) -> bool:
+        """Whether a worker of a node other than `node` is connected to the store now."""
+        ...
+
     def release(self) -> None: ...
 
 

@@ -19,6 +19,7 @@ import psycopg
 
 from gateway.errors import StoreError
 from gateway.store.postgres.connection import CONNECT_TIMEOUT, describe
+from gateway.store.postgres.wakeups import WORKER_SESSION, worker_session
 
 _KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 
@@ -77,6 +78,22 @@ class Turn:
             self._drop()
             return False
         return True
+
+    def other_workers(self, node: str) -> bool:
+        """Whether another node's worker is connected to the store now (its LISTEN session),
+        asked on this turn's connection; False when it cannot be asked."""
+        if self._conn is None:
+            return False
+        try:
+            row = self._conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE %s"
+                " AND application_name <> %s)",
+                (WORKER_SESSION + "%", worker_session(node)),
+            ).fetchone()
+        except psycopg.Error:  # a broken connection: `held` finds it before the next round
+            return False
+        return bool(row and row[0])
 
     def release(self) -> None:
         """Give the turn back (closing the session releases the lock)."""

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 JOBS_CHANNEL = "gateway_jobs"
 OUTBOX_CHANNEL = "gateway_outbox"
+WORKER_SESSION = "email-pager-gateway worker "
 
 
 def notify_jobs(conn: psycopg.Connection[Any]) -> None:
@@ -33,13 +34,24 @@ def notify_outbox(conn: psycopg.Connection[Any]) -> None:
     conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
+def worker_session(node: str) -> str:
+    """The LISTEN session's `application_name`, which tells the other nodes that this node's
+    worker is up (`Turn.other_workers`); PostgreSQL keeps 63 bytes of it."""
+    return f"{WORKER_SESSION}{node}".encode()[:63].decode(errors="ignore")
+
+
 class WakeUps:
     """A thread that LISTENs and calls `on_jobs` / `on_outbox` (from that thread)."""
 
     def __init__(
-        self, url: str, on_jobs: Callable[[], None], on_outbox: Callable[[], None]
+        self,
+        url: str,
+        on_jobs: Callable[[], None],
+        on_outbox: Callable[[], None],
+        node: str = "",
     ) -> None:
         self._url = url
+        self._session = worker_session(node)
         self._callbacks = {JOBS_CHANNEL: on_jobs, OUTBOX_CHANNEL: on_outbox}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listen", daemon=True)
@@ -67,7 +79,12 @@ class WakeUps:
                 delay = min(delay * 2, 10.0)
 
     def _listen(self) -> None:
-        with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+        with psycopg.connect(
+            self._url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            application_name=self._session,
+        ) as conn:
             for channel in self._callbacks:
                 conn.execute(f"LISTEN {channel}")
             self.listening.set()
