@@ -1,6 +1,6 @@
 """End-to-end delivered/s: one node on SQLite, one node on PostgreSQL, two nodes on PostgreSQL.
 
-    python bench/ha.py [--messages 3000] [--sessions 16]
+    python bench/ha.py [--messages 3000] [--sessions 16] [--node-cores N]
 
 The same matching workload (bench/workload.py) for each setup, in the same run: the SMTP
 client (16 persistent sessions, split evenly over the nodes) sends every mail; a run counts
@@ -11,6 +11,12 @@ CPU per mail of the gateway nodes and of the PostgreSQL server, from /proc, whic
 honest figure on a shared box, and the box's ceiling: every core busy at one PostgreSQL node's CPU
 cost per mail, as a multiple of that node's rate. Goal (issue 13): two nodes >= 1.6x one
 PostgreSQL node.
+
+On this box the nodes share its cores with each other, the database, the client and the
+stand-in, so a second node adds no cores. `--node-cores N` gives each node a CPU budget of its
+own (a cgroup quota; needs root), as if each ran on a host of its own with the database and the
+client elsewhere: then the ratio shows what a second node adds, and "cores busy per node" which
+node limits the cluster.
 """
 
 from __future__ import annotations
