@@ -18,7 +18,7 @@ import pytest
 from gateway.config import load_config
 from gateway.delivery.outbox import LEAVE_NEW_SECONDS
 from gateway.errors import ConfigError
-from gateway.runtime.worker import OTHER_WORKERS_SECONDS
+from gateway.runtime.worker import ASK_OTHER_NODES_SECONDS
 from gateway.store import Store, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.wakeups import WORKER_SESSION
@@ -219,7 +219,7 @@ def test_the_deciding_node_leaves_new_deliveries_to_the_other_node(
     store = open_store(postgres_url)
     try:
         wait_until(lambda: worker_sessions(postgres_url) >= {"a", "b"}, message="workers not up")
-        time.sleep(2 * OTHER_WORKERS_SECONDS)  # the deciding node asks once a second who is up
+        time.sleep(2 * ASK_OTHER_NODES_SECONDS)  # the deciding node asks once a second who is up
         for n in range(10):
             node = nodes["ab"[n % 2]]
             WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
@@ -231,7 +231,7 @@ def test_the_deciding_node_leaves_new_deliveries_to_the_other_node(
         decider = "b" if deliverer == "a" else "a"
         nodes[deliverer].kill()
         wait_until(lambda: deliverer not in worker_sessions(postgres_url), message="still up")
-        time.sleep(2 * OTHER_WORKERS_SECONDS)
+        time.sleep(2 * ASK_OTHER_NODES_SECONDS)
         node = nodes[decider]
         for n in range(10, 13):
             WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))

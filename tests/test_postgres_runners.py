@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from gateway.node import set_node
 from gateway.store import OutboxResult, exclusive_turn, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.retention import PURGE_LOCK
@@ -32,18 +33,34 @@ def test_another_nodes_commits_wake_this_nodes_workers(url: str) -> None:
         store.close()
 
 
-def test_the_deciding_node_sees_whether_other_nodes_workers_are_up(url: str) -> None:
-    """What `Turn.other_workers` answers: a worker of another node listening counts, this
-    node's own does not, and one that stopped no longer does."""
+def test_the_deciding_node_sees_whether_other_nodes_deliver(url: str) -> None:
+    """What `Turn.others_delivering` answers: a worker of another node listening counts, this
+    node's own does not, one that stopped no longer does; nor does one whose attempt of an
+    item failed within the last minute (the item waits for its retry)."""
     turn = exclusive_turn(url, "decide")
     assert turn is not None and turn.acquire()
+    store = open_store(url)
     try:
-        assert not turn.other_workers("a")
-        with other_node_listening(url, node="a"):
-            assert not turn.other_workers("a")  # this node's own worker
-            assert turn.other_workers("b")
-        wait_until(lambda: not turn.other_workers("b"), message="a stopped worker still counts")
+        assert not turn.others_delivering("a")
+        with other_node_listening(url, node="b"):
+            assert not turn.others_delivering("b")  # this node's own worker
+            assert turn.others_delivering("a")
+        wait_until(lambda: not turn.others_delivering("a"), message="a stopped worker counts")
+        with other_node_listening(url, node="b"):
+            assert turn.others_delivering("a")
+            item = store.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, None)
+            assert store.claim_outbox(time.time(), 1, "pagerduty", 30, owner="b:1")
+            set_node("b")
+            try:
+                failed = OutboxResult(item, "pending", error="timeout", next_attempt_at=time.time())
+                store.record_outbox([failed], owner="b:1")
+            finally:
+                set_node("")
+            assert not turn.others_delivering("a")  # b's attempts fail: a sends new items too
+            with other_node_listening(url, node="c"):  # b asking: its own failures do not count
+                assert turn.others_delivering("b")
     finally:
+        store.close()
         turn.release()
 
 

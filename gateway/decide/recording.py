@@ -3,9 +3,10 @@
 The batch in one savepoint, and job by job in savepoints of their own only if one job fails:
 the incident is read again under the lock and the prepared change, event and mail are written
 only if it is still what phase 1 saw (else IncidentMoved: the job stays pending and is decided
-again); a job decided meanwhile elsewhere undoes its savepoint (DecidedElsewhere). Repeats of a trigger still queued are coalesced into it, echoes of
-PagerDuty's own changes are not sent back. A mixin of `Processor` (which provides the
-attributes below), kept apart so each phase reads on its own.
+again); a job decided meanwhile elsewhere undoes its savepoint (DecidedElsewhere). Repeats of
+a trigger still queued are coalesced into it, echoes of PagerDuty's own changes are not sent
+back. A mixin of `Processor` (which provides the attributes below), kept apart so each phase
+reads on its own.
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ DECIDE_TURN_SILENCE = 15.0
 # ends; a standby asks about once a second (the safety-net wake), so it takes over that soon
 TURN_RETRY_SECONDS = 0.9
 # PostgreSQL: the node holding the decide turn asks this often whether other nodes' workers are
-# up; while one is, it leaves them the new outbox items (`Deliveries.leave_new_items`)
-OTHER_WORKERS_SECONDS = 1.0
+# up and delivering; while one is, it leaves them the new outbox items
+# (`Deliveries.leave_new_items`)
+ASK_OTHER_NODES_SECONDS = 1.0
 
 # Mail arriving steadily is decided at most once per this many seconds, so each trip to the
 # decider (and the delivery round it wakes) takes the mails of the window together, as
@@ -283,8 +284,8 @@ class _Worker:
         self.decide_turn = exclusive_turn(db_path, "decide", silence=DECIDE_TURN_SILENCE)
         self._turn_refused_at: float | None = None  # when another node last held it
         self.gather = GatherWindow(GATHER_SECONDS)
-        self._other_workers = False  # another node's worker was up when last asked
-        self._other_workers_asked = -OTHER_WORKERS_SECONDS
+        self._others_delivering = False  # another node's worker was up and sending, last asked
+        self._others_asked = -ASK_OTHER_NODES_SECONDS
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -390,15 +391,16 @@ class _Worker:
 
     def _share_deliveries(self, *, deciding: bool) -> None:
         """On the decider thread. The node deciding every node's mail is the cluster's
-        busiest: while another node's worker is up, that node delivers the new items and this
-        one only what waited (`Dispatcher.leave_new_items`). Asked at most once a second."""
+        busiest: while another node's worker is up and its deliveries go through, that node
+        delivers the new items and this one only what waited (`Dispatcher.leave_new_items`).
+        Asked at most once a second."""
         others = False
         if deciding and self.decide_turn is not None:
             now = time.monotonic()
-            if now - self._other_workers_asked >= OTHER_WORKERS_SECONDS:
-                self._other_workers = self.decide_turn.other_workers(this_node())
-                self._other_workers_asked = now
-            others = self._other_workers
+            if now - self._others_asked >= ASK_OTHER_NODES_SECONDS:
+                self._others_delivering = self.decide_turn.others_delivering(this_node())
+                self._others_asked = now
+            others = self._others_delivering
         if self.deliveries is not None:
             self.deliveries.leave_new_items(others)
 

@@ -76,7 +76,7 @@ def listen_for_work(
     """Calls `on_jobs` when any node commits new jobs and `on_outbox` when outbox items become
     due (from a thread of its own); None where one process sees every commit itself (SQLite:
     the spool writer wakes the worker directly). `node`: this worker's node, which the other
-    nodes see connected while it listens (`Turn.other_workers`)."""
+    nodes see connected while it listens (`Turn.others_delivering`)."""
     if backend_of(location) != "postgresql":
         return None
     from gateway.store.postgres.wakeups import WakeUps

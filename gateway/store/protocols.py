@@ -567,8 +567,9 @@ class Turn(Protocol):
         """Still this node's (checked before each round of work)."""
         ...
 
-    def other_workers(self, node: str) -> bool:
-        """Whether a worker of a node other than `node` is connected to the store now."""
+    def others_delivering(self, node: str) -> bool:
+        """Whether a worker of a node other than `node` is connected to the store now, and
+        the other nodes' recent delivery attempts went through."""
         ...
 
     def release(self) -> None: ...

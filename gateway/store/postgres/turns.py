@@ -19,8 +19,11 @@ import psycopg
 
 from gateway.errors import StoreError
 from gateway.store.postgres.connection import CONNECT_TIMEOUT, describe
+from gateway.store.postgres.rows import DB_NOW
 from gateway.store.postgres.wakeups import WORKER_SESSION, worker_session
 
+# `Turn.others_delivering`: how long a failed attempt of another node counts against it
+FAILING_SECONDS = 60.0
 _KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 
 
@@ -79,17 +82,27 @@ class Turn:
             return False
         return True
 
-    def other_workers(self, node: str) -> bool:
-        """Whether another node's worker is connected to the store now (its LISTEN session),
-        asked on this turn's connection; False when it cannot be asked."""
+    def others_delivering(self, node: str) -> bool:
+        """Whether another node's worker is connected to the store now (its LISTEN session)
+        and the other nodes' deliveries go through: no item that another node attempted in the
+        last `FAILING_SECONDS` waits for a retry (a node that cannot reach PagerDuty, or a
+        PagerDuty that refuses, is not left the new items). Asked on this turn's connection;
+        False when it cannot be asked."""
         if self._conn is None:
             return False
         try:
             row = self._conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name LIKE %s"
-                " AND application_name <> %s)",
-                (WORKER_SESSION + "%", worker_session(node)),
+                "  WHERE datname = current_database() AND application_name LIKE %(workers)s"
+                "  AND application_name <> %(me)s)"
+                " AND NOT EXISTS (SELECT 1 FROM outbox WHERE state = 'pending' AND attempts > 0"
+                f"  AND delivered_by <> %(node)s AND updated_at > {DB_NOW} - %(failing)s)",
+                {
+                    "workers": WORKER_SESSION + "%",
+                    "me": worker_session(node),
+                    "node": node,
+                    "failing": FAILING_SECONDS,
+                },
             ).fetchone()
         except psycopg.Error:  # a broken connection: `held` finds it before the next round
             return False

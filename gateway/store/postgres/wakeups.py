@@ -36,7 +36,7 @@ def notify_outbox(conn: psycopg.Connection[Any]) -> None:
 
 def worker_session(node: str) -> str:
     """The LISTEN session's `application_name`, which tells the other nodes that this node's
-    worker is up (`Turn.other_workers`); PostgreSQL keeps 63 bytes of it."""
+    worker is up (`Turn.others_delivering`); PostgreSQL keeps 63 bytes of it."""
     return f"{WORKER_SESSION}{node}".encode()[:63].decode(errors="ignore")
 
 
