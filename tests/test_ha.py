@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import signal
 import smtplib
 import subprocess
 import sys
@@ -19,11 +21,11 @@ from gateway.config import load_config
 from gateway.delivery.outbox import LEAVE_NEW_SECONDS
 from gateway.errors import ConfigError
 from gateway.runtime.worker import ASK_OTHER_NODES_SECONDS
-from gateway.store import Store, open_store
+from gateway.store import OutboxItem, Store, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.wakeups import WORKER_SESSION
 from tests.conftest import ROOT, GatewayProcess, desk_mail, free_port, wait_until, write_config
-from tests.ops_support import WebGateway, running
+from tests.ops_support import WebGateway, running, worker_pid
 from tests.pdserver import PagerDutyStandIn
 from tests.postgres import PostgresServer, require_postgres
 
@@ -192,18 +194,29 @@ def worker_sessions(url: str) -> set[str]:
     return {name.removeprefix(WORKER_SESSION) for (name,) in rows}
 
 
-def delivered_new(store: Store) -> dict[str, int]:
-    """Per node: the PagerDuty events it delivered less than `LEAVE_NEW_SECONDS` after they
-    were queued (the items only a node not leaving new items may take)."""
+def first_attempts(store: Store, done: int) -> list[tuple[OutboxItem, float]]:
+    """Once `done` items are recorded done: each with its first attempt's time."""
+    wait_until(lambda: len(store.outbox(("done",))) == done, message="results not recorded")
     items = store.outbox(("done",))
-    first = {}
+    first: dict[int, float] = {}
     for attempt in store.outbox_attempts([item.id for item in items]):
         first.setdefault(attempt.item, attempt.at)
+    return [(item, first[item.id]) for item in items]
+
+
+def delivered_new(store: Store, done: int) -> dict[str, int]:
+    """Per node: the PagerDuty events it delivered less than `LEAVE_NEW_SECONDS` after they
+    were queued (the items only a node not leaving new items may take)."""
     counts: dict[str, int] = {}
-    for item in items:
-        if first[item.id] - item.created_at < LEAVE_NEW_SECONDS:
+    for item, at in first_attempts(store, done):
+        if at - item.created_at < LEAVE_NEW_SECONDS:
             counts[item.delivered_by] = counts.get(item.delivered_by, 0) + 1
     return counts
+
+
+def send_to(node: GatewayProcess, cases: range) -> None:
+    for n in cases:
+        WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
 
 
 def test_the_deciding_node_leaves_new_deliveries_to_the_other_node(
@@ -211,34 +224,54 @@ def test_the_deciding_node_leaves_new_deliveries_to_the_other_node(
 ) -> None:
     """The node holding the decide turn decides every node's mail: while the other node's
     worker is up, that node delivers the new items, and the deciding one takes only items
-    that waited `LEAVE_NEW_SECONDS`. Once the other node is gone, it delivers at once again."""
+    that waited `LEAVE_NEW_SECONDS`: the most a frozen node (SIGSTOP) delays a page. Once the
+    other node is gone, the deciding node delivers at once again."""
     nodes = {}
     for name in ("a", "b"):
         config = pg_config(tmp_path / name, pd.url, postgres_url, node=name)
         nodes[name] = GatewayProcess(config, smtp_port(config)).start()
     store = open_store(postgres_url)
+    frozen: list[int] = []
     try:
         wait_until(lambda: worker_sessions(postgres_url) >= {"a", "b"}, message="workers not up")
         time.sleep(2 * ASK_OTHER_NODES_SECONDS)  # the deciding node asks once a second who is up
         for n in range(10):
-            node = nodes["ab"[n % 2]]
-            WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
+            send_to(nodes["ab"[n % 2]], range(n, n + 1))
         pd.wait_for(10, timeout=30)
-        wait_until(lambda: len(store.outbox(("done",))) == 10, message="results not recorded")
-        delivering = delivered_new(store)
+        delivering = delivered_new(store, 10)
         assert len(delivering) == 1, delivering  # the deciding node took no new item
         (deliverer,) = delivering
         decider = "b" if deliverer == "a" else "a"
+
+        parent = nodes[deliverer].proc
+        assert parent is not None
+        frozen = [p for p in (parent.pid, worker_pid(parent.pid)) if p is not None]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)  # up (its sessions stay) but stuck
+        send_to(nodes[decider], range(10, 13))
+        pd.wait_for(13, timeout=30)
+        late_cases = {f"Case {n}" for n in range(10, 13)}
+        late = [
+            (i, at) for i, at in first_attempts(store, 13) if i.payload["dedup_key"] in late_cases
+        ]
+        assert len(late) == 3
+        assert {item.delivered_by for item, _ in late} == {decider}
+        waited = [at - item.created_at for item, at in late]
+        assert all(LEAVE_NEW_SECONDS <= w < LEAVE_NEW_SECONDS + 5 for w in waited), waited
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+
         nodes[deliverer].kill()
         wait_until(lambda: deliverer not in worker_sessions(postgres_url), message="still up")
         time.sleep(2 * ASK_OTHER_NODES_SECONDS)
-        node = nodes[decider]
-        for n in range(10, 13):
-            WebGateway(node.config, node.port, 0).send(desk_mail(f"Case {n}", "New"))
-        pd.wait_for(13, timeout=30)
-        wait_until(lambda: len(store.outbox(("done",))) == 13, message="results not recorded")
-        assert delivered_new(store).get(decider) == 3
+        send_to(nodes[decider], range(13, 16))
+        pd.wait_for(16, timeout=30)
+        assert delivered_new(store, 16).get(decider) == 3
     finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         store.close()
         for gateway in nodes.values():
             if gateway.proc is not None and gateway.proc.poll() is None:
