@@ -80,13 +80,12 @@ class DecisionQueries(Connection):
         with self._connection() as conn:
             if not locking:
                 row = conn.execute(read, (service, key)).fetchone()
-            else:  # two statements (the read's snapshot follows the lock), one round trip
-                with conn.pipeline():
-                    conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
-                    )
-                    cursor = conn.execute(read, (service, key))
-                row = cursor.fetchone()
+            else:  # two statements: the read's snapshot follows the lock (pipelined, the
+                # pair cost more CPU and time on loopback: 42 and 70 us against 29 and 54)
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (service, key)
+                )
+                row = conn.execute(read, (service, key)).fetchone()
         return Incident(*row) if row else None
 
     def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
