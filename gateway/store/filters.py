@@ -11,6 +11,26 @@ def where(conditions: Sequence[str]) -> str:
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
+def job_filter(
+    outcomes: Sequence[str] | None, service: str | None, mark: str
+) -> tuple[list[str], list[Any]]:
+    """Conditions (and arguments) on jobs `j`: these outcomes ('pending': not decided yet),
+    one service."""
+    conditions: list[str] = []
+    args: list[Any] = []
+    if outcomes:
+        decided = [o for o in outcomes if o != "pending"]
+        either = [f"j.outcome IN ({', '.join([mark] * len(decided))})"] if decided else []
+        if "pending" in outcomes:
+            either.append("j.state = 'pending'")
+        conditions.append(f"({' OR '.join(either)})")
+        args += decided
+    if service is not None:
+        conditions.append(f"j.service = {mark}")
+        args.append(service)
+    return conditions, args
+
+
 def incident_filter(open_only: bool, service: str | None, mark: str) -> tuple[list[str], list[Any]]:
     """Conditions (and arguments) on incidents: open ones only, one service."""
     conditions = ["state IN ('triggered','acknowledged')"] if open_only else []

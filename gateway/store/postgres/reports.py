@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.store.filters import incident_filter
+from gateway.store.filters import incident_filter, job_filter
 from gateway.store.filters import where as sql_where
 from gateway.store.postgres.imap import ImapQueries
 from gateway.store.postgres.rows import (
@@ -128,7 +128,7 @@ class ReportQueries(ImapQueries):
         outcomes: Sequence[str] | None = None,
         service: str | None = None,
     ) -> list[tuple[JobRecord, bytes]]:
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "%s")
         rows = self._rows(
             f"SELECT {JOB_RECORD_COLUMNS}, substr(m.raw, 1, %s)"
             f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
@@ -155,7 +155,7 @@ class ReportQueries(ImapQueries):
         limit: int = 100,
         head_bytes: int = 16384,
     ) -> list[ListedJob]:
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "%s")
         if before_job is not None:
             where, args = [*where, "j.id < %s"], [*args, before_job]
         rows = self._rows(
@@ -169,7 +169,7 @@ class ReportQueries(ImapQueries):
     def count_jobs(
         self, *, outcomes: Sequence[str] | None = None, service: str | None = None
     ) -> int:
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "%s")
         row = self._row(f"SELECT COUNT(*) FROM jobs j {sql_where(where)}", args)
         return int(row[0]) if row else 0
 
@@ -316,19 +316,3 @@ class ReportQueries(ImapQueries):
             (list(items),),
         )
         return [OutboxAttempt(*r) for r in rows]
-
-
-def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    args: list[Any] = []
-    if outcomes:
-        decided = [o for o in outcomes if o != "pending"]
-        either = ["j.outcome = ANY(%s)"] if decided else []
-        if "pending" in outcomes:
-            either.append("j.state = 'pending'")
-        where.append(f"({' OR '.join(either)})")
-        args += [decided] if decided else []
-    if service is not None:
-        where.append("j.service = %s")
-        args.append(service)
-    return where, args

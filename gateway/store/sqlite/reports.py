@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.store.filters import incident_filter
+from gateway.store.filters import incident_filter, job_filter
 from gateway.store.filters import where as sql_where
 from gateway.store.records import (
     REDELIVERED,
@@ -136,7 +136,7 @@ class ReportQueries(Connection):
     ) -> list[tuple[JobRecord, bytes]]:
         """Newest jobs with the first bytes of their mail (enough for the Subject header),
         optionally only those with one of `outcomes` ('pending': undecided) or of `service`."""
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "?")
         rows = self.conn.execute(
             f"SELECT {JOB_RECORD_COLUMNS}, substr(m.raw, 1, ?)"
             f" FROM jobs j JOIN messages m ON m.id = j.message {sql_where(where)}"
@@ -166,7 +166,7 @@ class ReportQueries(Connection):
         limit: int = 100,
         head_bytes: int = 16384,
     ) -> list[ListedJob]:
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "?")
         if before_job is not None:
             where, args = [*where, "j.id < ?"], [*args, before_job]
         rows = self.conn.execute(
@@ -180,7 +180,7 @@ class ReportQueries(Connection):
     def count_jobs(
         self, *, outcomes: Sequence[str] | None = None, service: str | None = None
     ) -> int:
-        where, args = _job_filter(outcomes, service)
+        where, args = job_filter(outcomes, service, "?")
         return self.conn.execute(
             f"SELECT COUNT(*) FROM jobs j {sql_where(where)}", args
         ).fetchone()[0]
@@ -345,20 +345,3 @@ class ReportQueries(Connection):
             tuple(items),
         ).fetchall()
         return [OutboxAttempt(*r) for r in rows]
-
-
-def _job_filter(outcomes: Sequence[str] | None, service: str | None) -> tuple[list[str], list[Any]]:
-    """WHERE conditions (and their arguments) on jobs `j`; 'pending' means not decided yet."""
-    where: list[str] = []
-    args: list[Any] = []
-    if outcomes:
-        decided = [o for o in outcomes if o != "pending"]
-        either = [f"j.outcome IN ({','.join('?' * len(decided))})"] if decided else []
-        if "pending" in outcomes:
-            either.append("j.state = 'pending'")
-        where.append(f"({' OR '.join(either)})")
-        args += decided
-    if service is not None:
-        where.append("j.service = ?")
-        args.append(service)
-    return where, args
