@@ -18,10 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway.store import OutboxItem, Store, open_store
+from gateway.store import JobDecision, OutboxItem, Store, open_store
 from gateway.store.postgres.connection import close_pool
 from tests.conftest import wait_until
-from tests.store_support import mail, other_node_listening
+from tests.store_support import incident, mail, other_node_listening
 
 OWNER_A, OWNER_B = "node-a:1", "node-b:1"
 
@@ -156,14 +156,39 @@ def test_a_job_another_node_is_deciding_is_skipped_not_waited_for(
     [accepted] = a.accept([mail("decide-once")])
     job = a.pending_jobs()[0].id
     with a.transaction():
-        assert a.finish_job(job, outcome="triggered", reason="node a")
-        thread, result = in_thread(lambda: b.finish_job(job, outcome="ignored", reason="node b"))
+        assert a.finish_job(JobDecision(job, outcome="triggered", reason="node a"))
+        thread, result = in_thread(
+            lambda: b.finish_job(JobDecision(job, outcome="ignored", reason="node b"))
+        )
         thread.join(10)  # inside A's open transaction: B must answer without waiting for it
         assert not thread.is_alive() and result == [False]
     assert accepted.duplicate_of is None and b.pending_jobs() == []
-    assert not b.finish_job(job, outcome="ignored", reason="node b")  # decided: still False
+    assert not b.finish_job(
+        JobDecision(job, outcome="ignored", reason="node b")
+    )  # decided: still False
     [record] = a.jobs()
     assert (record.id, record.outcome) == (job, "triggered")
+
+
+def test_the_incidents_a_batch_locked_are_read_by_another_node_only_after_its_commit(
+    url: str, nodes: tuple[Store, Store]
+) -> None:
+    """A decider's batch locks all its incidents at once: another node's decider reading one
+    of them under its lock waits, then sees what the batch wrote, not the state before it."""
+    a, b = nodes
+
+    def read_under_lock() -> object:
+        with b.transaction():
+            return b.incident("helpdesk", "Disk")
+
+    with a.transaction():
+        assert a.lock_incidents([("helpdesk", "Printer"), ("helpdesk", "Disk")]) == {}
+        thread, result = in_thread(read_under_lock)
+        wait_until(lambda: waiting_on_a_lock(url), message="B read without waiting for A")
+        a.save_incident(incident("Disk"))
+        assert thread.is_alive()
+    thread.join(10)
+    assert result == [incident("Disk")]
 
 
 def test_an_outbox_insert_after_an_undone_savepoint_still_wakes_the_other_nodes(

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from gateway.node import set_node
-from gateway.store import OutboxResult, exclusive_turn, listen_for_work, open_store
+from gateway.store import JobDecision, OutboxResult, exclusive_turn, listen_for_work, open_store
 from gateway.store.postgres.connection import close_pool
 from gateway.store.postgres.retention import PURGE_LOCK
 from tests.conftest import wait_until
@@ -71,7 +71,7 @@ def test_sqlite_needs_no_listener(tmp_path) -> None:
 def test_retention_runs_on_one_node_at_a_time(url: str) -> None:
     store = open_store(url)
     store.accept([mail("old")])
-    store.finish_job(store.pending_jobs()[0].id, outcome="discarded", reason="test")
+    store.finish_job(JobDecision(store.pending_jobs()[0].id, outcome="discarded", reason="test"))
     with psycopg.connect(url, autocommit=True) as other_node:
         other_node.execute("SELECT pg_advisory_lock(%s)", (PURGE_LOCK,))
         assert store.purge(cutoff=9e9) == dict.fromkeys(

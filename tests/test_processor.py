@@ -3,6 +3,7 @@ incident changed in between is made again from the new state."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -313,9 +314,16 @@ class FailingStore(CountingStore):
         self.fails = fails
         self.savepoints = 0
 
+        self.calls: collections.Counter[str] = collections.Counter()
+
     def savepoint(self) -> Any:
         self.savepoints += 1
         return self.store.savepoint()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("incident", "lock_incidents", "finish_job", "finish_jobs"):
+            self.calls[name] += 1
+        return getattr(self.store, name)
 
     def add_outbox(self, kind: str, service: str, order_key: str, *args: Any) -> int:
         item = self.store.add_outbox(kind, service, order_key, *args)
@@ -330,13 +338,25 @@ def decide(store: Store) -> list[Processed]:
     return Processor(store, load_services((settings,)), PagerDutySettings()).process_pending()
 
 
-def test_a_batch_is_recorded_in_one_savepoint(backend: Backend) -> None:
-    """Not one per job: each costs two statements (round trips on PostgreSQL)."""
+def test_a_batch_is_recorded_in_one_savepoint_one_lock_and_one_update_of_its_jobs(
+    backend: Backend,
+) -> None:
+    """Not per job: a savepoint, an incident's lock and read, a job's update each cost
+    statements (round trips on PostgreSQL). Two jobs of one key in the batch: the second
+    builds on what the first wrote, without reading it again."""
     store = FailingStore(backend.open())
-    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
+    mails = [desk_mail(f"Case {n}") for n in range(3)] + [desk_mail("Case 0", "Resolved")]
+    spool(store.store, *mails)
     outcomes = decide(store)  # type: ignore[arg-type]
-    assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3
+    assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3 + [Outcome.RESOLVED]
     assert store.savepoints == 1
+    assert store.calls == {"lock_incidents": 1, "finish_jobs": 1}
+    assert sorted((i.incident_key, i.state) for i in store.incidents()) == [
+        ("Case 0", "resolved"),
+        ("Case 1", "triggered"),
+        ("Case 2", "triggered"),
+    ]
+    assert store.store.pending_jobs() == []
 
 
 def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(

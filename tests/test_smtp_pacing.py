@@ -16,7 +16,7 @@ from gateway.errors import StoreError
 from gateway.intake import flow
 from gateway.intake.flow import IntakePacing
 from gateway.intake.spool import SpoolWriter
-from gateway.store import open_store
+from gateway.store import JobDecision, open_store
 from tests.conftest import desk_mail
 from tests.test_smtp import S250_OK, Wire, listening, port_of, run, settings
 
@@ -185,7 +185,9 @@ def test_the_real_listener_paces_on_the_spool_backlog_and_still_accepts_everythi
             store = open_store(db)
             for job in store.pending_jobs():
                 with store.transaction():
-                    store.finish_job(job.id, outcome="unmatched", reason="decided by the test")
+                    store.finish_job(
+                        JobDecision(job.id, outcome="unmatched", reason="decided by the test")
+                    )
             store.close()
             await asyncio.sleep(flow.MAX_AGE_SECONDS)
             assert (await wire.send_mail(desk_mail("Case 5"))).code == S250_OK

@@ -15,6 +15,7 @@ from gateway.errors import StoreError
 from gateway.store import (
     HeartbeatState,
     ImapPosition,
+    JobDecision,
     OutboxResult,
     Store,
     copy_store,
@@ -38,7 +39,9 @@ def installation(path: Path) -> Store:
         [mail("a", raw=b"Subject: a\r\n\r\nbody\x00"), mail("b"), mail("a")],
         [ImapPosition("desk", "INBOX", 7, 42, unfinished=(41, 42))],
     )
-    store.finish_job(store.pending_jobs()[0].id, outcome="triggered", reason="rule", rule="r")
+    store.finish_job(
+        JobDecision(store.pending_jobs()[0].id, outcome="triggered", reason="rule", rule="r")
+    )
     store.save_incident(incident("case 1"))
     done = store.add_outbox("pagerduty", "helpdesk", "k1", {"event_action": "trigger"}, 1)
     dead = store.add_outbox("pagerduty", "helpdesk", "k2", {"event_action": "trigger"}, 1)

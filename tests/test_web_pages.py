@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config import WebSettings
 from gateway.node import set_node
-from gateway.store import OutboxResult, Store, StoreThread, open_store
+from gateway.store import JobDecision, OutboxResult, Store, StoreThread, open_store
 from gateway.web.metrics import LiveState
 from gateway.web.status import WebApp
 from tests.store_support import incident, mail
@@ -188,8 +188,10 @@ def test_the_mail_chart_counts_each_outcome_per_minute(web: WebApp, seed: Store)
     seed.accept([mail("x")])  # redelivered
     pending = [j.id for j in seed.pending_jobs()]
     with seed.transaction():
-        seed.finish_job(pending[0], outcome="unmatched", reason="no rule")
-        seed.finish_job(pending[1], outcome="resolved", reason="rule", incident_key="One")
+        seed.finish_job(JobDecision(pending[0], outcome="unmatched", reason="no rule"))
+        seed.finish_job(
+            JobDecision(pending[1], outcome="resolved", reason="rule", incident_key="One")
+        )
     page = get(web, "/")
     expected = {"triggered": 2, "unmatched": 1, "resolved": 1, "duplicate": 1, "other": 1}
     assert bars(page) == expected
@@ -248,7 +250,7 @@ def test_recent_messages_filter_by_outcome_and_service(
     seed.accept([mail("o", ("other",), raw=b"Subject: Other service\r\n\r\n")])
     lunch = next(j.id for j in seed.pending_jobs() if j.service == "helpdesk")
     with seed.transaction():
-        seed.finish_job(lunch, outcome="unmatched", reason="no rule")
+        seed.finish_job(JobDecision(lunch, outcome="unmatched", reason="no rule"))
     page = get(web, "/" + query)
     rows = re.findall(r'<tr class="message">.*?</tr>', page, re.S)
     shown = {s for s in ("New case", "Lunch", "Other service") for r in rows if f">{s}<" in r}

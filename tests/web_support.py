@@ -14,7 +14,7 @@ import httpx
 
 from gateway.config import ServiceSettings
 from gateway.decide.events import pagerduty_order_key
-from gateway.store import OutboxResult, Store
+from gateway.store import JobDecision, OutboxResult, Store
 from tests.store_support import incident, mail
 
 SMTP_UP = SimpleNamespace(
@@ -60,12 +60,14 @@ def page_for(
     at = time.time() if opened_at is None else opened_at
     with store.transaction():
         store.finish_job(
-            job.id,
-            outcome="triggered",
-            reason="matched rule",
-            rule="new case",
-            action="trigger",
-            incident_key=key,
+            JobDecision(
+                job.id,
+                outcome="triggered",
+                reason="matched rule",
+                rule="new case",
+                action="trigger",
+                incident_key=key,
+            )
         )
         store.save_incident(incident(key, at=at, service=service, last_message=accepted.id))
         payload = {"event_action": "trigger", "dedup_key": key}

@@ -30,6 +30,7 @@ from gateway.store.records import (
     ImapPosition,
     Incident,
     IncomingMail,
+    JobDecision,
     JobHistory,
     JobRecord,
     ListedJob,
@@ -111,24 +112,24 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
         of mail (always at least one)."""
         ...
 
-    def finish_job(
-        self,
-        job: int,
-        *,
-        outcome: str,
-        reason: str,
-        rule: str | None = None,
-        action: str | None = None,
-        incident_key: str | None = None,
-        summary: str | None = None,
-        severity: str | None = None,
-        details: dict[str, Any] | None = None,
-        trace: list[dict[str, Any]] | None = None,
-    ) -> bool:
+    def finish_job(self, decision: JobDecision) -> bool:
         """Record the decision; False if the job was already decided (never decide twice)."""
         ...
 
-    def incident(self, service: str, key: str) -> Incident | None: ...
+    def finish_jobs(self, decisions: Sequence[JobDecision]) -> set[int]:
+        """Record a batch's decisions at once; the ids of the jobs recorded (one decided
+        already, or held by another decider right now, is left as it is and out of the set)."""
+        ...
+
+    def incident(self, service: str, key: str) -> Incident | None:
+        """Inside a transaction, the (service, key) stays locked until the commit."""
+        ...
+
+    def lock_incidents(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        """Inside a transaction: lock all these (service, key) pairs until the commit, in one
+        order every decider follows (so two never deadlock on each other), then read them:
+        `incident` for a whole batch, in two statements instead of two per job."""
+        ...
 
     def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
         """The incidents of these (service, key) pairs that exist, in one query: a batch's

@@ -46,6 +46,38 @@ class PendingJob:
 
 
 @dataclass(frozen=True)
+class JobDecision:
+    """What a job's decision records on it (`DecisionStore.finish_jobs`)."""
+
+    job: int
+    outcome: str
+    reason: str
+    rule: str | None = None
+    action: str | None = None
+    incident_key: str | None = None
+    summary: str | None = None
+    severity: str | None = None
+    details: dict[str, Any] | None = None
+    trace: list[dict[str, Any]] | None = None
+
+    def stored(self, decided_at: float) -> tuple[Any, ...]:
+        """The jobs columns outcome .. decided_at, then the id, as both backends write them."""
+        return (
+            self.outcome,
+            self.reason,
+            self.rule,
+            self.action,
+            self.incident_key,
+            self.summary,
+            self.severity,
+            json.dumps(self.details or {}),
+            json.dumps(self.trace or []),
+            decided_at,
+            self.job,
+        )
+
+
+@dataclass(frozen=True)
 class Incident:
     service: str
     incident_key: str

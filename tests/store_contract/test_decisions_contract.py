@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gateway.store import Store
+from gateway.store import JobDecision, Store
 from tests.store_support import incident, mail
 
 
@@ -34,9 +34,9 @@ def test_a_job_is_decided_once(store: Store) -> None:
     store.accept([mail("one")])
     job = store.pending_jobs()[0]
     with store.transaction():
-        assert store.finish_job(job.id, outcome="unmatched", reason="no rule matched")
+        assert store.finish_job(JobDecision(job.id, outcome="unmatched", reason="no rule matched"))
     with store.transaction():
-        assert not store.finish_job(job.id, outcome="triggered", reason="again")
+        assert not store.finish_job(JobDecision(job.id, outcome="triggered", reason="again"))
     assert store.jobs()[0].outcome == "unmatched"
 
 
@@ -47,16 +47,18 @@ def test_finish_job_records_the_decision(store: Store) -> None:
     trace = [{"rule": "new case", "matched": True, "reason": "body contains"}]
     with store.transaction():
         store.finish_job(
-            first.id,
-            outcome="triggered",
-            reason="rule 'new case'",
-            rule="new case",
-            action="trigger",
-            incident_key="Printer",
-            summary="Printer on fire",
-            severity="critical",
-            details={"case": "29"},
-            trace=trace,
+            JobDecision(
+                first.id,
+                outcome="triggered",
+                reason="rule 'new case'",
+                rule="new case",
+                action="trigger",
+                incident_key="Printer",
+                summary="Printer on fire",
+                severity="critical",
+                details={"case": "29"},
+                trace=trace,
+            )
         )
     assert first.id not in pending(store)
     assert [j.id for j in store.pending_jobs()] == [second.id]
@@ -78,9 +80,9 @@ def test_savepoint_undoes_only_its_own_writes(store: Store) -> None:
     first, second = store.pending_jobs()
     with store.transaction():
         with store.savepoint():
-            store.finish_job(first.id, outcome="discarded", reason="ok")
+            store.finish_job(JobDecision(first.id, outcome="discarded", reason="ok"))
         with pytest.raises(RuntimeError), store.savepoint():
-            store.finish_job(second.id, outcome="triggered", reason="bad")
+            store.finish_job(JobDecision(second.id, outcome="triggered", reason="bad"))
             store.add_outbox("pagerduty", "helpdesk", "k", {}, second.id)
             raise RuntimeError("bug while deciding")
     assert first.id not in pending(store)
@@ -92,7 +94,7 @@ def test_decision_and_outbox_item_commit_together(store: Store) -> None:
     store.accept([mail("one")])
     [job] = store.pending_jobs()
     with pytest.raises(RuntimeError), store.transaction():
-        store.finish_job(job.id, outcome="triggered", reason="rule")
+        store.finish_job(JobDecision(job.id, outcome="triggered", reason="rule"))
         store.save_incident(incident("k"))
         store.add_outbox("pagerduty", "helpdesk", "k", {"n": 1}, job.id)
         raise RuntimeError("crash before commit")
@@ -155,3 +157,41 @@ def test_event_log(store: Store) -> None:
     assert newest["at"] >= oldest["at"] > 0
     assert [e["kind"] for e in store.events(message=accepted.id)] == ["would_send"]
     assert len(store.events(limit=1)) == 1
+
+
+def test_finish_jobs_records_a_batch_and_leaves_out_a_job_decided_already(store: Store) -> None:
+    store.accept([mail(f"batch{i}") for i in range(3)])
+    first, second, third = (job.id for job in store.pending_jobs())
+    with store.transaction():
+        assert store.finish_job(JobDecision(second, outcome="unmatched", reason="earlier"))
+    with store.transaction():
+        recorded = store.finish_jobs(
+            [
+                JobDecision(first, outcome="triggered", reason="rule", incident_key="A"),
+                JobDecision(second, outcome="triggered", reason="again", incident_key="B"),
+                JobDecision(third, outcome="resolved", reason="rule", details={"case": "3"}),
+            ]
+        )
+    assert recorded == {first, third}
+    assert store.pending_jobs() == []
+    by_id = {job.id: job for job in store.jobs()}
+    assert (by_id[first].outcome, by_id[first].incident_key) == ("triggered", "A")
+    assert (by_id[second].outcome, by_id[second].reason) == ("unmatched", "earlier")
+    assert by_id[third].outcome == "resolved"
+    assert store.job_detail(third)["details"] == {"case": "3"}  # type: ignore[index]
+    assert store.finish_jobs([]) == set()
+
+
+def test_lock_incidents_reads_the_incidents_that_exist(store: Store) -> None:
+    with store.transaction():
+        store.save_incident(incident("Printer"))
+        store.save_incident(incident("Disk", "resolved"))
+    with store.transaction():
+        held = store.lock_incidents(
+            [("helpdesk", "Printer"), ("helpdesk", "Nothing"), ("helpdesk", "Disk")]
+        )
+    assert held == {
+        ("helpdesk", "Printer"): store.incident("helpdesk", "Printer"),
+        ("helpdesk", "Disk"): store.incident("helpdesk", "Disk"),
+    }
+    assert store.lock_incidents([]) == {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.store import OutboxResult, Store
+from gateway.store import JobDecision, OutboxResult, Store
 from tests.store_support import incident, mail
 
 
@@ -12,7 +12,9 @@ def decide(store: Store, outcome: str, rule: str | None = None, service: str = "
     """Decide the oldest pending job of `service`; returns its id."""
     job = next(j for j in store.pending_jobs() if j.service == service)
     with store.transaction():
-        store.finish_job(job.id, outcome=outcome, reason="test", rule=rule, incident_key="k")
+        store.finish_job(
+            JobDecision(job.id, outcome=outcome, reason="test", rule=rule, incident_key="k")
+        )
     return job.id
 
 

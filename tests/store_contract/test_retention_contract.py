@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.store import OutboxResult, Store
+from gateway.store import JobDecision, OutboxResult, Store
 from tests.store_support import incident, mail
 
 KINDS = ("messages", "jobs", "outbox", "events", "incidents")
@@ -26,7 +26,9 @@ class Scene:
         with store.transaction():
             for name in names:
                 if name != "pending":
-                    store.finish_job(self.job[name], outcome="triggered", reason="test")
+                    store.finish_job(
+                        JobDecision(self.job[name], outcome="triggered", reason="test")
+                    )
             pending = store.add_outbox("pagerduty", "helpdesk", "p", {}, self.job["pending_item"])
             dead = store.add_outbox("pagerduty", "helpdesk", "d", {}, self.job["dead_item"])
             done = store.add_outbox("pagerduty", "helpdesk", "o", {}, self.job["delivered"])

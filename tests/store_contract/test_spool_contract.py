@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.store import Store
+from gateway.store import JobDecision, Store
 from tests.store_support import Backend, counts, mail
 
 
@@ -48,7 +48,7 @@ def test_duplicate_of_a_decided_mail_is_not_processed_again(store: Store) -> Non
     [first] = store.accept([mail("fp")])
     [job] = store.pending_jobs()
     with store.transaction():
-        store.finish_job(job.id, outcome="triggered", reason="rule")
+        store.finish_job(JobDecision(job.id, outcome="triggered", reason="rule"))
     [again] = store.accept([mail("fp")])
     assert again.duplicate_of == first.id
     assert store.pending_jobs() == []
@@ -85,5 +85,7 @@ def test_undecided_jobs_counts_what_waits_for_a_decision(store: Store) -> None:
     assert store.undecided_jobs() == 3
     first = store.pending_jobs(1)[0]
     with store.transaction():
-        assert store.finish_job(first.id, outcome="unmatched", reason="no rule matched")
+        assert store.finish_job(
+            JobDecision(first.id, outcome="unmatched", reason="no rule matched")
+        )
     assert store.undecided_jobs() == 2

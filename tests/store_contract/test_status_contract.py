@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from gateway.store import REDELIVERED, OutboxResult, Store
+from gateway.store import REDELIVERED, JobDecision, OutboxResult, Store
 from tests.store_support import mail
 
 
 def decide(store: Store, job: int, outcome: str, key: str = "k", service: str = "helpdesk") -> None:
     with store.transaction():
-        store.finish_job(job, outcome=outcome, reason="test", incident_key=key)
+        store.finish_job(JobDecision(job, outcome=outcome, reason="test", incident_key=key))
 
 
 def pending_ids(store: Store) -> list[int]:
@@ -74,7 +74,9 @@ def test_delivery_minutes_give_count_and_nearest_rank_percentiles(store: Store) 
     items = []
     with store.transaction():
         for job in jobs:
-            store.finish_job(job, outcome="triggered", reason="test", incident_key=str(job))
+            store.finish_job(
+                JobDecision(job, outcome="triggered", reason="test", incident_key=str(job))
+            )
             items.append(store.add_outbox("pagerduty", "helpdesk", str(job), {}, job))
         mail_item = store.add_outbox("mail", "helpdesk", "m", {}, jobs[0])
     store.record_outbox([OutboxResult(i, "done", response="202") for i in items[:3]])

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.store.postgres.connection import Connection
 from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
-from gateway.store.records import Incident, PendingJob
+from gateway.store.records import Incident, JobDecision, PendingJob
 
 
 class DecisionQueries(Connection):
@@ -34,43 +34,33 @@ class DecisionQueries(Connection):
         )
         return [PendingJob(r[0], r[1], r[2], bytes(r[3] or b""), r[4], r[5], r[6]) for r in rows]
 
-    def finish_job(
-        self,
-        job: int,
-        *,
-        outcome: str,
-        reason: str,
-        rule: str | None = None,
-        action: str | None = None,
-        incident_key: str | None = None,
-        summary: str | None = None,
-        severity: str | None = None,
-        details: dict[str, Any] | None = None,
-        trace: list[dict[str, Any]] | None = None,
-    ) -> bool:
+    def finish_job(self, decision: JobDecision) -> bool:
         """Record the decision; False if the job was decided already or another decider holds
         it right now (claimed with SKIP LOCKED: this one never waits for it, and undoes its
         own savepoint; if the other rolls back, the job is still pending and comes again)."""
-        touched = self._exec(
-            "UPDATE jobs SET state='done', outcome=%s, reason=%s, rule=%s, action=%s,"
-            " incident_key=%s, summary=%s, severity=%s, details=%s, trace=%s, decided_at=%s"
-            " WHERE id = (SELECT id FROM jobs WHERE id=%s AND state='pending'"
-            " FOR UPDATE SKIP LOCKED)",
-            (
-                outcome,
-                reason,
-                rule,
-                action,
-                incident_key,
-                summary,
-                severity,
-                json.dumps(details or {}),
-                json.dumps(trace or []),
-                time.time(),
-                job,
-            ),
+        return decision.job in self.finish_jobs([decision])
+
+    def finish_jobs(self, decisions: Sequence[JobDecision]) -> set[int]:
+        """One statement for the batch: the jobs still pending and free are claimed (SKIP
+        LOCKED, as `finish_job`) and take their decisions."""
+        if not decisions:
+            return set()
+        now = time.time()
+        columns = list(zip(*(d.stored(now) for d in decisions), strict=True))
+        rows = self._rows(
+            "UPDATE jobs SET state='done', outcome=d.outcome, reason=d.reason, rule=d.rule,"
+            " action=d.action, incident_key=d.incident_key, summary=d.summary,"
+            " severity=d.severity, details=d.details, trace=d.trace, decided_at=d.decided_at"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            "  %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[])"
+            " AS d(outcome, reason, rule, action, incident_key, summary, severity, details,"
+            "  trace, decided_at, id)"
+            " WHERE jobs.id = d.id AND jobs.id IN (SELECT id FROM jobs"
+            "  WHERE id = ANY(%s::bigint[]) AND state = 'pending' FOR UPDATE SKIP LOCKED)"
+            " RETURNING jobs.id",
+            (*(list(column) for column in columns), list(columns[-1])),
         )
-        return touched == 1
+        return {row[0] for row in rows}
 
     def incident(self, service: str, key: str) -> Incident | None:
         """Inside a transaction the key stays locked until the commit (even while the incident
@@ -87,6 +77,20 @@ class DecisionQueries(Connection):
                 )
                 row = conn.execute(read, (service, key)).fetchone()
         return Incident(*row) if row else None
+
+    def lock_incidents(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        """Every key's lock in (service, key) order, then the read: its own statement, so its
+        snapshot sees what the last holder of each lock committed."""
+        pairs = sorted(set(slots))
+        if not pairs:
+            return {}
+        self._exec(
+            "SELECT count(pg_advisory_xact_lock(hashtext(s), hashtext(k)))"
+            " FROM (SELECT s, k FROM unnest(%s::text[], %s::text[]) AS w(s, k)"
+            '  ORDER BY s COLLATE "C", k COLLATE "C") AS ordered',
+            ([s for s, _ in pairs], [k for _, k in pairs]),
+        )
+        return self.incidents_of(pairs)
 
     def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
         if not slots:

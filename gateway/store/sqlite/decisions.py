@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.store.records import Incident, PendingJob
+from gateway.store.records import Incident, JobDecision, PendingJob
 from gateway.store.sqlite.connection import Connection
 from gateway.store.sqlite.rows import INCIDENT_COLUMNS, INCIDENT_COLUMNS_OF_I, INCIDENT_FIELDS
 
@@ -27,39 +27,23 @@ class DecisionQueries(Connection):
         ).fetchall()
         return [PendingJob(r[0], r[1], r[2], r[3] or b"", r[4], r[5], r[6]) for r in rows]
 
-    def finish_job(
-        self,
-        job: int,
-        *,
-        outcome: str,
-        reason: str,
-        rule: str | None = None,
-        action: str | None = None,
-        incident_key: str | None = None,
-        summary: str | None = None,
-        severity: str | None = None,
-        details: dict[str, Any] | None = None,
-        trace: list[dict[str, Any]] | None = None,
-    ) -> bool:
+    def finish_job(self, decision: JobDecision) -> bool:
         """Record the decision; False if the job was already decided (never decide twice)."""
-        cursor = self.conn.execute(
-            "UPDATE jobs SET state='done', outcome=?, reason=?, rule=?, action=?, incident_key=?,"
-            " summary=?, severity=?, details=?, trace=?, decided_at=? WHERE id=? AND state='pending'",
-            (
-                outcome,
-                reason,
-                rule,
-                action,
-                incident_key,
-                summary,
-                severity,
-                json.dumps(details or {}),
-                json.dumps(trace or []),
-                time.time(),
-                job,
-            ),
-        )
-        return cursor.rowcount == 1
+        return decision.job in self.finish_jobs([decision])
+
+    def finish_jobs(self, decisions: Sequence[JobDecision]) -> set[int]:
+        now = time.time()
+        recorded: set[int] = set()
+        for decision in decisions:  # a statement each costs microseconds in process
+            cursor = self.conn.execute(
+                "UPDATE jobs SET state='done', outcome=?, reason=?, rule=?, action=?,"
+                " incident_key=?, summary=?, severity=?, details=?, trace=?, decided_at=?"
+                " WHERE id=? AND state='pending'",
+                decision.stored(now),
+            )
+            if cursor.rowcount == 1:
+                recorded.add(decision.job)
+        return recorded
 
     def incident(self, service: str, key: str) -> Incident | None:
         row = self.conn.execute(
@@ -67,6 +51,10 @@ class DecisionQueries(Connection):
             (service, key),
         ).fetchone()
         return Incident(*row) if row else None
+
+    def lock_incidents(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
+        """The write transaction holds the whole database already: only the read."""
+        return self.incidents_of(slots)
 
     def incidents_of(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
         found: dict[tuple[str, str], Incident] = {}
