@@ -16,8 +16,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.postgres.connection import Connection
-from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS
+from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS, json_rows
 from gateway.store.records import Incident, JobDecision, PendingJob
+
+# the columns of `JobDecision.stored`, as `finish_jobs` names them
+_DECIDED = (
+    "outcome",
+    "reason",
+    "rule",
+    "action",
+    "incident_key",
+    "summary",
+    "severity",
+    "details",
+    "trace",
+    "decided_at",
+    "id",
+)
 
 
 class DecisionQueries(Connection):
@@ -46,19 +61,17 @@ class DecisionQueries(Connection):
         if not decisions:
             return set()
         now = time.time()
-        columns = list(zip(*(d.stored(now) for d in decisions), strict=True))
-        rows = self._rows(
-            "UPDATE jobs SET state='done', outcome=d.outcome, reason=d.reason, rule=d.rule,"
+        rows = self._rows(  # the batch as one JSON text: psycopg dumps arrays item by item
+            "WITH d AS (SELECT * FROM json_to_recordset(%s::json) AS d(outcome text, reason text,"
+            "  rule text, action text, incident_key text, summary text, severity text,"
+            "  details text, trace text, decided_at float8, id bigint))"
+            " UPDATE jobs SET state='done', outcome=d.outcome, reason=d.reason, rule=d.rule,"
             " action=d.action, incident_key=d.incident_key, summary=d.summary,"
             " severity=d.severity, details=d.details, trace=d.trace, decided_at=d.decided_at"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-            "  %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[])"
-            " AS d(outcome, reason, rule, action, incident_key, summary, severity, details,"
-            "  trace, decided_at, id)"
-            " WHERE jobs.id = d.id AND jobs.id IN (SELECT id FROM jobs"
-            "  WHERE id = ANY(%s::bigint[]) AND state = 'pending' FOR UPDATE SKIP LOCKED)"
+            " FROM d WHERE jobs.id = d.id AND jobs.id IN (SELECT id FROM jobs"
+            "  WHERE id IN (SELECT id FROM d) AND state = 'pending' FOR UPDATE SKIP LOCKED)"
             " RETURNING jobs.id",
-            (*(list(column) for column in columns), list(columns[-1])),
+            (json_rows(_DECIDED, (d.stored(now) for d in decisions)),),
         )
         return {row[0] for row in rows}
 
@@ -97,8 +110,8 @@ class DecisionQueries(Connection):
             return {}
         rows = self._rows(
             f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE (service, incident_key) IN"
-            " (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([service for service, _ in slots], [key for _, key in slots]),
+            " (SELECT s, k FROM json_to_recordset(%s::json) AS w(s text, k text))",
+            (json_rows(("s", "k"), slots),),
         )
         incidents = [Incident(*row) for row in rows]
         return {(incident.service, incident.incident_key): incident for incident in incidents}
