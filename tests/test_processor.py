@@ -321,7 +321,15 @@ class FailingStore(CountingStore):
         return self.store.savepoint()
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("incident", "lock_incidents", "finish_job", "finish_jobs"):
+        if name in (
+            "incident",
+            "lock_incidents",
+            "save_incident",
+            "save_incidents",
+            "note_coalesced",
+            "finish_job",
+            "finish_jobs",
+        ):
             self.calls[name] += 1
         return getattr(self.store, name)
 
@@ -350,13 +358,46 @@ def test_a_batch_is_recorded_in_one_savepoint_one_lock_and_one_update_of_its_job
     outcomes = decide(store)  # type: ignore[arg-type]
     assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3 + [Outcome.RESOLVED]
     assert store.savepoints == 1
-    assert store.calls == {"lock_incidents": 1, "finish_jobs": 1}
+    assert store.calls == {"lock_incidents": 1, "save_incidents": 1, "finish_jobs": 1}
     assert sorted((i.incident_key, i.state) for i in store.incidents()) == [
         ("Case 0", "resolved"),
         ("Case 1", "triggered"),
         ("Case 2", "triggered"),
     ]
     assert store.store.pending_jobs() == []
+
+
+def test_repeats_in_one_batch_are_counted_once_on_the_episode_they_belong_to(
+    backend: Backend,
+) -> None:
+    """The batch writes its incident once and its absorbed repeats in one count: a repeat
+    before the case was resolved and opened again belongs to the episode before, which the
+    reopening resets (as when each job wrote at once)."""
+    store = FailingStore(backend.open())
+    statuses = ["New", "New", "Resolved", "New", "New", "New"]
+    spool(store.store, *(desk_mail("Case 0", status) for status in statuses))
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [
+        Outcome.TRIGGERED,
+        Outcome.DUPLICATE,
+        Outcome.RESOLVED,
+        Outcome.TRIGGERED,
+        Outcome.DUPLICATE,
+        Outcome.DUPLICATE,
+    ]
+    (incident,) = store.incidents()
+    assert (incident.state, incident.times_opened, incident.coalesced) == ("triggered", 2, 2)
+    assert [item.payload["event_action"] for item in store.outbox()] == [
+        "trigger",
+        "resolve",
+        "trigger",
+    ]
+    assert store.calls == {
+        "lock_incidents": 1,
+        "save_incidents": 1,
+        "note_coalesced": 1,
+        "finish_jobs": 1,
+    }
 
 
 def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from gateway.config import PagerDutySettings
 from gateway.decide import incidents, notifications, rest_actions
 from gateway.decide.events import pagerduty_order_key
+from gateway.decide.held import BatchIncidents, HeldIncidents, OneByOne
 from gateway.decide.verdicts import (
     DecidedElsewhere,
     IncidentChange,
@@ -47,42 +48,41 @@ class RecordingSteps:
     clock: Callable[[], float]
     heartbeats_seen: Callable[[PendingJob, tuple[str, ...]], bool]
 
-    # (service, key) -> the incident as this transaction holds it under its lock, kept up to
-    # date with the batch's own writes; None: read (and lock) each again (`_incident_now`)
-    _held: dict[tuple[str, str], Incident | None] | None = None
+    # the batch's incidents under this transaction's locks (see `held.py`)
+    _incidents: HeldIncidents | None = None
     # the fast path's job decisions, recorded at once at the end of the batch; None: at once
     _unrecorded: list[JobDecision] | None = None
 
     def _record_batch(self, verdicts: list[Verdict]) -> tuple[list[Processed], list[PendingJob]]:
         """Phase 2 for a batch, inside its transaction: (what was decided, the jobs to decide
-        again). Every incident the batch acts on is locked and read first, in two statements.
-        Then the whole batch goes in one savepoint, its jobs' decisions in one statement at
-        the end; it nearly always goes through. On PostgreSQL each statement saved is a round
-        trip: a lock, a read, a savepoint and a release per job held one decider to ~950
-        decisions/s. If any job fails, the batch's writes are undone and it is recorded again
-        with each job in a savepoint of its own, so only that job is quarantined (or left to
-        whoever decided it first)."""
+        again). Every incident the batch acts on is locked and read first; the whole batch
+        then goes in one savepoint, its incidents and its jobs' decisions written at the end,
+        a statement each; it nearly always goes through. On PostgreSQL each statement saved is
+        a round trip: a lock, a read, a write, a savepoint, its release and a job update per
+        job held one decider to ~950 decisions/s. If any job fails, the batch's writes are
+        undone and it is recorded again with each job in a savepoint of its own, so only that
+        job is quarantined (or left to whoever decided it first)."""
         slots = [_slot(v) for v in verdicts if v.change is not None]
         # before the savepoint, so the locks outlive an undone batch for its careful redo
-        held = self.store.lock_incidents(slots)
+        batch = BatchIncidents(self.store, slots)
         try:
-            self._held = {slot: held.get(slot) for slot in slots}
-            self._unrecorded = []
+            self._incidents, self._unrecorded = batch, []
             with self.store.savepoint():
-                return self._record_fast(verdicts, self._unrecorded)
+                return self._record_fast(verdicts, batch, self._unrecorded)
         except _OneJobFailed:
-            self._held = self._unrecorded = None  # what the batch wrote is undone
+            self._incidents, self._unrecorded = OneByOne(self.store), None
             return self._record_each(verdicts, careful=True)
         finally:
-            self._held = self._unrecorded = None
+            self._incidents = self._unrecorded = None
 
     def _record_fast(
-        self, verdicts: list[Verdict], unrecorded: list[JobDecision]
+        self, verdicts: list[Verdict], batch: BatchIncidents, unrecorded: list[JobDecision]
     ) -> tuple[list[Processed], list[PendingJob]]:
         """The batch without a savepoint per job; _OneJobFailed if any job fails, or if a job
         turns out decided already (or held by another decider) when the decisions are written."""
         decided = self._record_each(verdicts, careful=False)
         try:
+            batch.write()  # a heartbeat may have written some already (`_record`)
             recorded = self.store.finish_jobs(unrecorded)
         except Exception as exc:
             raise _OneJobFailed() from exc
@@ -144,8 +144,11 @@ class RecordingSteps:
             )
         else:
             done = self._act(verdict)
-        if verdict.heartbeats:
-            self._held = None  # a heartbeat may write an incident too: read each again
+        if verdict.heartbeats and self._incidents is not None:
+            # a heartbeat reads and writes its incident in the store: the batch's go first,
+            # and the rest of the batch reads and writes each in the store too
+            self._incidents.write()
+            self._incidents = OneByOne(self.store)
         if self.heartbeats_seen(job, verdict.heartbeats):
             done = dataclasses.replace(done, queued=True)
         return done
@@ -153,14 +156,12 @@ class RecordingSteps:
     def _act(self, verdict: Verdict) -> Processed:
         job, decision, event, change = verdict.job, verdict.decision, verdict.event, verdict.change
         assert decision is not None and event is not None and change is not None
-        slot = _slot(verdict)
-        if self._incident_now(slot) != change.basis:
+        held = self._incidents or OneByOne(self.store)
+        if held.incident(_slot(verdict)) != change.basis:
             raise IncidentMoved(job.id)  # before any write: the job simply stays pending
         queued = False
         if change.changed is not None:
-            self.store.save_incident(change.changed)
-            if self._held is not None:
-                self._held[slot] = change.changed
+            held.save(change.changed)
             if change.notification is not None:
                 queued = notifications.queue(self.store, change.notification, job.id) is not None
         runtime = self.services[job.service]
@@ -192,12 +193,6 @@ class RecordingSteps:
             only_once=True,
         )
 
-    def _incident_now(self, slot: tuple[str, str]) -> Incident | None:
-        """The incident under this transaction's lock."""
-        if self._held is not None and slot in self._held:
-            return self._held[slot]
-        return self.store.incident(*slot)
-
     def _absorb_repeat(
         self, job: PendingJob, runtime: ServiceRuntime, change: IncidentChange, event: dict
     ) -> int | None:
@@ -225,9 +220,8 @@ class RecordingSteps:
         if trigger.state == "pending":  # in flight: it keeps what is being sent
             pinned = incidents.pinned_routing_key(event, incident, runtime.settings.routing_key)
             self.store.coalesce_outbox(trigger.id, pinned)
-        self.store.note_coalesced(
-            job.service, incident.incident_key, self.clock(), repeat_details(event)
-        )
+        held = self._incidents or OneByOne(self.store)
+        held.note_repeat((job.service, incident.incident_key), self.clock(), repeat_details(event))
         return trigger.id
 
     def _queue_rest(self, job: PendingJob, decision: Decision, change: IncidentChange) -> bool:

@@ -140,6 +140,11 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
         """Insert or replace the incident of (service, incident_key)."""
         ...
 
+    def save_incidents(self, incidents: Sequence[Incident]) -> None:
+        """`save_incident` for several (service, key) pairs, each once, in one statement on
+        PostgreSQL: a batch's incidents as the batch leaves them."""
+        ...
+
     def add_outbox(
         self,
         kind: str,
@@ -163,9 +168,12 @@ class DecisionStore(EventLog, HeartbeatStore, Protocol):
         1 (its key repeats: a storm; quiet new cases go first); False otherwise."""
         ...
 
-    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
-        """Count one absorbed repeat trigger on the incident, with when and its details
-        (`save_incident` keeps these, and resets them when the incident opens again)."""
+    def note_coalesced(
+        self, service: str, key: str, at: float, details: dict[str, Any], count: int = 1
+    ) -> None:
+        """Count `count` absorbed repeat triggers on the incident, with when the last came and
+        its details (`save_incident` keeps these, and resets them when the incident opens
+        again)."""
         ...
 
     # -- PagerDuty-side events (Webhooks v3), decided like jobs --

@@ -93,6 +93,37 @@ def test_absorbed_repeats_are_kept_on_the_incident_until_it_opens_again(store: S
     assert (again.coalesced, again.coalesced_at, again.latest_details) == (0, None, "")
 
 
+def test_save_incidents_writes_a_batch_and_keeps_repeats_counted_at_once(store: Store) -> None:
+    """A batch writes its incidents in one call and its repeats as one count per incident;
+    an incident opening again in it starts its count afresh, as one by one."""
+    printer, disk = incident("Printer on fire"), incident("Disk full")
+    with store.transaction():
+        store.save_incidents([printer, disk])
+        store.note_coalesced("helpdesk", "Printer on fire", 1001.0, {"n": 1})
+        store.note_coalesced("helpdesk", "Disk full", 1002.0, {"n": 3}, count=3)
+    with store.transaction():
+        store.save_incidents(
+            [
+                replace(printer, trigger_count=2, last_seen=1005.0),  # the same episode
+                replace(disk, times_opened=2, opened_at=1006.0),  # opened again
+                incident("Fan noise"),
+            ]
+        )
+    seen = {i.incident_key: i for i in store.incidents()}
+    assert seen["Printer on fire"] == replace(printer, trigger_count=2, last_seen=1005.0)
+    assert (seen["Printer on fire"].coalesced, seen["Printer on fire"].coalesced_at) == (1, 1001.0)
+    assert seen["Disk full"].times_opened == 2
+    assert (seen["Disk full"].coalesced, seen["Disk full"].latest_details) == (0, "")
+    assert seen["Fan noise"] == incident("Fan noise")
+    with store.transaction():
+        store.note_coalesced("helpdesk", "Printer on fire", 1007.0, {"n": 5}, count=4)
+    again = store.incident("helpdesk", "Printer on fire")
+    assert again is not None and (again.coalesced, again.coalesced_at) == (5, 1007.0)
+    assert again.latest_details == '{"n": 5}'
+    with store.transaction():
+        store.save_incidents([])
+
+
 def test_storm_state_per_service(store: Store) -> None:
     created = time.time()
     head = add(store, "a", service="helpdesk")

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.postgres.connection import Connection
-from gateway.store.postgres.rows import INCIDENT_COLUMNS, INCIDENT_FIELDS, json_rows
+from gateway.store.postgres.rows import (
+    INCIDENT_COLUMNS,
+    INCIDENT_FIELDS,
+    INCIDENT_UPSERT,
+    json_rows,
+)
 from gateway.store.records import Incident, JobDecision, PendingJob
 
 # the columns of `JobDecision.stored`, as `finish_jobs` names them
@@ -32,6 +37,12 @@ _DECIDED = (
     "trace",
     "decided_at",
     "id",
+)
+
+
+_SAVE_INCIDENTS = (  # the table's own row type reads the JSON: each column keeps its type
+    f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) SELECT {', '.join(INCIDENT_FIELDS)}"
+    f" FROM json_populate_recordset(NULL::incidents, %s::json){INCIDENT_UPSERT}"
 )
 
 
@@ -117,24 +128,21 @@ class DecisionQueries(Connection):
         return {(incident.service, incident.incident_key): incident for incident in incidents}
 
     def save_incident(self, incident: Incident) -> None:
-        """Write the mirror; the coalesced-repeat columns are kept, and reset when the
-        incident opens again (a new episode)."""
-        placeholders = ",".join(["%s"] * len(INCIDENT_FIELDS))
-        updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
-        new_episode = "incidents.times_opened <> excluded.times_opened"
-        self._exec(
-            f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) VALUES ({placeholders})"
-            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates},"
-            f" coalesced = CASE WHEN {new_episode} THEN 0 ELSE incidents.coalesced END,"
-            f" coalesced_at = CASE WHEN {new_episode} THEN NULL ELSE incidents.coalesced_at END,"
-            f" latest_details = CASE WHEN {new_episode} THEN '' ELSE incidents.latest_details END",
-            tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
-        )
+        self.save_incidents([incident])
 
-    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
-        """Count one repeat trigger absorbed by the outbox on its (open) incident."""
+    def save_incidents(self, incidents: Sequence[Incident]) -> None:
+        """Write the mirror, the batch as one JSON text; the coalesced-repeat columns are
+        kept, and reset when the incident opens again (a new episode)."""
+        if incidents:
+            rows = (tuple(getattr(i, f) for f in INCIDENT_FIELDS) for i in incidents)
+            self._exec(_SAVE_INCIDENTS, (json_rows(INCIDENT_FIELDS, rows),))
+
+    def note_coalesced(
+        self, service: str, key: str, at: float, details: dict[str, Any], count: int = 1
+    ) -> None:
+        """Count absorbed repeat triggers on the (open) incident."""
         self._exec(
-            "UPDATE incidents SET coalesced = coalesced + 1, coalesced_at = %s,"
+            "UPDATE incidents SET coalesced = coalesced + %s, coalesced_at = %s,"
             " latest_details = %s WHERE service = %s AND incident_key = %s",
-            (at, json.dumps(details, ensure_ascii=False), service, key),
+            (count, at, json.dumps(details, ensure_ascii=False), service, key),
         )

@@ -9,6 +9,7 @@ from typing import Any
 from gateway.store.sqlite.rows import (  # the same columns, named after the record fields
     INCIDENT_COLUMNS,
     INCIDENT_FIELDS,
+    INCIDENT_UPSERT,
     JOB_RECORD_COLUMNS,
     OUTBOX_COLUMNS,
     OUTBOX_FIELDS,
@@ -30,6 +31,7 @@ __all__ = [
     "DB_NOW",
     "INCIDENT_COLUMNS",
     "INCIDENT_FIELDS",
+    "INCIDENT_UPSERT",
     "JOB_RECORD_COLUMNS",
     "OUTBOX_COLUMNS",
     "OUTBOX_FIELDS",

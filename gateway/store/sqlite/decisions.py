@@ -9,7 +9,21 @@ from typing import Any
 
 from gateway.store.records import Incident, JobDecision, PendingJob
 from gateway.store.sqlite.connection import Connection
-from gateway.store.sqlite.rows import INCIDENT_COLUMNS, INCIDENT_COLUMNS_OF_I, INCIDENT_FIELDS
+from gateway.store.sqlite.rows import (
+    INCIDENT_COLUMNS,
+    INCIDENT_COLUMNS_OF_I,
+    INCIDENT_FIELDS,
+    INCIDENT_UPSERT,
+)
+
+_SAVE_INCIDENT = (
+    f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)})"
+    f" VALUES ({','.join('?' * len(INCIDENT_FIELDS))}){INCIDENT_UPSERT}"
+)
+
+
+def _incident_row(incident: Incident) -> tuple[Any, ...]:
+    return tuple(getattr(incident, f) for f in INCIDENT_FIELDS)
 
 
 class DecisionQueries(Connection):
@@ -73,24 +87,19 @@ class DecisionQueries(Connection):
         return found
 
     def save_incident(self, incident: Incident) -> None:
+        self.save_incidents([incident])
+
+    def save_incidents(self, incidents: Sequence[Incident]) -> None:
         """Write the mirror; the coalesced-repeat columns are kept, and reset when the
         incident opens again (a new episode)."""
-        placeholders = ",".join("?" * len(INCIDENT_FIELDS))
-        updates = ", ".join(f"{f} = excluded.{f}" for f in INCIDENT_FIELDS[2:])
-        new_episode = "incidents.times_opened <> excluded.times_opened"
-        self.conn.execute(
-            f"INSERT INTO incidents ({', '.join(INCIDENT_FIELDS)}) VALUES ({placeholders})"
-            f" ON CONFLICT (service, incident_key) DO UPDATE SET {updates},"
-            f" coalesced = CASE WHEN {new_episode} THEN 0 ELSE incidents.coalesced END,"
-            f" coalesced_at = CASE WHEN {new_episode} THEN NULL ELSE incidents.coalesced_at END,"
-            f" latest_details = CASE WHEN {new_episode} THEN '' ELSE incidents.latest_details END",
-            tuple(getattr(incident, f) for f in INCIDENT_FIELDS),
-        )
+        self.conn.executemany(_SAVE_INCIDENT, [_incident_row(i) for i in incidents])
 
-    def note_coalesced(self, service: str, key: str, at: float, details: dict[str, Any]) -> None:
-        """Count one repeat trigger absorbed by the outbox on its (open) incident."""
+    def note_coalesced(
+        self, service: str, key: str, at: float, details: dict[str, Any], count: int = 1
+    ) -> None:
+        """Count absorbed repeat triggers on the (open) incident."""
         self.conn.execute(
-            "UPDATE incidents SET coalesced = coalesced + 1, coalesced_at = ?, latest_details = ?"
+            "UPDATE incidents SET coalesced = coalesced + ?, coalesced_at = ?, latest_details = ?"
             " WHERE service = ? AND incident_key = ?",
-            (at, json.dumps(details, ensure_ascii=False), service, key),
+            (count, at, json.dumps(details, ensure_ascii=False), service, key),
         )
