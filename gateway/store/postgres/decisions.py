@@ -103,16 +103,17 @@ class DecisionQueries(Connection):
         return Incident(*row) if row else None
 
     def lock_incidents(self, slots: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Incident]:
-        """Every key's lock in (service, key) order, then the read: its own statement, so its
-        snapshot sees what the last holder of each lock committed."""
+        """Every key's lock in the order of the locks themselves (two keys whose hashes
+        collide share a lock, and still come in one order), then the read: its own statement,
+        so its snapshot sees what the last holder of each lock committed."""
         pairs = sorted(set(slots))
         if not pairs:
             return {}
         self._exec(
-            "SELECT count(pg_advisory_xact_lock(hashtext(s), hashtext(k)))"
-            " FROM (SELECT s, k FROM unnest(%s::text[], %s::text[]) AS w(s, k)"
-            '  ORDER BY s COLLATE "C", k COLLATE "C") AS ordered',
-            ([s for s, _ in pairs], [k for _, k in pairs]),
+            "SELECT count(pg_advisory_xact_lock(a, b)) FROM (SELECT DISTINCT hashtext(s) AS a,"
+            "  hashtext(k) AS b FROM json_to_recordset(%s::json) AS w(s text, k text)"
+            "  ORDER BY a, b) AS ordered",
+            (json_rows(("s", "k"), pairs),),
         )
         return self.incidents_of(pairs)
 
