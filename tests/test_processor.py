@@ -23,7 +23,7 @@ from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
 from gateway.themes.render import Themes
 from tests.conftest import ROOT, RULES_DIR, desk_mail
-from tests.store_support import Backend
+from tests.store_support import Backend, incident
 
 AGENTS = "agents@helpdesk.example"
 
@@ -341,6 +341,28 @@ class FailingStore(CountingStore):
         return item
 
 
+class RefusingKey(FailingStore):
+    """A real store whose database refuses any read of one incident (a server-side error,
+    which on PostgreSQL aborts the transaction up to the enclosing savepoint)."""
+
+    def __init__(self, store: Store, refused: str) -> None:
+        super().__init__(store)
+        self.refused = refused
+
+    def _refuse(self) -> None:
+        self.store.save_incident(incident(self.refused, state=None))  # type: ignore[arg-type]
+
+    def lock_incidents(self, slots: list[tuple[str, str]]) -> Any:
+        if any(key == self.refused for _, key in slots):
+            self._refuse()
+        return self.store.lock_incidents(slots)
+
+    def incident(self, service: str, key: str) -> Any:
+        if key == self.refused:
+            self._refuse()
+        return self.store.incident(service, key)
+
+
 def decide(store: Store) -> list[Processed]:
     settings = ServiceSettings("helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
     return Processor(store, load_services((settings,)), PagerDutySettings()).process_pending()
@@ -398,6 +420,21 @@ def test_repeats_in_one_batch_are_counted_once_on_the_episode_they_belong_to(
         "note_coalesced": 1,
         "finish_jobs": 1,
     }
+
+
+def test_an_incident_the_database_refuses_to_read_fails_its_job_alone(backend: Backend) -> None:
+    """Locking and reading a batch's incidents at once must not turn one bad key into a batch
+    that fails forever: the batch is recorded job by job, and only that job is quarantined."""
+    store = RefusingKey(backend.open(), refused="Case 1")
+    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [
+        Outcome.TRIGGERED,
+        Outcome.QUARANTINED,
+        Outcome.TRIGGERED,
+    ]
+    assert sorted(i.incident_key for i in store.incidents()) == ["Case 0", "Case 2"]
+    assert store.store.pending_jobs() == []
 
 
 def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(

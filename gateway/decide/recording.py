@@ -55,31 +55,32 @@ class RecordingSteps:
 
     def _record_batch(self, verdicts: list[Verdict]) -> tuple[list[Processed], list[PendingJob]]:
         """Phase 2 for a batch, inside its transaction: (what was decided, the jobs to decide
-        again). Every incident the batch acts on is locked and read first; the whole batch
-        then goes in one savepoint, its incidents and its jobs' decisions written at the end,
-        a statement each; it nearly always goes through. On PostgreSQL each statement saved is
+        again). The whole batch goes in one savepoint: every incident it acts on is locked and
+        read first, its incidents and its jobs' decisions written at the end, a statement each;
+        it nearly always goes through. On PostgreSQL each statement saved is
         a round trip: a lock, a read, a write, a savepoint, its release and a job update per
         job held one decider to ~950 decisions/s. If any job fails, the batch's writes are
         undone and it is recorded again with each job in a savepoint of its own, so only that
         job is quarantined (or left to whoever decided it first)."""
-        slots = [_slot(v) for v in verdicts if v.change is not None]
-        # before the savepoint, so the locks outlive an undone batch for its careful redo
-        batch = BatchIncidents(self.store, slots)
         try:
-            self._incidents, self._unrecorded = batch, []
             with self.store.savepoint():
-                return self._record_fast(verdicts, batch, self._unrecorded)
+                return self._record_fast(verdicts)
         except _OneJobFailed:
             self._incidents, self._unrecorded = OneByOne(self.store), None
             return self._record_each(verdicts, careful=True)
         finally:
             self._incidents = self._unrecorded = None
 
-    def _record_fast(
-        self, verdicts: list[Verdict], batch: BatchIncidents, unrecorded: list[JobDecision]
-    ) -> tuple[list[Processed], list[PendingJob]]:
-        """The batch without a savepoint per job; _OneJobFailed if any job fails, or if a job
-        turns out decided already (or held by another decider) when the decisions are written."""
+    def _record_fast(self, verdicts: list[Verdict]) -> tuple[list[Processed], list[PendingJob]]:
+        """The batch without a savepoint per job; _OneJobFailed if anything fails (a key the
+        database refuses fails its job alone in the redo), or if a job turns out decided
+        already (or held by another decider) when the decisions are written."""
+        unrecorded: list[JobDecision] = []
+        try:
+            batch = BatchIncidents(self.store, [_slot(v) for v in verdicts if v.change is not None])
+        except Exception as exc:
+            raise _OneJobFailed() from exc
+        self._incidents, self._unrecorded = batch, unrecorded
         decided = self._record_each(verdicts, careful=False)
         try:
             batch.write()  # a heartbeat may have written some already (`_record`)
