@@ -422,28 +422,22 @@ def test_repeats_in_one_batch_are_counted_once_on_the_episode_they_belong_to(
     }
 
 
-def test_an_incident_the_database_refuses_to_read_fails_its_job_alone(backend: Backend) -> None:
-    """Locking and reading a batch's incidents at once must not turn one bad key into a batch
-    that fails forever: the batch is recorded job by job, and only that job is quarantined."""
-    store = RefusingKey(backend.open(), refused="Case 1")
-    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
-    outcomes = decide(store)  # type: ignore[arg-type]
-    assert [o.outcome for o in outcomes] == [
-        Outcome.TRIGGERED,
-        Outcome.QUARANTINED,
-        Outcome.TRIGGERED,
-    ]
-    assert sorted(i.incident_key for i in store.incidents()) == ["Case 0", "Case 2"]
-    assert store.store.pending_jobs() == []
-
-
+@pytest.mark.parametrize(
+    "failing",
+    [
+        pytest.param(lambda store: FailingStore(store, fails="Case 1"), id="a-write-fails"),
+        # locking and reading a batch's incidents at once must not turn one bad key into a
+        # batch that fails forever
+        pytest.param(lambda store: RefusingKey(store, refused="Case 1"), id="a-read-fails"),
+    ],
+)
 def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(
-    backend: Backend,
+    backend: Backend, failing: Callable[[Store], FailingStore]
 ) -> None:
     """The batch is recorded again job by job: the others are decided as if nothing happened;
     the failing job is quarantined, and its incident and outbox item (written before the
     database refused its next write) are gone."""
-    store = FailingStore(backend.open(), fails="Case 1")
+    store = failing(backend.open())
     spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
     outcomes = decide(store)  # type: ignore[arg-type]
     assert [o.outcome for o in outcomes] == [
