@@ -74,6 +74,11 @@ class StoreError(GatewayError):
     """The store could not durably commit; the caller must answer 'try again later'."""
 
 
+class StoreUnavailable(StoreError):
+    """Not the statement's fault: the database cannot be reached, or it asked to try again
+    (a deadlock it broke, a lost connection). Whatever was being decided stays pending."""
+
+
 class StoreMissing(StoreError):
     """There is no store at the configured place yet, and a read-only command cannot create
     one: usually the wrong --config or data_dir."""

@@ -17,7 +17,7 @@ from gateway.decide.incidents import apply_action
 from gateway.decide.notifications import HelpdeskNotifier
 from gateway.decide.processor import Processor, load_services
 from gateway.decide.verdicts import Processed
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreUnavailable
 from gateway.intake.spool import incoming
 from gateway.outcomes import Outcome
 from gateway.store import Store, open_store
@@ -363,12 +363,27 @@ class RefusingKey(FailingStore):
         return self.store.incident(service, key)
 
 
+class Deadlocks(FailingStore):
+    """A real store where the database breaks a deadlock at the outbox insert of one case,
+    `times` times (what the server says then: try again, not this job's fault)."""
+
+    def __init__(self, store: Store, victim: str, times: int) -> None:
+        super().__init__(store)
+        self.victim, self.times = victim, times
+
+    def add_outbox(self, kind: str, service: str, order_key: str, *args: Any) -> int:
+        if self.times and order_key.endswith(self.victim):
+            self.times -= 1
+            raise StoreUnavailable("deadlock detected")
+        return self.store.add_outbox(kind, service, order_key, *args)
+
+
 def decide(store: Store) -> list[Processed]:
     settings = ServiceSettings("helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
     return Processor(store, load_services((settings,)), PagerDutySettings()).process_pending()
 
 
-def test_a_batch_is_recorded_in_one_savepoint_one_lock_and_one_update_of_its_jobs(
+def test_a_batch_locks_once_and_writes_each_table_once(
     backend: Backend,
 ) -> None:
     """Not per job: a savepoint, an incident's lock and read, a job's update each cost
@@ -379,7 +394,7 @@ def test_a_batch_is_recorded_in_one_savepoint_one_lock_and_one_update_of_its_job
     spool(store.store, *mails)
     outcomes = decide(store)  # type: ignore[arg-type]
     assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3 + [Outcome.RESOLVED]
-    assert store.savepoints == 1
+    assert store.savepoints == 2  # the locks' (so they last the transaction), the batch's
     assert store.calls == {"lock_incidents": 1, "save_incidents": 1, "finish_jobs": 1}
     assert sorted((i.incident_key, i.state) for i in store.incidents()) == [
         ("Case 0", "resolved"),
@@ -422,17 +437,31 @@ def test_repeats_in_one_batch_are_counted_once_on_the_episode_they_belong_to(
     }
 
 
+def test_a_job_the_database_asks_to_try_again_is_not_quarantined(backend: Backend) -> None:
+    """A deadlock broken by the server (or a lost connection) in the job-by-job redo is not
+    the job's fault: the batch stays pending and is decided whole the next time."""
+    store = Deadlocks(backend.open(), victim="Case 1", times=2)  # the batch, then its redo
+    spool(store.store, *(desk_mail(f"Case {n}") for n in range(3)))
+    with pytest.raises(StoreUnavailable):
+        decide(store)  # type: ignore[arg-type]
+    assert len(store.store.pending_jobs()) == 3
+    assert store.incidents() == [] and store.outbox() == []
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3
+
+
 @pytest.mark.parametrize(
-    "failing",
+    ("failing", "savepoints"),
     [
-        pytest.param(lambda store: FailingStore(store, fails="Case 1"), id="a-write-fails"),
+        # the locks', the batch's, then one per job
+        pytest.param(lambda s: FailingStore(s, fails="Case 1"), 2 + 3, id="a-write-fails"),
         # locking and reading a batch's incidents at once must not turn one bad key into a
-        # batch that fails forever
-        pytest.param(lambda store: RefusingKey(store, refused="Case 1"), id="a-read-fails"),
+        # batch that fails forever: the locks' (undone), then one per job
+        pytest.param(lambda s: RefusingKey(s, refused="Case 1"), 1 + 3, id="a-read-fails"),
     ],
 )
 def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(
-    backend: Backend, failing: Callable[[Store], FailingStore]
+    backend: Backend, failing: Callable[[Store], FailingStore], savepoints: int
 ) -> None:
     """The batch is recorded again job by job: the others are decided as if nothing happened;
     the failing job is quarantined, and its incident and outbox item (written before the
@@ -447,7 +476,7 @@ def test_a_job_failing_in_a_batch_is_quarantined_alone_and_its_writes_undone(
     ]
     assert outcomes[1].reason.startswith("internal error: ")
     assert "null" in outcomes[1].reason.lower()  # what the database said
-    assert store.savepoints == 1 + 3  # the batch's, then one per job
+    assert store.savepoints == savepoints
     assert sorted(i.incident_key for i in store.incidents()) == ["Case 0", "Case 2"]
     assert sorted(item.payload["dedup_key"] for item in store.outbox()) == ["Case 0", "Case 2"]
     assert store.store.pending_jobs() == []

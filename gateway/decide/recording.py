@@ -28,6 +28,7 @@ from gateway.decide.verdicts import (
     ServiceRuntime,
     Verdict,
 )
+from gateway.errors import StoreUnavailable
 from gateway.outcomes import Outcome
 from gateway.rules import Decision, TraceStep
 from gateway.store import DecisionStore, Incident, JobDecision, PendingJob
@@ -55,31 +56,46 @@ class RecordingSteps:
 
     def _record_batch(self, verdicts: list[Verdict]) -> tuple[list[Processed], list[PendingJob]]:
         """Phase 2 for a batch, inside its transaction: (what was decided, the jobs to decide
-        again). The whole batch goes in one savepoint: every incident it acts on is locked and
-        read first, its incidents and its jobs' decisions written at the end, a statement each;
-        it nearly always goes through. On PostgreSQL each statement saved is
+        again). Every incident the batch acts on is locked and read first; the whole batch
+        then goes in one savepoint, its incidents and its jobs' decisions written at the end,
+        a statement each; it nearly always goes through. On PostgreSQL each statement saved is
         a round trip: a lock, a read, a write, a savepoint, its release and a job update per
         job held one decider to ~950 decisions/s. If any job fails, the batch's writes are
         undone and it is recorded again with each job in a savepoint of its own, so only that
         job is quarantined (or left to whoever decided it first)."""
+        batch = self._lock_batch([_slot(v) for v in verdicts if v.change is not None])
         try:
+            if batch is None:
+                raise _OneJobFailed()
             with self.store.savepoint():
-                return self._record_fast(verdicts)
+                return self._record_fast(verdicts, batch)
         except _OneJobFailed:
             self._incidents, self._unrecorded = OneByOne(self.store), None
             return self._record_each(verdicts, careful=True)
         finally:
             self._incidents = self._unrecorded = None
 
-    def _record_fast(self, verdicts: list[Verdict]) -> tuple[list[Processed], list[PendingJob]]:
-        """The batch without a savepoint per job; _OneJobFailed if anything fails (a key the
-        database refuses fails its job alone in the redo), or if a job turns out decided
-        already (or held by another decider) when the decisions are written."""
-        unrecorded: list[JobDecision] = []
+    def _lock_batch(self, slots: list[tuple[str, str]]) -> BatchIncidents | None:
+        """The batch's incidents, locked (in the one order every decider follows) and read in
+        a savepoint of their own: the locks then last the whole transaction, the job-by-job
+        redo included, which would otherwise take them job by job in another order than a
+        second decider (`gateway ingest`) and meet it in a deadlock. None if the database
+        refuses a key: the job-by-job redo then fails that job alone."""
         try:
-            batch = BatchIncidents(self.store, [_slot(v) for v in verdicts if v.change is not None])
+            with self.store.savepoint():
+                return BatchIncidents(self.store, slots)
+        except StoreUnavailable:
+            raise  # the batch stays pending and is tried again
         except Exception as exc:
-            raise _OneJobFailed() from exc
+            log.warning("locking a batch's incidents failed, recording it job by job: %s", exc)
+            return None
+
+    def _record_fast(
+        self, verdicts: list[Verdict], batch: BatchIncidents
+    ) -> tuple[list[Processed], list[PendingJob]]:
+        """The batch without a savepoint per job; _OneJobFailed if any job fails, or if a job
+        turns out decided already (or held by another decider) when the decisions are written."""
+        unrecorded: list[JobDecision] = []
         self._incidents, self._unrecorded = batch, unrecorded
         decided = self._record_each(verdicts, careful=False)
         try:
@@ -124,13 +140,16 @@ class RecordingSteps:
                 return self._record(verdict)
         except DecidedElsewhere:
             return None  # another processor (e.g. `gateway ingest`) decided it first
-        except IncidentMoved:
-            raise
+        except (IncidentMoved, StoreUnavailable):
+            raise  # not this job's fault: it stays pending (the whole batch, for the store)
         except Exception as exc:
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            try:
+                done = self._finish(job, Outcome.QUARANTINED, reason, only_once=True)
+            except DecidedElsewhere:
+                return None  # (and the decision that counts is the other one's)
             log.exception("message=%d job=%d: internal error, quarantined", job.message, job.id)
-            return self._finish(
-                job, Outcome.QUARANTINED, f"internal error: {type(exc).__name__}: {exc}"
-            )
+            return done
 
     def _record(self, verdict: Verdict) -> Processed:
         job = verdict.job

@@ -36,7 +36,7 @@ import psycopg.types.string
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from gateway.errors import StoreError, StoreMissing
+from gateway.errors import StoreError, StoreMissing, StoreUnavailable
 from gateway.store.postgres.rows import DB_NOW
 from gateway.store.postgres.schema import MIGRATIONS
 
@@ -50,8 +50,9 @@ _pools: dict[tuple[str, int], psycopg_pool.ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
 
-class Unreachable(StoreError):
-    """The server cannot be reached or the connection broke (not a refused statement)."""
+class Unreachable(StoreUnavailable):
+    """The server cannot be reached, the connection broke, or the server broke a deadlock
+    (psycopg's OperationalError): not a refused statement."""
 
 
 def shared_pool(url: str, timeout: float) -> psycopg_pool.ConnectionPool:
