@@ -15,6 +15,7 @@ import pytest
 from gateway.config import NotifySettings, OutgoingSettings, PagerDutySettings, ServiceSettings
 from gateway.decide.incidents import apply_action
 from gateway.decide.notifications import HelpdeskNotifier
+from gateway.decide.pagerduty_side import PagerDutySide
 from gateway.decide.processor import Processor, load_services
 from gateway.decide.verdicts import Processed
 from gateway.errors import StoreError, StoreUnavailable
@@ -24,6 +25,7 @@ from gateway.store import Store, open_store
 from gateway.themes.render import Themes
 from tests.conftest import ROOT, RULES_DIR, desk_mail
 from tests.store_support import Backend, incident
+from tests.webhook_support import event_body
 
 AGENTS = "agents@helpdesk.example"
 
@@ -448,6 +450,45 @@ def test_a_job_the_database_asks_to_try_again_is_not_quarantined(backend: Backen
     assert store.incidents() == [] and store.outbox() == []
     outcomes = decide(store)  # type: ignore[arg-type]
     assert [o.outcome for o in outcomes] == [Outcome.TRIGGERED] * 3
+
+
+class Blip:
+    """A real store whose first look-up of incidents by key fails: the database away."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.failed = store, False
+
+    def incidents_with_key(self, key: str) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise StoreUnavailable("database unreachable")
+        return self.store.incidents_with_key(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_webhook_event_stays_pending_while_the_store_cannot_be_read(store: Store) -> None:
+    """A database blip while a PagerDuty webhook event is judged is the store's trouble, not
+    the event's: it is decided at the next look, not marked failed and lost."""
+    opened, _ = apply_action(
+        None, service="helpdesk", key="Printer on fire", action="trigger", now=1.0
+    )
+    assert opened is not None
+    with store.transaction():
+        store.save_incident(opened)
+    body = event_body("incident.acknowledged", "Printer on fire").decode()
+    event = store.add_pagerduty_event(body=body, received_at=2.0, event_id="E1")
+    settings = ServiceSettings("helpdesk", ("desk@*",), (RULES_DIR / "helpdesk.toml",), "R" * 32)
+    services = {n: (r.settings, r.ruleset) for n, r in load_services((settings,)).items()}
+    side = PagerDutySide(Blip(store), clock=lambda: 3.0)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        side.process_pending(services, None)
+    assert [e.id for e in store.pending_pagerduty_events()] == [event]
+    assert side.process_pending(services, None) == (1, 0)
+    assert store.pending_pagerduty_events() == []
+    acknowledged = store.incident("helpdesk", "Printer on fire")
+    assert acknowledged is not None and acknowledged.state == "acknowledged"
 
 
 @pytest.mark.parametrize(

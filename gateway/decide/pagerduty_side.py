@@ -24,7 +24,7 @@ from typing import Any
 from gateway.config import Config, ServiceSettings
 from gateway.decide import notifications
 from gateway.decide.notifications import HelpdeskNotifier, Notification
-from gateway.errors import Problem, RuleEvaluationError
+from gateway.errors import Problem, RuleEvaluationError, StoreError
 from gateway.files import FileSnapshot
 from gateway.rules import PagerDutyDecision, Ruleset, evaluate_pagerduty
 from gateway.store import DecisionStore, Incident, PagerDutyEvent
@@ -210,6 +210,8 @@ class PagerDutySide:
         for event in self.store.pending_pagerduty_events(limit):
             try:
                 verdict = self._evaluate(event, services, notifier)
+            except StoreError:  # the store's trouble, not the event's: it stays pending
+                raise
             except Exception as exc:  # a bug must not keep later events waiting forever
                 log.exception("pagerduty event %d: internal error", event.id)
                 verdict = Verdict(event, "failed", f"internal error: {type(exc).__name__}: {exc}")
