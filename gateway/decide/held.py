@@ -56,7 +56,7 @@ class BatchIncidents:
     def incident(self, slot: Slot) -> Incident | None:
         if slot in self._current:
             return self._current[slot]
-        return self.store.incident(*slot)  # not one the batch locked up front (a heartbeat's)
+        return self.store.incident(*slot)  # not one of the batch's: lock and read it now
 
     def save(self, incident: Incident) -> None:
         slot = (incident.service, incident.incident_key)
