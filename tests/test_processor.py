@@ -406,6 +406,16 @@ def test_a_batch_locks_once_and_writes_each_table_once(
     assert store.store.pending_jobs() == []
 
 
+def test_a_batch_with_no_incident_to_act_on_takes_no_locks(backend: Backend) -> None:
+    """Unmatched mail (a spam wave, say): no incident, so no locks' savepoint either."""
+    store = FailingStore(backend.open())
+    spool(store.store, *(desk_mail(f"Case {n}", "Pending") for n in range(3)))
+    outcomes = decide(store)  # type: ignore[arg-type]
+    assert [o.outcome for o in outcomes] == [Outcome.UNMATCHED] * 3
+    assert store.savepoints == 1  # the batch's
+    assert store.calls == {"lock_incidents": 1, "save_incidents": 1, "finish_jobs": 1}
+
+
 def test_repeats_in_one_batch_are_counted_once_on_the_episode_they_belong_to(
     backend: Backend,
 ) -> None:

@@ -81,6 +81,8 @@ class RecordingSteps:
         redo included, which would otherwise take them job by job in another order than a
         second decider (`gateway ingest`) and meet it in a deadlock. None if the database
         refuses a key: the job-by-job redo then fails that job alone."""
+        if not slots:  # nothing to lock (unmatched mail, discards): no statement at all
+            return BatchIncidents(self.store, slots)
         try:
             with self.store.savepoint():
                 return BatchIncidents(self.store, slots)
