@@ -26,16 +26,15 @@ from bench.workload import mixed
 from gateway.config import PagerDutySettings, ServiceSettings
 from gateway.decide.processor import Processor, load_services
 from gateway.intake.spool import incoming
-from gateway.store import open_store
+from gateway.store import Store, open_store
 from tests.postgres import PostgresServer, pg_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def decide_all(
-    location: str | Path, messages: int, db_pid: int | None
-) -> tuple[float, float, float]:
-    """(decisions/s, decider CPU ms per decision, database server CPU ms per decision)."""
+def filled_spool(location: str | Path, messages: int) -> tuple[Store, Processor]:
+    """A store holding `messages` accepted mails of the matching workload, and a processor
+    with the shipped rules and a routing key (every action queues an outbox item)."""
     store = open_store(location)
     mails = mixed(messages, "decide")
     for start in range(0, messages, 100):
@@ -43,7 +42,14 @@ def decide_all(
         store.accept([incoming(m.raw, source="smtp", services=("helpdesk",)) for m in batch])
     rules = (ROOT / "parsing_rules" / "helpdesk.toml",)
     settings = ServiceSettings("helpdesk", ("desk@*",), rules, "R" * 32)
-    processor = Processor(store, load_services((settings,)), PagerDutySettings())
+    return store, Processor(store, load_services((settings,)), PagerDutySettings())
+
+
+def decide_all(
+    location: str | Path, messages: int, db_pid: int | None
+) -> tuple[float, float, float]:
+    """(decisions/s, decider CPU ms per decision, database server CPU ms per decision)."""
+    store, processor = filled_spool(location, messages)
     server_before = tree_cpu(db_pid) if db_pid else TreeCpu(0, 0)
     cpu_before, started = time.process_time(), time.perf_counter()
     decided = 0

@@ -45,6 +45,20 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return seconds
 
 
+def thread_switches(pid: int) -> dict[int, int]:
+    """Context switches (voluntary + forced) of each thread of `pid`: how often it slept and woke."""
+    switches: dict[int, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        switches[int(task.name)] = sum(
+            int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
+        )
+    return switches
+
+
 def thread_names(pid: int) -> dict[int, str]:
     """Python thread names by thread id, from `py-spy dump` (empty without py-spy)."""
     if shutil.which("py-spy") is None:
@@ -89,9 +103,17 @@ def main() -> None:
                 command += ["--nonblocking", "-o", str(out), "-d", seconds]
                 spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
         before = {role: thread_cpu(pid) for role, pid in processes.items()}
+        woken = {role: thread_switches(pid) for role, pid in processes.items()}
         send = partial(send_python, gateway.port, sessions=args.sessions, rate=args.rate)
         run = run_load(gateway, sink, mails, send, args.timeout)
         after = {role: thread_cpu(pid) for role, pid in processes.items()}
+        switches = {
+            role: {
+                tid: (count - woken[role].get(tid, 0)) / args.messages
+                for tid, count in thread_switches(pid).items()
+            }
+            for role, pid in processes.items()
+        }
         for spy in spies:
             spy.wait()
     print(
@@ -105,7 +127,7 @@ def main() -> None:
             for tid, cpu in after[role].items()
         }
         shown = ", ".join(
-            f"{names[role].get(tid, tid)} {ms:.3f}"
+            f"{names[role].get(tid, tid)} {ms:.3f} ({switches[role].get(tid, 0):.1f} switches)"
             for tid, ms in sorted(spent.items(), key=lambda item: -item[1])
             if ms >= 0.005
         )
