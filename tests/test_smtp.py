@@ -338,7 +338,7 @@ def test_recipients_routed_and_accepted_once() -> None:
             wire, greeting = await Wire.open(port_of(listener))
             assert greeting.code == S220_READY and "gateway.test" in greeting.text
             ehlo = await wire.cmd("EHLO mx.helpdesk.example")
-            for extension in ("SIZE 10485760", "8BITMIME", "SMTPUTF8"):
+            for extension in ("SIZE 10485760", "8BITMIME", "SMTPUTF8", "PIPELINING"):
                 assert extension in ehlo.text
             assert "AUTH" not in ehlo.text and "STARTTLS" not in ehlo.text
             assert (await wire.cmd("MAIL FROM:<support@helpdesk.example>")).code == S250_OK
@@ -363,6 +363,38 @@ def test_recipients_routed_and_accepted_once() -> None:
         assert re.fullmatch(r"127\.0\.0\.1:\d+", mail.peer)
         assert mail.raw.startswith(b"Received: from mx.helpdesk.example ([127.0.0.1])\r\n")
         assert b"\tby gateway.test with ESMTP; " in mail.raw  # three recipients: no "for"
+
+    run(scenario)
+
+
+def test_a_pipelined_transaction_is_answered_in_order() -> None:
+    """RFC 2920, as Postfix sends when PIPELINING is offered: MAIL, RCPTs and DATA in one
+    write get their replies in order; a refused recipient refuses only itself, and a group
+    whose recipients were all refused gets no 354, so its data is never taken as commands."""
+
+    async def scenario() -> None:
+        spool = FakeSpool()
+        async with listening(settings(), spool) as listener:
+            wire, _ = await Wire.open(port_of(listener))
+            await wire.cmd("EHLO mx.helpdesk.example")
+            group = (
+                "MAIL FROM:<support@helpdesk.example>",
+                "RCPT TO:<desk@gw.example>",
+                "RCPT TO:<nobody@corp.example>",
+                "DATA",
+            )
+            await wire.write(CRLF.join(line.encode() for line in group) + CRLF)
+            codes = [(await wire.reply()).code for _ in group]
+            assert codes == [S250_OK, S250_OK, S550_NO_SUCH_USER, S354_START_DATA]
+            await wire.write(_dot_stuff(desk_mail("Printer on fire")) + b".\r\n")
+            assert (await wire.reply()).code == S250_OK
+            refused = ("MAIL FROM:<support@helpdesk.example>", "RCPT TO:<x@corp.example>", "DATA")
+            await wire.write(CRLF.join(line.encode() for line in refused) + b"\r\nNOOP\r\n")
+            replies = [await wire.reply() for _ in range(len(refused) + 1)]
+            assert [r.code for r in replies] == [S250_OK, S550_NO_SUCH_USER, 503, S250_OK]
+            await wire.close()
+        [mail] = spool.mails
+        assert mail.rcpt_tos == ("desk@gw.example",)
 
     run(scenario)
 
@@ -690,6 +722,28 @@ def test_starttls_required_before_mail(tls: Tls) -> None:
             assert (await wire.send_mail(desk_mail("over tls"))).code == S250_OK
             await wire.close()
         assert b" with ESMTPS\r\n" in spool.mails[0].raw
+
+    run(scenario)
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(tls: Tls) -> None:
+    """RFC 3207: plaintext sent after STARTTLS, before the handshake, is an attacker's way to
+    inject commands into the encrypted session; offering PIPELINING must not let it in."""
+
+    async def scenario() -> None:
+        spool = FakeSpool()
+        smtp = settings(tls="starttls", tls_cert=tls.cert, tls_key=tls.key, require_tls=True)
+        async with listening(smtp, spool) as listener:
+            wire, _ = await Wire.open(port_of(listener))
+            await wire.cmd("EHLO client")
+            await wire.write(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n")
+            assert (await wire.reply()).code == S220_READY
+            await wire.starttls(tls.client)
+            assert (await wire.cmd("EHLO client")).code == S250_OK
+            assert (await wire.cmd("RCPT TO:<desk@gw.example>")).code == 503  # no MAIL came in
+            assert (await wire.send_mail(desk_mail("over tls"))).code == S250_OK
+            await wire.close()
+        assert [m.mail_from for m in spool.mails] == ["support@helpdesk.example"]
 
     run(scenario)
 

@@ -181,9 +181,12 @@ class GatewayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname  # aiosmtpd leaves this to the hook when one exists
-        if self.offer_auth:
-            return responses
-        return [r for r in responses if not r.startswith("250-AUTH")]
+        if not self.offer_auth:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        # RFC 2920: aiosmtpd reads commands one by one from its buffer, so a client may send
+        # MAIL, RCPT and DATA at once (as Postfix does when offered): two round trips per mail
+        # instead of four, which is what limits a remote helpdesk's rate per connection
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]  # ([-1] is "250 HELP")
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
