@@ -180,6 +180,8 @@ def test_idle_penalty_benchmark_prints_each_pause_against_the_hot_loop() -> None
     for pause in (0, 2, 5, 10, 20, 50):
         line = rf"pause +{pause} ms: [\d.]+ ms per decision \([\d.]+x hot\), extra CPU per wake-up"
         assert re.search(line, out), out
+    awake = run_bench("idle_penalty.py", "--batches", "2", "--runs", "1", "--keep-awake")
+    assert "vCPUs kept awake" in awake and "pause  50 ms" in awake, awake
     assert "usage:" in run_bench("idle_penalty.py", "--help", timeout=60)
 
 
