@@ -91,9 +91,15 @@ def report_cpu(
         steady_ms, burst_ms = bare
         print(
             f"    baseline, same run: bare aiosmtpd {steady_ms:.2f} ms per mail at this rate"
-            f" (the gateway: {total / steady_ms:.1f}x), {burst_ms:.2f} ms in a burst"
-            f" ({steady_ms / burst_ms:.1f}x less per mail: the cost of waking for each mail)"
+            f" (the gateway: {times(total, steady_ms)}), {burst_ms:.2f} ms in a burst"
+            f" ({times(steady_ms, burst_ms)} less per mail: the cost of waking for each mail)"
         )
+
+
+def times(part: float, whole: float) -> str:
+    """`part / whole` as "2.5x"; "?x" when `whole` is too small to have been measured (/proc
+    counts CPU in ticks of 10 ms: a short run of the bare baseline may show none)."""
+    return f"{part / whole:.1f}x" if whole > 0 else "?x"
 
 
 def report_latency(run: Run, goal_ms: float) -> None:
