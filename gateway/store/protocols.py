@@ -358,6 +358,12 @@ class ReportStore(HeartbeatStore, Protocol):
         """Commit one tiny write and return its time: the store still takes commits."""
         ...
 
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        """The reads inside see one state of the database, however many statements they take:
+        a report's numbers add up (an item is counted delivered or pending, never both or
+        neither) while mail is decided and delivered meanwhile. Inside a transaction: that."""
+        ...
+
     def outbox_stats(self) -> tuple[int, float | None]:
         """(pending count, created_at of the oldest pending item)."""
         ...

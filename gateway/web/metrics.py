@@ -194,15 +194,18 @@ class GatewayMetrics:
         self.registry.register(_Families(lambda: self._families))
 
     def read(self, store: ReportStore) -> Snapshot:
-        """Run in the store's thread: totals, gauges and newly decided jobs' latencies."""
-        if self.last_job is None:
-            self.last_job = store.last_decided_job()
-        latencies = store.decided_latencies(self.last_job)
-        now = time.time()
-        gauges = store.metric_gauges() + storm_rows(store.storm_state(now), now)
-        return Snapshot(
-            store.metric_totals(), gauges, latencies, now, webhooks=store.webhook_stats()
-        )
+        """Run in the store's thread: totals, gauges and newly decided jobs' latencies, all
+        from one snapshot (an item delivered between two reads was counted as still pending
+        and as delivered in the same scrape)."""
+        with store.read_snapshot():
+            if self.last_job is None:
+                self.last_job = store.last_decided_job()
+            latencies = store.decided_latencies(self.last_job)
+            now = time.time()
+            gauges = store.metric_gauges() + storm_rows(store.storm_state(now), now)
+            return Snapshot(
+                store.metric_totals(), gauges, latencies, now, webhooks=store.webhook_stats()
+            )
 
     def render(self, snapshot: Snapshot, live: LiveState) -> bytes:
         for job, seconds in snapshot.latencies:

@@ -158,6 +158,13 @@ def incident_link(service: str, key: str) -> str:
 
 
 def index_data(store: ReportStore, query: IndexQuery, context: PageContext) -> dict[str, Any]:
+    """The status page's sections from one snapshot: a mail shown decided has its event in
+    the outbox or delivered, never in neither list."""
+    with store.read_snapshot():
+        return _index_sections(store, query, context)
+
+
+def _index_sections(store: ReportStore, query: IndexQuery, context: PageContext) -> dict[str, Any]:
     recent = store.recent_jobs(
         RECENT_MESSAGES, outcomes=query.outcomes or None, service=query.service
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from gateway.store import JobDecision, OutboxResult, Store
-from tests.store_support import incident, mail
+from tests.store_support import Backend, incident, mail
 
 
 def decide(store: Store, outcome: str, rule: str | None = None, service: str = "helpdesk") -> int:
@@ -133,3 +133,33 @@ def test_replay_candidates_are_decided_jobs_with_their_mail(store: Store) -> Non
     assert (row["raw"], row["mail_from"], row["service"]) == (b"first", "s@x", "helpdesk")
     assert row["message"] and row["received_at"] >= since
     assert store.replay_candidates(time.time() + 10) == []
+
+
+def test_a_read_snapshot_sees_one_state_while_another_connection_delivers(
+    backend: Backend,
+) -> None:
+    """/metrics read an item as still pending and then as delivered in one scrape (depth 1,
+    sent 3 of 3): its reads now share one snapshot, and see the change after it."""
+    reader, worker = backend.open(), backend.open()
+    with worker.transaction():
+        item = worker.add_outbox("pagerduty", "helpdesk", "k", {}, None)
+    with reader.read_snapshot():
+        depth = _depth(reader)
+        worker.record_outbox([OutboxResult(item, "done", response="202")])
+        sent = _sent(reader)
+    assert (depth, sent) == (1, 0)  # one state: pending, not yet delivered
+    assert (_depth(reader), _sent(reader)) == (0, 1)  # and the next snapshot sees it delivered
+
+
+def _depth(store: Store) -> float:
+    gauges = store.metric_gauges()
+    return next(
+        (v for m, labels, v in gauges if m == "outbox_depth" and labels == ("pagerduty",)), 0
+    )
+
+
+def _sent(store: Store) -> float:
+    totals = store.metric_totals()
+    return next(
+        (v for m, labels, v in totals if m == "outbox_done" and labels == ("pagerduty",)), 0
+    )

@@ -248,6 +248,24 @@ class Connection:
                 self._held = None
 
     @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """One REPEATABLE READ, read-only transaction: every statement inside sees the snapshot
+        the first one took (see `ReportStore.read_snapshot`)."""
+        if self._held is not None:
+            yield
+            return
+        if not self._migrated:
+            with self.transaction():  # migrates: a read-only transaction could not
+                pass
+        with self._errors(), self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            self._held = conn
+            try:
+                yield
+            finally:
+                self._held = None
+
+    @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         try:
             yield

@@ -247,6 +247,20 @@ class Connection:
             raise
 
     @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """A deferred read transaction: in WAL mode its reads all see the database as of the
+        first one, and it never takes the write lock (see `ReportStore.read_snapshot`)."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit inside `transaction()`: on an exception only its own writes are undone,
         so one bad job cannot spoil the rest of a batch.

@@ -95,7 +95,8 @@ class ReportQueries(Connection):
         """Current levels: outbox depth/oldest/dead per kind, pending jobs, open incidents."""
         # Jobs before the outbox: a job decided after the first read has its outbox items
         # by the second, so "no job and no item pending" is never read while one is owed
-        # (each statement reads its own snapshot).
+        # (each statement reads its own snapshot, unless the caller holds `read_snapshot`,
+        # as /metrics does).
         pending_jobs = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'")
         gauges: list[tuple[str, tuple[str, ...], float]] = [
             ("jobs_pending", (), pending_jobs.fetchone()[0])
