@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+from gateway.config import WebSettings
 from gateway.store import JobDecision, OutboxResult, Store
+from gateway.web import pages
+from gateway.web.metrics import GatewayMetrics
 from tests.store_support import Backend, incident, mail
 
 
@@ -163,3 +166,16 @@ def _sent(store: Store) -> float:
     return next(
         (v for m, labels, v in totals if m == "outbox_done" and labels == ("pagerduty",)), 0
     )
+
+
+def test_metrics_and_the_status_page_read_inside_one_snapshot(store: Store) -> None:
+    """Every read /metrics and the status page make is allowed in the snapshot (PostgreSQL's
+    is read only: a write among them would be refused) and sees the queued item."""
+    store.accept([mail("a")])
+    with store.transaction():
+        store.add_outbox("pagerduty", "helpdesk", "k", {}, None)
+    snapshot = GatewayMetrics().read(store)
+    assert ("outbox_depth", ("pagerduty",), 1) in snapshot.gauges
+    page = pages.index_data(store, pages.IndexQuery(), pages.PageContext(WebSettings()))
+    assert [item.order_key for item in page["pending"]] == ["k"]
+    assert len(page["jobs"]) == 1
