@@ -31,6 +31,7 @@ a steady run's CPU per mail is well above a burst's for the same work.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from functools import partial
@@ -64,15 +65,16 @@ def measured_run(
         return run, [seconds for _job, seconds in decided]
 
 
-def bare_cpu_ms_per_mail(args: argparse.Namespace, rate: float | None) -> float:
+@functools.cache
+def bare_cpu_ms_per_mail(messages: int, rate: float | None) -> float:
     """The baseline: CPU per mail of bare aiosmtpd, same client, sessions and mails, at `rate`
-    (None: as fast as the sessions go)."""
+    (None: as fast as the sessions go; measured once per run, shared by the steady runs)."""
     with BareSmtpd() as bare:
         send_python(bare.port, [m.raw for m in mixed(200, "bare-warm-up")], sessions=4)
         before = tree_cpu(bare.proc.pid)
-        raws = [m.raw for m in mixed(args.messages, "bare")]
+        raws = [m.raw for m in mixed(messages, "bare")]
         send_python(bare.port, raws, sessions=STEADY_SESSIONS, rate=rate)
-        return (tree_cpu(bare.proc.pid) - before).total / args.messages * 1000
+        return (tree_cpu(bare.proc.pid) - before).total / messages * 1000
 
 
 def report_cpu(
@@ -136,7 +138,7 @@ def steady(args: argparse.Namespace, rate: int) -> None:
     )
     if not run.drained:
         print(f"  NOT DONE: backlog left {args.timeout:.0f} s after the last mail")
-    bare = bare_cpu_ms_per_mail(args, rate), bare_cpu_ms_per_mail(args, None)
+    bare = bare_cpu_ms_per_mail(args.messages, rate), bare_cpu_ms_per_mail(args.messages, None)
     report_cpu(run, bare, goal_applies=rate == 100)
     report_latency(run, P99_GOALS_MS[rate])
 

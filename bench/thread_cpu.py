@@ -33,30 +33,32 @@ from bench.workload import mixed
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def task_files(pid: int, name: str) -> dict[int, str]:
+    """The text of /proc/<pid>/task/<tid>/<name> of each thread of `pid`, by thread id."""
+    texts: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            texts[int(task.name)] = (task / name).read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+    return texts
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of `pid`, by thread id."""
     seconds: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+    for tid, stat in task_files(pid, "stat").items():
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / TICKS
     return seconds
 
 
 def thread_switches(pid: int) -> dict[int, int]:
     """Context switches (voluntary + forced) of each thread of `pid`: how often it slept and woke."""
-    switches: dict[int, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            status = (task / "status").read_text()
-        except OSError:
-            continue
-        switches[int(task.name)] = sum(
-            int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
-        )
-    return switches
+    return {
+        tid: sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+        for tid, status in task_files(pid, "status").items()
+    }
 
 
 def thread_names(pid: int) -> dict[int, str]:

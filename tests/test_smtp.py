@@ -58,6 +58,7 @@ S235_AUTH_OK = 235
 S250_OK = 250
 S334_CHALLENGE = 334
 S354_START_DATA = 354
+S503_BAD_SEQUENCE = 503
 S530_STARTTLS_FIRST = 530
 S535_AUTH_INVALID = 535
 S538_ENCRYPTION_REQUIRED = 538
@@ -391,7 +392,12 @@ def test_a_pipelined_transaction_is_answered_in_order() -> None:
             refused = ("MAIL FROM:<support@helpdesk.example>", "RCPT TO:<x@corp.example>", "DATA")
             await wire.write(CRLF.join(line.encode() for line in refused) + b"\r\nNOOP\r\n")
             replies = [await wire.reply() for _ in range(len(refused) + 1)]
-            assert [r.code for r in replies] == [S250_OK, S550_NO_SUCH_USER, 503, S250_OK]
+            assert [r.code for r in replies] == [
+                S250_OK,
+                S550_NO_SUCH_USER,
+                S503_BAD_SEQUENCE,
+                S250_OK,
+            ]
             await wire.close()
         [mail] = spool.mails
         assert mail.rcpt_tos == ("desk@gw.example",)
@@ -740,7 +746,9 @@ def test_commands_pipelined_behind_starttls_are_discarded(tls: Tls) -> None:
             assert (await wire.reply()).code == S220_READY
             await wire.starttls(tls.client)
             assert (await wire.cmd("EHLO client")).code == S250_OK
-            assert (await wire.cmd("RCPT TO:<desk@gw.example>")).code == 503  # no MAIL came in
+            assert (
+                await wire.cmd("RCPT TO:<desk@gw.example>")
+            ).code == S503_BAD_SEQUENCE  # no MAIL
             assert (await wire.send_mail(desk_mail("over tls"))).code == S250_OK
             await wire.close()
         assert [m.mail_from for m in spool.mails] == ["support@helpdesk.example"]
